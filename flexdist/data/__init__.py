@@ -1,0 +1,1 @@
+"""flexdist.data (placeholder until its issue lands)."""

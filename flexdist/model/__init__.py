@@ -1,0 +1,1 @@
+"""flexdist.model (placeholder until its issue lands)."""

@@ -1,0 +1,36 @@
+"""flexdist.kernels — the Triton block-sparse flex-attention kernel and its dense reference.
+
+This folder is installed as ``flexdist.kernels`` (pyproject ``package-dir``), never as a top-level
+``kernels`` package. It knows nothing of distributed code.
+
+Public API (semantics of ``torch.nn.attention.flex_attention``; layout ``[B, H, S, D]``):
+- ``flex_attention(q, k, v, score_mod=None, block_mask=None, scale=None, enable_gqa=False, return_lse=False)``
+- ``flex_attention_forward(q, k, v, block_mask=None, score_mod=None, scale=None, enable_gqa=False, *,
+  q_global_idx=None, kv_global_idx=None) -> (out, lse)``
+- ``flex_attention_backward(q, k, v, out, dout, lse, block_mask=None, score_mod=None, scale=None,
+  enable_gqa=False, *, delta=None, dlse=None, q_global_idx=None, kv_global_idx=None, score_mod_grads=None)
+  -> (dq, dk, dv)`` where ``lse`` is the global (merged) natural-log LSE.
+- the dense references ``reference_forward``, ``reference_backward``, ``flex_attention_reference``.
+"""
+
+from .document_mask import DocumentMaskMod
+from .reference import flex_attention_reference, reference_backward, reference_forward
+from .score_mods import ALiBi, RelativeBias, SoftCap
+
+# Until the Triton kernel lands the entry points are the reference (same signatures).
+flex_attention = flex_attention_reference
+flex_attention_forward = reference_forward
+flex_attention_backward = reference_backward
+
+__all__ = [
+    "ALiBi",
+    "DocumentMaskMod",
+    "RelativeBias",
+    "SoftCap",
+    "flex_attention",
+    "flex_attention_backward",
+    "flex_attention_forward",
+    "flex_attention_reference",
+    "reference_backward",
+    "reference_forward",
+]
