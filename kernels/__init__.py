@@ -6,21 +6,19 @@ This folder is installed as ``flexdist.kernels`` (pyproject ``package-dir``), ne
 Public API (semantics of ``torch.nn.attention.flex_attention``; layout ``[B, H, S, D]``):
 - ``flex_attention(q, k, v, score_mod=None, block_mask=None, scale=None, enable_gqa=False, return_lse=False)``
 - ``flex_attention_forward(q, k, v, block_mask=None, score_mod=None, scale=None, enable_gqa=False, *,
-  q_global_idx=None, kv_global_idx=None) -> (out, lse)``
+  q_global_idx=None, kv_global_idx=None, backend="auto") -> (out, lse)``
 - ``flex_attention_backward(q, k, v, out, dout, lse, block_mask=None, score_mod=None, scale=None,
-  enable_gqa=False, *, delta=None, dlse=None, q_global_idx=None, kv_global_idx=None, score_mod_grads=None)
-  -> (dq, dk, dv)`` where ``lse`` is the global (merged) natural-log LSE.
+  enable_gqa=False, *, delta=None, dlse=None, q_global_idx=None, kv_global_idx=None, score_mod_grads=None,
+  backend="auto", dq_out=None, dk_out=None, dv_out=None) -> (dq, dk, dv)`` where ``lse`` is the global (merged) natural-log LSE.
+- ``backend="auto"``: Triton on CUDA (or on CPU with ``TRITON_INTERPRET=1``), else the reference;
+  ``"triton"`` / ``"reference"`` force one.
 - the dense references ``reference_forward``, ``reference_backward``, ``flex_attention_reference``.
 """
 
 from .document_mask import DocumentMaskMod
+from .flex import flex_attention, flex_attention_backward, flex_attention_forward, resolve_backend
 from .reference import flex_attention_reference, reference_backward, reference_forward
 from .score_mods import ALiBi, RelativeBias, SoftCap
-
-# Until the Triton kernel lands the entry points are the reference (same signatures).
-flex_attention = flex_attention_reference
-flex_attention_forward = reference_forward
-flex_attention_backward = reference_backward
 
 __all__ = [
     "ALiBi",
@@ -33,4 +31,5 @@ __all__ = [
     "flex_attention_reference",
     "reference_backward",
     "reference_forward",
+    "resolve_backend",
 ]

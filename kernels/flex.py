@@ -1,0 +1,216 @@
+"""Public entry points of the flex-attention kernel: backend dispatch and the autograd Function.
+
+``backend="auto"`` picks the Triton kernel when ``q`` is on CUDA, or on the CPU when the environment has
+``TRITON_INTERPRET=1`` (read at call time, so tests can switch it); otherwise the dense reference.
+``"triton"`` and ``"reference"`` force a backend.
+
+Score mods: ``None``, :class:`SoftCap`, :class:`ALiBi` and :class:`RelativeBias` run natively in the Triton
+kernel (with their gradients). Any other Python ``score_mod`` cannot be compiled into the kernel: the call
+falls back to the dense reference with a ``UserWarning`` (it materialises S×S scores, so it is only usable
+at small sizes).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from .reference import flex_attention_reference, reference_backward, reference_forward
+from .score_mods import ALiBi, RelativeBias, SoftCap
+
+ScoreMod = Callable[..., torch.Tensor]
+
+_BACKENDS = ("auto", "triton", "reference")
+
+
+def _native_score_mod(score_mod) -> bool:
+    return score_mod is None or isinstance(score_mod, SoftCap | ALiBi | RelativeBias)
+
+
+def resolve_backend(backend: str, q: torch.Tensor, score_mod=None) -> str:
+    """``"triton"`` or ``"reference"`` for this call (see module docstring)."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        use_triton = q.is_cuda or (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+        backend = "triton" if use_triton else "reference"
+    if backend == "triton" and not _native_score_mod(score_mod):
+        warnings.warn(
+            f"score_mod {type(score_mod).__name__} is not a built-in (SoftCap, ALiBi, RelativeBias): "
+            "falling back to the dense reference, which materialises S×S scores",
+            UserWarning,
+            stacklevel=3,
+        )
+        backend = "reference"
+    if backend == "triton" and not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        raise ValueError(
+            f"backend='triton' needs a CUDA tensor or TRITON_INTERPRET=1 in the environment; q is on {q.device}"
+        )
+    return backend
+
+
+def _add_into(buf: torch.Tensor | None, g: torch.Tensor, name: str) -> torch.Tensor:
+    if buf is None:
+        return g
+    if buf.shape != g.shape:
+        raise ValueError(f"{name} has shape {tuple(buf.shape)}, expected {tuple(g.shape)}")
+    buf.add_(g.to(buf.dtype))
+    return buf
+
+
+def flex_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask=None,
+    score_mod: ScoreMod | None = None,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    q_global_idx: torch.Tensor | None = None,
+    kv_global_idx: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One attention call: ``(out [B,Hq,Sq,Dv] in q.dtype, lse [B,Hq,Sq] fp32 natural log)``.
+
+    ``q_global_idx`` / ``kv_global_idx`` map local rows to the global positions score mods see (CP).
+    """
+    if resolve_backend(backend, q, score_mod) == "reference":
+        return reference_forward(
+            q,
+            k,
+            v,
+            block_mask,
+            score_mod,
+            scale,
+            enable_gqa,
+            q_global_idx=q_global_idx,
+            kv_global_idx=kv_global_idx,
+        )
+    from .triton_fwd import triton_forward
+
+    return triton_forward(
+        q,
+        k,
+        v,
+        block_mask,
+        score_mod,
+        scale,
+        enable_gqa,
+        q_global_idx=q_global_idx,
+        kv_global_idx=kv_global_idx,
+    )
+
+
+def flex_attention_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    dout: torch.Tensor,
+    lse: torch.Tensor,
+    block_mask=None,
+    score_mod: ScoreMod | None = None,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    delta: torch.Tensor | None = None,
+    dlse: torch.Tensor | None = None,
+    q_global_idx: torch.Tensor | None = None,
+    kv_global_idx: torch.Tensor | None = None,
+    score_mod_grads: list[torch.Tensor] | None = None,
+    backend: str = "auto",
+    dq_out: torch.Tensor | None = None,
+    dk_out: torch.Tensor | None = None,
+    dv_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of one attention call given the *global* (merged) ``lse`` and ``out``.
+
+    ``delta = rowsum(dout · out) − dlse`` unless given. Learnable score-mod tensors get their gradients
+    *added* into ``score_mod_grads``. If ``dq_out`` / ``dk_out`` / ``dv_out`` are given, the gradients are
+    added into them and those buffers are returned (ring attention accumulates dK/dV as they travel).
+    """
+    kw = dict(
+        delta=delta,
+        dlse=dlse,
+        q_global_idx=q_global_idx,
+        kv_global_idx=kv_global_idx,
+        score_mod_grads=score_mod_grads,
+    )
+    if resolve_backend(backend, q, score_mod) == "reference":
+        dq, dk, dv = reference_backward(
+            q, k, v, out, dout, lse, block_mask, score_mod, scale, enable_gqa, **kw
+        )
+    else:
+        from .triton_bwd import triton_backward
+
+        dq, dk, dv = triton_backward(q, k, v, out, dout, lse, block_mask, score_mod, scale, enable_gqa, **kw)
+    return _add_into(dq_out, dq, "dq_out"), _add_into(dk_out, dk, "dk_out"), _add_into(dv_out, dv, "dv_out")
+
+
+class _FlexFunction(torch.autograd.Function):
+    """Triton forward/backward; extra inputs are the score mod's learnable tensors (RelativeBias table)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_mask, score_mod, scale, enable_gqa, *mod_tensors):
+        out, lse = flex_attention_forward(q, k, v, block_mask, score_mod, scale, enable_gqa, backend="triton")
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.block_mask, ctx.score_mod, ctx.scale, ctx.enable_gqa = block_mask, score_mod, scale, enable_gqa
+        ctx.n_mod = len(mod_tensors)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        grads = None
+        if ctx.n_mod and any(ctx.needs_input_grad[7:]):
+            grads = [torch.zeros_like(t, dtype=torch.float32) for t in ctx.score_mod.tensors()]
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = flex_attention_backward(
+            q,
+            k,
+            v,
+            out,
+            dout.contiguous(),
+            lse,
+            ctx.block_mask,
+            ctx.score_mod,
+            ctx.scale,
+            ctx.enable_gqa,
+            dlse=dlse,
+            score_mod_grads=grads,
+            backend="triton",
+        )
+        mod_grads = (
+            [g.to(t.dtype) for g, t in zip(grads, ctx.score_mod.tensors(), strict=True)]
+            if grads is not None
+            else [None] * ctx.n_mod
+        )
+        return dq, dk, dv, None, None, None, None, *mod_grads
+
+
+def flex_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    score_mod: ScoreMod | None = None,
+    block_mask=None,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    return_lse: bool = False,
+    *,
+    backend: str = "auto",
+):
+    """Drop-in for ``torch.nn.attention.flex_attention.flex_attention`` (layout ``[B, H, S, D]``).
+
+    Differentiable w.r.t. q, k, v, the learnable score-mod tensors and through the returned LSE.
+    """
+    if resolve_backend(backend, q, score_mod) == "reference":
+        return flex_attention_reference(q, k, v, score_mod, block_mask, scale, enable_gqa, return_lse)
+    mod_tensors = tuple(score_mod.tensors()) if score_mod is not None else ()
+    out, lse = _FlexFunction.apply(q, k, v, block_mask, score_mod, scale, enable_gqa, *mod_tensors)
+    return (out, lse) if return_lse else out
