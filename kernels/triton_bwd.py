@@ -1,7 +1,508 @@
-"""Triton backward kernel (interim: not yet implemented)."""
+"""Triton backward of block-sparse flex attention: deterministic, no atomics, GQA without expanding K/V.
+
+- ``_delta_kernel``: ``delta = rowsum(dO · O) − dLSE`` (fp32, O(B·H·S)), unless the caller passes delta.
+- ``_dkdv_kernel``: one program per (kv tile, batch·kv head). K and V stay in registers; it loops over the
+  query heads sharing the kv head and, per head, over the *transposed* block lists (``q_num`` / ``q_idx``
+  partial, then full), accumulating dK and dV in registers; one store at the end.
+- ``_dq_kernel``: one program per (query tile, batch·q head) walking the same lists as the forward. With a
+  learnable :class:`RelativeBias` it also reduces dScore per (head, distance bucket) into a per-program row,
+  summed afterwards in a fixed order (deterministic).
+
+``lse`` is the *global* natural-log LSE; a row with ``lse = −inf`` saw nothing and gets zero gradients
+(its LSE is mapped to +inf so every probability is exactly 0, never NaN).
+"""
 
 from __future__ import annotations
 
+import torch
+import triton
+import triton.language as tl
 
-def triton_backward(*args, **kwargs):
-    raise NotImplementedError("the Triton backward kernel is not implemented yet: use backend='reference'")
+from .block_sparse import MASK_BITS
+from .triton_fwd import (
+    LOG2E,
+    SCORE_RELBIAS,
+    _bits_visible,
+    _doc_visible,
+    _score_mod,
+    doc_args,
+    meta_args,
+    pick_tile,
+    prepare,
+)
+
+
+@triton.jit
+def _delta_kernel(
+    O,
+    DO,
+    DLSE,
+    DELTA,
+    sob,
+    soh,
+    som,
+    sdb,
+    sdh,
+    sdm,
+    Hq,
+    Sq,
+    BLOCK_M: tl.constexpr,
+    DV: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, DV)
+    msk = offs_m[:, None] < Sq
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], mask=msk, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :], mask=msk, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        dl = tl.load(DLSE + bh.to(tl.int64) * Sq + offs_m, mask=offs_m < Sq, other=0.0)
+        delta = delta - dl
+    tl.store(DELTA + bh.to(tl.int64) * Sq + offs_m, delta, mask=offs_m < Sq)
+
+
+@triton.jit
+def _load_rows(LSEb, DELTAb, offs_m, Sq):
+    lse = tl.load(LSEb + offs_m, mask=offs_m < Sq, other=float("inf"))
+    # rows that see nothing (lse = -inf) -> +inf so exp2(s - lse) is exactly 0 for every s
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTAb + offs_m, mask=offs_m < Sq, other=0.0)
+    return lse2, delta
+
+
+@triton.jit
+def _dkdv_inner(
+    dk, dv, k, v, kd, kp, kpre, kg, offs_n, kb, hq, num, IDX, PID,
+    Qb_, DOb, LSEb, DELTAb, sqm, sdom, Sq, Skv,
+    BITS, QDOC, QPOS, QIDX, SLOPES, TABLE, table_stride, L, softcap, window, scale, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    QBS: tl.constexpr, KBS: tl.constexpr, WORDS: tl.constexpr, IS_PARTIAL: tl.constexpr,
+    MASK_KIND: tl.constexpr, SCORE_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, HAS_QIDX: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    SUBS: tl.constexpr = QBS // BLOCK_M
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    ar_m = tl.arange(0, BLOCK_M)
+    for it in range(0, num * SUBS):
+        j = it // SUBS
+        sub = it % SUBS
+        qb = tl.load(IDX + j)
+        offs_m = qb * QBS + sub * BLOCK_M + ar_m
+        if EVEN_M:
+            q = tl.load(Qb_ + offs_m[:, None] * sqm + offs_d[None, :])
+            do = tl.load(DOb + offs_m[:, None] * sdom + offs_dv[None, :])
+        else:
+            q = tl.load(Qb_ + offs_m[:, None] * sqm + offs_d[None, :], mask=offs_m[:, None] < Sq, other=0.0)
+            do = tl.load(
+                DOb + offs_m[:, None] * sdom + offs_dv[None, :], mask=offs_m[:, None] < Sq, other=0.0
+            )
+        lse2, delta = _load_rows(LSEb, DELTAb, offs_m, Sq)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+        if SCORE_KIND == 0:
+            s = qk * qk_scale
+        else:
+            if HAS_QIDX:
+                qg = tl.load(QIDX + offs_m, mask=offs_m < Sq, other=0)
+            else:
+                qg = offs_m
+            s = _score_mod(qk * scale, hq, qg, kg, SLOPES, TABLE, table_stride, L, softcap, SCORE_KIND)
+            if SCORE_KIND == 1:
+                t = s / softcap
+            s = s * 1.4426950408889634
+        if IS_PARTIAL:
+            if MASK_KIND == 1:
+                qd = tl.load(QDOC + offs_m, mask=offs_m < Sq, other=-1)
+                qp = tl.load(QPOS + offs_m, mask=offs_m < Sq, other=0)
+                vis = _doc_visible(qd, qp, kd, kp, kpre, window, CAUSAL, HAS_WINDOW, HAS_PREFIX)
+                s = tl.where(vis, s, float("-inf"))
+            elif MASK_KIND == 2:
+                pid = tl.load(PID + j)
+                vis = _bits_visible(BITS, pid, sub * BLOCK_M + ar_m, offs_n - kb * KBS, QBS, WORDS)
+                s = tl.where(vis, s, float("-inf"))
+        if not EVEN_N:
+            s = tl.where(offs_n[None, :] < Skv, s, float("-inf"))
+        p = tl.exp2(s - lse2[:, None])
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        if SCORE_KIND == 1:
+            ds = ds * (1.0 - t * t)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV_,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
+    Q_NUM, Q_IDX, FULLQ_NUM, FULLQ_IDX, Q_PID, snb, snh, sib, sih, sik,
+    BITS, QDOC, KVDOC, QPOS, KVPOS, KVPRE, sdq, sdk, window,
+    QIDX, KVIDX, SLOPES, TABLE, table_stride, L, softcap,
+    Hq, Hkv, G, Sq, Skv, scale, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    QBS: tl.constexpr, KBS: tl.constexpr, WORDS: tl.constexpr, MASK_KIND: tl.constexpr,
+    SCORE_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    HAS_QIDX: tl.constexpr, HAS_KVIDX: tl.constexpr, HAS_FULL: tl.constexpr, EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(1)
+    b = bh // Hkv
+    hk = bh % Hkv
+    b64 = b.to(tl.int64)
+    start_n = tl.program_id(0) * BLOCK_N
+    kb = start_n // KBS
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    k_ptrs = K + b64 * skb + hk.to(tl.int64) * skh + offs_n[:, None] * skn + offs_d[None, :]
+    v_ptrs = V + b64 * svb + hk.to(tl.int64) * svh + offs_n[:, None] * svn + offs_dv[None, :]
+    if EVEN_N:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=offs_n[:, None] < Skv, other=0.0)
+        v = tl.load(v_ptrs, mask=offs_n[:, None] < Skv, other=0.0)
+    if MASK_KIND == 1:
+        kd = tl.load(KVDOC + b64 * sdk + offs_n, mask=offs_n < Skv, other=-1)
+        kp = tl.load(KVPOS + b64 * sdk + offs_n, mask=offs_n < Skv, other=0)
+        if HAS_PREFIX:
+            kpre = tl.load(KVPRE + b64 * sdk + offs_n, mask=offs_n < Skv, other=0)
+        else:
+            kpre = kp
+        QDOC = QDOC + b64 * sdq
+        QPOS = QPOS + b64 * sdq
+    else:
+        kd = offs_n
+        kp = offs_n
+        kpre = offs_n
+    if HAS_KVIDX:
+        kg = tl.load(KVIDX + offs_n, mask=offs_n < Skv, other=0)
+    else:
+        kg = offs_n
+    dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, DV], dtype=tl.float32)
+    for g in range(0, G):
+        hq = hk * G + g
+        hq64 = hq.to(tl.int64)
+        Qb_ = Q + b64 * sqb + hq64 * sqh
+        DOb = DO + b64 * sdob + hq64 * sdoh
+        LSEb = LSE + (b64 * Hq + hq64) * Sq
+        DELTAb = DELTA + (b64 * Hq + hq64) * Sq
+        num_off = b * snb + hq * snh + kb
+        idx_off = b64 * sib + hq * sih + kb * sik
+        num = tl.load(Q_NUM + num_off)
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, kd, kp, kpre, kg, offs_n, kb, hq, num, Q_IDX + idx_off, Q_PID + idx_off,
+            Qb_, DOb, LSEb, DELTAb, sqm, sdom, Sq, Skv,
+            BITS, QDOC, QPOS, QIDX, SLOPES, TABLE, table_stride, L, softcap, window, scale, qk_scale,
+            BLOCK_M, BLOCK_N, D, DV, QBS, KBS, WORDS, True, MASK_KIND, SCORE_KIND, CAUSAL, HAS_WINDOW,
+            HAS_PREFIX, HAS_QIDX, EVEN_M, EVEN_N, PREC,
+        )  # fmt: skip
+        if HAS_FULL:
+            num = tl.load(FULLQ_NUM + num_off)
+            dk, dv = _dkdv_inner(
+                dk, dv, k, v, kd, kp, kpre, kg, offs_n, kb, hq, num, FULLQ_IDX + idx_off, Q_PID + idx_off,
+                Qb_, DOb, LSEb, DELTAb, sqm, sdom, Sq, Skv,
+                BITS, QDOC, QPOS, QIDX, SLOPES, TABLE, table_stride, L, softcap, window, scale, qk_scale,
+                BLOCK_M, BLOCK_N, D, DV, QBS, KBS, WORDS, False, MASK_KIND, SCORE_KIND, CAUSAL, HAS_WINDOW,
+                HAS_PREFIX, HAS_QIDX, EVEN_M, EVEN_N, PREC,
+            )  # fmt: skip
+    dk = dk * scale
+    dk_ptrs = DK + b64 * sdkb + hk.to(tl.int64) * sdkh + offs_n[:, None] * sdkn + offs_d[None, :]
+    dv_ptrs = DV_ + b64 * sdvb + hk.to(tl.int64) * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :]
+    if EVEN_N:
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty))
+        tl.store(dv_ptrs, dv.to(DV_.dtype.element_ty))
+    else:
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=offs_n[:, None] < Skv)
+        tl.store(dv_ptrs, dv.to(DV_.dtype.element_ty), mask=offs_n[:, None] < Skv)
+
+
+@triton.jit
+def _dq_inner(
+    dq, tgrad, q, do, lse2, delta, qd, qp, qg, offs_m, qb, hq, num, IDX, PID,
+    Kb, Vb, skn, svn, Skv, BITS, KVDOC, KVPOS, KVPRE, KVIDX,
+    SLOPES, TABLE, table_stride, L, softcap, window, scale, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    QBS: tl.constexpr, KBS: tl.constexpr, WORDS: tl.constexpr, IS_PARTIAL: tl.constexpr,
+    MASK_KIND: tl.constexpr, SCORE_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, HAS_KVIDX: tl.constexpr, EVEN_N: tl.constexpr, TABLE_GRAD: tl.constexpr,
+    WP: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    SUBS: tl.constexpr = KBS // BLOCK_N
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    ar_n = tl.arange(0, BLOCK_N)
+    ar_w = tl.arange(0, WP)
+    for it in range(0, num * SUBS):
+        j = it // SUBS
+        sub = it % SUBS
+        kb = tl.load(IDX + j)
+        offs_n = kb * KBS + sub * BLOCK_N + ar_n
+        if EVEN_N:
+            k = tl.load(Kb + offs_n[:, None] * skn + offs_d[None, :])
+            v = tl.load(Vb + offs_n[:, None] * svn + offs_dv[None, :])
+        else:
+            k = tl.load(Kb + offs_n[:, None] * skn + offs_d[None, :], mask=offs_n[:, None] < Skv, other=0.0)
+            v = tl.load(Vb + offs_n[:, None] * svn + offs_dv[None, :], mask=offs_n[:, None] < Skv, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+        if SCORE_KIND == 0:
+            s = qk * qk_scale
+        else:
+            if HAS_KVIDX:
+                kg = tl.load(KVIDX + offs_n, mask=offs_n < Skv, other=0)
+            else:
+                kg = offs_n
+            s = _score_mod(qk * scale, hq, qg, kg, SLOPES, TABLE, table_stride, L, softcap, SCORE_KIND)
+            if SCORE_KIND == 1:
+                t = s / softcap
+            s = s * 1.4426950408889634
+        if IS_PARTIAL:
+            if MASK_KIND == 1:
+                kd = tl.load(KVDOC + offs_n, mask=offs_n < Skv, other=-1)
+                kp = tl.load(KVPOS + offs_n, mask=offs_n < Skv, other=0)
+                if HAS_PREFIX:
+                    kpre = tl.load(KVPRE + offs_n, mask=offs_n < Skv, other=0)
+                else:
+                    kpre = kp
+                vis = _doc_visible(qd, qp, kd, kp, kpre, window, CAUSAL, HAS_WINDOW, HAS_PREFIX)
+                s = tl.where(vis, s, float("-inf"))
+            elif MASK_KIND == 2:
+                pid = tl.load(PID + j)
+                vis = _bits_visible(BITS, pid, offs_m - qb * QBS, sub * BLOCK_N + ar_n, QBS, WORDS)
+                s = tl.where(vis, s, float("-inf"))
+        if not EVEN_N:
+            s = tl.where(offs_n[None, :] < Skv, s, float("-inf"))
+        p = tl.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        if TABLE_GRAD:
+            # dTable[h, bucket] += sum of dScore over the tile's pairs in that bucket; the loop only spans the
+            # buckets present in this tile (far tiles collapse onto one clamped bucket)
+            rel = qg[:, None] - kg[None, :]
+            bucket = tl.minimum(tl.maximum(rel, -L + 1), L - 1) + (L - 1)
+            live = ds != 0.0
+            lo = tl.min(tl.where(live, bucket, WP))
+            hi = tl.max(tl.where(live, bucket, -1))
+            for w in range(lo, hi + 1):
+                part = tl.sum(tl.sum(tl.where(bucket == w, ds, 0.0), 1), 0)
+                tgrad += tl.where(ar_w == w, part, 0.0)
+        if SCORE_KIND == 1:
+            ds = ds * (1.0 - t * t)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    return dq, tgrad
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, TGRAD,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
+    KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, KV_PID, snb, snh, sib, sih, siq,
+    BITS, QDOC, KVDOC, QPOS, KVPOS, KVPRE, sdq, sdk, window,
+    QIDX, KVIDX, SLOPES, TABLE, table_stride, L, softcap,
+    Hq, G, Sq, Skv, scale, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    QBS: tl.constexpr, KBS: tl.constexpr, WORDS: tl.constexpr, MASK_KIND: tl.constexpr,
+    SCORE_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    HAS_QIDX: tl.constexpr, HAS_KVIDX: tl.constexpr, HAS_FULL: tl.constexpr, EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr, TABLE_GRAD: tl.constexpr, WP: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    hq = bh % Hq
+    hk = hq // G
+    b64 = b.to(tl.int64)
+    hq64 = hq.to(tl.int64)
+    start_m = tile * BLOCK_M
+    qb = start_m // QBS
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    q_ptrs = Q + b64 * sqb + hq64 * sqh + offs_m[:, None] * sqm + offs_d[None, :]
+    do_ptrs = DO + b64 * sdob + hq64 * sdoh + offs_m[:, None] * sdom + offs_dv[None, :]
+    if EVEN_M:
+        q = tl.load(q_ptrs)
+        do = tl.load(do_ptrs)
+    else:
+        q = tl.load(q_ptrs, mask=offs_m[:, None] < Sq, other=0.0)
+        do = tl.load(do_ptrs, mask=offs_m[:, None] < Sq, other=0.0)
+    lse2, delta = _load_rows(LSE + bh.to(tl.int64) * Sq, DELTA + bh.to(tl.int64) * Sq, offs_m, Sq)
+    Kb = K + b64 * skb + hk.to(tl.int64) * skh
+    Vb = V + b64 * svb + hk.to(tl.int64) * svh
+    if MASK_KIND == 1:
+        qd = tl.load(QDOC + b64 * sdq + offs_m, mask=offs_m < Sq, other=-1)
+        qp = tl.load(QPOS + b64 * sdq + offs_m, mask=offs_m < Sq, other=0)
+        KVDOC = KVDOC + b64 * sdk
+        KVPOS = KVPOS + b64 * sdk
+        if HAS_PREFIX:
+            KVPRE = KVPRE + b64 * sdk
+    else:
+        qd = offs_m
+        qp = offs_m
+    if HAS_QIDX:
+        qg = tl.load(QIDX + offs_m, mask=offs_m < Sq, other=0)
+    else:
+        qg = offs_m
+    dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    tgrad = tl.zeros([WP], dtype=tl.float32)
+    num_off = b * snb + hq * snh + qb
+    idx_off = b64 * sib + hq * sih + qb * siq
+    num = tl.load(KV_NUM + num_off)
+    dq, tgrad = _dq_inner(
+        dq, tgrad, q, do, lse2, delta, qd, qp, qg, offs_m, qb, hq, num, KV_IDX + idx_off, KV_PID + idx_off,
+        Kb, Vb, skn, svn, Skv, BITS, KVDOC, KVPOS, KVPRE, KVIDX,
+        SLOPES, TABLE, table_stride, L, softcap, window, scale, qk_scale,
+        BLOCK_M, BLOCK_N, D, DV, QBS, KBS, WORDS, True, MASK_KIND, SCORE_KIND, CAUSAL, HAS_WINDOW,
+        HAS_PREFIX, HAS_KVIDX, EVEN_N, TABLE_GRAD, WP, PREC,
+    )  # fmt: skip
+    if HAS_FULL:
+        num = tl.load(FULL_NUM + num_off)
+        dq, tgrad = _dq_inner(
+            dq, tgrad, q, do, lse2, delta, qd, qp, qg, offs_m, qb, hq, num, FULL_IDX + idx_off,
+            KV_PID + idx_off, Kb, Vb, skn, svn, Skv, BITS, KVDOC, KVPOS, KVPRE, KVIDX,
+            SLOPES, TABLE, table_stride, L, softcap, window, scale, qk_scale,
+            BLOCK_M, BLOCK_N, D, DV, QBS, KBS, WORDS, False, MASK_KIND, SCORE_KIND, CAUSAL, HAS_WINDOW,
+            HAS_PREFIX, HAS_KVIDX, EVEN_N, TABLE_GRAD, WP, PREC,
+        )  # fmt: skip
+    dq = dq * scale
+    dq_ptrs = DQ + b64 * sdqb + hq64 * sdqh + offs_m[:, None] * sdqm + offs_d[None, :]
+    if EVEN_M:
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty))
+    else:
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=offs_m[:, None] < Sq)
+    if TABLE_GRAD:
+        # one private row per program: [B, Hq, n_tiles, WP]; summed on the host in a fixed order
+        row = (bh.to(tl.int64) * tl.num_programs(0) + tile) * WP
+        tl.store(TGRAD + row + tl.arange(0, WP), tgrad)
+
+
+def bwd_config(D: int, on_gpu: bool) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+    """((M1, N1, warps, stages) for dK/dV, (M2, N2, warps, stages) for dQ) before fitting to the BlockMask."""
+    if not on_gpu:
+        return (64, 64, 4, 1), (64, 64, 4, 1)
+    if D <= 64:
+        return (64, 128, 4, 3), (128, 64, 4, 3)
+    return (64, 128, 8, 3), (128, 64, 8, 3)
+
+
+# The RelativeBias table gradient keeps one register row of the (padded) table width per program.
+MAX_TABLE_GRAD_WIDTH = 4096
+
+
+def triton_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    dout: torch.Tensor,
+    lse: torch.Tensor,
+    block_mask=None,
+    score_mod=None,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    delta: torch.Tensor | None = None,
+    dlse: torch.Tensor | None = None,
+    q_global_idx: torch.Tensor | None = None,
+    kv_global_idx: torch.Tensor | None = None,
+    score_mod_grads: list[torch.Tensor] | None = None,
+    config=None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block-sparse backward given the global ``lse``: ``(dq, dk, dv)`` in the input dtypes."""
+    on_gpu = q.is_cuda
+    lp = prepare(
+        q, k, v, block_mask, score_mod, scale, enable_gqa, q_global_idx, kv_global_idx,
+        dense_block=128 if on_gpu else 64,
+    )  # fmt: skip
+    sh, km = lp.shape, lp.km
+    for name, t, want in (
+        ("out", out, (sh.B, sh.Hq, sh.Sq, sh.Dv)),
+        ("dout", dout, (sh.B, sh.Hq, sh.Sq, sh.Dv)),
+        ("lse", lse, (sh.B, sh.Hq, sh.Sq)),
+    ):
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if dout.dtype != q.dtype:
+        dout = dout.to(q.dtype)
+    (c1, c2) = config or bwd_config(sh.D, on_gpu)
+    M1, N1 = pick_tile(km.QBS, c1[0], "query"), pick_tile(km.KBS, c1[1], "kv")
+    M2, N2 = pick_tile(km.QBS, c2[0], "query"), pick_tile(km.KBS, c2[1], "kv")
+    q, k, v, dout = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, dout))
+    lse = lse.to(torch.float32).contiguous()
+    dev = q.device
+    if delta is None:
+        out_c = out if out.stride(-1) == 1 else out.contiguous()
+        delta = torch.empty(sh.B, sh.Hq, sh.Sq, dtype=torch.float32, device=dev)
+        dl = dlse.to(torch.float32).contiguous() if dlse is not None else delta
+        BMd = 64
+        _delta_kernel[(triton.cdiv(sh.Sq, BMd), sh.B * sh.Hq)](
+            out_c, dout, dl, delta,
+            out_c.stride(0), out_c.stride(1), out_c.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+            sh.Hq, sh.Sq, BLOCK_M=BMd, DV=sh.Dv, HAS_DLSE=dlse is not None,
+        )  # fmt: skip
+    else:
+        delta = delta.to(device=dev, dtype=torch.float32).contiguous()
+        if tuple(delta.shape) != (sh.B, sh.Hq, sh.Sq):
+            raise ValueError(f"delta must have shape {(sh.B, sh.Hq, sh.Sq)}, got {tuple(delta.shape)}")
+    dummy_i = torch.zeros(1, dtype=torch.int32, device=dev)
+    docs, (causal, has_w, has_pre) = doc_args(km, dummy_i)
+    bits = km.bits if km.mask_kind == MASK_BITS else dummy_i
+    mods = (lp.qidx, lp.kvidx, lp.slopes, lp.table, lp.table_stride, lp.L, lp.softcap)
+    common = dict(
+        D=sh.D, DV=sh.Dv, QBS=km.QBS, KBS=km.KBS, WORDS=km.words, MASK_KIND=km.mask_kind,
+        SCORE_KIND=lp.score_kind, CAUSAL=causal, HAS_WINDOW=has_w, HAS_PREFIX=has_pre,
+        HAS_QIDX=lp.has_qidx, HAS_KVIDX=lp.has_kvidx, HAS_FULL=km.has_full, PREC=lp.prec,
+    )  # fmt: skip
+
+    dk = torch.empty(sh.B, sh.Hkv, sh.Skv, sh.D, dtype=k.dtype, device=dev)
+    dv = torch.empty(sh.B, sh.Hkv, sh.Skv, sh.Dv, dtype=v.dtype, device=dev)
+    _dkdv_kernel[(triton.cdiv(sh.Skv, N1), sh.B * sh.Hkv)](
+        q, k, v, dout, lse, delta, dk, dv,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        *meta_args(km, True, dummy_i), bits, *docs, *mods,
+        sh.Hq, sh.Hkv, sh.groups, sh.Sq, sh.Skv, lp.scale, lp.scale * LOG2E,
+        BLOCK_M=M1, BLOCK_N=N1, EVEN_M=lp.even_m and sh.Sq % M1 == 0, EVEN_N=lp.even_n and sh.Skv % N1 == 0,
+        num_warps=c1[2], num_stages=c1[3], **common,
+    )  # fmt: skip
+
+    table_grad = (
+        lp.score_kind == SCORE_RELBIAS and score_mod_grads is not None and score_mod.table.requires_grad
+    )
+    WP = 1
+    n_m = triton.cdiv(sh.Sq, M2)
+    tg = lp.dummy
+    if table_grad:
+        W = lp.table.shape[1]
+        WP = triton.next_power_of_2(W)
+        if WP > MAX_TABLE_GRAD_WIDTH:
+            raise ValueError(
+                f"RelativeBias.table width {W} is too large for the in-kernel table gradient "
+                f"(at most {MAX_TABLE_GRAD_WIDTH}); use backend='reference'"
+            )
+        tg = torch.empty(sh.B, sh.Hq, n_m, WP, dtype=torch.float32, device=dev)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    _dq_kernel[(n_m, sh.B * sh.Hq)](
+        q, k, v, dout, lse, delta, dq, tg,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        *meta_args(km, False, dummy_i), bits, *docs, *mods,
+        sh.Hq, sh.groups, sh.Sq, sh.Skv, lp.scale, lp.scale * LOG2E,
+        BLOCK_M=M2, BLOCK_N=N2, EVEN_M=lp.even_m and sh.Sq % M2 == 0, EVEN_N=lp.even_n and sh.Skv % N2 == 0,
+        TABLE_GRAD=table_grad, WP=WP, num_warps=c2[2], num_stages=c2[3], **common,
+    )  # fmt: skip
+    if table_grad:
+        g = tg.sum(dim=(0, 2))[:, : lp.table.shape[1]]
+        score_mod_grads[0].add_(g.to(score_mod_grads[0].dtype))
+    return dq, dk, dv

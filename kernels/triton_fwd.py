@@ -1,7 +1,488 @@
-"""Triton forward kernel (interim: not yet implemented)."""
+"""Triton forward kernel of block-sparse flex attention (and the helpers the backward shares).
+
+One program per (query tile, batch·head). It walks the query block's *partial* kv blocks (mask evaluated
+per element: in-kernel document mask, or a bit tile) and then its *full* kv blocks (no mask evaluation);
+empty blocks are never visited. Each sparse block is walked in ``KBS // BLOCK_N`` sub-tiles inside one
+flattened loop (so software pipelining sees a single loop). Softmax runs in the exp2 domain with
+``scale·log2(e)`` folded into one multiply; a row whose running max is still −inf is clamped so no NaN
+appears; the stored LSE is natural-log fp32 (−inf for a row that sees nothing, whose output is 0).
+GQA reads kv head ``hq // groups`` (K/V are never expanded). Query tiles are launched longest-first.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 
-def triton_forward(*args, **kwargs):
-    raise NotImplementedError("the Triton forward kernel is not implemented yet: use backend='reference'")
+import torch
+import triton
+import triton.language as tl
+
+from .block_sparse import MASK_BITS, MASK_DOC, KernelMask, kernel_mask
+from .score_mods import ALiBi, RelativeBias, SoftCap
+from .validation import AttnShape, check_index_map, check_kernel_inputs
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+SCORE_NONE, SCORE_SOFTCAP, SCORE_ALIBI, SCORE_RELBIAS = 0, 1, 2, 3
+
+
+@triton.jit
+def _tanh(x):
+    # tanh from exp2 (libdevice is not available under the interpreter); saturates to ±1 without NaN
+    e = tl.exp2(x * 2.8853900817779268)  # exp(2x)
+    return 1.0 - 2.0 / (e + 1.0)
+
+
+@triton.jit
+def _score_mod(s, hq, qg, kg, SLOPES, TABLE, table_stride, L, softcap, SCORE_KIND: tl.constexpr):
+    """Natural-units score (already × scale) -> modded score. qg [M], kg [N] are global positions."""
+    if SCORE_KIND == 1:
+        s = softcap * _tanh(s / softcap)
+    elif SCORE_KIND == 2:
+        slope = tl.load(SLOPES + hq)
+        s = s + slope * (kg[None, :] - qg[:, None]).to(tl.float32)
+    elif SCORE_KIND == 3:
+        rel = qg[:, None] - kg[None, :]
+        rel = tl.minimum(tl.maximum(rel, -L + 1), L - 1) + (L - 1)
+        s = s + tl.load(TABLE + hq * table_stride + rel)
+    return s
+
+
+@triton.jit
+def _doc_visible(
+    qd, qp, kd, kp, kpre, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr
+):
+    """DocumentMaskMod semantics: same document (id >= 0) and causal / window / prefix visibility."""
+    same = (qd[:, None] == kd[None, :]) & (qd[:, None] >= 0)
+    rel = qp[:, None] - kp[None, :]
+    if CAUSAL:
+        vis = rel >= 0
+        if HAS_WINDOW:
+            vis = vis & (rel < window)
+    elif HAS_WINDOW:
+        vis = (rel < window) & (rel > -window)
+    else:
+        vis = rel == rel
+    if HAS_PREFIX:
+        vis = vis | (kpre[None, :] != 0)
+    return same & vis
+
+
+@triton.jit
+def _bits_visible(BITS, pid, rows_in_blk, cols_in_blk, QBS: tl.constexpr, WORDS: tl.constexpr):
+    """Bit tile of one partial block: bit (r, c) of word [pid, r, c // 32]."""
+    base = BITS + pid.to(tl.int64) * (QBS * WORDS)
+    w = tl.load(base + rows_in_blk[:, None] * WORDS + (cols_in_blk[None, :] // 32))
+    return ((w >> (cols_in_blk[None, :] % 32)) & 1) != 0
+
+
+@triton.jit
+def _fwd_inner(
+    acc,
+    l_i,
+    m_i,
+    q,
+    qd,
+    qp,
+    qg,
+    offs_m,
+    qb,
+    hq,
+    num,
+    IDX,
+    PID,
+    Kb,
+    Vb,
+    skn,
+    svn,
+    Skv,
+    BITS,
+    KVDOC,
+    KVPOS,
+    KVPRE,
+    KVIDX,
+    SLOPES,
+    TABLE,
+    table_stride,
+    L,
+    softcap,
+    window,
+    scale,
+    qk_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    QBS: tl.constexpr,
+    KBS: tl.constexpr,
+    WORDS: tl.constexpr,
+    IS_PARTIAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    SCORE_KIND: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_PREFIX: tl.constexpr,
+    HAS_KVIDX: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    SUBS: tl.constexpr = KBS // BLOCK_N
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    ar_n = tl.arange(0, BLOCK_N)
+    for it in range(0, num * SUBS):
+        j = it // SUBS
+        sub = it % SUBS
+        kb = tl.load(IDX + j)
+        offs_n = kb * KBS + sub * BLOCK_N + ar_n
+        if EVEN_N:
+            k = tl.load(Kb + offs_n[:, None] * skn + offs_d[None, :])
+            v = tl.load(Vb + offs_n[:, None] * svn + offs_dv[None, :])
+        else:
+            k = tl.load(Kb + offs_n[:, None] * skn + offs_d[None, :], mask=offs_n[:, None] < Skv, other=0.0)
+            v = tl.load(Vb + offs_n[:, None] * svn + offs_dv[None, :], mask=offs_n[:, None] < Skv, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+        if SCORE_KIND == 0:
+            s = qk * qk_scale
+        else:
+            if HAS_KVIDX:
+                kg = tl.load(KVIDX + offs_n, mask=offs_n < Skv, other=0)
+            else:
+                kg = offs_n
+            s = (
+                _score_mod(qk * scale, hq, qg, kg, SLOPES, TABLE, table_stride, L, softcap, SCORE_KIND)
+                * 1.4426950408889634
+            )
+        if IS_PARTIAL:
+            if MASK_KIND == 1:
+                kd = tl.load(KVDOC + offs_n, mask=offs_n < Skv, other=-1)
+                kp = tl.load(KVPOS + offs_n, mask=offs_n < Skv, other=0)
+                if HAS_PREFIX:
+                    kpre = tl.load(KVPRE + offs_n, mask=offs_n < Skv, other=0)
+                else:
+                    kpre = kp
+                vis = _doc_visible(qd, qp, kd, kp, kpre, window, CAUSAL, HAS_WINDOW, HAS_PREFIX)
+                s = tl.where(vis, s, float("-inf"))
+            elif MASK_KIND == 2:
+                pid = tl.load(PID + j)
+                vis = _bits_visible(BITS, pid, offs_m - qb * QBS, sub * BLOCK_N + ar_n, QBS, WORDS)
+                s = tl.where(vis, s, float("-inf"))
+        if not EVEN_N:
+            s = tl.where(offs_n[None, :] < Skv, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    sqb,
+    sqh,
+    sqm,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    sob,
+    soh,
+    som,
+    KV_NUM,
+    KV_IDX,
+    FULL_NUM,
+    FULL_IDX,
+    KV_PID,
+    snb,
+    snh,
+    sib,
+    sih,
+    siq,
+    BITS,
+    QDOC,
+    KVDOC,
+    QPOS,
+    KVPOS,
+    KVPRE,
+    sdq,
+    sdk,
+    window,
+    QIDX,
+    KVIDX,
+    SLOPES,
+    TABLE,
+    table_stride,
+    L,
+    softcap,
+    Hq,
+    G,
+    Sq,
+    Skv,
+    scale,
+    qk_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    QBS: tl.constexpr,
+    KBS: tl.constexpr,
+    WORDS: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    SCORE_KIND: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_PREFIX: tl.constexpr,
+    HAS_QIDX: tl.constexpr,
+    HAS_KVIDX: tl.constexpr,
+    HAS_FULL: tl.constexpr,
+    EVEN_M: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first under causal-like masks
+    bh = tl.program_id(1)
+    b = bh // Hq
+    hq = bh % Hq
+    hk = hq // G
+    b64 = b.to(tl.int64)
+    start_m = tile * BLOCK_M
+    qb = start_m // QBS
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    q_ptrs = Q + b64 * sqb + hq.to(tl.int64) * sqh + offs_m[:, None] * sqm + offs_d[None, :]
+    if EVEN_M:
+        q = tl.load(q_ptrs)
+    else:
+        q = tl.load(q_ptrs, mask=offs_m[:, None] < Sq, other=0.0)
+    Kb = K + b64 * skb + hk.to(tl.int64) * skh
+    Vb = V + b64 * svb + hk.to(tl.int64) * svh
+    if MASK_KIND == 1:
+        qd = tl.load(QDOC + b64 * sdq + offs_m, mask=offs_m < Sq, other=-1)
+        qp = tl.load(QPOS + b64 * sdq + offs_m, mask=offs_m < Sq, other=0)
+        KVDOC = KVDOC + b64 * sdk
+        KVPOS = KVPOS + b64 * sdk
+        if HAS_PREFIX:
+            KVPRE = KVPRE + b64 * sdk
+    else:
+        qd = offs_m
+        qp = offs_m
+    if HAS_QIDX:
+        qg = tl.load(QIDX + offs_m, mask=offs_m < Sq, other=0)
+    else:
+        qg = offs_m
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)
+    num_off = b * snb + hq * snh + qb
+    idx_off = b64 * sib + hq * sih + qb * siq
+    num = tl.load(KV_NUM + num_off)
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, qd, qp, qg, offs_m, qb, hq, num, KV_IDX + idx_off, KV_PID + idx_off,
+        Kb, Vb, skn, svn, Skv, BITS, KVDOC, KVPOS, KVPRE, KVIDX, SLOPES, TABLE, table_stride, L, softcap,
+        window, scale, qk_scale, BLOCK_M, BLOCK_N, D, DV, QBS, KBS, WORDS, True, MASK_KIND, SCORE_KIND,
+        CAUSAL, HAS_WINDOW, HAS_PREFIX, HAS_KVIDX, EVEN_N, PREC,
+    )  # fmt: skip
+    if HAS_FULL:
+        num = tl.load(FULL_NUM + num_off)
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, qd, qp, qg, offs_m, qb, hq, num, FULL_IDX + idx_off, KV_PID + idx_off,
+            Kb, Vb, skn, svn, Skv, BITS, KVDOC, KVPOS, KVPRE, KVIDX, SLOPES, TABLE, table_stride, L, softcap,
+            window, scale, qk_scale, BLOCK_M, BLOCK_N, D, DV, QBS, KBS, WORDS, False, MASK_KIND, SCORE_KIND,
+            CAUSAL, HAS_WINDOW, HAS_PREFIX, HAS_KVIDX, EVEN_N, PREC,
+        )  # fmt: skip
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    o_ptrs = O + b64 * sob + hq.to(tl.int64) * soh + offs_m[:, None] * som + offs_dv[None, :]
+    lse_ptrs = LSE + bh.to(tl.int64) * Sq + offs_m
+    if EVEN_M:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty))
+        tl.store(lse_ptrs, lse)
+    else:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < Sq)
+        tl.store(lse_ptrs, lse, mask=offs_m < Sq)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Launch:
+    """Everything both passes need: checked shapes, strides, metadata and mod tensors."""
+
+    shape: AttnShape
+    km: KernelMask
+    scale: float
+    score_kind: int
+    slopes: torch.Tensor
+    table: torch.Tensor
+    table_stride: int
+    L: int
+    softcap: float
+    qidx: torch.Tensor
+    kvidx: torch.Tensor
+    has_qidx: bool
+    has_kvidx: bool
+    even_m: bool
+    even_n: bool
+    prec: str
+    dummy: torch.Tensor
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    t = 1
+    while t * 2 <= cap and n % (t * 2) == 0:
+        t *= 2
+    return t
+
+
+def pick_tile(block: int, preferred: int, what: str) -> int:
+    """Largest power-of-two tile <= preferred that divides the BlockMask block size (>= 16 for tl.dot)."""
+    t = _pow2_divisor(block, preferred)
+    if t < 16:
+        raise ValueError(
+            f"BlockMask {what} block size {block} must be a multiple of 16 for the Triton kernel "
+            f"(tiles of 16..{preferred} must divide it)"
+        )
+    return t
+
+
+def fwd_config(D: int, on_gpu: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) before fitting to the BlockMask block sizes."""
+    if not on_gpu:
+        return 64, 64, 4, 1
+    if D <= 64:
+        return 128, 128, 4, 3
+    return 128, 64, 8, 3
+
+
+def prepare(
+    q, k, v, block_mask, score_mod, scale, enable_gqa, q_global_idx, kv_global_idx, dense_block: int = 128
+) -> Launch:
+    shape = check_kernel_inputs(q, k, v, enable_gqa, score_mod)
+    check_index_map("q_global_idx", q_global_idx, shape.Sq, q.device)
+    check_index_map("kv_global_idx", kv_global_idx, shape.Skv, q.device)
+    dev = q.device
+    km = kernel_mask(block_mask, shape, dev, dense_block=dense_block)
+    scale = shape.D**-0.5 if scale is None else float(scale)
+    dummy = torch.zeros(1, dtype=torch.float32, device=dev)
+    slopes = table = dummy
+    table_stride, L, softcap, kind = 0, 1, 1.0, SCORE_NONE
+    if isinstance(score_mod, SoftCap):
+        kind, softcap = SCORE_SOFTCAP, float(score_mod.cap)
+    elif isinstance(score_mod, ALiBi):
+        kind = SCORE_ALIBI
+        slopes = score_mod.slopes.detach().to(device=dev, dtype=torch.float32).contiguous()
+    elif isinstance(score_mod, RelativeBias):
+        kind = SCORE_RELBIAS
+        table = score_mod.table.detach().to(device=dev, dtype=torch.float32).contiguous()
+        table_stride, L = table.shape[1], score_mod.max_distance
+    qidx = q_global_idx.to(device=dev, dtype=torch.int32).contiguous() if q_global_idx is not None else dummy
+    kvidx = (
+        kv_global_idx.to(device=dev, dtype=torch.int32).contiguous() if kv_global_idx is not None else dummy
+    )
+    even_m = shape.Sq % km.QBS == 0 and km.Qb * km.QBS == shape.Sq
+    even_n = shape.Skv % km.KBS == 0 and km.KVb * km.KBS == shape.Skv
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    return Launch(
+        shape, km, scale, kind, slopes, table, table_stride, L, softcap, qidx, kvidx,
+        q_global_idx is not None, kv_global_idx is not None, even_m, even_n, prec, dummy,
+    )  # fmt: skip
+
+
+def meta_args(km: KernelMask, transposed: bool, dummy_i: torch.Tensor):
+    """(NUM, IDX, FULL_NUM, FULL_IDX, PID, num strides (b, h), idx strides (b, h, row))."""
+    if transposed:
+        num, idx, fnum, fidx, pid = km.q_num, km.q_idx, km.full_q_num, km.full_q_idx, km.q_pid
+    else:
+        num, idx, fnum, fidx, pid = km.kv_num, km.kv_idx, km.full_kv_num, km.full_kv_idx, km.kv_pid
+    snb = num.stride(0) if km.Bm > 1 else 0
+    snh = num.stride(1) if km.Hm > 1 else 0
+    sib = idx.stride(0) if km.Bm > 1 else 0
+    sih = idx.stride(1) if km.Hm > 1 else 0
+    siq = idx.stride(2)
+    return (
+        num,
+        idx,
+        fnum if fnum is not None else num,
+        fidx if fidx is not None else idx,
+        pid if pid is not None else dummy_i,
+        snb,
+        snh,
+        sib,
+        sih,
+        siq,
+    )
+
+
+def doc_args(km: KernelMask, dummy_i: torch.Tensor):
+    if km.mask_kind != MASK_DOC:
+        return (dummy_i, dummy_i, dummy_i, dummy_i, dummy_i, 0, 0, 0), (False, False, False)
+    d = km.doc
+    pre = d["kv_pre"] if d["kv_pre"] is not None else dummy_i
+    return (
+        (d["q_doc"], d["kv_doc"], d["q_pos"], d["kv_pos"], pre, d["stride_b"], d["stride_bk"], d["window"]),
+        (d["causal"], d["window"] > 0, d["kv_pre"] is not None),
+    )
+
+
+def triton_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask=None,
+    score_mod=None,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    q_global_idx: torch.Tensor | None = None,
+    kv_global_idx: torch.Tensor | None = None,
+    config: tuple[int, int, int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse forward: ``(out [B,Hq,Sq,Dv] q.dtype, lse [B,Hq,Sq] fp32 natural log)``."""
+    on_gpu = q.is_cuda
+    cfg = config or fwd_config(q.shape[-1], on_gpu)
+    lp = prepare(
+        q, k, v, block_mask, score_mod, scale, enable_gqa, q_global_idx, kv_global_idx,
+        dense_block=128 if on_gpu else 64,
+    )  # fmt: skip
+    sh, km = lp.shape, lp.km
+    BM = pick_tile(km.QBS, cfg[0], "query")
+    BN = pick_tile(km.KBS, cfg[1], "kv")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = torch.empty(sh.B, sh.Hq, sh.Sq, sh.Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(sh.B, sh.Hq, sh.Sq, dtype=torch.float32, device=q.device)
+    dummy_i = torch.zeros(1, dtype=torch.int32, device=q.device)
+    meta = meta_args(km, False, dummy_i)
+    docs, (causal, has_w, has_pre) = doc_args(km, dummy_i)
+    bits = km.bits if km.mask_kind == MASK_BITS else dummy_i
+    grid = (triton.cdiv(sh.Sq, BM), sh.B * sh.Hq)
+    _fwd_kernel[grid](
+        q, k, v, out, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        *meta, bits, *docs,
+        lp.qidx, lp.kvidx, lp.slopes, lp.table, lp.table_stride, lp.L, lp.softcap,
+        sh.Hq, sh.groups, sh.Sq, sh.Skv, lp.scale, lp.scale * LOG2E,
+        BLOCK_M=BM, BLOCK_N=BN, D=sh.D, DV=sh.Dv, QBS=km.QBS, KBS=km.KBS, WORDS=km.words,
+        MASK_KIND=km.mask_kind, SCORE_KIND=lp.score_kind, CAUSAL=causal, HAS_WINDOW=has_w,
+        HAS_PREFIX=has_pre, HAS_QIDX=lp.has_qidx, HAS_KVIDX=lp.has_kvidx, HAS_FULL=km.has_full,
+        EVEN_M=lp.even_m and sh.Sq % BM == 0, EVEN_N=lp.even_n and sh.Skv % BN == 0, PREC=lp.prec,
+        num_warps=cfg[2], num_stages=cfg[3],
+    )  # fmt: skip
+    return out, lse

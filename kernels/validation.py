@@ -94,3 +94,40 @@ def check_index_map(name: str, idx: torch.Tensor | None, length: int, device: to
         raise TypeError(f"{name} must be an integer tensor, got {idx.dtype}")
     if idx.device != device:
         raise ValueError(f"{name} is on {idx.device} but q is on {device}")
+
+
+KERNEL_HEAD_DIMS = (16, 32, 64, 128)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_kernel_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool, score_mod=None
+) -> AttnShape:
+    """check_qkv plus what the Triton kernel supports: head dims, dtypes, devices, score-mod tensor shapes."""
+    shape = check_qkv(q, k, v, enable_gqa)
+    if q.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"the Triton kernel takes q/k/v in float16, bfloat16 or float32, got {q.dtype}")
+    if shape.D not in KERNEL_HEAD_DIMS:
+        raise ValueError(
+            f"the Triton kernel supports head dim D in {KERNEL_HEAD_DIMS}, got q/k head dim {shape.D}"
+        )
+    if shape.Dv not in KERNEL_HEAD_DIMS:
+        raise ValueError(
+            f"the Triton kernel supports head dim in {KERNEL_HEAD_DIMS}, got v head dim {shape.Dv}"
+        )
+    if q.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"the Triton kernel runs on CUDA (or the CPU interpreter), got q on {q.device}")
+    if shape.Sq == 0 or shape.Skv == 0 or shape.B == 0:
+        raise ValueError(f"empty attention: B={shape.B}, Sq={shape.Sq}, Skv={shape.Skv}")
+    for name in ("slopes", "table"):
+        t = getattr(score_mod, name, None)
+        if isinstance(t, torch.Tensor):
+            if t.shape[0] != shape.Hq:
+                raise ValueError(
+                    f"score_mod {type(score_mod).__name__}.{name} has {t.shape[0]} heads but q has Hq={shape.Hq}"
+                )
+            if t.device != q.device:
+                raise ValueError(
+                    f"score_mod {type(score_mod).__name__}.{name} is on {t.device} but q on {q.device}"
+                )
+    return shape
