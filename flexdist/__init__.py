@@ -9,3 +9,22 @@ This package knows nothing of Hydra or wandb; only ``train/`` does. Importing it
 """
 
 __version__ = "0.1.0"
+
+from flexdist.masks import (
+    cu_seqlens_to_doc_ids,
+    doc_ids_to_cu_seqlens,
+    doc_ids_to_lengths,
+    document_block_mask,
+    lengths_to_doc_ids,
+    positions_in_document,
+)
+
+__all__ = [
+    "__version__",
+    "cu_seqlens_to_doc_ids",
+    "doc_ids_to_cu_seqlens",
+    "doc_ids_to_lengths",
+    "document_block_mask",
+    "lengths_to_doc_ids",
+    "positions_in_document",
+]

@@ -1,0 +1,187 @@
+"""All N×N (query rank, key rank) BlockMasks of a context-parallel plan in one vectorised pass.
+
+Under ring attention rank ``r`` attends its query shard to every rank ``j``'s K/V shard in turn; each pair
+needs its own BlockMask (rank ``r``'s global query positions against rank ``j``'s global key positions). The
+block statistics of all ranks are computed once (``[N, B, L/bs]``), every (q-block, kv-block) pair of every
+(r, j) is classified in one broadcast ``[N, N, B, L/bs, L/bs]`` pass and ordered into ``kv_indices`` /
+``q_indices`` tables in one more; the per-pair ``BlockMask`` objects are then cheap views, made on demand.
+The planner can cost and skip steps from the ``[N, N]`` count tensors without building any mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+from flexdist.kernels.document_mask import DocumentMaskMod
+
+from .block_mask import (
+    _Checks,
+    block_tables,
+    check_block_size,
+    check_positions,
+    check_prefix,
+    check_window,
+    classify_blocks,
+    gather_side,
+    make_block_mask,
+    prefix_flags,
+)
+from .documents import check_doc_ids, document_run_index
+
+__all__ = ["RankStepMasks", "rank_step_block_masks"]
+
+
+@dataclass(eq=False)
+class RankStepMasks:
+    """BlockMasks of every (query rank ``r``, key rank ``j``) pair of one CP plan, plus their costs.
+
+    ``masks.get(r, j)``, ``masks[r, j]`` or ``masks[r][j]``: the BlockMask of rank r's queries against rank
+    j's keys (built on first access from precomputed tables, then cached). Count tensors are ``[N, N]`` int64
+    on the device, summed over the batch: ``partial_blocks``, ``full_blocks`` and ``max_unmasked_pairs``
+    (an upper bound on visible (q, kv) pairs: exact for full blocks, a whole block for each partial block).
+    """
+
+    num_ranks: int
+    block_size: tuple[int, int]
+    shard_len: int
+    partial_blocks: torch.Tensor
+    full_blocks: torch.Tensor
+    max_unmasked_pairs: torch.Tensor
+    # [N, N, B, 1, ...] tables and [N, B, L] per-token tensors the BlockMasks are views of
+    _tables: tuple[torch.Tensor, ...] = field(repr=False)
+    _run: torch.Tensor = field(repr=False)
+    _pos: torch.Tensor = field(repr=False)
+    _prefix: torch.Tensor | None = field(repr=False)
+    _causal: bool = field(repr=False)
+    _window: int | None = field(repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)
+    _counts_cpu: torch.Tensor | None = field(default=None, repr=False)
+
+    def _check_pair(self, r: int, j: int) -> tuple[int, int]:
+        N = self.num_ranks
+        for name, v in (("q_rank", r), ("kv_rank", j)):
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < N:
+                raise IndexError(f"{name} must be an int in [0, {N}), got {v!r}")
+        return r, j
+
+    def get(self, r: int, j: int) -> BlockMask:
+        """BlockMask of rank ``r``'s queries (global positions ``positions[r]``) against rank ``j``'s keys."""
+        r, j = self._check_pair(r, j)
+        bm = self._cache.get((r, j))
+        if bm is None:
+            mask_mod = DocumentMaskMod(
+                q_doc=self._run[r],
+                kv_doc=self._run[j],
+                q_pos=self._pos[r],
+                kv_pos=self._pos[j],
+                causal=self._causal,
+                window=self._window,
+                kv_in_prefix=None if self._prefix is None else self._prefix[j],
+            )
+            tables = [t[r, j] for t in self._tables]
+            bm = make_block_mask(*tables, self.block_size, mask_mod, (self.shard_len, self.shard_len))
+            self._cache[(r, j)] = bm
+        return bm
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        if isinstance(key, tuple):
+            return self.get(*key)
+        r, _ = self._check_pair(key, 0)
+        return [self.get(r, j) for j in range(self.num_ranks)]
+
+    def all_masks(self) -> list[list[BlockMask]]:
+        """Every BlockMask, ``[q_rank][kv_rank]``."""
+        return [self[r] for r in range(self.num_ranks)]
+
+    def counts_cpu(self) -> torch.Tensor:
+        """int64 ``[3, N, N]`` (partial, full, max_unmasked_pairs) on the CPU (one host sync, then cached)."""
+        if self._counts_cpu is None:
+            self._counts_cpu = torch.stack(
+                [self.partial_blocks, self.full_blocks, self.max_unmasked_pairs]
+            ).cpu()
+        return self._counts_cpu
+
+    def is_empty(self, r: int, j: int) -> bool:
+        """True when rank r's queries see none of rank j's keys: the ring step can be skipped entirely."""
+        r, j = self._check_pair(r, j)
+        c = self.counts_cpu()
+        return int(c[0, r, j]) == 0 and int(c[1, r, j]) == 0
+
+
+def rank_step_block_masks(
+    doc_ids: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    prefix_lengths: int | torch.Tensor | None = None,
+    block_size: int | tuple[int, int] = 128,
+    validate: bool = True,
+) -> RankStepMasks:
+    """All (query rank, key rank) document BlockMasks of a CP plan, classified in one pass on the device.
+
+    Args:
+        doc_ids: ``[B, S]`` document ids of the global packed batch (see `document_block_mask`).
+        positions: ``[N, B, L]`` or ``[N, L]`` global positions of the tokens each of the N ranks holds, in the
+            order the rank holds them; every rank holds the same number L of tokens, a multiple of the block
+            size (a shard's last block must be a whole block so that blocks never straddle shards).
+        causal, window, prefix_lengths: as in `document_block_mask`.
+        block_size: int or ``(q_block, kv_block)``; each must divide L.
+        validate: range-check positions / prefix tables (one host synchronisation).
+
+    Returns:
+        `RankStepMasks`; ``masks.get(r, j)`` equals ``document_block_mask(doc_ids, q_positions=positions[r],
+        kv_positions=positions[j], ...)``.
+    """
+    doc_ids = check_doc_ids(doc_ids)
+    q_bs, kv_bs = check_block_size(block_size)
+    window = check_window(window)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    B, S = doc_ids.shape
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(f"positions must be a [N, B, L] or [N, L] tensor, got {type(positions).__name__}")
+    if positions.dim() not in (2, 3):
+        raise ValueError(
+            f"positions must be [N, B, L] or [N, L] (one row per rank), got {tuple(positions.shape)}"
+        )
+    N = positions.shape[0]
+    if N < 1:
+        raise ValueError("positions must hold at least one rank")
+    checks = _Checks() if validate else None
+    pos = check_positions(positions, "positions", (N,), B, S, doc_ids.device, checks)
+    L = pos.shape[-1]
+    for name, bs in (("q block", q_bs), ("kv block", kv_bs)):
+        if L % bs != 0:
+            raise ValueError(
+                f"block_size ({name} {bs}) must divide the shard length L={L} of every rank "
+                f"(positions shape {tuple(positions.shape)}); pick a block size dividing {L} or pad the shards"
+            )
+    prefix_table = check_prefix(doc_ids, prefix_lengths, checks)
+    if checks is not None:
+        checks.raise_if_bad()
+    run = document_run_index(doc_ids)
+    prefix = prefix_flags(doc_ids, prefix_table)
+
+    side = gather_side(run, prefix, pos, want_prefix=True)
+    partial, full = classify_blocks(side, side, q_bs, kv_bs, causal, window)  # [N, N, B, nq, nkv]
+    tables = block_tables(partial, full)  # [N, N, B, 1, ...]
+    partial_count = tables[0].sum(dim=(-3, -2, -1), dtype=torch.int64)  # over B, head, q blocks
+    full_count = tables[2].sum(dim=(-3, -2, -1), dtype=torch.int64)
+    return RankStepMasks(
+        num_ranks=N,
+        block_size=(q_bs, kv_bs),
+        shard_len=L,
+        partial_blocks=partial_count,
+        full_blocks=full_count,
+        max_unmasked_pairs=(partial_count + full_count) * (q_bs * kv_bs),
+        _tables=tables,
+        _run=side.run,
+        _pos=side.pos,
+        _prefix=side.prefix,
+        _causal=causal,
+        _window=window,
+    )

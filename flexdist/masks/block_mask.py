@@ -1,0 +1,437 @@
+"""Document BlockMasks built analytically: classify block pairs from per-block ranges, never from the S×S mask.
+
+torch's ``create_block_mask`` evaluates ``mask_mod`` on every (q, kv) element and then sums blocks: O(S²)
+work and, eagerly, O(S²) memory (DESIGN.md: 13 ms for one 32k document mask on an H100, out of memory at
+128k). A document mask has structure we can use instead. For each block of ``block_size`` tokens we take,
+over its non-padding tokens, the range of document *run indices* and the range of global positions (plus, for
+prefix-LM, the same ranges restricted to prefix / non-prefix keys). A (q-block, kv-block) pair is then
+
+- **empty** when the run ranges are disjoint, or no position difference in range can be visible and no prefix
+  key of a shared document exists — provably nothing is visible;
+- **full** when every token of both blocks is a valid (in range, non-padding) token of one single document run
+  and every position difference in range is visible — provably everything is visible;
+- **partial** otherwise (the kernel evaluates the element-wise `DocumentMaskMod` there).
+
+That is always correct, whatever the token order inside blocks; when every block holds consecutive global
+positions (contiguous shards, zigzag chunks, any permutation of whole blocks) it is also exact — the same
+empty / partial / full classification ``create_block_mask`` finds element by element (tests check both).
+
+Work is O(S) for the per-block ranges plus O(B · (Lq/bs) · (Lkv/bs)) for the pair tests and the ordering
+into ``kv_indices``, all in a fixed number of vectorised torch ops on the input's device; the only host
+synchronisation is the optional range check of user-given positions / prefix tables (``validate=True``).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
+
+from flexdist.kernels.document_mask import DocumentMaskMod
+
+from .documents import MAX_TOKENS, check_doc_ids, document_run_index, positions_in_document
+
+__all__ = ["document_block_mask"]
+
+_BIG = 1 << 29  # sentinel for "no token" in min/max stats; differences of two stay inside int32
+
+
+# ----------------------------------------------------------------------------------------------- arguments
+
+
+def check_block_size(block_size: object) -> tuple[int, int]:
+    """``block_size``: an int (square blocks) or ``(q_block, kv_block)``, each >= 1."""
+    if isinstance(block_size, int) and not isinstance(block_size, bool):
+        sizes = (block_size, block_size)
+    elif (
+        isinstance(block_size, tuple | list)
+        and len(block_size) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in block_size)
+    ):
+        sizes = (int(block_size[0]), int(block_size[1]))
+    else:
+        raise TypeError(
+            f"block_size must be an int or a (q_block, kv_block) pair of ints, got {block_size!r}"
+        )
+    if min(sizes) < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size!r}")
+    return sizes
+
+
+def check_window(window: object) -> int | None:
+    if window is None:
+        return None
+    if not isinstance(window, int) or isinstance(window, bool):
+        raise TypeError(f"window must be an int number of tokens or None, got {window!r}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1 token (the query's own token counts), got {window}")
+    return window
+
+
+class _Checks:
+    """Data-dependent argument checks gathered into one host synchronisation (or none when empty)."""
+
+    def __init__(self) -> None:
+        self.bad: list[torch.Tensor] = []
+        self.messages: list = []
+
+    def add(self, bad: torch.Tensor, message) -> None:
+        self.bad.append(bad.reshape(()))
+        self.messages.append(message)
+
+    def raise_if_bad(self) -> None:
+        if not self.bad:
+            return
+        flags = torch.stack(self.bad).cpu().tolist()
+        for flag, message in zip(flags, self.messages, strict=True):
+            if flag:
+                raise ValueError(message())
+
+
+def check_prefix(
+    doc_ids: torch.Tensor, prefix_lengths: object, checks: _Checks | None
+) -> int | torch.Tensor | None:
+    """Validate ``prefix_lengths`` (prefix-LM): None, an int P shared by every document, or a per-document
+    table indexed by document **id**, 1-D ``[num_ids]`` (shared by all rows) or 2-D ``[B, num_ids]``: a
+    document with id ``d`` in row ``b`` has prefix length ``table[b, d]`` (two runs with the same id share
+    it). Returns the int or the ``[B, num_ids]`` table; data-dependent checks go into ``checks``."""
+    if prefix_lengths is None:
+        return None
+    B = doc_ids.shape[0]
+    if isinstance(prefix_lengths, int) and not isinstance(prefix_lengths, bool):
+        if prefix_lengths < 0:
+            raise ValueError(f"prefix_lengths must be >= 0, got {prefix_lengths}")
+        return prefix_lengths
+    if not isinstance(prefix_lengths, torch.Tensor):
+        raise TypeError(
+            f"prefix_lengths must be an int, a tensor indexed by document id, or None; got "
+            f"{type(prefix_lengths).__name__}"
+        )
+    t = prefix_lengths
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"prefix_lengths must be an integer tensor, got dtype {t.dtype}")
+    if t.device != doc_ids.device:
+        raise ValueError(f"prefix_lengths is on {t.device} but doc_ids is on {doc_ids.device}")
+    if t.dim() == 1:
+        t = t.expand(B, -1)
+    if t.dim() != 2 or t.shape[0] != B or t.shape[1] < 1:
+        raise ValueError(
+            f"prefix_lengths as a tensor must be [num_ids] or [B={B}, num_ids] indexed by document id, got "
+            f"shape {tuple(prefix_lengths.shape)}"
+        )
+    n_ids = t.shape[1]
+    if checks is not None:
+        checks.add(
+            doc_ids.max() >= n_ids,
+            lambda: f"prefix_lengths has {n_ids} entries per row but doc_ids holds id {int(doc_ids.max())}",
+        )
+        checks.add(t.min() < 0, lambda: f"prefix_lengths must be >= 0, got minimum {int(t.min())}")
+    return t
+
+
+def prefix_flags(doc_ids: torch.Tensor, prefix: int | torch.Tensor | None) -> torch.Tensor | None:
+    """bool ``[B, S]``: the token is among its document's first P tokens (see `check_prefix`), or None."""
+    if prefix is None:
+        return None
+    pid = positions_in_document(doc_ids)
+    if isinstance(prefix, int):
+        p_tok = prefix
+    else:
+        p_tok = prefix.gather(1, doc_ids.clamp(min=0).long())
+    return (pid < p_tok) & (doc_ids >= 0)
+
+
+def check_positions(
+    positions: object,
+    name: str,
+    lead_shape: tuple[int, ...],
+    B: int,
+    S: int,
+    device: torch.device,
+    checks: _Checks | None,
+) -> torch.Tensor:
+    """int64 ``[*lead_shape, B, L]`` global positions; accepts the batch dim omitted (broadcast over B)."""
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor of global token positions, got {type(positions).__name__}"
+        )
+    if positions.dtype.is_floating_point or positions.dtype.is_complex or positions.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {positions.dtype}")
+    if positions.device != device:
+        raise ValueError(f"{name} is on {positions.device} but doc_ids is on {device}")
+    nl = len(lead_shape)
+    shape = tuple(positions.shape)
+    lead_txt = "".join(f"{d}, " for d in lead_shape)
+    if positions.dim() == nl + 1 and shape[:nl] == lead_shape:
+        positions = positions.unsqueeze(nl).expand(*lead_shape, B, shape[-1])
+    elif not (positions.dim() == nl + 2 and shape[:nl] == lead_shape and shape[nl] == B):
+        raise ValueError(f"{name} must be [{lead_txt}B={B}, L] or [{lead_txt}L], got shape {shape}")
+    if positions.shape[-1] < 1:
+        raise ValueError(f"{name} must hold at least one token, got shape {shape}")
+    if checks is not None:
+        checks.add(
+            (positions.min() < 0) | (positions.max() >= S),
+            lambda: (
+                f"{name} must lie in [0, S={S}) (indices into doc_ids' sequence dim), got values in "
+                f"[{int(positions.min())}, {int(positions.max())}]"
+            ),
+        )
+    return positions.long()
+
+
+# ----------------------------------------------------------------------------------------------- block work
+
+
+@dataclass
+class _Side:
+    """Per-token tables of one side (queries or keys), ``[G, B, L]``, G = number of groups (ranks)."""
+
+    run: torch.Tensor  # int32, -1 = padding
+    pos: torch.Tensor  # int32 global positions
+    prefix: torch.Tensor | None  # bool, key in its document's prefix (kv side only)
+
+
+def gather_side(
+    run: torch.Tensor, prefix: torch.Tensor | None, positions: torch.Tensor | None, want_prefix: bool
+) -> _Side:
+    """Gather the per-token tables of the tokens at ``positions [G, B, L]`` (None: all S tokens, G = 1)."""
+    B, S = run.shape
+    if positions is None:
+        pos = torch.arange(S, device=run.device, dtype=torch.int32).expand(1, B, S)
+        return _Side(run[None], pos, prefix[None] if (want_prefix and prefix is not None) else None)
+    G = positions.shape[0]
+    r = run.unsqueeze(0).expand(G, B, S).gather(-1, positions)
+    p = None
+    if want_prefix and prefix is not None:
+        p = prefix.unsqueeze(0).expand(G, B, S).gather(-1, positions)
+    return _Side(r, positions.to(torch.int32), p)
+
+
+def _block_stats(side: _Side, bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per block of ``bs`` tokens: (mins ``[K, G, B, nb]``, maxs ``[K, G, B, nb]``, all_valid ``[G, B, nb]``).
+
+    Rows of mins/maxs: 0 = run index, 1 = position (non-padding tokens), and with prefix flags 2 = position
+    of non-prefix keys, 3 = run index of prefix keys. A block without such tokens gets +BIG / -BIG. Tokens past
+    the end of the last, partial-size block count as padding.
+    """
+    run, pos, pre = side.run, side.pos, side.prefix
+    L = run.shape[-1]
+    nb = -(-L // bs)
+    if nb * bs != L:
+        extra = nb * bs - L
+        run = F.pad(run, (0, extra), value=-1)
+        pos = F.pad(pos, (0, extra), value=0)
+        if pre is not None:
+            pre = F.pad(pre, (0, extra), value=False)
+    valid = run >= 0
+    lo, hi = [run, pos], [run, pos]
+    lo_ok, hi_ok = [valid, valid], [valid, valid]
+    if pre is not None:
+        non_pre = valid & ~pre
+        lo += [pos, run]
+        hi += [pos, run]
+        lo_ok += [non_pre, pre]
+        hi_ok += [non_pre, pre]
+    K = len(lo)
+    shape = (K, *run.shape[:-1], nb, bs)
+    big = torch.tensor(_BIG, dtype=torch.int32, device=run.device)
+    mins = torch.where(torch.stack(lo_ok), torch.stack(lo), big).view(shape).amin(-1)
+    maxs = torch.where(torch.stack(hi_ok), torch.stack(hi), -big).view(shape).amax(-1)
+    all_valid = valid.view(shape[1:]).all(-1)
+    return mins, maxs, all_valid
+
+
+def classify_blocks(
+    q: _Side,
+    kv: _Side,
+    q_bs: int,
+    kv_bs: int,
+    causal: bool,
+    window: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partial, full): bool ``[Gq, Gkv, B, nq, nkv]`` for every q group against every kv group."""
+    qmin, qmax, q_all = _block_stats(q, q_bs)
+    kmin, kmax, k_all = _block_stats(kv, kv_bs)
+    # q stats -> [Gq, 1, B, nq, 1], kv stats -> [1, Gkv, B, 1, nkv]
+    qmin, qmax, q_all = qmin[:, :, None, :, :, None], qmax[:, :, None, :, :, None], q_all[:, None, :, :, None]
+    kmin, kmax, k_all = kmin[:, None, :, :, None, :], kmax[:, None, :, :, None, :], k_all[None, :, :, None, :]
+    q_rmin, q_pmin = qmin[0], qmin[1]
+    q_rmax, q_pmax = qmax[0], qmax[1]
+    k_rmin, k_pmin = kmin[0], kmin[1]
+    k_rmax, k_pmax = kmax[0], kmax[1]
+    has_prefix = kv.prefix is not None
+    W = None if window is None else min(window, MAX_TOKENS)  # |q_pos - kv_pos| < MAX_TOKENS always
+
+    # --- maybe something visible (not provably empty)
+    d_lo = q_pmin - k_pmax  # every q_pos - kv_pos of the pair lies in [d_lo, d_hi]
+    d_hi = q_pmax - k_pmin
+    if causal:
+        vis = d_hi >= 0
+        if W is not None:
+            vis = vis & (d_lo < W)
+    elif W is not None:
+        vis = (d_hi > -W) & (d_lo < W)
+    else:
+        vis = None
+    maybe = (q_rmin <= k_rmax) & (k_rmin <= q_rmax)
+    if vis is not None:
+        if has_prefix:  # a prefix key is visible to every query of its document
+            vis = vis | ((q_rmin <= kmax[3]) & (kmin[3] <= q_rmax))
+        maybe = maybe & vis
+
+    # --- provably everything visible: one document run, all tokens valid, all differences visible
+    q_single = (q_rmin == q_rmax) & q_all
+    k_single = (k_rmin == k_rmax) & k_all
+    full = q_single & k_single & (q_rmin == k_rmin)
+    if has_prefix:  # only the non-prefix keys need the positional condition
+        k_pmin, k_pmax = kmin[2], kmax[2]
+    f_lo = q_pmin - k_pmax
+    f_hi = q_pmax - k_pmin
+    if causal:
+        all_vis = f_lo >= 0
+        if W is not None:
+            all_vis = all_vis & (f_hi < W)
+    elif W is not None:
+        all_vis = (f_lo > -W) & (f_hi < W)
+    else:
+        all_vis = None
+    if all_vis is not None:
+        full = full & all_vis
+    partial = maybe & ~full
+    return partial, full
+
+
+def ordered_indices(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 (num ``[..., R]``, indices ``[..., R, C]``) of the True columns of each row, first, in order.
+
+    Same result as torch's stable descending argsort of the 0/1 block mask (active columns ascending, then
+    inactive ones ascending), but O(R·C) with a cumulative sum and one scatter instead of a sort.
+    """
+    a = active.to(torch.int32)
+    cs = torch.cumsum(a, dim=-1, dtype=torch.int32)
+    num = cs[..., -1:]
+    C = active.shape[-1]
+    ar = torch.arange(C, device=active.device, dtype=torch.int32)
+    slot = torch.where(active, cs - 1, num + ar - cs)
+    idx = torch.empty_like(a).scatter_(-1, slot.long(), ar.expand_as(a))
+    return num.squeeze(-1), idx
+
+
+@functools.cache
+def _from_kv_blocks_takes_compute_q_blocks() -> bool:
+    return "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
+
+
+def make_block_mask(
+    kv_num: torch.Tensor,
+    kv_idx: torch.Tensor,
+    full_num: torch.Tensor,
+    full_idx: torch.Tensor,
+    q_num: torch.Tensor,
+    q_idx: torch.Tensor,
+    full_q_num: torch.Tensor,
+    full_q_idx: torch.Tensor,
+    block_size: tuple[int, int],
+    mask_mod: DocumentMaskMod,
+    seq_lengths: tuple[int, int],
+) -> BlockMask:
+    """A BlockMask via the public ``BlockMask.from_kv_blocks``, with the q-major tables we already computed
+    (the backward pass needs them; torch would otherwise rebuild them by a dense round trip and a sort)."""
+    kwargs = {"BLOCK_SIZE": block_size, "mask_mod": mask_mod, "seq_lengths": seq_lengths}
+    if _from_kv_blocks_takes_compute_q_blocks():
+        bm = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, compute_q_blocks=False, **kwargs)
+    else:  # pragma: no cover - older torch: let it compute them, then use ours (identical values)
+        bm = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, **kwargs)
+    bm.q_num_blocks, bm.q_indices = q_num, q_idx
+    bm.full_q_num_blocks, bm.full_q_indices = full_q_num, full_q_idx
+    return bm
+
+
+def block_tables(partial: torch.Tensor, full: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """kv-major and q-major (num, indices) tables for partial and full blocks, with a head dim of 1 inserted
+    before the last two block dims: returns (kv_num, kv_idx, full_num, full_idx, q_num, q_idx, fq_num, fq_idx)
+    each shaped ``[..., 1, n(, m)]``."""
+    both = torch.stack([partial, full]).unsqueeze(-3)  # [2, ..., 1, nq, nkv]
+    kv_num, kv_idx = ordered_indices(both)
+    q_num, q_idx = ordered_indices(both.transpose(-1, -2))
+    return kv_num[0], kv_idx[0], kv_num[1], kv_idx[1], q_num[0], q_idx[0], q_num[1], q_idx[1]
+
+
+# ----------------------------------------------------------------------------------------------- public API
+
+
+def document_block_mask(
+    doc_ids: torch.Tensor,
+    *,
+    q_positions: torch.Tensor | None = None,
+    kv_positions: torch.Tensor | None = None,
+    causal: bool = True,
+    window: int | None = None,
+    prefix_lengths: int | torch.Tensor | None = None,
+    block_size: int | tuple[int, int] = 128,
+    validate: bool = True,
+) -> BlockMask:
+    """The BlockMask of a document mask, built from document ids without evaluating the S×S mask.
+
+    Args:
+        doc_ids: ``[B, S]`` integer ids of the packed sequence; equal ids = same document, negative = padding,
+            a document is a maximal run of equal ids (ids need not be sorted).
+        q_positions / kv_positions: ``[B, L]`` or ``[L]`` (broadcast over B) global positions — indices into
+            ``doc_ids``' sequence dim — of the query / key tokens this attention call holds, in the order it
+            holds them (e.g. a CP rank's shard, any permutation). Default: all S tokens in order.
+        causal: keys after the query (in global position) are invisible.
+        window: sliding-window width in tokens, the query's own included (``0 <= q - kv < window`` when causal,
+            ``|q - kv| < window`` otherwise), or None.
+        prefix_lengths: prefix-LM. An int P (each document's first P tokens are visible to all its queries), or
+            a per-document table indexed by document id, ``[num_ids]`` or ``[B, num_ids]``.
+        block_size: block size of the BlockMask, int or ``(q_block, kv_block)``. Lengths need not be
+            multiples; the last block is then partial-size (and never marked full, like torch).
+        validate: check that positions lie in ``[0, S)`` and prefix tables cover the ids; this costs one host
+            synchronisation. Pass False in a hot loop once inputs are known good.
+
+    Returns:
+        A ``torch.nn.attention.flex_attention.BlockMask`` with ``B`` batch rows, one head, ``seq_lengths =
+        (Lq, Lkv)`` and ``mask_mod`` a `DocumentMaskMod` over the gathered run indices (padding -1) and global
+        positions, so flexdist's kernel evaluates it natively and torch's ``flex_attention`` accepts it.
+    """
+    doc_ids = check_doc_ids(doc_ids)
+    q_bs, kv_bs = check_block_size(block_size)
+    window = check_window(window)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    B, S = doc_ids.shape
+    dev = doc_ids.device
+    checks = _Checks() if validate else None
+    qp = None
+    if q_positions is not None:
+        qp = check_positions(q_positions, "q_positions", (), B, S, dev, checks)[None]
+    kvp = None
+    if kv_positions is not None:
+        kvp = check_positions(kv_positions, "kv_positions", (), B, S, dev, checks)[None]
+    prefix_table = check_prefix(doc_ids, prefix_lengths, checks)
+    if checks is not None:
+        checks.raise_if_bad()
+    run = document_run_index(doc_ids)
+    prefix = prefix_flags(doc_ids, prefix_table)
+
+    q_side = gather_side(run, prefix, qp, want_prefix=False)
+    kv_side = (
+        q_side if (kvp is None and qp is None and prefix is None) else gather_side(run, prefix, kvp, True)
+    )
+    partial, full = classify_blocks(q_side, kv_side, q_bs, kv_bs, causal, window)
+    tables = block_tables(partial[0, 0], full[0, 0])
+    mask_mod = DocumentMaskMod(
+        q_doc=q_side.run[0],
+        kv_doc=kv_side.run[0],
+        q_pos=q_side.pos[0],
+        kv_pos=kv_side.pos[0],
+        causal=causal,
+        window=window,
+        kv_in_prefix=None if kv_side.prefix is None else kv_side.prefix[0],
+    )
+    Lq, Lkv = q_side.run.shape[-1], kv_side.run.shape[-1]
+    return make_block_mask(*tables, (q_bs, kv_bs), mask_mod, (Lq, Lkv))
