@@ -10,6 +10,7 @@ This package knows nothing of Hydra or wandb; only ``train/`` does. Importing it
 
 __version__ = "0.1.0"
 
+from flexdist.cp import ContextParallelAttention
 from flexdist.masks import (
     cu_seqlens_to_doc_ids,
     doc_ids_to_cu_seqlens,
@@ -20,6 +21,7 @@ from flexdist.masks import (
 )
 
 __all__ = [
+    "ContextParallelAttention",
     "__version__",
     "cu_seqlens_to_doc_ids",
     "doc_ids_to_cu_seqlens",

@@ -1,0 +1,336 @@
+"""Token→rank sharding planners and the block-level work model they optimise.
+
+A *layout* is a permutation ``perm`` of the ``S`` global token indices: rank ``r`` holds the tokens
+``perm[r*L:(r+1)*L]`` (``L = S / N``), always in ascending global order inside a rank (so the visible keys of
+a query are a contiguous run of a shard's local indices, which the mask builder relies on).
+
+Work model. A document mask restricted to contiguous documents (maximal runs of one id) gives every query
+token one contiguous interval of visible global key positions. From those intervals we count, for a query
+token set and a key token set, the (query block, key block) pairs the kernel visits: *full* (mask not
+evaluated) and *partial* (mask evaluated). The work of ring step ``t`` on rank ``r`` is the number of visited
+blocks of ``(q shard r, kv shard (r - t) mod N)``; the ring is synchronised per step, so the predicted time is
+``sum_t max_r max(work(r, t), transfer(t + 1))`` (transfers for the next step overlap the current compute).
+
+Planners (``balance=``):
+- ``contiguous``: rank r holds tokens [r·L, (r+1)·L).
+- ``zigzag``: head-tail, 2N chunks, rank r holds chunks r and 2N−1−r (the classic causal balancer).
+- ``document``: whole blocks of ``block_size`` tokens are assigned to ranks (equal counts, no padding,
+  documents of any length) to minimise the predicted ring time: best of several seeds (contiguous,
+  zigzag, round-robin striping, per-document snake) followed by a deterministic swap search on the
+  critical steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+BALANCES = ("contiguous", "zigzag", "document")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# per-token visibility intervals
+# ----------------------------------------------------------------------------------------------------------
+def document_runs(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Start and end (exclusive) global position of each token's document run, ``[B, S]`` each.
+
+    Raises if a non-negative id occurs in two separate runs: the planners and the fast mask builder treat a
+    document as one contiguous run of tokens (how packing produces them).
+    """
+    B, S = doc_ids.shape
+    d = doc_ids.long()
+    change = torch.ones(B, S, dtype=torch.bool, device=d.device)
+    change[:, 1:] = d[:, 1:] != d[:, :-1]
+    pos = torch.arange(S, device=d.device).expand(B, S)
+    start = torch.where(change, pos, torch.zeros_like(pos)).cummax(dim=1).values
+    end_marker = torch.ones(B, S, dtype=torch.bool, device=d.device)
+    end_marker[:, :-1] = change[:, 1:]
+    end_pos = torch.where(end_marker, pos + 1, torch.full_like(pos, S))
+    end = end_pos.flip(1).cummin(dim=1).values.flip(1)
+    # contiguity check: number of runs with id >= 0 must equal number of distinct ids >= 0 (per batch row)
+    for b in range(B):
+        ids = d[b][change[b]]
+        ids = ids[ids >= 0]
+        if ids.numel() != torch.unique(ids).numel():
+            uniq, counts = torch.unique(ids, return_counts=True)
+            bad = uniq[counts > 1][:5].tolist()
+            raise ValueError(
+                f"doc_ids[{b}] has documents split into several runs (ids {bad}); a document must be one "
+                "contiguous run of tokens (relabel repeated ids)"
+            )
+    return start, end
+
+
+def visible_intervals(
+    doc_ids: torch.Tensor, causal: bool = True, window: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive interval ``[lo, hi]`` of global key positions each token may attend to, ``[B, S]`` each.
+
+    Padding tokens (negative id) get ``lo = 1, hi = 0`` (empty). Matches `DocumentMaskMod` semantics for
+    contiguous documents: same document and (causal) ``kv <= q``, (window W) ``q - kv < W``.
+    """
+    B, S = doc_ids.shape
+    start, end = document_runs(doc_ids)
+    p = torch.arange(S, device=doc_ids.device).expand(B, S)
+    lo = start.clone()
+    hi = p.clone() if causal else end - 1
+    if window is not None:
+        lo = torch.maximum(lo, p - window + 1)
+        if not causal:
+            hi = torch.minimum(hi, p + window - 1)
+    pad = doc_ids < 0
+    lo = torch.where(pad, torch.ones_like(lo), lo)
+    hi = torch.where(pad, torch.zeros_like(hi), hi)
+    return lo, hi
+
+
+def positions_in_document(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Position of each token inside its document (0 at a document's first token; 0 for padding)."""
+    start, _ = document_runs(doc_ids)
+    p = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(start)
+    return torch.where(doc_ids < 0, torch.zeros_like(p), p - start)
+
+
+def pair_blocks(
+    lo: torch.Tensor, hi: torch.Tensor, kv_pos: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Visited blocks of one (query tokens, key tokens) pair.
+
+    lo, hi: ``[B, Lq]`` visibility intervals of the query tokens (global positions).
+    kv_pos: ``[Lk]`` ascending global positions of the key tokens.
+    Returns ``(nonempty, full)`` bool ``[B, Qb, Kb]`` (``Qb = ceil(Lq/bs)``, ``Kb = ceil(Lk/bs)``).
+    Cost O(Lq log Lk + Qb·Kb): never an Lq×Lk tensor.
+    """
+    B, Lq = lo.shape
+    Lk = kv_pos.shape[0]
+    bs = block_size
+    Qb, Kb = -(-Lq // bs), -(-Lk // bs)
+    kv = kv_pos.to(lo.device).long().contiguous()
+    a = torch.searchsorted(kv, lo.contiguous())
+    b = torch.searchsorted(kv, hi.contiguous(), right=True)
+    valid = a < b
+    qblk = (torch.arange(Lq, device=lo.device) // bs).expand(B, Lq)
+    diff = torch.zeros(B, Qb, Kb + 1, dtype=torch.int32, device=lo.device)
+    first = torch.where(valid, a // bs, torch.full_like(a, Kb))
+    last1 = torch.where(valid, (b - 1) // bs + 1, torch.full_like(b, Kb))
+    flat = diff.view(B, -1)
+    one = torch.ones(B, Lq, dtype=torch.int32, device=lo.device)
+    flat.scatter_add_(1, qblk * (Kb + 1) + first, one)
+    flat.scatter_add_(1, qblk * (Kb + 1) + last1, -one)
+    nonempty = diff.cumsum(-1)[..., :Kb] > 0
+    # full: every query token of the block sees every key of the block
+    big = torch.iinfo(torch.long).max // 4
+    a_eff = torch.where(valid, a, torch.full_like(a, big))
+    b_eff = torch.where(valid, b, torch.full_like(b, -1))
+    pad = Qb * bs - Lq
+    if pad:
+        a_eff = torch.cat([a_eff, torch.full((B, pad), -1, dtype=a.dtype, device=a.device)], 1)
+        b_eff = torch.cat([b_eff, torch.full((B, pad), big, dtype=b.dtype, device=b.device)], 1)
+    amax = a_eff.view(B, Qb, bs).amax(-1)
+    bmin = b_eff.view(B, Qb, bs).amin(-1)
+    kstart = torch.arange(Kb, device=lo.device) * bs
+    kend = torch.clamp(kstart + bs, max=Lk)
+    full = (amax[..., None] <= kstart) & (bmin[..., None] >= kend)
+    return nonempty, full & nonempty
+
+
+# ----------------------------------------------------------------------------------------------------------
+# layouts
+# ----------------------------------------------------------------------------------------------------------
+def contiguous_perm(S: int, N: int) -> torch.Tensor:
+    if S % N:
+        raise ValueError(f"balance='contiguous' needs S divisible by the world size: S={S}, N={N}")
+    return torch.arange(S)
+
+
+def zigzag_perm(S: int, N: int) -> torch.Tensor:
+    if S % (2 * N):
+        raise ValueError(f"balance='zigzag' needs S divisible by 2*N: S={S}, N={N}, 2*N={2 * N}")
+    C = S // (2 * N)
+    parts = []
+    for r in range(N):
+        parts.append(torch.arange(r * C, (r + 1) * C))
+        parts.append(torch.arange((2 * N - 1 - r) * C, (2 * N - r) * C))
+    return torch.cat(parts)
+
+
+def blocks_to_perm(assign: np.ndarray, N: int, block_size: int) -> torch.Tensor:
+    """Block→rank assignment (equal counts) to a token permutation, blocks ascending inside each rank."""
+    order = np.argsort(assign * len(assign) + np.arange(len(assign)), kind="stable")
+    tok = torch.from_numpy(order).long()[:, None] * block_size + torch.arange(block_size)
+    return tok.reshape(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# cost model
+# ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CostModel:
+    """Predicted ring time in units of one visited (block_size × block_size) block's kernel time.
+
+    comm_weight: time to move one K/V block of ``block_size`` tokens between neighbours, in the same unit.
+    For bf16, ``4·Hq·D·bs²`` FLOPs per block at F FLOP/s and ``2·2·Hkv·D·bs`` bytes at W B/s it is
+    ``(Hkv/Hq)·(F/W)/bs`` — e.g. 0.87 for GQA 8:1 at bs=128, F=400 TFLOP/s, W=450 GB/s; 6.9 for MHA.
+    """
+
+    comm_weight: float = 1.0
+    partial_weight: float = 1.0
+
+
+def step_matrix(work: np.ndarray) -> np.ndarray:
+    """``[t, r] = work[r, (r - t) mod N]``: the work of rank r at ring step t."""
+    N = work.shape[0]
+    r = np.arange(N)
+    t = np.arange(N)[:, None]
+    return work[r[None, :], (r[None, :] - t) % N]
+
+
+def last_needed_step(work: np.ndarray) -> np.ndarray:
+    """``t_last[j]``: the last ring step at which a rank needs shard j (it travels j→j+1→…); 0 if only home."""
+    N = work.shape[0]
+    t = np.arange(N)[:, None]
+    j = np.arange(N)[None, :]
+    need = work[(j + t) % N, j] > 0  # [t, j]
+    need[0, :] = True
+    return (np.where(need, t, 0)).max(axis=0)
+
+
+def predicted_time(work: np.ndarray, shard_blocks: int, cost: CostModel) -> float:
+    """Critical path of the ring with per-step synchronisation and next-step transfers overlapped."""
+    N = work.shape[0]
+    sm = step_matrix(work).max(axis=1).astype(np.float64)
+    tl = last_needed_step(work)
+    comm = np.zeros(N)
+    for t in range(N - 1):
+        if (tl >= t + 1).any():
+            comm[t] = cost.comm_weight * shard_blocks
+    return float(np.maximum(sm, comm).sum())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# document-aware planner
+# ----------------------------------------------------------------------------------------------------------
+def global_block_work(
+    doc_ids: torch.Tensor, block_size: int, causal: bool, window: int | None, partial_weight: float = 1.0
+) -> np.ndarray:
+    """``[nb, nb]`` work of every (global q block, global kv block), summed over the batch (float64)."""
+    S = doc_ids.shape[1]
+    lo, hi = visible_intervals(doc_ids.cpu(), causal, window)
+    nonempty, full = pair_blocks(lo, hi, torch.arange(S), block_size)
+    w = full.sum(0).double() + partial_weight * (nonempty & ~full).sum(0).double()
+    return w.numpy()
+
+
+def _aggregate(G: np.ndarray, assign: np.ndarray, N: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row aggregates R[x, k] = Σ_{c∈k} G[x, c], column aggregates C[k, x], pair work W = A^T G A."""
+    onehot = np.zeros((len(assign), N))
+    onehot[np.arange(len(assign)), assign] = 1.0
+    R = G @ onehot
+    C = onehot.T @ G
+    W = onehot.T @ R
+    return R, C, W
+
+
+def _seed_layouts(G: np.ndarray, N: int, doc_block: np.ndarray) -> dict[str, np.ndarray]:
+    nb = G.shape[0]
+    per = nb // N
+    seeds = {"contiguous": np.repeat(np.arange(N), per)}
+    if nb % (2 * N) == 0:
+        c = nb // (2 * N)
+        z = np.empty(nb, dtype=np.int64)
+        for r in range(N):
+            z[r * c : (r + 1) * c] = r
+            z[(2 * N - 1 - r) * c : (2 * N - r) * c] = r
+        seeds["zigzag"] = z
+    seeds["striped"] = np.arange(nb) % N
+    # per-document snake: blocks of each document dealt round-robin, direction alternating per pass, the
+    # dealing pointer carried across documents; then rebalanced to equal counts by the swap search's
+    # feasibility (we deal exactly `per` blocks to every rank by skipping full ranks).
+    snake = np.empty(nb, dtype=np.int64)
+    counts = np.zeros(N, dtype=np.int64)
+    ptr, direction = 0, 1
+    for i in range(nb):
+        for _ in range(2 * N):
+            if counts[ptr] < per:
+                break
+            ptr, direction = _advance(ptr, direction, N)
+        snake[i] = ptr
+        counts[ptr] += 1
+        ptr, direction = _advance(ptr, direction, N)
+    seeds["snake"] = snake
+    return seeds
+
+
+def _advance(ptr: int, direction: int, N: int) -> tuple[int, int]:
+    nxt = ptr + direction
+    if nxt < 0 or nxt >= N:
+        return ptr, -direction
+    return nxt, direction
+
+
+def plan_document(
+    G: np.ndarray, N: int, cost: CostModel, iters: int = 4000, seed: int = 0
+) -> tuple[np.ndarray, dict]:
+    """Assign the ``nb`` global blocks to N ranks (nb/N each) minimising `predicted_time`.
+
+    Deterministic for a given G (integer-valued costs, seeded generator, fixed iteration count), so every
+    rank computes the same plan without communicating.
+    """
+    nb = G.shape[0]
+    per = nb // N
+    best_name, best_assign, best_cost = None, None, np.inf
+    info: dict = {"seeds": {}}
+    for name, a in _seed_layouts(G, N, np.zeros(nb)).items():
+        _, _, W = _aggregate(G, a, N)
+        c = predicted_time(W, per, cost)
+        info["seeds"][name] = c
+        if c < best_cost - 1e-9:
+            best_name, best_assign, best_cost = name, a.copy(), c
+    info["seed"] = best_name
+    if N == 1:
+        info["cost"] = best_cost
+        return best_assign, info
+    assign = best_assign
+    R, C, W = _aggregate(G, assign, N)
+    rng = np.random.default_rng(seed)
+    members = [list(np.nonzero(assign == k)[0]) for k in range(N)]
+    cur = best_cost
+    accepted = 0
+    rr = np.arange(N)
+    for _ in range(iters):
+        sm = step_matrix(W)
+        t = int(np.argmax(sm.max(axis=1)))
+        p = int(np.argmax(sm[t]))  # critical rank at the critical step
+        jp = (p - t) % N
+        # move a block out of rank p (as query) or out of kv shard jp, swap with a random other rank's block
+        src = p if rng.random() < 0.5 else jp
+        q = int(rng.integers(N - 1))
+        q = q + 1 if q >= src else q
+        x = members[src][int(rng.integers(per))]
+        y = members[q][int(rng.integers(per))]
+        V = np.zeros((N, 2))
+        V[q, 0], V[src, 0] = 1.0, -1.0
+        V[src, 1], V[q, 1] = 1.0, -1.0
+        UGA = R[[x, y], :]  # 2×N
+        AGU = C[:, [x, y]]  # N×2
+        UGU = G[np.ix_([x, y], [x, y])]
+        dW = V @ UGA + AGU @ V.T + V @ UGU @ V.T
+        W2 = W + dW
+        c2 = predicted_time(W2, per, cost)
+        if c2 < cur - 1e-9:
+            cur, W = c2, W2
+            accepted += 1
+            # update aggregates for the new assignment
+            R[:, q] += G[:, x] - G[:, y]
+            R[:, src] += G[:, y] - G[:, x]
+            C[q, :] += G[x, :] - G[y, :]
+            C[src, :] += G[y, :] - G[x, :]
+            assign[x], assign[y] = q, src
+            members[src][members[src].index(x)] = y
+            members[q][members[q].index(y)] = x
+    del rr
+    info["cost"] = cur
+    info["swaps_accepted"] = accepted
+    return assign, info

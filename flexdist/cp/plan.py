@@ -1,0 +1,439 @@
+"""The CP plan: token→rank sharding, per-(rank, ring step) BlockMasks and the ring schedule, built once per batch.
+
+``plan = flexdist.cp.plan(doc_ids, group, balance=..., strategy=...)`` is computed identically on every rank
+from the global ``doc_ids`` (no communication except an optional consistency check), shared by every layer
+and by backward. It holds only this rank's masks: its query shard against each visiting K/V shard
+(``plan.masks[j]`` for the shard of rank j, None where the mask is empty, so the ring skips that step), and
+for ``strategy="allgather"`` its query shard against the whole sequence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.attention.flex_attention import BlockMask
+
+from flexdist.kernels import DocumentMaskMod
+
+from . import balance as bal
+
+STRATEGIES = ("ring", "allgather")
+_CHECKED_GROUPS: set[int] = set()
+
+
+def _resolve_group(group: Any) -> tuple[Any, int, int]:
+    """(process group or None, world size, rank). Accepts a ProcessGroup, a 1-D DeviceMesh or None."""
+    if group is not None and hasattr(group, "get_group") and hasattr(group, "ndim"):
+        if group.ndim != 1:
+            raise ValueError(f"group must be a 1-D DeviceMesh, got a mesh with ndim={group.ndim}")
+        group = group.get_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise ValueError("a process group was given but torch.distributed is not initialized")
+        return None, 1, 0
+    if group is None:
+        group = dist.group.WORLD
+    return group, dist.get_world_size(group), dist.get_rank(group)
+
+
+def _comm_device(group: Any) -> torch.device:
+    """Device collectives on this group need (CUDA for NCCL, CPU otherwise)."""
+    if group is not None and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _fingerprint(doc_ids: torch.Tensor, params: tuple) -> int:
+    """A 62-bit hash of doc_ids and the plan parameters (identical inputs → identical value on every rank)."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(repr((tuple(doc_ids.shape), *params)).encode())
+    h.update(doc_ids.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") >> 2
+
+
+def check_consistent(doc_ids: torch.Tensor, group: Any, params: tuple) -> None:
+    """All-reduce min/max of a hash of ``doc_ids`` (and plan arguments); raise on *every* rank if they differ.
+
+    Both reductions are collectives every rank enters, so a mismatch fails everywhere instead of hanging a
+    ring later.
+    """
+    if group is None or dist.get_world_size(group) == 1:
+        return
+    fp = _fingerprint(doc_ids, params)
+    dev = _comm_device(group)
+    t = torch.tensor([fp, -fp], dtype=torch.int64, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    lo, hi = -int(t[1]), int(t[0])
+    if lo != hi:
+        raise ValueError(
+            f"doc_ids (or plan arguments) differ between the ranks of the CP group: rank "
+            f"{dist.get_rank(group)} has fingerprint {fp:#x}, group min {lo:#x}, max {hi:#x}. Every rank "
+            "must pass the same global doc_ids [B, S] and the same plan arguments."
+        )
+
+
+@dataclass
+class Plan:
+    """Everything one rank needs for CP attention on one batch (see module docstring).
+
+    Attributes:
+        group, world_size, rank: the CP process group (None when not distributed) and this rank in it.
+        balance, strategy: the resolved sharding and the exchange strategy.
+        perm: ``[S]`` global token index at each plan position; rank r holds ``perm[r*L:(r+1)*L]``.
+        global_positions: ``[L]`` global indices of this rank's tokens (ascending).
+        positions: ``[B, L]`` positions inside their document of this rank's tokens (for RoPE).
+        masks: per kv rank j, this rank's BlockMask (local q shard vs shard j), or None when empty.
+        work: ``[N, N]`` int visited blocks of every (q rank, kv rank) pair (all ranks, for stats/schedule).
+        t_last: ``[N]`` last ring step at which shard j is still needed (the ring stops forwarding it after).
+        stats: predicted cost, per-rank work max/mean, skipped steps, K/V tokens moved.
+    """
+
+    group: Any
+    world_size: int
+    rank: int
+    balance: str
+    strategy: str
+    causal: bool
+    window: int | None
+    block_size: int
+    doc_ids: torch.Tensor
+    perm: torch.Tensor
+    inv_perm: torch.Tensor
+    global_positions: torch.Tensor
+    positions: torch.Tensor
+    masks: list[BlockMask | None]
+    work: np.ndarray
+    t_last: np.ndarray
+    stats: dict = field(default_factory=dict)
+    kernel_backend: str = "auto"
+    full_mask: BlockMask | None = None
+    debug: bool = False
+    _device_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.doc_ids.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.doc_ids.shape[1]
+
+    @property
+    def local_len(self) -> int:
+        return self.seq_len // self.world_size
+
+    def shard_indices(self, rank: int) -> torch.Tensor:
+        L = self.local_len
+        return self.perm[rank * L : (rank + 1) * L]
+
+    def shard(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's part of a global tensor (size S along ``dim``), in local token order."""
+        if x.shape[dim] != self.seq_len:
+            raise ValueError(
+                f"plan.shard: x has size {x.shape[dim]} along dim {dim}, expected the global S={self.seq_len}"
+            )
+        return x.index_select(dim, self.global_positions.to(x.device))
+
+    def unshard(self, x_local: torch.Tensor, dim: int) -> torch.Tensor:
+        """The global tensor (original token order) from every rank's local part (an all-gather; no autograd)."""
+        L = self.local_len
+        if x_local.shape[dim] != L:
+            raise ValueError(
+                f"plan.unshard: x_local has size {x_local.shape[dim]} along dim {dim}, expected the local L={L}"
+            )
+        if self.world_size == 1:
+            return x_local.index_select(dim, self.inv_perm.to(x_local.device))
+        x = x_local.movedim(dim, 0).contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x, group=self.group)
+        full = torch.cat(parts, 0).index_select(0, self.inv_perm.to(x.device))
+        return full.movedim(0, dim)
+
+    def masks_on(self, device: torch.device) -> tuple[list[BlockMask | None], BlockMask | None]:
+        """The plan's masks moved to ``device`` (cached), so one plan serves CPU- or GPU-built doc_ids."""
+        device = torch.device(device)
+        src = self.doc_ids.device
+        if device == src or (device.type == src.type and device.index is None):
+            return self.masks, self.full_mask
+        key = str(device)
+        if key not in self._device_cache:
+            ms = [None if m is None else m.to(device) for m in self.masks]
+            fm = None if self.full_mask is None else self.full_mask.to(device)
+            self._device_cache[key] = (ms, fm)
+        return self._device_cache[key]
+
+    def index_on(self, device: torch.device, rank: int) -> torch.Tensor:
+        key = ("idx", str(device), rank)
+        if key not in self._device_cache:
+            self._device_cache[key] = self.shard_indices(rank).to(device)
+        return self._device_cache[key]
+
+
+def _mask_from_blocks(nonempty: torch.Tensor, full: torch.Tensor, mask_mod, Lq: int, Lk: int, bs: int):
+    """BlockMask from block occupancy ``[B, Qb, Kb]`` (partial = nonempty and not full)."""
+    partial = nonempty & ~full
+
+    def to_idx(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        num = m.sum(-1, dtype=torch.int32)
+        Kb = m.shape[-1]
+        key = (~m).to(torch.int64) * Kb + torch.arange(Kb, device=m.device)
+        idx = key.argsort(dim=-1).to(torch.int32)
+        return num[:, None], idx[:, None]
+
+    kn, ki = to_idx(partial)
+    fn, fi = to_idx(full)
+    return BlockMask.from_kv_blocks(kn, ki, fn, fi, BLOCK_SIZE=bs, mask_mod=mask_mod, seq_lengths=(Lq, Lk))
+
+
+def build_pair_masks(
+    doc_ids: torch.Tensor,
+    q_index: torch.Tensor,
+    kv_indices: list[torch.Tensor],
+    *,
+    causal: bool,
+    window: int | None,
+    block_size: int,
+    lo_hi: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> list[tuple[BlockMask | None, int, int]]:
+    """BlockMasks of one query token set against several ascending key token sets, from document ids.
+
+    The one place per-step masks are built (straight from doc ids and global positions, O(L log L + blocks)
+    each, no L×L tensor). Returns ``(mask or None if empty, partial blocks, full blocks)`` per key set.
+    The mask's ``mask_mod`` is a `DocumentMaskMod` over the global positions, so the kernel evaluates partial
+    blocks natively and any torch consumer sees the same element mask.
+    """
+    B = doc_ids.shape[0]
+    lo, hi = lo_hi if lo_hi is not None else bal.visible_intervals(doc_ids, causal, window)
+    qi = q_index.to(doc_ids.device)
+    qlo, qhi = lo[:, qi], hi[:, qi]
+    q_doc = doc_ids[:, qi]
+    q_pos = qi.expand(B, -1)
+    out = []
+    for kv in kv_indices:
+        kv = kv.to(doc_ids.device)
+        nonempty, full = bal.pair_blocks(qlo, qhi, kv, block_size)
+        n_part = int((nonempty & ~full).sum())
+        n_full = int(full.sum())
+        if n_part + n_full == 0:
+            out.append((None, 0, 0))
+            continue
+        mm = DocumentMaskMod(q_doc, doc_ids[:, kv], q_pos, kv.expand(B, -1), causal=causal, window=window)
+        out.append(
+            (_mask_from_blocks(nonempty, full, mm, qi.numel(), kv.numel(), block_size), n_part, n_full)
+        )
+    return out
+
+
+def _pair_work_tokens(
+    perm: torch.Tensor, N: int, lo: torch.Tensor, hi: torch.Tensor, bs: int, partial_weight: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact ``[N, N]`` visited-block work of every (q rank, kv rank) pair for any layout, and the number of
+    distinct K/V blocks of shard j that rank r needs (the communication minimum)."""
+    L = perm.numel() // N
+    W = np.zeros((N, N))
+    need = np.zeros((N, N), dtype=np.int64)
+    shards = [perm[r * L : (r + 1) * L] for r in range(N)]
+    for r in range(N):
+        qlo, qhi = lo[:, shards[r]], hi[:, shards[r]]
+        for j in range(N):
+            ne, fu = bal.pair_blocks(qlo, qhi, shards[j], bs)
+            W[r, j] = float(fu.sum()) + partial_weight * float((ne & ~fu).sum())
+            need[r, j] = int(ne.any(1).any(0).sum())
+    return W, need
+
+
+def _layout(
+    balance: str,
+    doc_ids: torch.Tensor,
+    N: int,
+    bs: int,
+    causal: bool,
+    window: int | None,
+    cost: bal.CostModel,
+) -> tuple[torch.Tensor, dict]:
+    S = doc_ids.shape[1]
+    if balance == "contiguous":
+        return bal.contiguous_perm(S, N), {}
+    if balance == "zigzag":
+        return bal.zigzag_perm(S, N), {}
+    if balance == "document":
+        if S % (N * bs):
+            raise ValueError(
+                f"balance='document' assigns whole blocks: S={S} must be divisible by N*block_size="
+                f"{N}*{bs}={N * bs} (S % {N * bs} = {S % (N * bs)}); pass a smaller block_size or pad S"
+            )
+        G = bal.global_block_work(doc_ids, bs, causal, window, cost.partial_weight)
+        assign, info = bal.plan_document(G, N, cost)
+        return bal.blocks_to_perm(assign, N, bs), info
+    raise ValueError(f"balance must be one of {(*bal.BALANCES, 'auto')}, got {balance!r}")
+
+
+def plan(
+    doc_ids: torch.Tensor,
+    group: Any = None,
+    *,
+    balance: str = "auto",
+    strategy: str = "ring",
+    causal: bool = True,
+    window: int | None = None,
+    block_size: int = 128,
+    kernel_backend: str = "auto",
+    comm_weight: float = 1.0,
+    check: bool | None = None,
+    debug: bool | None = None,
+) -> Plan:
+    """Plan context-parallel attention for one global batch of packed documents.
+
+    Args:
+        doc_ids: ``[B, S]`` integer document ids (negative = padding), identical on every rank of ``group``.
+            A document is one contiguous run of equal ids.
+        group: the CP ProcessGroup, a 1-D DeviceMesh, or None (default group; a single process when
+            torch.distributed is not initialised).
+        balance: "contiguous", "zigzag", "document" or "auto" (lowest predicted ring time of the feasible ones).
+        strategy: "ring" (P2P, overlapped, empty steps skipped) or "allgather" (gather K/V, one call).
+        causal, window: the document mask (same document, causal, sliding window of W tokens).
+        block_size: the BlockMask block (and the document planner's unit of assignment).
+        kernel_backend: passed to ``flexdist.kernels`` ("auto", "triton" or "reference").
+        comm_weight: time to move one K/V block relative to computing one block (see `balance.CostModel`).
+        check: all-reduce a hash of doc_ids to catch ranks passing different batches (default: on the
+            first plan of each group, and always in debug mode).
+        debug: check on every call (default: environment FLEXDIST_CP_DEBUG=1).
+    """
+    if not isinstance(doc_ids, torch.Tensor) or doc_ids.dim() != 2:
+        raise ValueError(f"doc_ids must be a [B, S] tensor, got {getattr(doc_ids, 'shape', type(doc_ids))}")
+    if doc_ids.dtype.is_floating_point or doc_ids.dtype == torch.bool:
+        raise TypeError(f"doc_ids must be an integer tensor, got {doc_ids.dtype}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    grp, N, rank = _resolve_group(group)
+    S = doc_ids.shape[1]
+    if S % N:
+        raise ValueError(f"sequence length S={S} is not divisible by the CP world size N={N}")
+    if debug is None:
+        debug = os.environ.get("FLEXDIST_CP_DEBUG", "0") not in ("", "0")
+    if check is None:
+        check = debug or (grp is not None and id(grp) not in _CHECKED_GROUPS)
+    if check and grp is not None:
+        check_consistent(doc_ids, grp, (balance, strategy, causal, window, block_size))
+        _CHECKED_GROUPS.add(id(grp))
+
+    cost = bal.CostModel(comm_weight=comm_weight)
+    doc_cpu = doc_ids.detach().cpu().long()
+    lo, hi = bal.visible_intervals(doc_cpu, causal, window)
+    L = S // N
+    if balance == "auto":
+        cands = []
+        for name in bal.BALANCES:
+            try:
+                perm, info = _layout(name, doc_cpu, N, block_size, causal, window, cost)
+            except ValueError:
+                continue
+            W, need = _pair_work_tokens(perm, N, lo, hi, block_size, cost.partial_weight)
+            cands.append((bal.predicted_time(W, -(-L // block_size), cost), name, perm, info, W, need))
+        if not cands:
+            raise ValueError(
+                f"no balance can split S={S} over N={N} ranks (contiguous needs S % N == 0, zigzag S % 2N == 0, "
+                f"document S % (N*block_size) == 0 with block_size={block_size})"
+            )
+        _, resolved, perm, info, W, need = min(cands, key=lambda c: (c[0], c[1] != "contiguous"))
+        info = dict(info, auto_candidates={c[1]: c[0] for c in cands})
+    else:
+        perm, info = _layout(balance, doc_cpu, N, block_size, causal, window, cost)
+        resolved = balance
+        W, need = _pair_work_tokens(perm, N, lo, hi, block_size, cost.partial_weight)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(S)
+
+    dev = doc_ids.device
+    doc_dev = doc_ids.long()
+    lo_d, hi_d = lo.to(dev), hi.to(dev)
+    shards = [perm[r * L : (r + 1) * L] for r in range(N)]
+    mine = shards[rank]
+    built = build_pair_masks(
+        doc_dev, mine, shards, causal=causal, window=window, block_size=block_size, lo_hi=(lo_d, hi_d)
+    )
+    masks = [m for m, _, _ in built]
+    full_mask = None
+    if strategy == "allgather":
+        ((full_mask, _, _),) = build_pair_masks(
+            doc_dev,
+            mine,
+            [torch.arange(S)],
+            causal=causal,
+            window=window,
+            block_size=block_size,
+            lo_hi=(lo_d, hi_d),
+        )
+    t_last = bal.last_needed_step(W)
+    pos = bal.positions_in_document(doc_cpu)[:, mine].to(dev)
+    p = Plan(
+        group=grp,
+        world_size=N,
+        rank=rank,
+        balance=resolved,
+        strategy=strategy,
+        causal=causal,
+        window=window,
+        block_size=block_size,
+        doc_ids=doc_dev,
+        perm=perm,
+        inv_perm=inv,
+        global_positions=mine.to(dev),
+        positions=pos,
+        masks=masks,
+        work=W,
+        t_last=t_last,
+        kernel_backend=kernel_backend,
+        full_mask=full_mask,
+        debug=debug,
+    )
+    p.stats = plan_stats(W, need, t_last, L, block_size, cost, info, strategy)
+    return p
+
+
+def plan_stats(
+    W: np.ndarray,
+    need: np.ndarray,
+    t_last: np.ndarray,
+    L: int,
+    bs: int,
+    cost: bal.CostModel,
+    info: dict,
+    strategy: str,
+) -> dict:
+    """Per-rank work balance, ring critical path, skipped steps and K/V tokens moved vs the mask's minimum."""
+    N = W.shape[0]
+    per_rank = W.sum(1)
+    total = float(W.sum())
+    sm = bal.step_matrix(W)
+    crit = float(sm.max(axis=1).sum())
+    nonempty_offdiag = int(((W > 0) & ~np.eye(N, dtype=bool)).sum())
+    ring_moves = int(sum(int((t_last >= t).sum()) for t in range(1, N)))  # shard transfers, forward
+    return {
+        "world_size": N,
+        "total_work_blocks": total,
+        "work_max": float(per_rank.max()),
+        "work_mean": float(per_rank.mean()),
+        "work_max_over_mean": float(per_rank.max() / per_rank.mean()) if total else 1.0,
+        "critical_path_blocks": crit,
+        "critical_path_over_ideal": crit / (total / N) if total else 1.0,
+        "predicted_time_blocks": bal.predicted_time(W, -(-L // bs), cost),
+        "steps_skipped_compute": int(N * (N - 1) - nonempty_offdiag),
+        "ring_shard_transfers": ring_moves,
+        "ring_shard_transfers_full": N * (N - 1),
+        "kv_tokens_moved_ring": ring_moves * L,
+        "kv_tokens_moved_allgather": N * (N - 1) * L,
+        "kv_tokens_min": int((need * (1 - np.eye(N, dtype=np.int64))).sum()) * bs,
+        "strategy": strategy,
+        "planner": info,
+    }
