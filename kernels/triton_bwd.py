@@ -24,6 +24,7 @@ from .triton_fwd import (
     SCORE_RELBIAS,
     _bits_visible,
     _doc_visible,
+    _dot,
     _score_mod,
     doc_args,
     meta_args,
@@ -84,6 +85,7 @@ def _dkdv_inner(
     MASK_KIND: tl.constexpr, SCORE_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_PREFIX: tl.constexpr, HAS_QIDX: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     SUBS: tl.constexpr = QBS // BLOCK_M
     offs_d = tl.arange(0, D)
@@ -103,7 +105,7 @@ def _dkdv_inner(
                 DOb + offs_m[:, None] * sdom + offs_dv[None, :], mask=offs_m[:, None] < Sq, other=0.0
             )
         lse2, delta = _load_rows(LSEb, DELTAb, offs_m, Sq)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+        qk = _dot(q, tl.trans(k), PREC, UPCAST)
         if SCORE_KIND == 0:
             s = qk * qk_scale
         else:
@@ -128,12 +130,12 @@ def _dkdv_inner(
         if not EVEN_N:
             s = tl.where(offs_n[None, :] < Skv, s, float("-inf"))
         p = tl.exp2(s - lse2[:, None])
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        dv += _dot(tl.trans(p.to(do.dtype)), do, PREC, UPCAST)
+        dp = _dot(do, tl.trans(v), PREC, UPCAST)
         ds = p * (dp - delta[:, None])
         if SCORE_KIND == 1:
             ds = ds * (1.0 - t * t)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, PREC, UPCAST)
     return dk, dv
 
 
@@ -150,6 +152,7 @@ def _dkdv_kernel(
     SCORE_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr,
     HAS_QIDX: tl.constexpr, HAS_KVIDX: tl.constexpr, HAS_FULL: tl.constexpr, EVEN_M: tl.constexpr,
     EVEN_N: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(1)
     b = bh // Hkv
@@ -202,7 +205,7 @@ def _dkdv_kernel(
             Qb_, DOb, LSEb, DELTAb, sqm, sdom, Sq, Skv,
             BITS, QDOC, QPOS, QIDX, SLOPES, TABLE, table_stride, L, softcap, window, scale, qk_scale,
             BLOCK_M, BLOCK_N, D, DV, QBS, KBS, WORDS, True, MASK_KIND, SCORE_KIND, CAUSAL, HAS_WINDOW,
-            HAS_PREFIX, HAS_QIDX, EVEN_M, EVEN_N, PREC,
+            HAS_PREFIX, HAS_QIDX, EVEN_M, EVEN_N, PREC, UPCAST,
         )  # fmt: skip
         if HAS_FULL:
             num = tl.load(FULLQ_NUM + num_off)
@@ -211,7 +214,7 @@ def _dkdv_kernel(
                 Qb_, DOb, LSEb, DELTAb, sqm, sdom, Sq, Skv,
                 BITS, QDOC, QPOS, QIDX, SLOPES, TABLE, table_stride, L, softcap, window, scale, qk_scale,
                 BLOCK_M, BLOCK_N, D, DV, QBS, KBS, WORDS, False, MASK_KIND, SCORE_KIND, CAUSAL, HAS_WINDOW,
-                HAS_PREFIX, HAS_QIDX, EVEN_M, EVEN_N, PREC,
+                HAS_PREFIX, HAS_QIDX, EVEN_M, EVEN_N, PREC, UPCAST,
             )  # fmt: skip
     dk = dk * scale
     dk_ptrs = DK + b64 * sdkb + hk.to(tl.int64) * sdkh + offs_n[:, None] * sdkn + offs_d[None, :]
@@ -234,6 +237,7 @@ def _dq_inner(
     MASK_KIND: tl.constexpr, SCORE_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_PREFIX: tl.constexpr, HAS_KVIDX: tl.constexpr, EVEN_N: tl.constexpr, TABLE_GRAD: tl.constexpr,
     WP: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     SUBS: tl.constexpr = KBS // BLOCK_N
     offs_d = tl.arange(0, D)
@@ -251,7 +255,7 @@ def _dq_inner(
         else:
             k = tl.load(Kb + offs_n[:, None] * skn + offs_d[None, :], mask=offs_n[:, None] < Skv, other=0.0)
             v = tl.load(Vb + offs_n[:, None] * svn + offs_dv[None, :], mask=offs_n[:, None] < Skv, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+        qk = _dot(q, tl.trans(k), PREC, UPCAST)
         if SCORE_KIND == 0:
             s = qk * qk_scale
         else:
@@ -280,7 +284,7 @@ def _dq_inner(
         if not EVEN_N:
             s = tl.where(offs_n[None, :] < Skv, s, float("-inf"))
         p = tl.exp2(s - lse2[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        dp = _dot(do, tl.trans(v), PREC, UPCAST)
         ds = p * (dp - delta[:, None])
         if TABLE_GRAD:
             # dTable[h, bucket] += sum of dScore over the tile's pairs in that bucket; the loop only spans the
@@ -295,7 +299,7 @@ def _dq_inner(
                 tgrad += tl.where(ar_w == w, part, 0.0)
         if SCORE_KIND == 1:
             ds = ds * (1.0 - t * t)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        dq += _dot(ds.to(k.dtype), k, PREC, UPCAST)
     return dq, tgrad
 
 
@@ -312,6 +316,7 @@ def _dq_kernel(
     SCORE_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr,
     HAS_QIDX: tl.constexpr, HAS_KVIDX: tl.constexpr, HAS_FULL: tl.constexpr, EVEN_M: tl.constexpr,
     EVEN_N: tl.constexpr, TABLE_GRAD: tl.constexpr, WP: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
@@ -360,7 +365,7 @@ def _dq_kernel(
         Kb, Vb, skn, svn, Skv, BITS, KVDOC, KVPOS, KVPRE, KVIDX,
         SLOPES, TABLE, table_stride, L, softcap, window, scale, qk_scale,
         BLOCK_M, BLOCK_N, D, DV, QBS, KBS, WORDS, True, MASK_KIND, SCORE_KIND, CAUSAL, HAS_WINDOW,
-        HAS_PREFIX, HAS_KVIDX, EVEN_N, TABLE_GRAD, WP, PREC,
+        HAS_PREFIX, HAS_KVIDX, EVEN_N, TABLE_GRAD, WP, PREC, UPCAST,
     )  # fmt: skip
     if HAS_FULL:
         num = tl.load(FULL_NUM + num_off)
@@ -369,7 +374,7 @@ def _dq_kernel(
             KV_PID + idx_off, Kb, Vb, skn, svn, Skv, BITS, KVDOC, KVPOS, KVPRE, KVIDX,
             SLOPES, TABLE, table_stride, L, softcap, window, scale, qk_scale,
             BLOCK_M, BLOCK_N, D, DV, QBS, KBS, WORDS, False, MASK_KIND, SCORE_KIND, CAUSAL, HAS_WINDOW,
-            HAS_PREFIX, HAS_KVIDX, EVEN_N, TABLE_GRAD, WP, PREC,
+            HAS_PREFIX, HAS_KVIDX, EVEN_N, TABLE_GRAD, WP, PREC, UPCAST,
         )  # fmt: skip
     dq = dq * scale
     dq_ptrs = DQ + b64 * sdqb + hq64 * sdqh + offs_m[:, None] * sdqm + offs_d[None, :]
@@ -461,6 +466,7 @@ def triton_backward(
         D=sh.D, DV=sh.Dv, QBS=km.QBS, KBS=km.KBS, WORDS=km.words, MASK_KIND=km.mask_kind,
         SCORE_KIND=lp.score_kind, CAUSAL=causal, HAS_WINDOW=has_w, HAS_PREFIX=has_pre,
         HAS_QIDX=lp.has_qidx, HAS_KVIDX=lp.has_kvidx, HAS_FULL=km.has_full, PREC=lp.prec,
+        UPCAST=lp.upcast,
     )  # fmt: skip
 
     dk = torch.empty(sh.B, sh.Hkv, sh.Skv, sh.D, dtype=k.dtype, device=dev)

@@ -35,6 +35,15 @@ def _tanh(x):
 
 
 @triton.jit
+def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """tl.dot; UPCAST computes in fp32 (the CPU interpreter's bf16 dot is wrong in triton 3.9)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
 def _score_mod(s, hq, qg, kg, SLOPES, TABLE, table_stride, L, softcap, SCORE_KIND: tl.constexpr):
     """Natural-units score (already × scale) -> modded score. qg [M], kg [N] are global positions."""
     if SCORE_KIND == 1:
@@ -126,6 +135,7 @@ def _fwd_inner(
     HAS_KVIDX: tl.constexpr,
     EVEN_N: tl.constexpr,
     PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     SUBS: tl.constexpr = KBS // BLOCK_N
     offs_d = tl.arange(0, D)
@@ -142,7 +152,7 @@ def _fwd_inner(
         else:
             k = tl.load(Kb + offs_n[:, None] * skn + offs_d[None, :], mask=offs_n[:, None] < Skv, other=0.0)
             v = tl.load(Vb + offs_n[:, None] * svn + offs_dv[None, :], mask=offs_n[:, None] < Skv, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+        qk = _dot(q, tl.trans(k), PREC, UPCAST)
         if SCORE_KIND == 0:
             s = qk * qk_scale
         else:
@@ -175,7 +185,7 @@ def _fwd_inner(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, UPCAST)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -249,6 +259,7 @@ def _fwd_kernel(
     EVEN_M: tl.constexpr,
     EVEN_N: tl.constexpr,
     PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first under causal-like masks
     bh = tl.program_id(1)
@@ -292,7 +303,7 @@ def _fwd_kernel(
         acc, l_i, m_i, q, qd, qp, qg, offs_m, qb, hq, num, KV_IDX + idx_off, KV_PID + idx_off,
         Kb, Vb, skn, svn, Skv, BITS, KVDOC, KVPOS, KVPRE, KVIDX, SLOPES, TABLE, table_stride, L, softcap,
         window, scale, qk_scale, BLOCK_M, BLOCK_N, D, DV, QBS, KBS, WORDS, True, MASK_KIND, SCORE_KIND,
-        CAUSAL, HAS_WINDOW, HAS_PREFIX, HAS_KVIDX, EVEN_N, PREC,
+        CAUSAL, HAS_WINDOW, HAS_PREFIX, HAS_KVIDX, EVEN_N, PREC, UPCAST,
     )  # fmt: skip
     if HAS_FULL:
         num = tl.load(FULL_NUM + num_off)
@@ -300,7 +311,7 @@ def _fwd_kernel(
             acc, l_i, m_i, q, qd, qp, qg, offs_m, qb, hq, num, FULL_IDX + idx_off, KV_PID + idx_off,
             Kb, Vb, skn, svn, Skv, BITS, KVDOC, KVPOS, KVPRE, KVIDX, SLOPES, TABLE, table_stride, L, softcap,
             window, scale, qk_scale, BLOCK_M, BLOCK_N, D, DV, QBS, KBS, WORDS, False, MASK_KIND, SCORE_KIND,
-            CAUSAL, HAS_WINDOW, HAS_PREFIX, HAS_KVIDX, EVEN_N, PREC,
+            CAUSAL, HAS_WINDOW, HAS_PREFIX, HAS_KVIDX, EVEN_N, PREC, UPCAST,
         )  # fmt: skip
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -341,6 +352,7 @@ class Launch:
     even_m: bool
     even_n: bool
     prec: str
+    upcast: bool
     dummy: torch.Tensor
 
 
@@ -401,7 +413,8 @@ def prepare(
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     return Launch(
         shape, km, scale, kind, slopes, table, table_stride, L, softcap, qidx, kvidx,
-        q_global_idx is not None, kv_global_idx is not None, even_m, even_n, prec, dummy,
+        q_global_idx is not None, kv_global_idx is not None, even_m, even_n, prec,
+        q.device.type == "cpu" and q.dtype == torch.bfloat16, dummy,
     )  # fmt: skip
 
 
@@ -482,7 +495,7 @@ def triton_forward(
         BLOCK_M=BM, BLOCK_N=BN, D=sh.D, DV=sh.Dv, QBS=km.QBS, KBS=km.KBS, WORDS=km.words,
         MASK_KIND=km.mask_kind, SCORE_KIND=lp.score_kind, CAUSAL=causal, HAS_WINDOW=has_w,
         HAS_PREFIX=has_pre, HAS_QIDX=lp.has_qidx, HAS_KVIDX=lp.has_kvidx, HAS_FULL=km.has_full,
-        EVEN_M=lp.even_m and sh.Sq % BM == 0, EVEN_N=lp.even_n and sh.Skv % BN == 0, PREC=lp.prec,
+        EVEN_M=lp.even_m and sh.Sq % BM == 0, EVEN_N=lp.even_n and sh.Skv % BN == 0, PREC=lp.prec, UPCAST=lp.upcast,
         num_warps=cfg[2], num_stages=cfg[3],
     )  # fmt: skip
     return out, lse

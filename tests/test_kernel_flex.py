@@ -1,0 +1,383 @@
+"""The Triton kernel (forward + backward) against the dense fp32 reference and torch's flex_attention.
+
+On CPU the kernel runs under TRITON_INTERPRET=1 (tests/conftest.py), so shapes are small. Every case checks
+out, LSE, dq, dk, dv (and score-mod tensor gradients) with real tolerances; the forward is also compared
+with torch's own ``flex_attention`` (torch's CPU flex has no backward: gradients are checked against the
+reference, whose backward is itself checked against float64 autograd in test_reference.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+from torch.nn.attention.flex_attention import flex_attention as torch_flex
+
+from flexdist.kernels import (
+    ALiBi,
+    DocumentMaskMod,
+    RelativeBias,
+    SoftCap,
+    flex_attention,
+    flex_attention_backward,
+    flex_attention_forward,
+    flex_attention_reference,
+    reference_backward,
+    reference_forward,
+)
+from flexdist.kernels.block_sparse import MASK_BITS, MASK_DOC, kernel_mask
+from flexdist.kernels.validation import check_qkv
+
+TOL = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+
+def _docs(B: int, S: int, seed: int, pad: int = 5, max_len: int | None = None) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    max_len = max_len or S // 3
+    doc = torch.empty(B, S, dtype=torch.long)
+    for b in range(B):
+        lengths = torch.randint(1, max_len + 1, (S,), generator=g)
+        starts = torch.cumsum(lengths, 0)
+        doc[b] = torch.searchsorted(starts, torch.arange(S), right=True)
+    if pad:
+        doc[:, -pad:] = -1
+    return doc
+
+
+def _doc_positions(doc: torch.Tensor) -> torch.Tensor:
+    """Position of each token inside the packed sequence (global index; docs are contiguous)."""
+    return torch.arange(doc.shape[1]).expand_as(doc).contiguous()
+
+
+def _prefix_flags(doc: torch.Tensor, P: int) -> torch.Tensor:
+    """kv_in_prefix: the first P tokens of each document."""
+    B, S = doc.shape
+    start = torch.zeros_like(doc)
+    for b in range(B):
+        new = torch.ones(S, dtype=torch.bool)
+        new[1:] = doc[b, 1:] != doc[b, :-1]
+        idx = torch.arange(S)
+        start[b] = torch.cummax(torch.where(new, idx, 0), 0).values
+    return (torch.arange(S) - start) < P
+
+
+def _random_block_mask(B, H, Sq, Skv, bs, seed) -> BlockMask:
+    """Seeded random block structure (per batch and head) with a random element mask in partial blocks."""
+    g = torch.Generator().manual_seed(seed)
+    Qb, KVb = -(-Sq // bs), -(-Skv // bs)
+    kind = torch.randint(0, 3, (B, H, Qb, KVb), generator=g)  # 0 empty, 1 partial, 2 full
+    # element mask consistent with the blocks (full = all visible, empty = none), as torch's eager flex
+    # evaluates mask_mod everywhere while the kernel trusts the block classification
+    dense_kind = kind.repeat_interleave(bs, 2).repeat_interleave(bs, 3)[:, :, :Sq, :Skv]
+    elem = (dense_kind == 2) | ((dense_kind == 1) & (torch.rand(B, H, Sq, Skv, generator=g) < 0.5))
+
+    def lists(sel):
+        num = sel.sum(-1).to(torch.int32)
+        key = torch.where(sel, 0, KVb) + torch.arange(KVb)
+        return num, key.argsort(-1).to(torch.int32)
+
+    n, i = lists(kind == 1)
+    fn, fi = lists(kind == 2)
+    mask_mod = lambda b, h, q, k: elem[b, h, q, k]
+    return BlockMask.from_kv_blocks(n, i, fn, fi, BLOCK_SIZE=bs, mask_mod=mask_mod, seq_lengths=(Sq, Skv))
+
+
+def _mask(kind: str, B: int, Sq: int, Skv: int, bs: int, H: int = 1):
+    doc = _docs(B, Sq, seed=7)
+    pos = _doc_positions(doc)
+    if kind == "causal":
+        return create_block_mask(lambda b, h, q, k: q >= k, None, None, Sq, Skv, device="cpu", BLOCK_SIZE=bs)
+    if kind == "doc":
+        mm = DocumentMaskMod(doc, doc, pos, pos)
+    elif kind == "window":
+        mm = DocumentMaskMod(doc, doc, pos, pos, window=11)
+    elif kind == "prefix":
+        mm = DocumentMaskMod(doc, doc, pos, pos, kv_in_prefix=_prefix_flags(doc, 6))
+    elif kind == "general":
+        # a torch mask_mod the kernel cannot recognise: dilated causal (keys at even distance)
+        mm = lambda b, h, q, k: (q >= k) & ((q - k) % 2 == 0)
+        return create_block_mask(mm, None, H, Sq, Skv, device="cpu", BLOCK_SIZE=bs)
+    elif kind == "random":
+        return _random_block_mask(B, H, Sq, Skv, bs, seed=3)
+    else:
+        raise AssertionError(kind)
+    return create_block_mask(mm, B, None, Sq, Skv, device="cpu", BLOCK_SIZE=bs)
+
+
+def _inputs(B, Hq, Hkv, Sq, Skv, D, dtype=torch.float32, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Sq, D, generator=g).to(device=device, dtype=dtype)
+    k = torch.randn(B, Hkv, Skv, D, generator=g).to(device=device, dtype=dtype)
+    v = torch.randn(B, Hkv, Skv, D, generator=g).to(device=device, dtype=dtype)
+    return q, k, v
+
+
+def _close(got, want, tol, name):
+    assert torch.isfinite(got).all(), f"{name} has non-finite values"
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
+
+
+def _check_against_reference(q, k, v, bm, sm=None, gqa=False, tol=None, qidx=None, kvidx=None):
+    """Triton forward and backward == reference forward and backward (given the same out/lse)."""
+    tol = tol or TOL[q.dtype]
+    kw = dict(q_global_idx=qidx, kv_global_idx=kvidx)
+    out, lse = flex_attention_forward(q, k, v, bm, sm, None, gqa, backend="triton", **kw)
+    qf, kf, vf = q.float(), k.float(), v.float()
+    ro, rl = reference_forward(qf, kf, vf, bm, sm, None, gqa, **kw)
+    _close(out, ro, tol, "out")
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(rl)), "lse -inf pattern differs"
+    fin = torch.isfinite(rl)
+    _close(lse[fin], rl[fin], tol, "lse")
+    g = torch.Generator().manual_seed(11)
+    dout = torch.randn(out.shape, generator=g).to(q.dtype)
+    dlse = torch.randn(lse.shape, generator=g)
+    params = list(sm.tensors()) if sm is not None else []
+    acc_t = [torch.zeros_like(t, dtype=torch.float32) for t in params]
+    acc_r = [torch.zeros_like(t, dtype=torch.float32) for t in params]
+    grads = flex_attention_backward(
+        q, k, v, out, dout, lse, bm, sm, None, gqa, dlse=dlse, score_mod_grads=acc_t, backend="triton", **kw
+    )
+    ref = reference_backward(
+        qf, kf, vf, out.float(), dout.float(), lse, bm, sm, None, gqa, dlse=dlse, score_mod_grads=acc_r, **kw
+    )
+    for name, a, b in zip(("dq", "dk", "dv"), grads, ref, strict=True):
+        assert a.dtype == q.dtype and a.shape == b.shape
+        _close(a, b, tol * 2, name)
+    for a, b in zip(acc_t, acc_r, strict=True):
+        _close(a, b, tol * 5, "score_mod tensor grad")
+    return out, lse, grads
+
+
+def _check_against_torch_flex(q, k, v, bm, sm=None, gqa=False):
+    """Forward equals torch's own flex_attention where torch's output is defined."""
+    out, lse = flex_attention_forward(q, k, v, bm, sm, None, gqa, backend="triton")
+    to, tl = torch_flex(q, k, v, score_mod=sm, block_mask=bm, enable_gqa=gqa, return_lse=True)
+    rows = ~torch.isnan(to).any(-1) & torch.isfinite(tl)
+    _close(out[rows], to[rows], 2e-4, "out vs torch flex")
+    _close(lse[rows], tl[rows], 2e-4, "lse vs torch flex")
+
+
+@pytest.mark.parametrize("kind", ["causal", "doc", "window", "prefix", "general", "random"])
+def test_masks_match_reference_and_torch(kind):
+    B, H, S, D = 2, 2, 96, 16
+    bm = _mask(kind, B, S, S, 16, H)
+    q, k, v = _inputs(B, H, H, S, S, D, seed=1)
+    _check_against_reference(q, k, v, bm)
+    _check_against_torch_flex(q, k, v, bm)
+    km = kernel_mask(bm, check_qkv(q, k, v, False), q.device)
+    if kind in ("doc", "window", "prefix"):
+        assert km.mask_kind == MASK_DOC
+    if kind in ("general", "random"):
+        assert km.mask_kind == MASK_BITS
+        assert kernel_mask(bm, check_qkv(q, k, v, False), q.device) is km  # evaluated once, cached
+
+
+@pytest.mark.parametrize("mod", ["softcap", "alibi", "relbias"])
+def test_score_mods_with_grads(mod):
+    B, Hq, Hkv, S, D = 1, 4, 2, 80, 32
+    bm = _mask("doc", B, S, S, 16)
+    q, k, v = _inputs(B, Hq, Hkv, S, S, D, seed=2)
+    sm = {
+        "softcap": SoftCap(1.5),
+        "alibi": ALiBi(ALiBi.default_slopes(Hq)),
+        "relbias": RelativeBias(torch.randn(Hq, 2 * 12 - 1, generator=torch.Generator().manual_seed(5))),
+    }[mod]
+    if mod == "relbias":
+        sm.table.requires_grad_(True)
+    _check_against_reference(q, k, v, bm, sm, gqa=True)
+    _check_against_torch_flex(q, k, v, bm, sm, gqa=True)
+
+
+def test_global_index_maps_under_cp():
+    """A shard of queries / keys at scattered global positions: score mods see the global indices."""
+    B, H, Sq, Skv, D = 1, 2, 48, 64, 16
+    g = torch.Generator().manual_seed(4)
+    qidx = torch.randperm(200, generator=g)[:Sq]
+    kvidx = torch.randperm(200, generator=g)[:Skv]
+    q, k, v = _inputs(B, H, H, Sq, Skv, D, seed=3)
+    qd = torch.zeros(1, Sq, dtype=torch.long)
+    kd = torch.zeros(1, Skv, dtype=torch.long)
+    mm = DocumentMaskMod(qd, kd, qidx[None], kvidx[None])
+    bm = create_block_mask(mm, 1, None, Sq, Skv, device="cpu", BLOCK_SIZE=16)
+    for sm in (ALiBi(ALiBi.default_slopes(H)), RelativeBias(torch.randn(H, 2 * 40 - 1, requires_grad=True))):
+        _check_against_reference(q, k, v, bm, sm, qidx=qidx, kvidx=kvidx)
+
+
+def test_odd_lengths_sq_ne_skv_gqa():
+    B, Hq, Hkv, Sq, Skv, D = 2, 4, 1, 37, 83, 32
+    off = Skv - Sq
+    bm = create_block_mask(lambda b, h, q, k: k <= q + off, None, None, Sq, Skv, device="cpu", BLOCK_SIZE=32)
+    q, k, v = _inputs(B, Hq, Hkv, Sq, Skv, D, seed=4)
+    _check_against_reference(q, k, v, bm, gqa=True)
+    _check_against_torch_flex(q, k, v, bm, gqa=True)
+    _check_against_reference(q, k, v, None, SoftCap(3.0), gqa=True)  # dense, no BlockMask
+
+
+def test_fully_masked_rows_no_nan():
+    B, H, S, D = 1, 2, 64, 16
+    doc = torch.full((B, S), -1)
+    doc[:, 5:20] = 0
+    doc[:, 40:45] = 1
+    pos = _doc_positions(doc)
+    bm = create_block_mask(DocumentMaskMod(doc, doc, pos, pos), B, None, S, S, device="cpu", BLOCK_SIZE=16)
+    q, k, v = _inputs(B, H, H, S, S, D, seed=5)
+    out, lse, (dq, dk, dv) = _check_against_reference(q, k, v, bm, SoftCap(2.0))
+    dead = (doc < 0)[:, None, :].expand(B, H, S)
+    assert torch.all(out[dead] == 0) and torch.all(torch.isneginf(lse[dead]))
+    assert torch.all(dq[dead] == 0) and torch.all(dk[dead] == 0) and torch.all(dv[dead] == 0)
+
+
+def test_backward_is_deterministic():
+    B, Hq, Hkv, S, D = 1, 4, 2, 128, 32
+    bm = _mask("doc", B, S, S, 32)
+    q, k, v = _inputs(B, Hq, Hkv, S, S, D, seed=6)
+    sm = RelativeBias(torch.randn(Hq, 2 * 16 - 1, requires_grad=True))
+    out, lse = flex_attention_forward(q, k, v, bm, sm, None, True, backend="triton")
+    dout = torch.randn_like(out)
+    runs = []
+    for _ in range(2):
+        acc = [torch.zeros(Hq, 31)]
+        runs.append(
+            (
+                *flex_attention_backward(q, k, v, out, dout, lse, bm, sm, None, True, score_mod_grads=acc),
+                acc[0],
+            )
+        )
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_autograd_function_matches_reference_autograd():
+    """flex_attention (Triton) backpropagates through out, the returned LSE and a learnable bias table."""
+    B, Hq, Hkv, S, D = 1, 2, 1, 64, 16
+    bm = _mask("window", B, S, S, 16)
+    q0, k0, v0 = _inputs(B, Hq, Hkv, S, S, D, seed=8)
+    t0 = torch.randn(Hq, 2 * 8 - 1)
+    res = []
+    for backend in ("triton", "reference"):
+        q, k, v, t = (x.clone().requires_grad_(True) for x in (q0, k0, v0, t0))
+        out, lse = flex_attention(
+            q, k, v, RelativeBias(t), bm, enable_gqa=True, return_lse=True, backend=backend
+        )
+        w = torch.linspace(-1, 1, S)
+        loss = (out * out).sum() + (lse.masked_fill(torch.isinf(lse), 0) * w).sum()
+        loss.backward()
+        res.append((out, lse, q.grad, k.grad, v.grad, t.grad))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv", "dtable"), *res, strict=True):
+        fin = torch.isfinite(b)
+        _close(a[fin], b[fin], 5e-4, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype):
+    B, H, S, D = 1, 2, 64, 32
+    bm = _mask("causal", B, S, S, 32)
+    q, k, v = _inputs(B, H, H, S, S, D, dtype=dtype, seed=9)
+    _check_against_reference(q, k, v, bm, ALiBi(ALiBi.default_slopes(H)))
+
+
+def test_dispatch_accumulate_buffers_and_fallback(monkeypatch):
+    B, H, S, D = 1, 2, 32, 16
+    q, k, v = _inputs(B, H, H, S, S, D, seed=10)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from flexdist.kernels import resolve_backend
+
+    assert resolve_backend("auto", q) == "reference"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("auto", q) == "triton"
+    assert resolve_backend("auto", q.double()) == "reference"
+    with pytest.raises(ValueError, match="backend"):
+        resolve_backend("cuda", q)
+    out, lse = flex_attention_forward(q, k, v, backend="triton")
+    dout = torch.randn_like(out)
+    bufs = [torch.ones_like(t) for t in (q, k, v)]
+    got = flex_attention_backward(
+        q, k, v, out, dout, lse, backend="triton", dq_out=bufs[0], dk_out=bufs[1], dv_out=bufs[2]
+    )
+    want = reference_backward(q, k, v, out, dout, lse)
+    for g, b, w in zip(got, bufs, want, strict=True):
+        assert g is b
+        _close(g, w + 1, 2e-4, "accumulated grad")
+    # an arbitrary Python score_mod cannot run in the kernel: documented fallback with a warning
+    with pytest.warns(UserWarning, match="falling back to the dense reference"):
+        o2 = flex_attention(q, k, v, score_mod=lambda s, b, h, qi, ki: s * 0.5, backend="triton")
+    _close(o2, flex_attention_reference(q, k, v, score_mod=lambda s, b, h, qi, ki: s * 0.5), 1e-6, "fallback")
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k, v = _inputs(1, 4, 2, 32, 32, 16)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        flex_attention_forward(q, k, v, backend="triton")
+    with pytest.raises(ValueError, match="Hq=4, Hkv=3"):
+        flex_attention_forward(
+            q, k[:, :1].expand(1, 3, 32, 16), v[:, :1].expand(1, 3, 32, 16), enable_gqa=True, backend="triton"
+        )
+    q48 = torch.randn(1, 2, 32, 48)
+    with pytest.raises(ValueError, match="head dim"):
+        flex_attention_forward(q48, q48, q48, backend="triton")
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        flex_attention_forward(q.double(), q.double(), q.double(), backend="triton")
+    with pytest.raises(TypeError, match="share a dtype"):
+        flex_attention_forward(q, q.half(), q, backend="triton")
+    bm = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, 64, 64, device="cpu", BLOCK_SIZE=16)
+    with pytest.raises(ValueError, match=r"\(32, 32\)"):
+        flex_attention_forward(q, q, q, bm, backend="triton")
+    bm8 = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, 32, 32, device="cpu", BLOCK_SIZE=8)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        flex_attention_forward(q, q, q, bm8, backend="triton")
+    with pytest.raises(ValueError, match="heads"):
+        flex_attention_forward(q, q, q, score_mod=ALiBi(torch.ones(3)), backend="triton")
+    out, lse = flex_attention_forward(q, q, q, backend="triton")
+    with pytest.raises(ValueError, match="lse must have shape"):
+        flex_attention_backward(q, q, q, out, out, lse[:, :, :5], backend="triton")
+    with pytest.raises(ValueError, match="q_global_idx"):
+        flex_attention_forward(
+            q, q, q, score_mod=ALiBi(torch.ones(4)), q_global_idx=torch.arange(5), backend="triton"
+        )
+
+
+# ------------------------------------------------------------------------------------------------------
+# GPU scale (run on the GPU machine): same checks at S = 1k..4k, D = 64/128, bf16, torch flex compiled.
+# ------------------------------------------------------------------------------------------------------
+
+
+def _gpu_doc_block_mask(S: int, mean: int, seed: int, device: str):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.distributions.Exponential(1.0 / mean).sample((S,)).clamp_min(1).long()
+    doc = torch.searchsorted(torch.cumsum(lengths, 0), torch.arange(S), right=True)[None].to(device)
+    pos = torch.arange(S, device=device)[None]
+    del g
+    mm = DocumentMaskMod(doc, doc, pos, pos)
+    return create_block_mask(mm, 1, None, S, S, device=device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "S,D,mask", [(1024, 64, "causal"), (2048, 128, "doc"), (4096, 128, "causal"), (1536 + 17, 128, "doc")]
+)
+def test_gpu_scale_bf16(S, D, mask):
+    dev = "cuda"
+    B, Hq, Hkv = 1, 4, 2
+    if mask == "causal":
+        bm = create_block_mask(lambda b, h, q, k: q >= k, None, None, S, S, device=dev)
+    else:
+        bm = _gpu_doc_block_mask(S, 300, seed=1, device=dev)
+    q, k, v = _inputs(B, Hq, Hkv, S, S, D, dtype=torch.bfloat16, seed=12, device=dev)
+    _check_against_reference(q, k, v, bm, gqa=True, tol=3e-2)
+    _check_against_reference(q, k, v, bm, SoftCap(20.0), gqa=True, tol=3e-2)
+    # against compiled torch flex, forward and backward
+    qs, ks, vs = (t.clone().requires_grad_(True) for t in (q, k, v))
+    cf = torch.compile(torch_flex)
+    to = cf(qs, ks, vs, block_mask=bm, enable_gqa=True)
+    do = torch.randn_like(to)
+    to.backward(do)
+    qm, km_, vm = (t.clone().requires_grad_(True) for t in (q, k, v))
+    mo = flex_attention(qm, km_, vm, block_mask=bm, enable_gqa=True)
+    mo.backward(do)
+    for name, a, b in (
+        ("out", mo, to),
+        ("dq", qm.grad, qs.grad),
+        ("dk", km_.grad, ks.grad),
+        ("dv", vm.grad, vs.grad),
+    ):
+        _close(a, b, 4e-2, f"{name} vs torch flex")
