@@ -1,0 +1,370 @@
+"""Benchmark: flexdist's Triton flex-attention kernel vs compiled torch flex_attention and SDPA (flash, cuDNN).
+
+Forward and backward TFLOP/s counting only unmasked (q, kv) pairs (forward 4·B·H·D·pairs, backward 2.5×
+that), for causal and document-causal masks (exponential document lengths, seeded), B=1, H=16, D=128,
+bf16, all in one process; peak extra memory of forward+backward next to each. All flex runs use the same
+block structure (BlockMask built straight from the document ids); torch gets the usual closure mask_mod
+(``doc[q] == doc[k] & q >= k``), flexdist the same mask as a ``DocumentMaskMod`` (evaluated natively) or,
+for plain causal, the same Python mask_mod (evaluated once into bit tiles).
+
+    python bench/bench_kernel.py --out bench/results/kernel.json          # full run (GPU)
+    python bench/bench_kernel.py --quick --out /tmp/kernel_quick.json    # small shapes (GPU or CPU smoke)
+    python bench/bench_kernel.py --sweep                                 # tile configs of the kernel
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+if "--quick" in sys.argv and not torch.cuda.is_available():
+    # CPU smoke test: the Triton kernel under the interpreter (must be set before triton.jit runs)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton
+from torch.nn.attention.flex_attention import BlockMask
+from torch.nn.attention.flex_attention import flex_attention as torch_flex
+
+from flexdist.kernels import DocumentMaskMod, flex_attention, flex_attention_forward
+from flexdist.kernels.triton_bwd import triton_backward
+from flexdist.kernels.triton_fwd import triton_forward
+
+
+def document_ids(S: int, mean: int | None, seed: int) -> torch.Tensor:
+    """[S] contiguous document ids with exponential lengths of the given mean (None: one document)."""
+    if mean is None:
+        return torch.zeros(S, dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    n = 4 * S // mean + 16
+    lengths = (-torch.log(torch.rand(n, generator=g)) * mean).round().clamp_min(1).long()
+    ends = torch.cumsum(lengths, 0)
+    return torch.searchsorted(ends, torch.arange(S), right=True)
+
+
+def pair_count(doc: torch.Tensor) -> int:
+    """Exact number of visible (q, kv) pairs of the document-causal mask."""
+    _, counts = torch.unique_consecutive(doc, return_counts=True)
+    return int((counts * (counts + 1) // 2).sum())
+
+
+def block_mask_from_docs(doc: torch.Tensor, block: int, mask_mod, device) -> BlockMask:
+    """Document-causal BlockMask straight from sorted contiguous doc ids: O((S/block)²) ints, no S×S."""
+    S = doc.shape[0]
+    nb = -(-S // block)
+    d = torch.nn.functional.pad(doc, (0, nb * block - S), value=int(doc[-1])).to(device)
+    first, last = d[::block], d[block - 1 :: block]
+    qb = torch.arange(nb, device=device)[:, None]
+    kb = torch.arange(nb, device=device)[None, :]
+    nonempty = (kb <= qb) & (last[None, :] >= first[:, None]) & (first[None, :] <= last[:, None])
+    single = first == last
+    full = (kb < qb) & single[:, None] & single[None, :] & (first[:, None] == first[None, :])
+    partial = nonempty & ~full
+
+    def lists(sel):
+        num = sel.sum(-1).to(torch.int32)
+        key = torch.where(sel, 0, nb) + torch.arange(nb, device=device)
+        return num[None, None], key.argsort(-1).to(torch.int32)[None, None]
+
+    n, i = lists(partial)
+    fn, fi = lists(full)
+    return BlockMask.from_kv_blocks(n, i, fn, fi, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(S, S))
+
+
+def _bench(fn, quick: bool) -> float:
+    """Milliseconds per call (triton do_bench on GPU: median over reps; wall clock on CPU)."""
+    if torch.cuda.is_available():
+        return triton.testing.do_bench(fn, warmup=25 if quick else 100, rep=50 if quick else 300)
+    fn()
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+def _peak(fn) -> float:
+    """Peak GiB allocated during fn beyond what was allocated before (CUDA only)."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def run_case(name, S, mean, args, dev, dtype, results, compiled_flex):
+    B, H, D = 1, args.heads, args.dim
+    doc = document_ids(S, mean, seed=0)
+    pairs = pair_count(doc)
+    fwd_flops = 4 * B * H * D * pairs
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (torch.randn(B, H, S, D, device=dev, dtype=dtype, generator=g) for _ in range(3))
+    do = torch.randn_like(q)
+    doc_d = doc.to(dev)
+    if mean is None:
+        torch_mm = lambda b, h, qi, ki: qi >= ki
+        ours_mm = torch_mm
+    else:
+        torch_mm = lambda b, h, qi, ki: (doc_d[qi] == doc_d[ki]) & (qi >= ki)
+        pos = torch.arange(S, device=dev)[None]
+        ours_mm = DocumentMaskMod(doc_d[None], doc_d[None], pos, pos)
+    t0 = time.perf_counter()
+    bm_t = block_mask_from_docs(doc, 128, torch_mm, dev)
+    bm_o = block_mask_from_docs(doc, 128, ours_mm, dev)
+    mask_ms = (time.perf_counter() - t0) * 1e3 / 2
+
+    def fwd_bwd(f):
+        def run():
+            qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
+            out = f(qq, kk, vv)
+            torch.autograd.grad(out, (qq, kk, vv), do)
+
+        return run
+
+    impls = {
+        "flexdist": (
+            lambda: flex_attention_forward(q, k, v, bm_o),
+            fwd_bwd(lambda a, b, c: flex_attention(a, b, c, block_mask=bm_o)),
+        ),
+    }
+    if compiled_flex is not None:
+        impls["torch_flex"] = (
+            lambda: compiled_flex(q, k, v, block_mask=bm_t),
+            fwd_bwd(lambda a, b, c: compiled_flex(a, b, c, block_mask=bm_t)),
+        )
+    if mean is None and torch.cuda.is_available():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        for label, be in (
+            ("sdpa_flash", SDPBackend.FLASH_ATTENTION),
+            ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
+        ):
+
+            def f(a, b, c, be=be):
+                with sdpa_kernel(be):
+                    return sdpa(a, b, c, is_causal=True)
+
+            impls[label] = (lambda f=f: f(q, k, v), fwd_bwd(f))
+    for impl, (fwd, fb) in impls.items():
+        row = {
+            "mask": name,
+            "S": S,
+            "B": B,
+            "H": H,
+            "D": D,
+            "dtype": str(dtype),
+            "impl": impl,
+            "pairs": pairs,
+        }
+        try:
+            with torch.no_grad():
+                t_f = _bench(fwd, args.quick)
+            t_fb = _bench(fb, args.quick)
+            mem = _peak(fb)
+            t_b = max(t_fb - t_f, 1e-9)
+            row.update(
+                fwd_ms=t_f,
+                fwd_bwd_ms=t_fb,
+                bwd_ms=t_b,
+                fwd_tflops=fwd_flops / t_f / 1e9,
+                bwd_tflops=2.5 * fwd_flops / t_b / 1e9,
+                fwd_bwd_tflops=3.5 * fwd_flops / t_fb / 1e9,
+                peak_fwd_bwd_gib=mem,
+                block_mask_build_ms=mask_ms,
+            )
+        except Exception as e:  # report, keep going (e.g. a backend unavailable for this shape)
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        results.append(row)
+        print(_fmt(row), flush=True)
+
+
+def _fmt(r) -> str:
+    if "error" in r:
+        return f"{r['mask']:>10} {r['S']:>7} {r['impl']:>11}  ERROR {r['error']}"
+    return (
+        f"{r['mask']:>10} {r['S']:>7} {r['impl']:>11} {r['fwd_tflops']:8.1f} {r['bwd_tflops']:8.1f} "
+        f"{r['fwd_ms']:9.3f} {r['bwd_ms']:9.3f} {r['peak_fwd_bwd_gib']:8.2f}"
+    )
+
+
+def sweep(args, dev, dtype) -> list[dict]:
+    """Time the kernel's tile configs (forward; dK/dV and dQ separately) at one shape per mask."""
+    from flexdist.kernels.triton_bwd import bwd_config
+
+    S = args.sweep_seq
+    out = []
+    fwd_cfgs = [
+        (128, 64, 8, 3),
+        (128, 128, 8, 3),
+        (128, 128, 4, 3),
+        (128, 64, 4, 3),
+        (64, 128, 4, 3),
+        (128, 64, 8, 4),
+        (128, 128, 8, 2),
+    ]
+    c1s = [
+        (64, 128, 8, 3),
+        (64, 128, 4, 3),
+        (32, 128, 4, 3),
+        (64, 64, 4, 3),
+        (64, 128, 8, 2),
+        (128, 128, 8, 2),
+    ]
+    c2s = [
+        (128, 64, 8, 3),
+        (128, 64, 4, 3),
+        (64, 64, 4, 3),
+        (128, 32, 4, 3),
+        (128, 64, 8, 2),
+        (128, 128, 8, 2),
+    ]
+    for name, mean in (("causal", None), ("doc4k", 4096)):
+        doc = document_ids(S, mean, 0)
+        fl = 4 * args.heads * args.dim * pair_count(doc)
+        g = torch.Generator(device=dev).manual_seed(0)
+        q, k, v = (
+            torch.randn(1, args.heads, S, args.dim, device=dev, dtype=dtype, generator=g) for _ in range(3)
+        )
+        if mean is None:
+            mm = lambda b, h, qi, ki: qi >= ki
+        else:
+            dd = doc.to(dev)
+            pos = torch.arange(S, device=dev)[None]
+            mm = DocumentMaskMod(dd[None], dd[None], pos, pos)
+        bm = block_mask_from_docs(doc, 128, mm, dev)
+        o, lse = triton_forward(q, k, v, bm)
+        do = torch.randn_like(o)
+        for c in fwd_cfgs:
+            try:
+                t = _bench(lambda c=c: triton_forward(q, k, v, bm, config=c), True)
+                out.append({"mask": name, "S": S, "pass": "fwd", "cfg": c, "ms": t, "tflops": fl / t / 1e9})
+            except Exception as e:
+                out.append({"mask": name, "pass": "fwd", "cfg": c, "error": str(e)[:120]})
+            print(out[-1], flush=True)
+        d1, d2 = bwd_config(args.dim, True)
+        for which, cfgs in (("dkdv", c1s), ("dq", c2s)):
+            for c in cfgs:
+                cfg = (c, d2) if which == "dkdv" else (d1, c)
+                try:
+                    t = _bench(lambda cfg=cfg: triton_backward(q, k, v, o, do, lse, bm, config=cfg), True)
+                    out.append(
+                        {
+                            "mask": name,
+                            "S": S,
+                            "pass": f"bwd[{which}]",
+                            "cfg": c,
+                            "ms": t,
+                            "tflops": 2.5 * fl / t / 1e9,
+                        }
+                    )
+                except Exception as e:
+                    out.append({"mask": name, "pass": which, "cfg": c, "error": str(e)[:120]})
+                print(out[-1], flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None, help="write results JSON here")
+    ap.add_argument(
+        "--quick", action="store_true", help="small shapes (smoke test; CPU runs the interpreter)"
+    )
+    ap.add_argument("--seqs", default="8192,32768,131072")
+    ap.add_argument("--masks", default="causal,doc4k,doc1k")
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--no-torch", action="store_true", help="skip the torch flex baseline")
+    ap.add_argument("--sweep", action="store_true", help="time tile configs of the kernel instead")
+    ap.add_argument("--sweep-seq", type=int, default=32768)
+    args = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if args.quick:
+        seqs = [1024, 4096] if cuda else [256]
+        if not cuda:
+            args.heads, args.dim = 2, 64
+    else:
+        seqs = [int(s) for s in args.seqs.split(",")]
+    meta = {
+        "gpu": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "dtype": str(dtype),
+        "B": 1,
+        "H": args.heads,
+        "D": args.dim,
+        "flops": "only unmasked (q, kv) pairs: fwd 4*B*H*D*pairs, bwd 2.5x fwd; bwd time = (fwd+bwd) - fwd",
+        "timing": "triton.testing.do_bench (median ms)" if cuda else "wall clock, one call",
+    }
+    print(json.dumps(meta))
+    if args.sweep:
+        res = sweep(args, dev, dtype)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"meta": meta, "sweep": res}, f, indent=1)
+        return
+    compiled = None
+    if cuda and not args.no_torch:
+        compiled = torch.compile(torch_flex)
+    masks = {"causal": None, "doc4k": 4096, "doc1k": 1024}
+    if args.quick and not cuda:
+        masks = {"causal": None, "doc64": 64}
+    print(
+        f"{'mask':>10} {'S':>7} {'impl':>11} {'fwd TF/s':>8} {'bwd TF/s':>8} {'fwd ms':>9} {'bwd ms':>9} {'peak GiB':>8}"
+    )
+    results: list[dict] = []
+    names = list(masks) if (args.quick and not cuda) else args.masks.split(",")
+    for name in names:
+        if name not in masks:
+            raise SystemExit(f"unknown mask {name!r}; choose from {sorted(masks)}")
+        for S in seqs:
+            if masks[name] is not None and masks[name] >= S and not args.quick:
+                continue
+            run_case(name, S, masks[name], args, dev, dtype, results, compiled)
+            if cuda:
+                torch.cuda.empty_cache()
+    speed = []
+    for r in results:
+        if r["impl"] == "flexdist" and "error" not in r:
+            base = next(
+                (
+                    x
+                    for x in results
+                    if x["impl"] == "torch_flex"
+                    and x["mask"] == r["mask"]
+                    and x["S"] == r["S"]
+                    and "error" not in x
+                ),
+                None,
+            )
+            if base and cuda:
+                speed.append(
+                    {
+                        "mask": r["mask"],
+                        "S": r["S"],
+                        "fwd_x_torch_flex": base["fwd_ms"] / r["fwd_ms"],
+                        "bwd_x_torch_flex": base["bwd_ms"] / r["bwd_ms"],
+                    }
+                )
+    for s in speed:
+        print(
+            f"flexdist vs torch flex  {s['mask']:>7} S={s['S']:>7}: fwd {s['fwd_x_torch_flex']:.2f}x  bwd {s['bwd_x_torch_flex']:.2f}x"
+        )
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "results": results, "speedup": speed}, f, indent=1)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
