@@ -1,35 +1,53 @@
-"""Placeholder main job until the training run lands: an attention demo on a document-packed sequence.
+"""``python -m train [hydra overrides]`` — the Hydra entry point of a training run (see train/trainer.py).
 
-Runs flexdist.kernels.flex_attention on a random document-causal pack and checks it against the dense
-reference. Works under torchrun (every rank runs it; rank 0 prints).
+Hydra and torchrun together: every rank composes the same config, so the run directory must not depend on the
+moment a rank starts. It is ``trainer.run_dir``, which defaults to ``$FLEXDIST_RUN_DIR``; the launch scripts
+compute that once. When it is unset this entry point derives it once per launch: ``runs/<torchrun run id>``
+under torchrun (the id is shared by all ranks), ``runs/<timestamp>`` for a single process. Hydra's own output
+(``.hydra/config.yaml``, overrides, ``train.log``) goes into the run directory, written by rank 0 only.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import time
 
-import torch
-from torch.nn.attention.flex_attention import create_block_mask
+import hydra
+from omegaconf import DictConfig
 
-from flexdist.kernels import DocumentMaskMod, flex_attention, flex_attention_reference
+from .config import register_configs
+
+
+def _prepare_environment() -> None:
+    if "FLEXDIST_RUN_DIR" not in os.environ:
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+        if run_id and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            os.environ["FLEXDIST_RUN_DIR"] = os.path.join("runs", run_id)
+        else:
+            os.environ["FLEXDIST_RUN_DIR"] = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    if int(os.environ.get("RANK", "0")) != 0:
+        # only rank 0 writes Hydra's output files and log file
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+
+
+@hydra.main(config_path="../configs", config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    import torch.distributed as dist
+
+    from .trainer import run
+
+    try:
+        run(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def main() -> None:
-    rank = int(os.environ.get("RANK", "0"))
-    torch.manual_seed(0)
-    B, H, S, D = 1, 2, 256, 64
-    lengths = torch.tensor([100, 30, 90, 36])
-    doc = torch.repeat_interleave(torch.arange(len(lengths)), lengths)[None]
-    pos = torch.arange(S)[None]
-    bm = create_block_mask(DocumentMaskMod(doc, doc, pos, pos), B, None, S, S, device="cpu", BLOCK_SIZE=64)
-    q, k, v = (torch.randn(B, H, S, D) for _ in range(3))
-    out = flex_attention(q, k, v, block_mask=bm)
-    ref = flex_attention_reference(q, k, v, block_mask=bm)
-    if rank == 0:
-        print(
-            f"document-causal attention on {S} tokens, {len(lengths)} documents: "
-            f"max |flexdist - reference| = {(out - ref).abs().max().item():.2e}"
-        )
+    register_configs()
+    _prepare_environment()
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,139 @@
+"""Hydra config tree: composition of every option, typed schema errors, validation messages with numbers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from train.config import register_configs, validate  # noqa: E402
+
+CONFIGS = ROOT / "configs"
+
+
+def make(*overrides: str):
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_default_config_composes_and_validates() -> None:
+    cfg = make("trainer.run_dir=/tmp/x")
+    assert cfg.model.name == "tiny" and cfg.parallel.cp == 1 and cfg.data.source.value == "stdlib"
+    res = validate(cfg, world_size=2)
+    assert (res.dp, res.cp) == (2, 1)
+    assert res.tokens_per_step == 2 * cfg.trainer.seq_len
+    OmegaConf.to_container(cfg, resolve=True)  # everything resolves (what wandb gets)
+
+
+@pytest.mark.parametrize("model", sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml")))
+@pytest.mark.parametrize("trainer", sorted(p.stem for p in (CONFIGS / "trainer").glob("*.yaml")))
+def test_every_model_and_trainer_option_composes(model: str, trainer: str) -> None:
+    cfg = make(f"model={model}", f"trainer={trainer}", "parallel=cp", "parallel.cp=2")
+    assert cfg.model.name == model
+    validate(cfg, world_size=4)
+
+
+@pytest.mark.parametrize("group", ["data", "logger", "optim", "parallel"])
+def test_every_option_of_the_other_groups_composes(group: str) -> None:
+    for p in sorted((CONFIGS / group).glob("*.yaml")):
+        extra = ["data.path=/x", "data.eod_token=0", "data.vocab_size=10"] if p.stem == "tokens" else []
+        extra += ["data.path=/x"] if p.stem in ("text", "jsonl") else []
+        cfg = make(f"{group}={p.stem}", *extra)
+        OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_the_readme_override_example() -> None:
+    cfg = make("model=350m", "parallel=cp", "parallel.cp=4", "trainer.seq_len=65536")
+    assert (cfg.model.dim, cfg.parallel.cp, cfg.trainer.seq_len) == (1024, 4, 65536)
+    res = validate(cfg, world_size=8)
+    assert (res.dp, res.cp) == (2, 4)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "trainer.stepz=3",  # typo in a key
+        "trainer.steps=ten",  # wrong type
+        "trainer.compile=maybe",  # not a bool
+        "parallel.cp_strategy=tree",  # not an enum value
+        "model=13b",  # no such option
+    ],
+)
+def test_typos_and_wrong_types_are_errors(override: str) -> None:
+    with pytest.raises((ConfigCompositionException, OmegaConfBaseException)):
+        make(override)
+
+
+def test_unknown_key_in_a_yaml_option_is_an_error(tmp_path) -> None:
+    import shutil
+
+    shutil.copytree(CONFIGS, tmp_path / "configs")
+    (tmp_path / "configs" / "model" / "bad.yaml").write_text("name: bad\ndim: 64\nn_layer: 2\n")
+    register_configs()
+    with (
+        initialize_config_dir(config_dir=str(tmp_path / "configs"), version_base="1.3"),
+        pytest.raises((ConfigCompositionException, OmegaConfBaseException), match="n_layer"),
+    ):
+        compose("config", overrides=["model=bad"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world", "message"),
+    [
+        (["parallel.dp=2", "parallel.cp=2"], 3, "parallel.dp × parallel.cp = 2 × 2 = 4 != world size 3"),
+        (["parallel=cp", "parallel.cp=4"], 6, "parallel.cp=4 does not divide the world size 6"),
+        (
+            ["parallel=cp", "parallel.cp=4", "parallel.cp_balance=zigzag", "trainer.seq_len=1536"],
+            4,
+            r"trainer.seq_len=1536 is not divisible by parallel.cp × parallel.block_size = 4 × 128 × 2 "
+            r"\(cp_balance=zigzag splits into 2·cp chunks\) = 1024",
+        ),
+        (
+            ["parallel=cp", "parallel.cp=2", "parallel.cp_balance=contiguous", "trainer.seq_len=300"],
+            2,
+            "trainer.seq_len=300 is not divisible by parallel.cp × parallel.block_size = 2 × 128 = 256",
+        ),
+        (
+            ["model.n_heads=4", "model.n_kv_heads=3"],
+            1,
+            r"model.n_heads=4 is not a multiple of model.n_kv_heads=3",
+        ),
+        (["model.dim=120"], 1, r"head dim model.dim / model.n_heads = 120 / 4 = 30 is not supported"),
+        (["model.dim=130"], 1, r"model.dim=130 is not divisible by model.n_heads=4"),
+        (["+trainer.new_key=1"], 1, "unknown config key 'trainer.new_key'"),
+        (["trainer.grad_accum=0"], 1, "trainer.grad_accum=0 must be >= 1"),
+        (["data=jsonl", "data.path=null"], 1, "data.source=jsonl needs data.path"),
+    ],
+)
+def test_validation_errors_carry_the_numbers(overrides: list[str], world: int, message: str) -> None:
+    cfg = make(*overrides)
+    with pytest.raises(ValueError, match=message):
+        validate(cfg, world_size=world)
+
+
+def test_bad_config_fails_before_any_process_group(tmp_path) -> None:
+    """torchrun-style env with an impossible mesh: exits at once with the numbers, no rendezvous attempted."""
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "FLEXDIST_RUN_DIR": str(tmp_path)}
+    env.pop("MASTER_ADDR", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "train", "parallel.dp=3"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "parallel.dp × parallel.cp = 3 × 1 = 3 != world size 2" in proc.stderr + proc.stdout

@@ -1,0 +1,159 @@
+"""Rank-0 run logging: one console line per logged step, a progress bar, metrics.jsonl, wandb, a loss plot.
+
+Every rank constructs a :class:`RunLogger`; only rank 0's does anything. ``wandb`` is imported only when
+``logger=wandb`` (it is not installed everywhere); its run id is kept in ``<run_dir>/wandb_run_id`` so a
+resumed run continues the same wandb run. ``metrics.jsonl`` is truncated to the resumed step on resume, so it
+always holds exactly one line per logged step of the run's one loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(key: str, value: Any) -> str:
+    if isinstance(value, float):
+        if key == "lr":
+            return f"{key} {value:.2e}"
+        if key in ("tokens_per_s",):
+            return f"tok/s {value:,.0f}"
+        if key == "mfu":
+            return f"mfu {100 * value:.1f}%" if math.isfinite(value) else "mfu n/a"
+        if key == "peak_mem_gib":
+            return f"mem {value:.2f}GiB"
+        return f"{key} {value:.4f}"
+    return f"{key} {value}"
+
+
+class RunLogger:
+    """Console + progress bar + metrics.jsonl (+ wandb) on rank 0; a no-op elsewhere."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        enabled: bool,
+        total_steps: int,
+        start_step: int,
+        progress_bar: bool = True,
+        wandb_cfg: dict[str, Any] | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self._bar = None
+        self._wandb = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._truncate_metrics(start_step)
+        if progress_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True
+            )
+        if wandb_cfg is not None and wandb_cfg["mode"] != "disabled":
+            self._wandb = self._init_wandb(wandb_cfg, config or {})
+
+    def _truncate_metrics(self, start_step: int) -> None:
+        """Drop lines past the resumed step (logged by a run that died before its next checkpoint)."""
+        if not self.metrics_path.exists():
+            return
+        keep = []
+        for line in self.metrics_path.read_text().splitlines():
+            if line.strip() and json.loads(line).get("step", 0) <= start_step:
+                keep.append(line)
+        self.metrics_path.write_text("".join(k + "\n" for k in keep))
+
+    def _init_wandb(self, wcfg: dict[str, Any], config: dict[str, Any]) -> Any:
+        import wandb  # lazily: only logger=wandb needs it
+
+        id_file = self.run_dir / "wandb_run_id"
+        if id_file.exists():
+            run_id = id_file.read_text().strip()
+        else:
+            run_id = secrets.token_hex(4)
+            id_file.write_text(run_id + "\n")
+        return wandb.init(
+            project=wcfg["project"],
+            entity=wcfg.get("entity"),
+            name=wcfg.get("name") or self.run_dir.name,
+            tags=list(wcfg.get("tags") or []),
+            id=run_id,
+            resume="allow",
+            dir=str(self.run_dir),
+            mode=wcfg["mode"],
+            config=config,
+        )
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **metrics}
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        line = f"step {step:>6d} | " + " | ".join(_fmt(k, v) for k, v in metrics.items())
+        self.print(line)
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+
+    def print(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(line, file=sys.stdout)
+        else:
+            print(line, flush=True)
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self, *, plot: bool = True) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if plot:
+            plot_loss_curve(self.metrics_path, self.run_dir / "loss_curve.png")
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curve(metrics_path: str | Path, out_path: str | Path) -> Path | None:
+    """Loss against step from metrics.jsonl, as a PNG (matplotlib with the Agg backend: no display)."""
+    records = [r for r in read_metrics(metrics_path) if "loss" in r]
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(Path(metrics_path).parent.name)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+    return Path(out_path)
