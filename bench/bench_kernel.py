@@ -200,31 +200,9 @@ def sweep(args, dev, dtype) -> list[dict]:
 
     S = args.sweep_seq
     out = []
-    fwd_cfgs = [
-        (128, 64, 8, 3),
-        (128, 128, 8, 3),
-        (128, 128, 4, 3),
-        (128, 64, 4, 3),
-        (64, 128, 4, 3),
-        (128, 64, 8, 4),
-        (128, 128, 8, 2),
-    ]
-    c1s = [
-        (64, 128, 8, 3),
-        (64, 128, 4, 3),
-        (32, 128, 4, 3),
-        (64, 64, 4, 3),
-        (64, 128, 8, 2),
-        (128, 128, 8, 2),
-    ]
-    c2s = [
-        (128, 64, 8, 3),
-        (128, 64, 4, 3),
-        (64, 64, 4, 3),
-        (128, 32, 4, 3),
-        (128, 64, 8, 2),
-        (128, 128, 8, 2),
-    ]
+    fwd_cfgs = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
+    c1s = [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2)]
+    c2s = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 2)]
     for name, mean in (("causal", None), ("doc4k", 4096)):
         doc = document_ids(S, mean, 0)
         fl = 4 * args.heads * args.dim * pair_count(doc)
@@ -270,6 +248,12 @@ def sweep(args, dev, dtype) -> list[dict]:
     return out
 
 
+def _write(path: str, obj: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="write results JSON here")
@@ -309,8 +293,7 @@ def main() -> None:
     if args.sweep:
         res = sweep(args, dev, dtype)
         if args.out:
-            with open(args.out, "w") as f:
-                json.dump({"meta": meta, "sweep": res}, f, indent=1)
+            _write(args.out, {"meta": meta, "sweep": res})
         return
     compiled = None
     if cuda and not args.no_torch:
@@ -332,6 +315,8 @@ def main() -> None:
             run_case(name, S, masks[name], args, dev, dtype, results, compiled)
             if cuda:
                 torch.cuda.empty_cache()
+            if args.out:  # partial results survive a time limit
+                _write(args.out, {"meta": meta, "results": results, "partial": True})
     speed = []
     for r in results:
         if r["impl"] == "flexdist" and "error" not in r:
@@ -360,9 +345,7 @@ def main() -> None:
             f"flexdist vs torch flex  {s['mask']:>7} S={s['S']:>7}: fwd {s['fwd_x_torch_flex']:.2f}x  bwd {s['bwd_x_torch_flex']:.2f}x"
         )
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "results": results, "speedup": speed}, f, indent=1)
+        _write(args.out, {"meta": meta, "results": results, "speedup": speed})
         print(f"wrote {args.out}")
 
 

@@ -264,8 +264,10 @@ def kernel_mask(block_mask, shape: AttnShape, device: torch.device, dense_block:
         km.mask_kind = MASK_NONE
     else:
         km.mask_kind = MASK_BITS
-        bits, pid, words = _build_bits(mm, kv_num, kv_idx, QBS, KBS, shape, device)
-        km.bits, km.kv_pid, km.words = bits, pid, words
+        # evaluate where the BlockMask (and the tensors its mask_mod closes over) lives, then move
+        ev = block_mask.kv_num_blocks.device
+        bits, pid, words = _build_bits(mm, kv_num.to(ev), kv_idx.to(ev), QBS, KBS, shape, ev)
+        km.bits, km.kv_pid, km.words = bits.to(device), pid.to(device), words
         # dense lookup (block-level, same size as kv_indices) -> partial ids along the transposed lists
         lut = torch.full((Bm, Hm, Qb, KVb + 1), -1, dtype=torch.int32, device=device)
         valid = pid >= 0

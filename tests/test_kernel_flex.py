@@ -28,6 +28,8 @@ from flexdist.kernels import (
 from flexdist.kernels.block_sparse import MASK_BITS, MASK_DOC, kernel_mask
 from flexdist.kernels.validation import check_qkv
 
+# the device the kernel runs on: CUDA where present, else the CPU under the Triton interpreter
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 
 
@@ -46,7 +48,7 @@ def _docs(B: int, S: int, seed: int, pad: int = 5, max_len: int | None = None) -
 
 def _doc_positions(doc: torch.Tensor) -> torch.Tensor:
     """Position of each token inside the packed sequence (global index; docs are contiguous)."""
-    return torch.arange(doc.shape[1]).expand_as(doc).contiguous()
+    return torch.arange(doc.shape[1], device=doc.device).expand_as(doc).contiguous()
 
 
 def _prefix_flags(doc: torch.Tensor, P: int) -> torch.Tensor:
@@ -65,15 +67,15 @@ def _random_block_mask(B, H, Sq, Skv, bs, seed) -> BlockMask:
     """Seeded random block structure (per batch and head) with a random element mask in partial blocks."""
     g = torch.Generator().manual_seed(seed)
     Qb, KVb = -(-Sq // bs), -(-Skv // bs)
-    kind = torch.randint(0, 3, (B, H, Qb, KVb), generator=g)  # 0 empty, 1 partial, 2 full
+    kind = torch.randint(0, 3, (B, H, Qb, KVb), generator=g).to(DEV)  # 0 empty, 1 partial, 2 full
     # element mask consistent with the blocks (full = all visible, empty = none), as torch's eager flex
     # evaluates mask_mod everywhere while the kernel trusts the block classification
     dense_kind = kind.repeat_interleave(bs, 2).repeat_interleave(bs, 3)[:, :, :Sq, :Skv]
-    elem = (dense_kind == 2) | ((dense_kind == 1) & (torch.rand(B, H, Sq, Skv, generator=g) < 0.5))
+    elem = (dense_kind == 2) | ((dense_kind == 1) & (torch.rand(B, H, Sq, Skv, generator=g).to(DEV) < 0.5))
 
     def lists(sel):
         num = sel.sum(-1).to(torch.int32)
-        key = torch.where(sel, 0, KVb) + torch.arange(KVb)
+        key = torch.where(sel, 0, KVb) + torch.arange(KVb, device=DEV)
         return num, key.argsort(-1).to(torch.int32)
 
     n, i = lists(kind == 1)
@@ -85,26 +87,28 @@ def _random_block_mask(B, H, Sq, Skv, bs, seed) -> BlockMask:
 def _mask(kind: str, B: int, Sq: int, Skv: int, bs: int, H: int = 1):
     doc = _docs(B, Sq, seed=7)
     pos = _doc_positions(doc)
+    pre = _prefix_flags(doc, 6).to(DEV)
+    doc, pos = doc.to(DEV), pos.to(DEV)
     if kind == "causal":
-        return create_block_mask(lambda b, h, q, k: q >= k, None, None, Sq, Skv, device="cpu", BLOCK_SIZE=bs)
+        return create_block_mask(lambda b, h, q, k: q >= k, None, None, Sq, Skv, device=DEV, BLOCK_SIZE=bs)
     if kind == "doc":
         mm = DocumentMaskMod(doc, doc, pos, pos)
     elif kind == "window":
         mm = DocumentMaskMod(doc, doc, pos, pos, window=11)
     elif kind == "prefix":
-        mm = DocumentMaskMod(doc, doc, pos, pos, kv_in_prefix=_prefix_flags(doc, 6))
+        mm = DocumentMaskMod(doc, doc, pos, pos, kv_in_prefix=pre)
     elif kind == "general":
         # a torch mask_mod the kernel cannot recognise: dilated causal (keys at even distance)
         mm = lambda b, h, q, k: (q >= k) & ((q - k) % 2 == 0)
-        return create_block_mask(mm, None, H, Sq, Skv, device="cpu", BLOCK_SIZE=bs)
+        return create_block_mask(mm, None, H, Sq, Skv, device=DEV, BLOCK_SIZE=bs)
     elif kind == "random":
         return _random_block_mask(B, H, Sq, Skv, bs, seed=3)
     else:
         raise AssertionError(kind)
-    return create_block_mask(mm, B, None, Sq, Skv, device="cpu", BLOCK_SIZE=bs)
+    return create_block_mask(mm, B, None, Sq, Skv, device=DEV, BLOCK_SIZE=bs)
 
 
-def _inputs(B, Hq, Hkv, Sq, Skv, D, dtype=torch.float32, seed=0, device="cpu"):
+def _inputs(B, Hq, Hkv, Sq, Skv, D, dtype=torch.float32, seed=0, device=DEV):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hq, Sq, D, generator=g).to(device=device, dtype=dtype)
     k = torch.randn(B, Hkv, Skv, D, generator=g).to(device=device, dtype=dtype)
@@ -129,8 +133,8 @@ def _check_against_reference(q, k, v, bm, sm=None, gqa=False, tol=None, qidx=Non
     fin = torch.isfinite(rl)
     _close(lse[fin], rl[fin], tol, "lse")
     g = torch.Generator().manual_seed(11)
-    dout = torch.randn(out.shape, generator=g).to(q.dtype)
-    dlse = torch.randn(lse.shape, generator=g)
+    dout = torch.randn(out.shape, generator=g).to(device=q.device, dtype=q.dtype)
+    dlse = torch.randn(lse.shape, generator=g).to(q.device)
     params = list(sm.tensors()) if sm is not None else []
     acc_t = [torch.zeros_like(t, dtype=torch.float32) for t in params]
     acc_r = [torch.zeros_like(t, dtype=torch.float32) for t in params]
@@ -179,8 +183,10 @@ def test_score_mods_with_grads(mod):
     q, k, v = _inputs(B, Hq, Hkv, S, S, D, seed=2)
     sm = {
         "softcap": SoftCap(1.5),
-        "alibi": ALiBi(ALiBi.default_slopes(Hq)),
-        "relbias": RelativeBias(torch.randn(Hq, 2 * 12 - 1, generator=torch.Generator().manual_seed(5))),
+        "alibi": ALiBi(ALiBi.default_slopes(Hq, DEV)),
+        "relbias": RelativeBias(
+            torch.randn(Hq, 2 * 12 - 1, generator=torch.Generator().manual_seed(5)).to(DEV)
+        ),
     }[mod]
     if mod == "relbias":
         sm.table.requires_grad_(True)
@@ -192,21 +198,24 @@ def test_global_index_maps_under_cp():
     """A shard of queries / keys at scattered global positions: score mods see the global indices."""
     B, H, Sq, Skv, D = 1, 2, 48, 64, 16
     g = torch.Generator().manual_seed(4)
-    qidx = torch.randperm(200, generator=g)[:Sq]
-    kvidx = torch.randperm(200, generator=g)[:Skv]
+    qidx = torch.randperm(200, generator=g)[:Sq].to(DEV)
+    kvidx = torch.randperm(200, generator=g)[:Skv].to(DEV)
     q, k, v = _inputs(B, H, H, Sq, Skv, D, seed=3)
-    qd = torch.zeros(1, Sq, dtype=torch.long)
-    kd = torch.zeros(1, Skv, dtype=torch.long)
+    qd = torch.zeros(1, Sq, dtype=torch.long, device=DEV)
+    kd = torch.zeros(1, Skv, dtype=torch.long, device=DEV)
     mm = DocumentMaskMod(qd, kd, qidx[None], kvidx[None])
-    bm = create_block_mask(mm, 1, None, Sq, Skv, device="cpu", BLOCK_SIZE=16)
-    for sm in (ALiBi(ALiBi.default_slopes(H)), RelativeBias(torch.randn(H, 2 * 40 - 1, requires_grad=True))):
+    bm = create_block_mask(mm, 1, None, Sq, Skv, device=DEV, BLOCK_SIZE=16)
+    for sm in (
+        ALiBi(ALiBi.default_slopes(H, DEV)),
+        RelativeBias(torch.randn(H, 2 * 40 - 1, device=DEV, requires_grad=True)),
+    ):
         _check_against_reference(q, k, v, bm, sm, qidx=qidx, kvidx=kvidx)
 
 
 def test_odd_lengths_sq_ne_skv_gqa():
     B, Hq, Hkv, Sq, Skv, D = 2, 4, 1, 37, 83, 32
     off = Skv - Sq
-    bm = create_block_mask(lambda b, h, q, k: k <= q + off, None, None, Sq, Skv, device="cpu", BLOCK_SIZE=32)
+    bm = create_block_mask(lambda b, h, q, k: k <= q + off, None, None, Sq, Skv, device=DEV, BLOCK_SIZE=32)
     q, k, v = _inputs(B, Hq, Hkv, Sq, Skv, D, seed=4)
     _check_against_reference(q, k, v, bm, gqa=True)
     _check_against_torch_flex(q, k, v, bm, gqa=True)
@@ -218,8 +227,9 @@ def test_fully_masked_rows_no_nan():
     doc = torch.full((B, S), -1)
     doc[:, 5:20] = 0
     doc[:, 40:45] = 1
+    doc = doc.to(DEV)
     pos = _doc_positions(doc)
-    bm = create_block_mask(DocumentMaskMod(doc, doc, pos, pos), B, None, S, S, device="cpu", BLOCK_SIZE=16)
+    bm = create_block_mask(DocumentMaskMod(doc, doc, pos, pos), B, None, S, S, device=DEV, BLOCK_SIZE=16)
     q, k, v = _inputs(B, H, H, S, S, D, seed=5)
     out, lse, (dq, dk, dv) = _check_against_reference(q, k, v, bm, SoftCap(2.0))
     dead = (doc < 0)[:, None, :].expand(B, H, S)
@@ -231,12 +241,12 @@ def test_backward_is_deterministic():
     B, Hq, Hkv, S, D = 1, 4, 2, 128, 32
     bm = _mask("doc", B, S, S, 32)
     q, k, v = _inputs(B, Hq, Hkv, S, S, D, seed=6)
-    sm = RelativeBias(torch.randn(Hq, 2 * 16 - 1, requires_grad=True))
+    sm = RelativeBias(torch.randn(Hq, 2 * 16 - 1, device=DEV, requires_grad=True))
     out, lse = flex_attention_forward(q, k, v, bm, sm, None, True, backend="triton")
     dout = torch.randn_like(out)
     runs = []
     for _ in range(2):
-        acc = [torch.zeros(Hq, 31)]
+        acc = [torch.zeros(Hq, 31, device=DEV)]
         runs.append(
             (
                 *flex_attention_backward(q, k, v, out, dout, lse, bm, sm, None, True, score_mod_grads=acc),
@@ -252,14 +262,14 @@ def test_autograd_function_matches_reference_autograd():
     B, Hq, Hkv, S, D = 1, 2, 1, 64, 16
     bm = _mask("window", B, S, S, 16)
     q0, k0, v0 = _inputs(B, Hq, Hkv, S, S, D, seed=8)
-    t0 = torch.randn(Hq, 2 * 8 - 1)
+    t0 = torch.randn(Hq, 2 * 8 - 1, device=DEV)
     res = []
     for backend in ("triton", "reference"):
         q, k, v, t = (x.clone().requires_grad_(True) for x in (q0, k0, v0, t0))
         out, lse = flex_attention(
             q, k, v, RelativeBias(t), bm, enable_gqa=True, return_lse=True, backend=backend
         )
-        w = torch.linspace(-1, 1, S)
+        w = torch.linspace(-1, 1, S, device=DEV)
         loss = (out * out).sum() + (lse.masked_fill(torch.isinf(lse), 0) * w).sum()
         loss.backward()
         res.append((out, lse, q.grad, k.grad, v.grad, t.grad))
@@ -273,19 +283,21 @@ def test_half_precision(dtype):
     B, H, S, D = 1, 2, 64, 32
     bm = _mask("causal", B, S, S, 32)
     q, k, v = _inputs(B, H, H, S, S, D, dtype=dtype, seed=9)
-    _check_against_reference(q, k, v, bm, ALiBi(ALiBi.default_slopes(H)))
+    _check_against_reference(q, k, v, bm, ALiBi(ALiBi.default_slopes(H, DEV)))
 
 
 def test_dispatch_accumulate_buffers_and_fallback(monkeypatch):
     B, H, S, D = 1, 2, 32, 16
     q, k, v = _inputs(B, H, H, S, S, D, seed=10)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
     from flexdist.kernels import resolve_backend
 
-    assert resolve_backend("auto", q) == "reference"
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert resolve_backend("auto", q) == "triton"
-    assert resolve_backend("auto", q.double()) == "reference"
+    qc = q.cpu()
+    with monkeypatch.context() as mp:  # TRITON_INTERPRET is read at call time
+        mp.setenv("TRITON_INTERPRET", "0")
+        assert resolve_backend("auto", qc) == "reference"
+        mp.setenv("TRITON_INTERPRET", "1")
+        assert resolve_backend("auto", qc) == "triton"
+        assert resolve_backend("auto", qc.double()) == "reference"
     with pytest.raises(ValueError, match="backend"):
         resolve_backend("cuda", q)
     out, lse = flex_attention_forward(q, k, v, backend="triton")
@@ -312,27 +324,32 @@ def test_bad_inputs_raise_clear_errors():
         flex_attention_forward(
             q, k[:, :1].expand(1, 3, 32, 16), v[:, :1].expand(1, 3, 32, 16), enable_gqa=True, backend="triton"
         )
-    q48 = torch.randn(1, 2, 32, 48)
+    q48 = torch.randn(1, 2, 32, 48, device=DEV)
     with pytest.raises(ValueError, match="head dim"):
         flex_attention_forward(q48, q48, q48, backend="triton")
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
         flex_attention_forward(q.double(), q.double(), q.double(), backend="triton")
     with pytest.raises(TypeError, match="share a dtype"):
         flex_attention_forward(q, q.half(), q, backend="triton")
-    bm = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, 64, 64, device="cpu", BLOCK_SIZE=16)
+    bm = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, 64, 64, device=DEV, BLOCK_SIZE=16)
     with pytest.raises(ValueError, match=r"\(32, 32\)"):
         flex_attention_forward(q, q, q, bm, backend="triton")
-    bm8 = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, 32, 32, device="cpu", BLOCK_SIZE=8)
+    bm8 = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, 32, 32, device=DEV, BLOCK_SIZE=8)
     with pytest.raises(ValueError, match="multiple of 16"):
         flex_attention_forward(q, q, q, bm8, backend="triton")
     with pytest.raises(ValueError, match="heads"):
-        flex_attention_forward(q, q, q, score_mod=ALiBi(torch.ones(3)), backend="triton")
+        flex_attention_forward(q, q, q, score_mod=ALiBi(torch.ones(3, device=DEV)), backend="triton")
     out, lse = flex_attention_forward(q, q, q, backend="triton")
     with pytest.raises(ValueError, match="lse must have shape"):
         flex_attention_backward(q, q, q, out, out, lse[:, :, :5], backend="triton")
     with pytest.raises(ValueError, match="q_global_idx"):
         flex_attention_forward(
-            q, q, q, score_mod=ALiBi(torch.ones(4)), q_global_idx=torch.arange(5), backend="triton"
+            q,
+            q,
+            q,
+            score_mod=ALiBi(torch.ones(4, device=DEV)),
+            q_global_idx=torch.arange(5, device=DEV),
+            backend="triton",
         )
 
 
@@ -341,14 +358,10 @@ def test_bad_inputs_raise_clear_errors():
 # ------------------------------------------------------------------------------------------------------
 
 
-def _gpu_doc_block_mask(S: int, mean: int, seed: int, device: str):
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.distributions.Exponential(1.0 / mean).sample((S,)).clamp_min(1).long()
-    doc = torch.searchsorted(torch.cumsum(lengths, 0), torch.arange(S), right=True)[None].to(device)
-    pos = torch.arange(S, device=device)[None]
-    del g
-    mm = DocumentMaskMod(doc, doc, pos, pos)
-    return create_block_mask(mm, 1, None, S, S, device=device)
+def _gpu_doc_block_mask(S: int, mean: int, seed: int):
+    doc = _docs(1, S, seed=seed, pad=0, max_len=2 * mean).to(DEV)
+    pos = _doc_positions(doc)
+    return create_block_mask(DocumentMaskMod(doc, doc, pos, pos), 1, None, S, S, device=DEV)
 
 
 @pytest.mark.gpu
@@ -356,28 +369,28 @@ def _gpu_doc_block_mask(S: int, mean: int, seed: int, device: str):
     "S,D,mask", [(1024, 64, "causal"), (2048, 128, "doc"), (4096, 128, "causal"), (1536 + 17, 128, "doc")]
 )
 def test_gpu_scale_bf16(S, D, mask):
-    dev = "cuda"
     B, Hq, Hkv = 1, 4, 2
     if mask == "causal":
-        bm = create_block_mask(lambda b, h, q, k: q >= k, None, None, S, S, device=dev)
+        bm = create_block_mask(lambda b, h, q, k: q >= k, None, None, S, S, device=DEV)
     else:
-        bm = _gpu_doc_block_mask(S, 300, seed=1, device=dev)
-    q, k, v = _inputs(B, Hq, Hkv, S, S, D, dtype=torch.bfloat16, seed=12, device=dev)
+        bm = _gpu_doc_block_mask(S, 300, seed=1)
+    q, k, v = _inputs(B, Hq, Hkv, S, S, D, dtype=torch.bfloat16, seed=12)
     _check_against_reference(q, k, v, bm, gqa=True, tol=3e-2)
     _check_against_reference(q, k, v, bm, SoftCap(20.0), gqa=True, tol=3e-2)
-    # against compiled torch flex, forward and backward
+
+
+@pytest.mark.gpu
+def test_gpu_matches_compiled_torch_flex_fwd_bwd():
+    S, D, B, Hq, Hkv = 2048, 128, 1, 4, 2
+    bm = _gpu_doc_block_mask(S, 300, seed=2)
+    q, k, v = _inputs(B, Hq, Hkv, S, S, D, dtype=torch.bfloat16, seed=13)
     qs, ks, vs = (t.clone().requires_grad_(True) for t in (q, k, v))
-    cf = torch.compile(torch_flex)
-    to = cf(qs, ks, vs, block_mask=bm, enable_gqa=True)
+    to = torch.compile(torch_flex)(qs, ks, vs, block_mask=bm, enable_gqa=True)
     do = torch.randn_like(to)
     to.backward(do)
     qm, km_, vm = (t.clone().requires_grad_(True) for t in (q, k, v))
     mo = flex_attention(qm, km_, vm, block_mask=bm, enable_gqa=True)
     mo.backward(do)
-    for name, a, b in (
-        ("out", mo, to),
-        ("dq", qm.grad, qs.grad),
-        ("dk", km_.grad, ks.grad),
-        ("dv", vm.grad, vs.grad),
-    ):
+    pairs = (("out", mo, to), ("dq", qm.grad, qs.grad), ("dk", km_.grad, ks.grad), ("dv", vm.grad, vs.grad))
+    for name, a, b in pairs:
         _close(a, b, 4e-2, f"{name} vs torch flex")
