@@ -416,3 +416,46 @@ def test_bad_inputs_raise_clear_errors():
         cu_seqlens_to_doc_ids([0, 3, 2])
     with pytest.raises(TypeError, match="integer"):
         positions_in_document(torch.zeros(1, 4))
+
+
+# ------------------------------------------------------------------------------------------ consumers
+
+
+def test_flexdist_kernel_accepts_our_mask():
+    """flexdist's own kernel (Triton; the interpreter on CPU) evaluates our DocumentMaskMod natively in partial
+    blocks and gives the dense reference's result for a CP-like shard pair with window and prefix."""
+    from flexdist.kernels import flex_attention_forward, reference_forward
+
+    torch.manual_seed(1)
+    rng = random.Random(4)
+    B, H, S, D, bs = 1, 2, 256, 32, 64
+    doc = random_doc_ids(rng, B, S, "reused")
+    zz = zigzag_positions(S, 2, B)
+    bm = document_block_mask(
+        doc, q_positions=zz[1], kv_positions=zz[0], window=100, prefix_lengths=3, block_size=bs
+    )
+    q, k, v = (torch.randn(B, H, S // 2, D) for _ in range(3))
+    out, lse = flex_attention_forward(q, k, v, bm, backend="triton")
+    out_ref, lse_ref = reference_forward(q, k, v, bm)
+    torch.testing.assert_close(out, out_ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, lse_ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_builds_the_same_masks():
+    from flexdist.masks import rank_step_block_masks
+
+    rng = random.Random(8)
+    doc = random_doc_ids(rng, 2, 1024, "shuffled")
+    pos = zigzag_positions(1024, 4, 2)
+    for kw in (dict(), dict(window=100, prefix_lengths=7), dict(causal=False, window=33)):
+        cpu = document_block_mask(doc, block_size=64, **kw)
+        gpu = document_block_mask(doc.cuda(), block_size=64, **kw)
+        for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_indices"):
+            assert torch.equal(getattr(gpu, name).cpu(), getattr(cpu, name)), name
+        m_cpu = rank_step_block_masks(doc, pos, block_size=64, **kw)
+        m_gpu = rank_step_block_masks(doc.cuda(), pos.cuda(), block_size=64, **kw)
+        assert torch.equal(m_cpu.counts_cpu(), m_gpu.counts_cpu())
+        for r in range(4):
+            for j in range(4):
+                assert torch.equal(m_gpu.get(r, j).kv_indices.cpu(), m_cpu.get(r, j).kv_indices)

@@ -59,6 +59,7 @@ class RankStepMasks:
     _window: int | None = field(repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
     _counts_cpu: torch.Tensor | None = field(default=None, repr=False)
+    _views: tuple | None = field(default=None, repr=False)
 
     def _check_pair(self, r: int, j: int) -> tuple[int, int]:
         N = self.num_ranks
@@ -67,22 +68,33 @@ class RankStepMasks:
                 raise IndexError(f"{name} must be an int in [0, {N}), got {v!r}")
         return r, j
 
+    def _split(self) -> tuple:
+        """Per-(r, j) views of the tables and per-r views of the token tensors, made once by ``unbind``
+        (cheaper than indexing each of the N² masks' eight tables separately)."""
+        if self._views is None:
+            tables = [[row.unbind(0) for row in t.unbind(0)] for t in self._tables]
+            pre = None if self._prefix is None else self._prefix.unbind(0)
+            self._views = (tables, self._run.unbind(0), self._pos.unbind(0), pre)
+        return self._views
+
     def get(self, r: int, j: int) -> BlockMask:
         """BlockMask of rank ``r``'s queries (global positions ``positions[r]``) against rank ``j``'s keys."""
-        r, j = self._check_pair(r, j)
         bm = self._cache.get((r, j))
         if bm is None:
+            r, j = self._check_pair(r, j)
+            tables, run, pos, pre = self._split()
             mask_mod = DocumentMaskMod(
-                q_doc=self._run[r],
-                kv_doc=self._run[j],
-                q_pos=self._pos[r],
-                kv_pos=self._pos[j],
+                q_doc=run[r],
+                kv_doc=run[j],
+                q_pos=pos[r],
+                kv_pos=pos[j],
                 causal=self._causal,
                 window=self._window,
-                kv_in_prefix=None if self._prefix is None else self._prefix[j],
+                kv_in_prefix=None if pre is None else pre[j],
             )
-            tables = [t[r, j] for t in self._tables]
-            bm = make_block_mask(*tables, self.block_size, mask_mod, (self.shard_len, self.shard_len))
+            bm = make_block_mask(
+                *(t[r][j] for t in tables), self.block_size, mask_mod, (self.shard_len, self.shard_len)
+            )
             self._cache[(r, j)] = bm
         return bm
 
@@ -167,8 +179,8 @@ def rank_step_block_masks(
     prefix = prefix_flags(doc_ids, prefix_table)
 
     side = gather_side(run, prefix, pos, want_prefix=True)
-    partial, full = classify_blocks(side, side, q_bs, kv_bs, causal, window)  # [N, N, B, nq, nkv]
-    tables = block_tables(partial, full)  # [N, N, B, 1, ...]
+    classes = classify_blocks(side, side, q_bs, kv_bs, causal, window)  # [2, N, N, B, nq, nkv]
+    tables = block_tables(classes)  # [N, N, B, 1, ...]
     partial_count = tables[0].sum(dim=(-3, -2, -1), dtype=torch.int64)  # over B, head, q blocks
     full_count = tables[2].sum(dim=(-3, -2, -1), dtype=torch.int64)
     return RankStepMasks(

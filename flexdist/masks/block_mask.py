@@ -201,7 +201,7 @@ def gather_side(
     """Gather the per-token tables of the tokens at ``positions [G, B, L]`` (None: all S tokens, G = 1)."""
     B, S = run.shape
     if positions is None:
-        pos = torch.arange(S, device=run.device, dtype=torch.int32).expand(1, B, S)
+        pos = torch.arange(S, device=run.device, dtype=torch.int32).expand(1, B, S).contiguous()
         return _Side(run[None], pos, prefix[None] if (want_prefix and prefix is not None) else None)
     G = positions.shape[0]
     r = run.unsqueeze(0).expand(G, B, S).gather(-1, positions)
@@ -211,13 +211,24 @@ def gather_side(
     return _Side(r, positions.to(torch.int32), p)
 
 
-def _block_stats(side: _Side, bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per block of ``bs`` tokens: (mins ``[K, G, B, nb]``, maxs ``[K, G, B, nb]``, all_valid ``[G, B, nb]``).
+@dataclass
+class _BlockStats:
+    """Per block of one side, each ``[G, B, nb]`` int32 (sentinels ±BIG where a block has no such token)."""
 
-    Rows of mins/maxs: 0 = run index, 1 = position (non-padding tokens), and with prefix flags 2 = position
-    of non-prefix keys, 3 = run index of prefix keys. A block without such tokens gets +BIG / -BIG. Tokens past
-    the end of the last, partial-size block count as padding.
-    """
+    rmin: torch.Tensor  # run index range of the non-padding tokens
+    rmax: torch.Tensor
+    pmin: torch.Tensor  # global position range of the non-padding tokens
+    pmax: torch.Tensor
+    key: torch.Tensor  # the run index if every token of the block is valid and in one run, else -2
+    np_pmin: torch.Tensor  # position range of non-prefix keys (== pmin / pmax without prefix-LM)
+    np_pmax: torch.Tensor
+    pre_rmin: torch.Tensor | None  # run index range of prefix keys (prefix-LM only)
+    pre_rmax: torch.Tensor | None
+
+
+def _block_stats(side: _Side, bs: int) -> _BlockStats:
+    """Ranges over each block of ``bs`` tokens; tokens past the end of a partial-size last block count as
+    padding (so such a block is never full, exactly like torch's ``create_block_mask``)."""
     run, pos, pre = side.run, side.pos, side.prefix
     L = run.shape[-1]
     nb = -(-L // bs)
@@ -228,21 +239,19 @@ def _block_stats(side: _Side, bs: int) -> tuple[torch.Tensor, torch.Tensor, torc
         if pre is not None:
             pre = F.pad(pre, (0, extra), value=False)
     valid = run >= 0
-    lo, hi = [run, pos], [run, pos]
-    lo_ok, hi_ok = [valid, valid], [valid, valid]
-    if pre is not None:
+    if pre is None:
+        vals, ok = torch.stack([run, pos]), valid  # ok broadcasts over the stacked quantities
+    else:
         non_pre = valid & ~pre
-        lo += [pos, run]
-        hi += [pos, run]
-        lo_ok += [non_pre, pre]
-        hi_ok += [non_pre, pre]
-    K = len(lo)
-    shape = (K, *run.shape[:-1], nb, bs)
-    big = torch.tensor(_BIG, dtype=torch.int32, device=run.device)
-    mins = torch.where(torch.stack(lo_ok), torch.stack(lo), big).view(shape).amin(-1)
-    maxs = torch.where(torch.stack(hi_ok), torch.stack(hi), -big).view(shape).amax(-1)
-    all_valid = valid.view(shape[1:]).all(-1)
-    return mins, maxs, all_valid
+        vals, ok = torch.stack([run, pos, pos, run]), torch.stack([valid, valid, non_pre, pre])
+    shape = (vals.shape[0], *run.shape[:-1], nb, bs)
+    mins = torch.where(ok, vals, _BIG).view(shape).amin(-1)
+    maxs = torch.where(ok, vals, -_BIG).view(shape).amax(-1)
+    single = (mins[0] == maxs[0]) & valid.view(shape[1:]).all(-1)
+    key = torch.where(single, mins[0], -2)
+    if pre is None:
+        return _BlockStats(mins[0], maxs[0], mins[1], maxs[1], key, mins[1], maxs[1], None, None)
+    return _BlockStats(mins[0], maxs[0], mins[1], maxs[1], key, mins[2], maxs[2], mins[3], maxs[3])
 
 
 def classify_blocks(
@@ -252,57 +261,49 @@ def classify_blocks(
     kv_bs: int,
     causal: bool,
     window: int | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(partial, full): bool ``[Gq, Gkv, B, nq, nkv]`` for every q group against every kv group."""
-    qmin, qmax, q_all = _block_stats(q, q_bs)
-    kmin, kmax, k_all = _block_stats(kv, kv_bs)
-    # q stats -> [Gq, 1, B, nq, 1], kv stats -> [1, Gkv, B, 1, nkv]
-    qmin, qmax, q_all = qmin[:, :, None, :, :, None], qmax[:, :, None, :, :, None], q_all[:, None, :, :, None]
-    kmin, kmax, k_all = kmin[:, None, :, :, None, :], kmax[:, None, :, :, None, :], k_all[None, :, :, None, :]
-    q_rmin, q_pmin = qmin[0], qmin[1]
-    q_rmax, q_pmax = qmax[0], qmax[1]
-    k_rmin, k_pmin = kmin[0], kmin[1]
-    k_rmax, k_pmax = kmax[0], kmax[1]
-    has_prefix = kv.prefix is not None
-    W = None if window is None else min(window, MAX_TOKENS)  # |q_pos - kv_pos| < MAX_TOKENS always
+) -> torch.Tensor:
+    """bool ``[2, Gq, Gkv, B, nq, nkv]``: (partial, full) for every q group against every kv group.
 
-    # --- maybe something visible (not provably empty)
-    d_lo = q_pmin - k_pmax  # every q_pos - kv_pos of the pair lies in [d_lo, d_hi]
-    d_hi = q_pmax - k_pmin
+    Every pair-sized op is a single comparison or logical op between per-block values (the window shifts are
+    applied to the small per-block tensors first), so the pair work is a dozen bool-producing kernels.
+    """
+    qs = _block_stats(q, q_bs)
+    ks = qs if (kv is q and kv_bs == q_bs) else _block_stats(kv, kv_bs)
+
+    def Q(t: torch.Tensor) -> torch.Tensor:  # [Gq, B, nq] -> [Gq, 1, B, nq, 1]
+        return t[:, None, :, :, None]
+
+    def K(t: torch.Tensor) -> torch.Tensor:  # [Gkv, B, nkv] -> [1, Gkv, B, 1, nkv]
+        return t[None, :, :, None, :]
+
+    W = None if window is None else min(window, MAX_TOKENS)  # |q_pos - kv_pos| < MAX_TOKENS always
+    # maybe visible: a shared run, and some position difference in range visible (or a shared prefix key)
+    maybe = (Q(qs.rmin) <= K(ks.rmax)) & (K(ks.rmin) <= Q(qs.rmax))
     if causal:
-        vis = d_hi >= 0
+        vis = Q(qs.pmax) >= K(ks.pmin)  # some kv_pos <= q_pos
         if W is not None:
-            vis = vis & (d_lo < W)
+            vis &= Q(qs.pmin - W) < K(ks.pmax)  # some q_pos - kv_pos < W
     elif W is not None:
-        vis = (d_hi > -W) & (d_lo < W)
+        vis = (Q(qs.pmax + W) > K(ks.pmin)) & (Q(qs.pmin - W) < K(ks.pmax))
     else:
         vis = None
-    maybe = (q_rmin <= k_rmax) & (k_rmin <= q_rmax)
     if vis is not None:
-        if has_prefix:  # a prefix key is visible to every query of its document
-            vis = vis | ((q_rmin <= kmax[3]) & (kmin[3] <= q_rmax))
-        maybe = maybe & vis
-
-    # --- provably everything visible: one document run, all tokens valid, all differences visible
-    q_single = (q_rmin == q_rmax) & q_all
-    k_single = (k_rmin == k_rmax) & k_all
-    full = q_single & k_single & (q_rmin == k_rmin)
-    if has_prefix:  # only the non-prefix keys need the positional condition
-        k_pmin, k_pmax = kmin[2], kmax[2]
-    f_lo = q_pmin - k_pmax
-    f_hi = q_pmax - k_pmin
+        if ks.pre_rmin is not None:
+            vis |= (Q(qs.rmin) <= K(ks.pre_rmax)) & (K(ks.pre_rmin) <= Q(qs.rmax))
+        maybe &= vis
+    # provably all visible: one run, every token valid, every (non-prefix key) difference visible
+    out = torch.empty((2, *maybe.shape), dtype=torch.bool, device=maybe.device)
+    full = out[1]
+    torch.eq(Q(qs.key), K(ks.key), out=full)  # keys are run indices >= 0 or -2 (not single)
+    full &= Q(qs.key) >= 0
     if causal:
-        all_vis = f_lo >= 0
+        full &= Q(qs.pmin) >= K(ks.np_pmax)
         if W is not None:
-            all_vis = all_vis & (f_hi < W)
+            full &= Q(qs.pmax - W) < K(ks.np_pmin)
     elif W is not None:
-        all_vis = (f_lo > -W) & (f_hi < W)
-    else:
-        all_vis = None
-    if all_vis is not None:
-        full = full & all_vis
-    partial = maybe & ~full
-    return partial, full
+        full &= (Q(qs.pmin + W) > K(ks.np_pmax)) & (Q(qs.pmax - W) < K(ks.np_pmin))
+    torch.ne(maybe, full, out=out[0])  # full implies maybe, so this is maybe & ~full
+    return out
 
 
 def ordered_indices(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,13 +312,13 @@ def ordered_indices(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Same result as torch's stable descending argsort of the 0/1 block mask (active columns ascending, then
     inactive ones ascending), but O(R·C) with a cumulative sum and one scatter instead of a sort.
     """
-    a = active.to(torch.int32)
-    cs = torch.cumsum(a, dim=-1, dtype=torch.int32)
-    num = cs[..., -1:]
     C = active.shape[-1]
+    cs = torch.cumsum(active, dim=-1, dtype=torch.int32)
+    num = cs[..., -1:]
     ar = torch.arange(C, device=active.device, dtype=torch.int32)
-    slot = torch.where(active, cs - 1, num + ar - cs)
-    idx = torch.empty_like(a).scatter_(-1, slot.long(), ar.expand_as(a))
+    slot = torch.where(active, cs - 1, (num + ar) - cs)  # active: rank among active; else after all active
+    idx = torch.empty(active.shape, dtype=torch.int32, device=active.device)
+    idx.scatter_(-1, slot.long(), ar.expand(active.shape))
     return num.squeeze(-1), idx
 
 
@@ -351,11 +352,11 @@ def make_block_mask(
     return bm
 
 
-def block_tables(partial: torch.Tensor, full: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """kv-major and q-major (num, indices) tables for partial and full blocks, with a head dim of 1 inserted
-    before the last two block dims: returns (kv_num, kv_idx, full_num, full_idx, q_num, q_idx, fq_num, fq_idx)
-    each shaped ``[..., 1, n(, m)]``."""
-    both = torch.stack([partial, full]).unsqueeze(-3)  # [2, ..., 1, nq, nkv]
+def block_tables(classes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """kv-major and q-major (num, indices) tables from ``classes`` = (partial, full) ``[2, ..., nq, nkv]``,
+    with a head dim of 1 inserted before the block dims: returns (kv_num, kv_idx, full_num, full_idx, q_num,
+    q_idx, fq_num, fq_idx), each shaped ``[..., 1, n(, m)]``."""
+    both = classes.unsqueeze(-3)  # [2, ..., 1, nq, nkv]
     kv_num, kv_idx = ordered_indices(both)
     q_num, q_idx = ordered_indices(both.transpose(-1, -2))
     return kv_num[0], kv_idx[0], kv_num[1], kv_idx[1], q_num[0], q_idx[0], q_num[1], q_idx[1]
@@ -422,8 +423,8 @@ def document_block_mask(
     kv_side = (
         q_side if (kvp is None and qp is None and prefix is None) else gather_side(run, prefix, kvp, True)
     )
-    partial, full = classify_blocks(q_side, kv_side, q_bs, kv_bs, causal, window)
-    tables = block_tables(partial[0, 0], full[0, 0])
+    classes = classify_blocks(q_side, kv_side, q_bs, kv_bs, causal, window)
+    tables = block_tables(classes[:, 0, 0])
     mask_mod = DocumentMaskMod(
         q_doc=q_side.run[0],
         kv_doc=kv_side.run[0],

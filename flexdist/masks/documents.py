@@ -136,7 +136,14 @@ def _as_length_rows(lengths: object, name: str) -> list[torch.Tensor]:
             return [torch.tensor(lengths, dtype=torch.int64)]
         rows = []
         for i, row in enumerate(lengths):
-            t = row if isinstance(row, torch.Tensor) else torch.as_tensor(row)
+            if isinstance(row, torch.Tensor):
+                t = row
+            elif isinstance(row, Sequence) and all(
+                isinstance(x, int) and not isinstance(x, bool) for x in row
+            ):
+                t = torch.tensor(list(row), dtype=torch.int64)  # also an empty row: no documents
+            else:
+                raise TypeError(f"{name}[{i}] must be a 1-D sequence of integers, got {row!r}")
             if t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
                 raise TypeError(
                     f"{name}[{i}] must be a 1-D sequence of integers, got {t.dtype} {tuple(t.shape)}"

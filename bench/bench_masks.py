@@ -1,0 +1,323 @@
+"""Build time of document BlockMasks: flexdist's analytic builders vs torch's ``create_block_mask``.
+
+Two parts, both document-causal (exponential document lengths, mean 4k tokens, seeded), block size 128:
+
+1. one mask over the whole packed sequence at S = 8k, 32k, 128k, 512k: ``flexdist.document_block_mask`` vs
+   torch ``create_block_mask`` eager and ``torch.compile(create_block_mask)``;
+2. all N×N (query rank, key rank) masks of an N-rank CP plan (default 8 ranks, S = 128k), for contiguous shards
+   and a zigzag of 2N chunks: ``flexdist.masks.rank_step_block_masks`` (the tensor pass alone, and with all N²
+   BlockMask objects made) vs N² single-mask calls and vs N² torch ``create_block_mask`` calls.
+
+Timings are wall-clock medians with the device synchronised before and after each call (mask building is
+host-bound, so launch and Python overheads are part of the cost). Peak memory is the CUDA allocator's peak above
+the memory held before the call. Every torch result that is computed is also compared block for block with
+ours (``match``). Eager ``create_block_mask`` materialises int64 index grids of S×S (8·S² bytes); it is
+skipped, and the row says so, where that exceeds ``--eager-limit-gib``.
+
+    python bench/bench_masks.py --out bench/results/masks_h100.json      # GPU, full sizes
+    python bench/bench_masks.py --quick                                   # CPU smoke test, small sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+from flexdist.masks import document_block_mask, lengths_to_doc_ids, rank_step_block_masks
+
+
+def exponential_doc_ids(S: int, mean: float, seed: int, device: torch.device) -> torch.Tensor:
+    """``[1, S]`` ids of documents with exponential lengths (mean ``mean``, at least 1 token), seeded."""
+    g = torch.Generator().manual_seed(seed)
+    lengths: list[int] = []
+    total = 0
+    while total < S:
+        n = max(1, math.ceil(-mean * math.log(1.0 - torch.rand((), generator=g).item())))
+        n = min(n, S - total)
+        lengths.append(n)
+        total += n
+    return lengths_to_doc_ids([lengths], S).to(device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1):
+    """(median ms, peak GiB above the starting allocation or None on CPU, last result)."""
+    out = None
+    for _ in range(warmup):
+        out = fn()
+        del out
+    sync(device)
+    peak = None
+    if device.type == "cuda":
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(repeats):
+        out = None
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    if device.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+    return statistics.median(times), peak, out
+
+
+def same_blocks(a: BlockMask, b: BlockMask) -> bool:
+    """Same partial and full block tables (counts and the ordered index lists)."""
+    names = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
+    return all(torch.equal(getattr(a, n).to(getattr(b, n).device), getattr(b, n)) for n in names)
+
+
+def doc_causal_mod(q_doc: torch.Tensor, kv_doc: torch.Tensor, q_pos: torch.Tensor, kv_pos: torch.Tensor):
+    """The mask_mod a torch user writes for document-causal attention over (possibly sharded) tokens."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_doc[b, q_idx] == kv_doc[b, kv_idx]) & (q_pos[b, q_idx] >= kv_pos[b, kv_idx])
+
+    return mask_mod
+
+
+def zigzag(S: int, N: int, device: torch.device) -> torch.Tensor:
+    c = S // (2 * N)
+    chunks = torch.arange(S, device=device).view(2 * N, c)
+    return torch.stack([torch.cat([chunks[r], chunks[2 * N - 1 - r]]) for r in range(N)])
+
+
+def fmt(x, spec=".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", help="write results as JSON here")
+    ap.add_argument("--quick", action="store_true", help="small sizes (CPU smoke test)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--sizes", type=int, nargs="*", help="sequence lengths of part 1")
+    ap.add_argument("--plan-seq", type=int, help="sequence length of the CP plan (part 2)")
+    ap.add_argument("--ranks", type=int, default=8)
+    ap.add_argument("--mean-doc", type=float, default=4096.0)
+    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--eager-limit-gib", type=float, default=40.0)
+    ap.add_argument(
+        "--compile", dest="compile", action="store_true", default=None, help="time compiled torch"
+    )
+    ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    sizes = args.sizes or ([2048, 8192] if args.quick else [8192, 32768, 131072, 524288])
+    plan_seq = args.plan_seq or (8192 if args.quick else 131072)
+    repeats = args.repeats or (3 if args.quick else 20)
+    use_compile = args.compile if args.compile is not None else not args.quick
+    bs, N = args.block_size, args.ranks
+    compiled_cbm = torch.compile(create_block_mask) if use_compile else None
+
+    meta = {
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": None,
+        "python": platform.python_version(),
+        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "block_size": bs,
+        "mean_doc": args.mean_doc,
+        "mask": "document-causal",
+        "B": 1,
+        "repeats": repeats,
+        "timing": "wall-clock median, device synchronised before and after each call",
+    }
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except Exception:
+        pass
+    print(f"# {meta['gpu'] or 'CPU'} | torch {meta['torch']} | triton {meta['triton']} | block {bs}")
+
+    # ------------------------------------------------------------------ part 1: one mask over S tokens
+    single = []
+    print(f"\n{'S':>8} {'method':<34} {'ms':>10} {'speedup':>8} {'peak GiB':>9}  match / note")
+    for S in sizes:
+        doc = exponential_doc_ids(S, args.mean_doc, args.seed, device)
+        n_docs = int((doc[0, 1:] != doc[0, :-1]).sum()) + 1
+        ours_ms, ours_peak, ours = measure(lambda: document_block_mask(doc, block_size=bs), device, repeats)
+        rows = [dict(S=S, docs=n_docs, method="flexdist.document_block_mask", ms=ours_ms, peak_gib=ours_peak)]
+        mm = doc_causal_mod(
+            doc, doc, torch.arange(S, device=device)[None], torch.arange(S, device=device)[None]
+        )
+        eager_gib = 8 * S * S / 2**30
+        if eager_gib > args.eager_limit_gib:
+            rows.append(
+                dict(
+                    S=S,
+                    method="torch create_block_mask (eager)",
+                    ms=None,
+                    skipped=f"needs ~{eager_gib:.0f} GiB (8·S² bytes) > --eager-limit-gib {args.eager_limit_gib}",
+                )
+            )
+        else:
+            reps = max(1, min(repeats, 5 if S > 16384 else repeats))
+            ms, peak, ref = measure(
+                lambda: create_block_mask(mm, 1, None, S, S, device=device, BLOCK_SIZE=bs), device, reps
+            )
+            rows.append(
+                dict(
+                    S=S,
+                    method="torch create_block_mask (eager)",
+                    ms=ms,
+                    peak_gib=peak,
+                    match=same_blocks(ours, ref),
+                )
+            )
+            del ref
+        if compiled_cbm is not None:
+            reps = max(1, min(repeats, 3 if S > 131072 else repeats))
+            ms, peak, ref = measure(
+                lambda: compiled_cbm(mm, 1, None, S, S, device=device, BLOCK_SIZE=bs), device, reps, warmup=2
+            )
+            rows.append(
+                dict(
+                    S=S,
+                    method="torch.compile(create_block_mask)",
+                    ms=ms,
+                    peak_gib=peak,
+                    match=same_blocks(ours, ref),
+                )
+            )
+            del ref
+        else:
+            rows.append(dict(S=S, method="torch.compile(create_block_mask)", ms=None, skipped="--no-compile"))
+        for r in rows:
+            r["speedup_of_ours"] = (r["ms"] / ours_ms) if r.get("ms") else None
+            note = r.get("skipped") or ("" if "match" not in r else f"match={r['match']}")
+            print(
+                f"{S:>8} {r['method']:<34} {fmt(r['ms']):>10} {fmt(r['speedup_of_ours'], '.1f'):>8} "
+                f"{fmt(r.get('peak_gib')):>9}  {note}"
+            )
+        single += rows
+
+    # ------------------------------------------------------------------ part 2: N×N masks of a CP plan
+    plan_rows = []
+    S = plan_seq
+    L = S // N
+    doc = exponential_doc_ids(S, args.mean_doc, args.seed + 1, device)
+    print(f"\nCP plan: {N} ranks × {L} tokens (S={S}), all {N * N} (q rank, kv rank) masks")
+    print(f"{'layout':<11} {'method':<46} {'ms':>10} {'speedup':>8} {'peak GiB':>9}  note")
+    for layout in ("contiguous", "zigzag"):
+        pos = torch.arange(S, device=device).view(N, L) if layout == "contiguous" else zigzag(S, N, device)
+
+        def batched(validate: bool = True, objects: bool = False):
+            m = rank_step_block_masks(doc, pos, block_size=bs, validate=validate)
+            if objects:
+                m.all_masks()
+            return m
+
+        def singles():
+            return [
+                [
+                    document_block_mask(doc, q_positions=pos[r], kv_positions=pos[j], block_size=bs)
+                    for j in range(N)
+                ]
+                for r in range(N)
+            ]
+
+        results = {}
+        for name, fn in (
+            ("rank_step_block_masks (tables, validate=True)", lambda: batched(True)),
+            ("rank_step_block_masks (tables, validate=False)", lambda: batched(False)),
+            (f"rank_step_block_masks + {N * N} BlockMask objects", lambda: batched(True, True)),
+            (f"{N * N} × document_block_mask", singles),
+        ):
+            ms, peak, out = measure(fn, device, repeats)
+            results[name] = out
+            plan_rows.append(dict(layout=layout, method=name, ms=ms, peak_gib=peak))
+        masks = results[f"rank_step_block_masks + {N * N} BlockMask objects"]
+        counts = masks.counts_cpu()
+        empty = int(((counts[0] + counts[1]) == 0).sum())
+        ours_ms = plan_rows[-2]["ms"]
+
+        qd = doc[0, pos][:, None, :]  # [N, 1, L] doc ids of each rank's tokens
+        qp = pos[:, None, :]
+
+        def torch_all(fn_cbm):
+            return [
+                [
+                    fn_cbm(
+                        doc_causal_mod(qd[r], qd[j], qp[r], qp[j]),
+                        1,
+                        None,
+                        L,
+                        L,
+                        device=device,
+                        BLOCK_SIZE=bs,
+                    )
+                    for j in range(N)
+                ]
+                for r in range(N)
+            ]
+
+        baselines = []
+        eager_gib = 8 * L * L / 2**30
+        if eager_gib <= args.eager_limit_gib:
+            baselines.append((f"{N * N} × torch create_block_mask (eager)", create_block_mask, 1))
+        if compiled_cbm is not None:
+            baselines.append((f"{N * N} × torch.compile(create_block_mask)", compiled_cbm, 2))
+        for name, fn_cbm, warm in baselines:
+            reps = max(1, min(repeats, 3))
+            ms, peak, ref = measure(lambda fn_cbm=fn_cbm: torch_all(fn_cbm), device, reps, warmup=warm)
+            match = all(same_blocks(masks.get(r, j), ref[r][j]) for r in range(N) for j in range(N))
+            plan_rows.append(dict(layout=layout, method=name, ms=ms, peak_gib=peak, match=match))
+            del ref
+        for r in plan_rows:
+            if r["layout"] != layout:
+                continue
+            r["speedup_of_ours"] = r["ms"] / ours_ms
+            r["empty_pairs"] = empty
+            r["partial_blocks"] = int(counts[0].sum())
+            r["full_blocks"] = int(counts[1].sum())
+            note = f"match={r['match']}" if "match" in r else ""
+            print(
+                f"{layout:<11} {r['method']:<46} {fmt(r['ms']):>10} {fmt(r['speedup_of_ours'], '.1f'):>8} "
+                f"{fmt(r.get('peak_gib')):>9}  {note}"
+            )
+        print(
+            f"{layout:<11} {empty} of {N * N} pairs empty; {int(counts[0].sum())} partial and "
+            f"{int(counts[1].sum())} full blocks in total"
+        )
+    print(
+        "\nspeedup = method time / time of our corresponding builder (document_block_mask; plan: tables +"
+        " objects)"
+    )
+
+    if args.out:
+        payload = {
+            "meta": meta,
+            "single_mask": single,
+            "cp_plan": plan_rows,
+            "plan": {"S": S, "ranks": N, "L": L},
+        }
+        with open(args.out, "w") as f:
+            json.dump(payload, f, indent=2)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
