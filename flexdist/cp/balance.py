@@ -64,12 +64,14 @@ def document_runs(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def visible_intervals(
-    doc_ids: torch.Tensor, causal: bool = True, window: int | None = None
+    doc_ids: torch.Tensor, causal: bool = True, window: int | None = None, prefix: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inclusive interval ``[lo, hi]`` of global key positions each token may attend to, ``[B, S]`` each.
 
     Padding tokens (negative id) get ``lo = 1, hi = 0`` (empty). Matches `DocumentMaskMod` semantics for
-    contiguous documents: same document and (causal) ``kv <= q``, (window W) ``q - kv < W``.
+    contiguous documents: same document and (causal) ``kv <= q``, (window W) ``q - kv < W``. With a prefix-LM
+    prefix of P tokens the interval is the hull of the prefix and the causal range (exact without a window,
+    a superset with one — the work model then over-counts, which is safe for step skipping).
     """
     B, S = doc_ids.shape
     start, end = document_runs(doc_ids)
@@ -80,6 +82,9 @@ def visible_intervals(
         lo = torch.maximum(lo, p - window + 1)
         if not causal:
             hi = torch.minimum(hi, p + window - 1)
+    if prefix:
+        lo = start.clone()
+        hi = torch.maximum(hi, torch.minimum(start + prefix - 1, end - 1))
     pad = doc_ids < 0
     lo = torch.where(pad, torch.ones_like(lo), lo)
     hi = torch.where(pad, torch.zeros_like(hi), hi)
@@ -213,11 +218,16 @@ def predicted_time(work: np.ndarray, shard_blocks: int, cost: CostModel) -> floa
 # document-aware planner
 # ----------------------------------------------------------------------------------------------------------
 def global_block_work(
-    doc_ids: torch.Tensor, block_size: int, causal: bool, window: int | None, partial_weight: float = 1.0
+    doc_ids: torch.Tensor,
+    block_size: int,
+    causal: bool,
+    window: int | None,
+    partial_weight: float = 1.0,
+    prefix: int | None = None,
 ) -> np.ndarray:
     """``[nb, nb]`` work of every (global q block, global kv block), summed over the batch (float64)."""
     S = doc_ids.shape[1]
-    lo, hi = visible_intervals(doc_ids.cpu(), causal, window)
+    lo, hi = visible_intervals(doc_ids.cpu(), causal, window, prefix)
     nonempty, full = pair_blocks(lo, hi, torch.arange(S), block_size)
     w = full.sum(0).double() + partial_weight * (nonempty & ~full).sum(0).double()
     return w.numpy()

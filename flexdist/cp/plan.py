@@ -199,22 +199,47 @@ def build_pair_masks(
     causal: bool,
     window: int | None,
     block_size: int,
+    prefix_lengths: int | None = None,
+    builder: str = "masks",
     lo_hi: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[tuple[BlockMask | None, int, int]]:
-    """BlockMasks of one query token set against several ascending key token sets, from document ids.
+    """BlockMasks of one query token set against several key token sets, straight from document ids.
 
-    The one place per-step masks are built (straight from doc ids and global positions, O(L log L + blocks)
-    each, no L×L tensor). Returns ``(mask or None if empty, partial blocks, full blocks)`` per key set.
-    The mask's ``mask_mod`` is a `DocumentMaskMod` over the global positions, so the kernel evaluates partial
-    blocks natively and any torch consumer sees the same element mask.
+    The one place per-step masks are built (never an L×L tensor). ``builder="masks"`` uses
+    `flexdist.masks.document_block_mask` (per-block run/position ranges; supports prefix-LM);
+    ``builder="intervals"`` uses this package's per-token visibility intervals (`balance.pair_blocks`, needs
+    ascending key positions). Both give a `DocumentMaskMod` over global positions, so the kernel evaluates
+    partial blocks natively. Returns ``(mask or None if empty, partial blocks, full blocks)`` per key set.
     """
     B = doc_ids.shape[0]
-    lo, hi = lo_hi if lo_hi is not None else bal.visible_intervals(doc_ids, causal, window)
     qi = q_index.to(doc_ids.device)
+    out = []
+    if builder == "masks":
+        from flexdist.masks import document_block_mask
+
+        for kv in kv_indices:
+            bm = document_block_mask(
+                doc_ids,
+                q_positions=qi,
+                kv_positions=kv.to(doc_ids.device),
+                causal=causal,
+                window=window,
+                prefix_lengths=prefix_lengths,
+                block_size=block_size,
+                validate=False,
+            )
+            n_part = int(bm.kv_num_blocks.sum())
+            n_full = int(bm.full_kv_num_blocks.sum()) if bm.full_kv_num_blocks is not None else 0
+            out.append((bm if n_part + n_full else None, n_part, n_full))
+        return out
+    if builder != "intervals":
+        raise ValueError(f"builder must be 'masks' or 'intervals', got {builder!r}")
+    if prefix_lengths is not None:
+        raise ValueError("builder='intervals' does not support prefix_lengths; use builder='masks'")
+    lo, hi = lo_hi if lo_hi is not None else bal.visible_intervals(doc_ids, causal, window)
     qlo, qhi = lo[:, qi], hi[:, qi]
     q_doc = doc_ids[:, qi]
     q_pos = qi.expand(B, -1)
-    out = []
     for kv in kv_indices:
         kv = kv.to(doc_ids.device)
         nonempty, full = bal.pair_blocks(qlo, qhi, kv, block_size)
@@ -256,6 +281,7 @@ def _layout(
     causal: bool,
     window: int | None,
     cost: bal.CostModel,
+    prefix: int | None = None,
 ) -> tuple[torch.Tensor, dict]:
     S = doc_ids.shape[1]
     if balance == "contiguous":
@@ -268,7 +294,7 @@ def _layout(
                 f"balance='document' assigns whole blocks: S={S} must be divisible by N*block_size="
                 f"{N}*{bs}={N * bs} (S % {N * bs} = {S % (N * bs)}); pass a smaller block_size or pad S"
             )
-        G = bal.global_block_work(doc_ids, bs, causal, window, cost.partial_weight)
+        G = bal.global_block_work(doc_ids, bs, causal, window, cost.partial_weight, prefix)
         assign, info = bal.plan_document(G, N, cost)
         return bal.blocks_to_perm(assign, N, bs), info
     raise ValueError(f"balance must be one of {(*bal.BALANCES, 'auto')}, got {balance!r}")
@@ -283,7 +309,9 @@ def plan(
     causal: bool = True,
     window: int | None = None,
     block_size: int = 128,
+    prefix_lengths: int | None = None,
     kernel_backend: str = "auto",
+    mask_builder: str = "masks",
     comm_weight: float = 1.0,
     check: bool | None = None,
     debug: bool | None = None,
@@ -298,8 +326,10 @@ def plan(
         balance: "contiguous", "zigzag", "document" or "auto" (lowest predicted ring time of the feasible ones).
         strategy: "ring" (P2P, overlapped, empty steps skipped) or "allgather" (gather K/V, one call).
         causal, window: the document mask (same document, causal, sliding window of W tokens).
+        prefix_lengths: prefix-LM: each document's first P tokens are visible to all its queries (int P).
         block_size: the BlockMask block (and the document planner's unit of assignment).
         kernel_backend: passed to ``flexdist.kernels`` ("auto", "triton" or "reference").
+        mask_builder: "masks" (`flexdist.masks.document_block_mask`) or "intervals" (see `build_pair_masks`).
         comm_weight: time to move one K/V block relative to computing one block (see `balance.CostModel`).
         check: all-reduce a hash of doc_ids to catch ranks passing different batches (default: on the
             first plan of each group, and always in debug mode).
@@ -315,6 +345,8 @@ def plan(
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
+    if prefix_lengths is not None and (not isinstance(prefix_lengths, int) or prefix_lengths < 0):
+        raise ValueError(f"prefix_lengths must be a non-negative int or None, got {prefix_lengths!r}")
     grp, N, rank = _resolve_group(group)
     S = doc_ids.shape[1]
     if S % N:
@@ -324,18 +356,18 @@ def plan(
     if check is None:
         check = debug or (grp is not None and id(grp) not in _CHECKED_GROUPS)
     if check and grp is not None:
-        check_consistent(doc_ids, grp, (balance, strategy, causal, window, block_size))
+        check_consistent(doc_ids, grp, (balance, strategy, causal, window, block_size, prefix_lengths))
         _CHECKED_GROUPS.add(id(grp))
 
     cost = bal.CostModel(comm_weight=comm_weight)
     doc_cpu = doc_ids.detach().cpu().long()
-    lo, hi = bal.visible_intervals(doc_cpu, causal, window)
+    lo, hi = bal.visible_intervals(doc_cpu, causal, window, prefix_lengths)
     L = S // N
     if balance == "auto":
         cands = []
         for name in bal.BALANCES:
             try:
-                perm, info = _layout(name, doc_cpu, N, block_size, causal, window, cost)
+                perm, info = _layout(name, doc_cpu, N, block_size, causal, window, cost, prefix_lengths)
             except ValueError:
                 continue
             W, need = _pair_work_tokens(perm, N, lo, hi, block_size, cost.partial_weight)
@@ -348,7 +380,7 @@ def plan(
         _, resolved, perm, info, W, need = min(cands, key=lambda c: (c[0], c[1] != "contiguous"))
         info = dict(info, auto_candidates={c[1]: c[0] for c in cands})
     else:
-        perm, info = _layout(balance, doc_cpu, N, block_size, causal, window, cost)
+        perm, info = _layout(balance, doc_cpu, N, block_size, causal, window, cost, prefix_lengths)
         resolved = balance
         W, need = _pair_work_tokens(perm, N, lo, hi, block_size, cost.partial_weight)
     inv = torch.empty_like(perm)
@@ -359,21 +391,25 @@ def plan(
     lo_d, hi_d = lo.to(dev), hi.to(dev)
     shards = [perm[r * L : (r + 1) * L] for r in range(N)]
     mine = shards[rank]
-    built = build_pair_masks(
-        doc_dev, mine, shards, causal=causal, window=window, block_size=block_size, lo_hi=(lo_d, hi_d)
+    mkw = dict(
+        causal=causal,
+        window=window,
+        block_size=block_size,
+        prefix_lengths=prefix_lengths,
+        builder=mask_builder,
+        lo_hi=(lo_d, hi_d),
     )
+    built = build_pair_masks(doc_dev, mine, shards, **mkw)
     masks = [m for m, _, _ in built]
+    for j in range(N):
+        # Both emptiness tests are proofs: W is exact per token (a superset for prefix+window), the block
+        # classifier only calls a pair empty when nothing is visible (it may keep partial blocks that hold
+        # nothing when blocks straddle non-consecutive positions). Skip the step if either says empty.
+        if W[rank, j] == 0:
+            masks[j] = None
     full_mask = None
     if strategy == "allgather":
-        ((full_mask, _, _),) = build_pair_masks(
-            doc_dev,
-            mine,
-            [torch.arange(S)],
-            causal=causal,
-            window=window,
-            block_size=block_size,
-            lo_hi=(lo_d, hi_d),
-        )
+        ((full_mask, _, _),) = build_pair_masks(doc_dev, mine, [torch.arange(S)], **mkw)
     t_last = bal.last_needed_step(W)
     pos = bal.positions_in_document(doc_cpu)[:, mine].to(dev)
     p = Plan(
