@@ -211,24 +211,15 @@ def gather_side(
     return _Side(r, positions.to(torch.int32), p)
 
 
-@dataclass
-class _BlockStats:
-    """Per block of one side, each ``[G, B, nb]`` int32 (sentinels ±BIG where a block has no such token)."""
+def _block_stats(side: _Side, bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ranges over each block of ``bs`` tokens: (mins ``[K, G, B, nb]``, maxs ``[K, G, B, nb]``, key
+    ``[G, B, nb]``), all int32.
 
-    rmin: torch.Tensor  # run index range of the non-padding tokens
-    rmax: torch.Tensor
-    pmin: torch.Tensor  # global position range of the non-padding tokens
-    pmax: torch.Tensor
-    key: torch.Tensor  # the run index if every token of the block is valid and in one run, else -2
-    np_pmin: torch.Tensor  # position range of non-prefix keys (== pmin / pmax without prefix-LM)
-    np_pmax: torch.Tensor
-    pre_rmin: torch.Tensor | None  # run index range of prefix keys (prefix-LM only)
-    pre_rmax: torch.Tensor | None
-
-
-def _block_stats(side: _Side, bs: int) -> _BlockStats:
-    """Ranges over each block of ``bs`` tokens; tokens past the end of a partial-size last block count as
-    padding (so such a block is never full, exactly like torch's ``create_block_mask``)."""
+    Rows of mins / maxs: 0 = run index and 1 = position of the non-padding tokens; with prefix flags also
+    2 = position of non-prefix keys and 3 = run index of prefix keys. A block without such tokens gets +BIG /
+    -BIG. ``key`` is the block's run index if all its tokens are valid and in one run, else -2. Tokens past
+    the end of a partial-size last block count as padding (so that block is never full, like torch's).
+    """
     run, pos, pre = side.run, side.pos, side.prefix
     L = run.shape[-1]
     nb = -(-L // bs)
@@ -248,10 +239,7 @@ def _block_stats(side: _Side, bs: int) -> _BlockStats:
     mins = torch.where(ok, vals, _BIG).view(shape).amin(-1)
     maxs = torch.where(ok, vals, -_BIG).view(shape).amax(-1)
     single = (mins[0] == maxs[0]) & valid.view(shape[1:]).all(-1)
-    key = torch.where(single, mins[0], -2)
-    if pre is None:
-        return _BlockStats(mins[0], maxs[0], mins[1], maxs[1], key, mins[1], maxs[1], None, None)
-    return _BlockStats(mins[0], maxs[0], mins[1], maxs[1], key, mins[2], maxs[2], mins[3], maxs[3])
+    return mins, maxs, torch.where(single, mins[0], -2)
 
 
 def classify_blocks(
@@ -264,44 +252,53 @@ def classify_blocks(
 ) -> torch.Tensor:
     """bool ``[2, Gq, Gkv, B, nq, nkv]``: (partial, full) for every q group against every kv group.
 
-    Every pair-sized op is a single comparison or logical op between per-block values (the window shifts are
-    applied to the small per-block tensors first), so the pair work is a dozen bool-producing kernels.
+    Every pair-sized op is a single comparison or logical op between per-block values (window shifts are
+    applied to the small per-block tensors first), so the pair work is about a dozen bool-producing kernels.
     """
-    qs = _block_stats(q, q_bs)
-    ks = qs if (kv is q and kv_bs == q_bs) else _block_stats(kv, kv_bs)
-
-    def Q(t: torch.Tensor) -> torch.Tensor:  # [Gq, B, nq] -> [Gq, 1, B, nq, 1]
-        return t[:, None, :, :, None]
-
-    def K(t: torch.Tensor) -> torch.Tensor:  # [Gkv, B, nkv] -> [1, Gkv, B, 1, nkv]
-        return t[None, :, :, None, :]
-
+    q_mins, q_maxs, q_key = _block_stats(q, q_bs)
+    if kv is q and kv_bs == q_bs:
+        k_mins, k_maxs, k_key = q_mins, q_maxs, q_key
+    else:
+        k_mins, k_maxs, k_key = _block_stats(kv, kv_bs)
     W = None if window is None else min(window, MAX_TOKENS)  # |q_pos - kv_pos| < MAX_TOKENS always
+    # q stats broadcast as [Gq, 1, B, nq, 1] and kv stats as [1, Gkv, B, 1, nkv]; shifts on the small tensors
+    q_lo = q_mins.unsqueeze(2).unsqueeze(-1)
+    q_hi = q_maxs.unsqueeze(2).unsqueeze(-1)
+    k_lo = k_mins.unsqueeze(1).unsqueeze(-2)
+    k_hi = k_maxs.unsqueeze(1).unsqueeze(-2)
+    q_rmin, q_pmin = q_lo[0], q_lo[1]
+    q_rmax, q_pmax = q_hi[0], q_hi[1]
+    k_rmin, k_pmin = k_lo[0], k_lo[1]
+    k_rmax, k_pmax = k_hi[0], k_hi[1]
+    prefix = k_lo.shape[0] == 4
+    k_np_pmin, k_np_pmax = (k_lo[2], k_hi[2]) if prefix else (k_pmin, k_pmax)
+
     # maybe visible: a shared run, and some position difference in range visible (or a shared prefix key)
-    maybe = (Q(qs.rmin) <= K(ks.rmax)) & (K(ks.rmin) <= Q(qs.rmax))
+    maybe = (q_rmin <= k_rmax) & (k_rmin <= q_rmax)
     if causal:
-        vis = Q(qs.pmax) >= K(ks.pmin)  # some kv_pos <= q_pos
+        vis = q_pmax >= k_pmin  # some kv_pos <= q_pos
         if W is not None:
-            vis &= Q(qs.pmin - W) < K(ks.pmax)  # some q_pos - kv_pos < W
+            vis &= (q_pmin - W) < k_pmax  # some q_pos - kv_pos < W
     elif W is not None:
-        vis = (Q(qs.pmax + W) > K(ks.pmin)) & (Q(qs.pmin - W) < K(ks.pmax))
+        vis = ((q_pmax + W) > k_pmin) & ((q_pmin - W) < k_pmax)
     else:
         vis = None
     if vis is not None:
-        if ks.pre_rmin is not None:
-            vis |= (Q(qs.rmin) <= K(ks.pre_rmax)) & (K(ks.pre_rmin) <= Q(qs.rmax))
+        if prefix:
+            vis |= (q_rmin <= k_hi[3]) & (k_lo[3] <= q_rmax)
         maybe &= vis
     # provably all visible: one run, every token valid, every (non-prefix key) difference visible
     out = torch.empty((2, *maybe.shape), dtype=torch.bool, device=maybe.device)
     full = out[1]
-    torch.eq(Q(qs.key), K(ks.key), out=full)  # keys are run indices >= 0 or -2 (not single)
-    full &= Q(qs.key) >= 0
+    q_key = q_key.unsqueeze(1).unsqueeze(-1)
+    torch.eq(q_key, k_key.unsqueeze(0).unsqueeze(-2), out=full)
+    full &= q_key >= 0
     if causal:
-        full &= Q(qs.pmin) >= K(ks.np_pmax)
+        full &= q_pmin >= k_np_pmax
         if W is not None:
-            full &= Q(qs.pmax - W) < K(ks.np_pmin)
+            full &= (q_pmax - W) < k_np_pmin
     elif W is not None:
-        full &= (Q(qs.pmin + W) > K(ks.np_pmax)) & (Q(qs.pmax - W) < K(ks.np_pmin))
+        full &= ((q_pmin + W) > k_np_pmax) & ((q_pmax - W) < k_np_pmin)
     torch.ne(maybe, full, out=out[0])  # full implies maybe, so this is maybe & ~full
     return out
 

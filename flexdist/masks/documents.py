@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "cu_seqlens_to_doc_ids",
@@ -68,8 +69,8 @@ def document_run_index(doc_ids: torch.Tensor) -> torch.Tensor:
     padding are counted too, so run indices of a row are increasing but may skip values.
     """
     doc_ids = check_doc_ids(doc_ids)
-    run = torch.cumsum(_run_starts(doc_ids), dim=1, dtype=torch.int32) - 1
-    return torch.where(doc_ids < 0, torch.full_like(run, -1), run)
+    changes = torch.cumsum(doc_ids[:, 1:] != doc_ids[:, :-1], dim=1, dtype=torch.int32)
+    return F.pad(changes, (1, 0), value=0).masked_fill_(doc_ids < 0, -1)
 
 
 def positions_in_document(doc_ids: torch.Tensor) -> torch.Tensor:
