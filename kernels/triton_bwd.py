@@ -26,6 +26,7 @@ from .triton_fwd import (
     _doc_visible,
     _dot,
     _score_mod,
+    _tanh,
     doc_args,
     meta_args,
     pick_tile,
@@ -76,6 +77,49 @@ def _load_rows(LSEb, DELTAb, offs_m, Sq):
 
 
 @triton.jit
+def _score_mod_t(sT, hq, qg, kg, SLOPES, TABLE, table_stride, L, softcap, SCORE_KIND: tl.constexpr):
+    """_score_mod on a transposed tile sT [N, M] (kv along rows)."""
+    if SCORE_KIND == 1:
+        sT = softcap * _tanh(sT / softcap)
+    elif SCORE_KIND == 2:
+        slope = tl.load(SLOPES + hq)
+        sT = sT + slope * (kg[:, None] - qg[None, :]).to(tl.float32)
+    elif SCORE_KIND == 3:
+        rel = qg[None, :] - kg[:, None]
+        rel = tl.minimum(tl.maximum(rel, -L + 1), L - 1) + (L - 1)
+        sT = sT + tl.load(TABLE + hq * table_stride + rel)
+    return sT
+
+
+@triton.jit
+def _doc_visible_t(
+    qd, qp, kd, kp, kpre, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr
+):
+    """_doc_visible transposed: [N, M]."""
+    same = (kd[:, None] == qd[None, :]) & (qd[None, :] >= 0)
+    rel = qp[None, :] - kp[:, None]
+    if CAUSAL:
+        vis = rel >= 0
+        if HAS_WINDOW:
+            vis = vis & (rel < window)
+    elif HAS_WINDOW:
+        vis = (rel < window) & (rel > -window)
+    else:
+        vis = rel == rel
+    if HAS_PREFIX:
+        vis = vis | (kpre[:, None] != 0)
+    return same & vis
+
+
+@triton.jit
+def _bits_visible_t(BITS, pid, rows_in_blk, cols_in_blk, QBS: tl.constexpr, WORDS: tl.constexpr):
+    """_bits_visible transposed: [N, M] (cols_in_blk along rows)."""
+    base = BITS + pid.to(tl.int64) * (QBS * WORDS)
+    w = tl.load(base + rows_in_blk[None, :] * WORDS + (cols_in_blk[:, None] // 32))
+    return ((w >> (cols_in_blk[:, None] % 32)) & 1) != 0
+
+
+@triton.jit
 def _dkdv_inner(
     dk, dv, k, v, kd, kp, kpre, kg, offs_n, kb, hq, num, IDX, PID,
     Qb_, DOb, LSEb, DELTAb, sqm, sdom, Sq, Skv,
@@ -84,9 +128,9 @@ def _dkdv_inner(
     QBS: tl.constexpr, KBS: tl.constexpr, WORDS: tl.constexpr, IS_PARTIAL: tl.constexpr,
     MASK_KIND: tl.constexpr, SCORE_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_PREFIX: tl.constexpr, HAS_QIDX: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
+    # Transposed formulation (kv along rows): only loaded operands are transposed, never computed tiles.
     SUBS: tl.constexpr = QBS // BLOCK_M
     offs_d = tl.arange(0, D)
     offs_dv = tl.arange(0, DV)
@@ -97,45 +141,45 @@ def _dkdv_inner(
         qb = tl.load(IDX + j)
         offs_m = qb * QBS + sub * BLOCK_M + ar_m
         if EVEN_M:
-            q = tl.load(Qb_ + offs_m[:, None] * sqm + offs_d[None, :])
+            qT = tl.load(Qb_ + offs_m[None, :] * sqm + offs_d[:, None])
             do = tl.load(DOb + offs_m[:, None] * sdom + offs_dv[None, :])
         else:
-            q = tl.load(Qb_ + offs_m[:, None] * sqm + offs_d[None, :], mask=offs_m[:, None] < Sq, other=0.0)
+            qT = tl.load(Qb_ + offs_m[None, :] * sqm + offs_d[:, None], mask=offs_m[None, :] < Sq, other=0.0)
             do = tl.load(
                 DOb + offs_m[:, None] * sdom + offs_dv[None, :], mask=offs_m[:, None] < Sq, other=0.0
             )
         lse2, delta = _load_rows(LSEb, DELTAb, offs_m, Sq)
-        qk = _dot(q, tl.trans(k), PREC, UPCAST)
+        qkT = _dot(k, qT, PREC, UPCAST)
         if SCORE_KIND == 0:
-            s = qk * qk_scale
+            sT = qkT * qk_scale
         else:
             if HAS_QIDX:
                 qg = tl.load(QIDX + offs_m, mask=offs_m < Sq, other=0)
             else:
                 qg = offs_m
-            s = _score_mod(qk * scale, hq, qg, kg, SLOPES, TABLE, table_stride, L, softcap, SCORE_KIND)
+            sT = _score_mod_t(qkT * scale, hq, qg, kg, SLOPES, TABLE, table_stride, L, softcap, SCORE_KIND)
             if SCORE_KIND == 1:
-                t = s / softcap
-            s = s * 1.4426950408889634
+                tT = sT / softcap
+            sT = sT * 1.4426950408889634
         if IS_PARTIAL:
             if MASK_KIND == 1:
                 qd = tl.load(QDOC + offs_m, mask=offs_m < Sq, other=-1)
                 qp = tl.load(QPOS + offs_m, mask=offs_m < Sq, other=0)
-                vis = _doc_visible(qd, qp, kd, kp, kpre, window, CAUSAL, HAS_WINDOW, HAS_PREFIX)
-                s = tl.where(vis, s, float("-inf"))
+                vis = _doc_visible_t(qd, qp, kd, kp, kpre, window, CAUSAL, HAS_WINDOW, HAS_PREFIX)
+                sT = tl.where(vis, sT, float("-inf"))
             elif MASK_KIND == 2:
                 pid = tl.load(PID + j)
-                vis = _bits_visible(BITS, pid, sub * BLOCK_M + ar_m, offs_n - kb * KBS, QBS, WORDS)
-                s = tl.where(vis, s, float("-inf"))
+                vis = _bits_visible_t(BITS, pid, sub * BLOCK_M + ar_m, offs_n - kb * KBS, QBS, WORDS)
+                sT = tl.where(vis, sT, float("-inf"))
         if not EVEN_N:
-            s = tl.where(offs_n[None, :] < Skv, s, float("-inf"))
-        p = tl.exp2(s - lse2[:, None])
-        dv += _dot(tl.trans(p.to(do.dtype)), do, PREC, UPCAST)
-        dp = _dot(do, tl.trans(v), PREC, UPCAST)
-        ds = p * (dp - delta[:, None])
+            sT = tl.where(offs_n[:, None] < Skv, sT, float("-inf"))
+        pT = tl.exp2(sT - lse2[None, :])
+        dv += _dot(pT.to(do.dtype), do, PREC, UPCAST)
+        dpT = _dot(v, tl.trans(do), PREC, UPCAST)
+        dsT = pT * (dpT - delta[None, :])
         if SCORE_KIND == 1:
-            ds = ds * (1.0 - t * t)
-        dk += _dot(tl.trans(ds.to(q.dtype)), q, PREC, UPCAST)
+            dsT = dsT * (1.0 - tT * tT)
+        dk += _dot(dsT.to(qT.dtype), tl.trans(qT), PREC, UPCAST)
     return dk, dv
 
 
