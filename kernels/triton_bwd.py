@@ -22,6 +22,7 @@ from .block_sparse import MASK_BITS
 from .triton_fwd import (
     LOG2E,
     SCORE_RELBIAS,
+    TUNE_KEY,
     _bits_visible,
     _doc_visible,
     _dot,
@@ -31,6 +32,8 @@ from .triton_fwd import (
     meta_args,
     pick_tile,
     prepare,
+    tune_configs,
+    use_autotune,
 )
 
 
@@ -436,9 +439,13 @@ def bwd_config(D: int, on_gpu: bool) -> tuple[tuple[int, int, int, int], tuple[i
     """((M1, N1, warps, stages) for dK/dV, (M2, N2, warps, stages) for dQ) before fitting to the BlockMask."""
     if not on_gpu:
         return (64, 64, 4, 1), (64, 64, 4, 1)
-    if D <= 64:
-        return (64, 128, 4, 3), (128, 64, 4, 3)
-    return (64, 128, 8, 3), (128, 64, 8, 3)
+    return (64, 64, 4, 3), (64, 64, 4, 3)  # H100 sweep at 32k (causal and document masks, D=128)
+
+
+DKDV_TUNE = [(64, 64, 4, 3), (64, 128, 8, 3), (32, 128, 4, 3), (64, 128, 4, 3), (32, 64, 4, 3)]
+DQ_TUNE = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 128, 4, 3)]
+_dkdv_kernel_tuned = triton.autotune(configs=tune_configs(DKDV_TUNE), key=TUNE_KEY)(_dkdv_kernel)
+_dq_kernel_tuned = triton.autotune(configs=tune_configs(DQ_TUNE), key=TUNE_KEY)(_dq_kernel)
 
 
 # The RelativeBias table gradient keeps one register row of the (padded) table width per program.
@@ -515,16 +522,23 @@ def triton_backward(
 
     dk = torch.empty(sh.B, sh.Hkv, sh.Skv, sh.D, dtype=k.dtype, device=dev)
     dv = torch.empty(sh.B, sh.Hkv, sh.Skv, sh.Dv, dtype=v.dtype, device=dev)
-    _dkdv_kernel[(triton.cdiv(sh.Skv, N1), sh.B * sh.Hkv)](
+    tuned = config is None and use_autotune(q, km, sh.Sq, sh.Skv)
+    args = (
         q, k, v, dout, lse, delta, dk, dv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         *meta_args(km, True, dummy_i), bits, *docs, *mods,
         sh.Hq, sh.Hkv, sh.groups, sh.Sq, sh.Skv, lp.scale, lp.scale * LOG2E,
-        BLOCK_M=M1, BLOCK_N=N1, EVEN_M=lp.even_m and sh.Sq % M1 == 0, EVEN_N=lp.even_n and sh.Skv % N1 == 0,
-        num_warps=c1[2], num_stages=c1[3], **common,
     )  # fmt: skip
+    if tuned:
+        grid = lambda meta: (triton.cdiv(sh.Skv, meta["BLOCK_N"]), sh.B * sh.Hkv)
+        _dkdv_kernel_tuned[grid](*args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, **common)
+    else:
+        _dkdv_kernel[(triton.cdiv(sh.Skv, N1), sh.B * sh.Hkv)](
+            *args, BLOCK_M=M1, BLOCK_N=N1, EVEN_M=lp.even_m and sh.Sq % M1 == 0,
+            EVEN_N=lp.even_n and sh.Skv % N1 == 0, num_warps=c1[2], num_stages=c1[3], **common,
+        )  # fmt: skip
 
     table_grad = (
         lp.score_kind == SCORE_RELBIAS and score_mod_grads is not None and score_mod.table.requires_grad
@@ -542,16 +556,23 @@ def triton_backward(
             )
         tg = torch.empty(sh.B, sh.Hq, n_m, WP, dtype=torch.float32, device=dev)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    _dq_kernel[(n_m, sh.B * sh.Hq)](
+    args = (
         q, k, v, dout, lse, delta, dq, tg,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         *meta_args(km, False, dummy_i), bits, *docs, *mods,
         sh.Hq, sh.groups, sh.Sq, sh.Skv, lp.scale, lp.scale * LOG2E,
-        BLOCK_M=M2, BLOCK_N=N2, EVEN_M=lp.even_m and sh.Sq % M2 == 0, EVEN_N=lp.even_n and sh.Skv % N2 == 0,
-        TABLE_GRAD=table_grad, WP=WP, num_warps=c2[2], num_stages=c2[3], **common,
     )  # fmt: skip
+    if tuned and not table_grad:  # the table-gradient scratch is sized for the fixed tile
+        grid = lambda meta: (triton.cdiv(sh.Sq, meta["BLOCK_M"]), sh.B * sh.Hq)
+        _dq_kernel_tuned[grid](*args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, TABLE_GRAD=False, WP=1, **common)
+    else:
+        _dq_kernel[(n_m, sh.B * sh.Hq)](
+            *args, BLOCK_M=M2, BLOCK_N=N2, EVEN_M=lp.even_m and sh.Sq % M2 == 0,
+            EVEN_N=lp.even_n and sh.Skv % N2 == 0, TABLE_GRAD=table_grad, WP=WP,
+            num_warps=c2[2], num_stages=c2[3], **common,
+        )  # fmt: skip
     if table_grad:
         g = tg.sum(dim=(0, 2))[:, : lp.table.shape[1]]
         score_mod_grads[0].add_(g.to(score_mod_grads[0].dtype))

@@ -380,7 +380,39 @@ def fwd_config(D: int, on_gpu: bool) -> tuple[int, int, int, int]:
         return 64, 64, 4, 1
     if D <= 64:
         return 128, 128, 4, 3
-    return 128, 64, 8, 3
+    return 128, 128, 8, 3  # H100 sweep at 32k: best for causal, within 8% of the best for doc masks
+
+
+# Autotuning (GPU only) over a short list of configs measured on H100; used when the BlockMask blocks are
+# multiples of 128 (every listed tile divides them) and the problem is large enough to amortise tuning.
+AUTOTUNE_MIN_PAIRS = 1 << 24
+TUNE_KEY = ["Sq", "Skv", "D", "DV", "QBS", "KBS", "MASK_KIND", "SCORE_KIND", "HAS_FULL", "G"]
+FWD_TUNE = [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 4, 3)]
+
+
+def tune_configs(cfgs) -> list:
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in cfgs]
+
+
+def use_autotune(q: torch.Tensor, km: KernelMask, Sq: int, Skv: int) -> bool:
+    return q.is_cuda and km.QBS % 128 == 0 and km.KBS % 128 == 0 and Sq * Skv >= AUTOTUNE_MIN_PAIRS
+
+
+_fwd_kernel_tuned = triton.autotune(configs=tune_configs(FWD_TUNE), key=TUNE_KEY)(_fwd_kernel)
+
+
+def tuned_choices() -> dict:
+    """The configs the autotuners picked so far (for benchmark reports)."""
+    from . import triton_bwd
+
+    out = {}
+    for name, tuner in (
+        ("fwd", _fwd_kernel_tuned),
+        ("dkdv", triton_bwd._dkdv_kernel_tuned),
+        ("dq", triton_bwd._dq_kernel_tuned),
+    ):
+        out[name] = {str(k[:10]): str(v) for k, v in getattr(tuner, "cache", {}).items()}
+    return out
 
 
 def prepare(
@@ -484,18 +516,28 @@ def triton_forward(
     meta = meta_args(km, False, dummy_i)
     docs, (causal, has_w, has_pre) = doc_args(km, dummy_i)
     bits = km.bits if km.mask_kind == MASK_BITS else dummy_i
-    grid = (triton.cdiv(sh.Sq, BM), sh.B * sh.Hq)
-    _fwd_kernel[grid](
+    args = (
         q, k, v, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         *meta, bits, *docs,
         lp.qidx, lp.kvidx, lp.slopes, lp.table, lp.table_stride, lp.L, lp.softcap,
         sh.Hq, sh.groups, sh.Sq, sh.Skv, lp.scale, lp.scale * LOG2E,
-        BLOCK_M=BM, BLOCK_N=BN, D=sh.D, DV=sh.Dv, QBS=km.QBS, KBS=km.KBS, WORDS=km.words,
+    )  # fmt: skip
+    consts = dict(
+        D=sh.D, DV=sh.Dv, QBS=km.QBS, KBS=km.KBS, WORDS=km.words,
         MASK_KIND=km.mask_kind, SCORE_KIND=lp.score_kind, CAUSAL=causal, HAS_WINDOW=has_w,
         HAS_PREFIX=has_pre, HAS_QIDX=lp.has_qidx, HAS_KVIDX=lp.has_kvidx, HAS_FULL=km.has_full,
-        EVEN_M=lp.even_m and sh.Sq % BM == 0, EVEN_N=lp.even_n and sh.Skv % BN == 0, PREC=lp.prec, UPCAST=lp.upcast,
-        num_warps=cfg[2], num_stages=cfg[3],
+        PREC=lp.prec, UPCAST=lp.upcast,
     )  # fmt: skip
+    if config is None and use_autotune(q, km, sh.Sq, sh.Skv):
+        # every tuned tile divides the 128-multiple blocks, so EVEN_* only depends on the blocks
+        grid = lambda meta: (triton.cdiv(sh.Sq, meta["BLOCK_M"]), sh.B * sh.Hq)
+        _fwd_kernel_tuned[grid](*args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, **consts)
+    else:
+        grid = (triton.cdiv(sh.Sq, BM), sh.B * sh.Hq)
+        _fwd_kernel[grid](
+            *args, BLOCK_M=BM, BLOCK_N=BN, EVEN_M=lp.even_m and sh.Sq % BM == 0,
+            EVEN_N=lp.even_n and sh.Skv % BN == 0, num_warps=cfg[2], num_stages=cfg[3], **consts,
+        )  # fmt: skip
     return out, lse
