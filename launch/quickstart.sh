@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The main job, from a fresh clone: sets up ./.venv and runs the default training run on the corpus that
-# ships with Python (CPU: 2 gloo ranks, cp=2, tiny model; GPU: every visible GPU over NCCL).
+# The main job, from a fresh clone: sets up ./.venv and runs the default training run (tiny Llama on the
+# Python standard library's own source files, packed into 2048-token windows with document masking).
+#   CPU: 2 gloo ranks, context parallel (cp = 2): the loss falls from ~6.3 to ~3 in a few minutes.
+#   GPU: every visible GPU over NCCL (data parallel), bf16.
+# Outputs (metrics.jsonl, loss_curve.png, checkpoints/, .hydra/) go to runs/<time>/ (or $FLEXDIST_RUN_DIR).
 # Extra arguments are Hydra overrides, e.g. `bash launch/quickstart.sh trainer.steps=50`.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -83,7 +83,8 @@ def test_cp2_matches_cp1_first_steps(tmp_path) -> None:
         pytest.skip("flexdist.cp.plan has not landed yet: cp > 1 training is not available")
     common = ["trainer.steps=3", "trainer.seq_len=512", "parallel.block_size=64"]
     torchrun(tmp_path / "cp1", 1, *common)
-    torchrun(tmp_path / "cp2", 2, *common, "parallel=cp", "parallel.cp=2", "parallel.block_size=64")
+    proc = torchrun(tmp_path / "cp2", 2, *common, "parallel=cp", "parallel.cp=2", "parallel.block_size=64")
+    assert "world 2 = dp 1 × cp 2" in proc.stdout
     a, b = read_metrics(tmp_path / "cp1" / "metrics.jsonl"), read_metrics(tmp_path / "cp2" / "metrics.jsonl")
     for ra, rb in zip(a, b, strict=True):
         assert abs(ra["loss"] - rb["loss"]) < 1e-4, (ra, rb)

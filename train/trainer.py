@@ -273,6 +273,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     save_every = t.ckpt_interval
     loss_val = float("nan")
     nan_steps = 0
+    since_log: list[
+        float
+    ] = []  # losses since the last logged step (their mean is less noisy than one step's)
     step = start_step
     end = min(t.steps, t.stop_at) if t.stop_at else t.steps  # stop_at: a planned interruption (time limits)
 
@@ -293,9 +296,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     balance=_value(cfg.parallel.cp_balance),
                     strategy=_value(cfg.parallel.cp_strategy),
                     block_size=cfg.parallel.block_size,
+                    backend=_value(cfg.model.attn_backend),
                 )
                 tokens, labels = plan.shard(batch["tokens"], 1), plan.shard(batch["labels"], 1)
-                positions = plan.positions.reshape(tokens.shape).to(device)
+                positions = plan.positions.to(device)
                 attention = ContextParallelDocumentAttention(plan)
             else:
                 tokens, labels, positions = batch["tokens"], batch["labels"], batch["positions"]
@@ -345,10 +349,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 logger.close(plot=cfg.logger.plot)
                 raise NonFiniteLossError(msg)
             logger.print(f"step {step + 1}: non-finite loss {loss_val}, update skipped")
-            loader_skip = True
+            skipped = True
         else:
-            loader_skip = False
-        if not loader_skip:
+            skipped = False
+        if not skipped:
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             if isinstance(grad_norm, DTensor):
@@ -358,12 +362,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
         step += 1
+        if not skipped:
+            since_log.append(loss_val)
 
         # metrics (rank 0), progress bar, checkpoint
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
-        if is_main and not loader_skip and (step % t.log_interval == 0 or step == t.steps):
+        log_now = not skipped and (step % t.log_interval == 0 or step == end)
+        if is_main and log_now:
             tps = res.tokens_per_step / dt
             pairs_per_token = pairs / (len(micro) * t.micro_batch * t.seq_len)
             mfu = (
@@ -375,6 +382,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 step,
                 {
                     "loss": loss_val,
+                    "loss_avg": sum(since_log) / len(since_log),
                     "lr": lr,
                     "grad_norm": float(grad_norm),
                     "tokens_per_s": tps,
@@ -383,6 +391,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     "step_time_s": dt,
                 },
             )
+        if log_now:
+            since_log.clear()
         logger.advance()
         if step == end or (save_every and step % save_every == 0):
             trainer_state = {"step": step, "scheduler": scheduler.state_dict(), "loader": loader.state_dict()}

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import torch
@@ -19,21 +18,12 @@ from flexdist import kernels
 def make_document_block_mask(doc_ids: torch.Tensor, *, block_size: int = 128):
     """Document-causal BlockMask of a packed batch ``doc_ids [B, S]`` (negative id = padding).
 
-    Uses ``flexdist.document_block_mask`` (built analytically from the ids, no S×S evaluation) when that is
-    available, else torch's ``create_block_mask`` over :class:`flexdist.kernels.DocumentMaskMod` — the same
-    mask, which the kernel also recognises and evaluates natively in partial blocks.
+    Built analytically from the ids by ``flexdist.masks.document_block_mask`` (no S×S evaluation); its
+    ``mask_mod`` is a :class:`flexdist.kernels.DocumentMaskMod`, evaluated natively by the kernel.
     """
-    import flexdist
+    from flexdist.masks import document_block_mask
 
-    builder = getattr(flexdist, "document_block_mask", None)
-    if builder is not None:
-        return builder(doc_ids, causal=True, block_size=block_size)
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    B, S = doc_ids.shape
-    pos = torch.arange(S, device=doc_ids.device).expand(B, S)
-    mod = kernels.DocumentMaskMod(doc_ids, doc_ids, pos, pos, causal=True)
-    return create_block_mask(mod, B, None, S, S, device=doc_ids.device, BLOCK_SIZE=block_size)
+    return document_block_mask(doc_ids, causal=True, block_size=block_size)
 
 
 class LocalDocumentAttention:
@@ -49,30 +39,19 @@ class LocalDocumentAttention:
         )
 
 
-def _cp_module() -> Any:
-    cp = importlib.import_module("flexdist.cp")
-    missing = [name for name in ("plan", "attention") if not hasattr(cp, name)]
-    if missing:
-        raise NotImplementedError(
-            f"parallel.cp > 1 needs flexdist.cp.{' and flexdist.cp.'.join(missing)}, which this checkout does not "
-            "have yet (the context-parallel layer has not landed); run with parallel.cp=1"
-        )
-    return cp
-
-
 class ContextParallelDocumentAttention:
-    """``attention(q, k, v)`` on a rank's shard of the sequence, through ``flexdist.cp.attention``.
+    """``attention(q, k, v)`` on a rank's shard of the sequence: ``flexdist.ContextParallelAttention`` with the
+    batch's plan (from :func:`make_cp_plan`, one per batch, shared by every layer and by backward). GQA is
+    handled by the CP op (K/V travel at ``Hkv`` heads)."""
 
-    ``plan`` comes from :func:`make_cp_plan` (one per batch). K/V heads are expanded to the query heads when
-    the CP op does not take GQA itself.
-    """
+    def __init__(self, plan: Any, *, backend: str | None = None) -> None:
+        from flexdist.cp import ContextParallelAttention
 
-    def __init__(self, plan: Any) -> None:
         self.plan = plan
-        self._cp = _cp_module()
+        self.op = ContextParallelAttention(kernel_backend=backend)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self._cp.attention(q, k, v, self.plan)
+        return self.op(q, k, v, self.plan)
 
 
 def make_cp_plan(
@@ -82,7 +61,21 @@ def make_cp_plan(
     balance: str = "auto",
     strategy: str = "ring",
     block_size: int = 128,
+    backend: str = "auto",
 ) -> Any:
-    """The batch's context-parallel plan over process ``group`` (document-causal)."""
-    cp = _cp_module()
-    return cp.plan(doc_ids, group, balance=balance, strategy=strategy, causal=True, block_size=block_size)
+    """The batch's document-causal context-parallel plan over process ``group`` (``flexdist.cp.plan``).
+
+    Use ``plan.shard(x, 1)`` for this rank's tokens / labels of ``[B, S]`` tensors and ``plan.positions``
+    (``[B, S / cp]``, positions within documents) for RoPE.
+    """
+    from flexdist import cp
+
+    return cp.plan(
+        doc_ids,
+        group,
+        balance=balance,
+        strategy=strategy,
+        causal=True,
+        block_size=block_size,
+        kernel_backend=backend,
+    )
