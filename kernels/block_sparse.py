@@ -61,6 +61,8 @@ class KernelMask:
     kv_pid: torch.Tensor | None = None  # [Bm, Hm, Qb, KVb] partial id of kv_idx entries
     q_pid: torch.Tensor | None = None  # [Bm, Hm, KVb, Qb] partial id of q_idx entries
     doc: dict = field(default_factory=dict)  # MASK_DOC tensors (int32) and flags
+    q_order: torch.Tensor | None = None  # [Bm, Hm, Qb] query blocks, most work first (launch order)
+    kv_order: torch.Tensor | None = None  # [Bm, Hm, KVb] kv blocks, most work first (dK/dV launch order)
 
     @property
     def has_full(self) -> bool:
@@ -88,6 +90,24 @@ def _lists(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     idx = key.argsort(dim=-1)
     idx = torch.where(torch.arange(C, device=dense.device) < num[..., None], idx, 0)
     return num, idx
+
+
+def _work_order(num: torch.Tensor, full_num: torch.Tensor | None) -> torch.Tensor:
+    """Block indices sorted by decreasing work (partial blocks weigh a little more): longest first."""
+    work = num.long() * 5
+    if full_num is not None:
+        work = work + full_num.long() * 4
+    return torch.argsort(-work, dim=-1, stable=True).to(torch.int32).contiguous()
+
+
+def _set_orders(km: KernelMask, Sq: int, Skv: int) -> KernelMask:
+    """Launch orders over the blocks in use (a BlockMask may list more blocks than the sequence needs)."""
+    nq, nk = -(-Sq // km.QBS), -(-Skv // km.KBS)
+    fq = km.full_kv_num[..., :nq] if km.full_kv_num is not None else None
+    fk = km.full_q_num[..., :nk] if km.full_q_num is not None else None
+    km.q_order = _work_order(km.kv_num[..., :nq], fq)
+    km.kv_order = _work_order(km.q_num[..., :nk], fk)
+    return km
 
 
 def _is_noop(mask_mod) -> bool:
@@ -127,6 +147,7 @@ def dense_kernel_mask(Sq: int, Skv: int, block: int, device: torch.device) -> Ke
         fq_num,
         fq_idx,
     )
+    _set_orders(km, Sq, Skv)
     if len(_DENSE_CACHE) > 64:
         _DENSE_CACHE.clear()
     _DENSE_CACHE[key] = km
@@ -274,5 +295,6 @@ def kernel_mask(block_mask, shape: AttnShape, device: torch.device, dense_block:
         lut.scatter_(-1, torch.where(valid, kv_idx.long(), KVb), pid)
         lut = lut[..., :KVb].transpose(-1, -2)  # [Bm, Hm, KVb, Qb]
         km.q_pid = torch.gather(lut, -1, km.q_idx.long()).contiguous()
+    _set_orders(km, shape.Sq, shape.Skv)
     per_bm[key] = km
     return km

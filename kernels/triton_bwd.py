@@ -190,7 +190,7 @@ def _dkdv_inner(
 def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV_,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
-    Q_NUM, Q_IDX, FULLQ_NUM, FULLQ_IDX, Q_PID, snb, snh, sib, sih, sik,
+    Q_NUM, Q_IDX, FULLQ_NUM, FULLQ_IDX, Q_PID, snb, snh, sib, sih, sik, ORDER, sor_b, sor_h,
     BITS, QDOC, KVDOC, QPOS, KVPOS, KVPRE, sdq, sdk, window,
     QIDX, KVIDX, SLOPES, TABLE, table_stride, L, softcap,
     Hq, Hkv, G, Sq, Skv, scale, qk_scale,
@@ -201,12 +201,15 @@ def _dkdv_kernel(
     EVEN_N: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):  # fmt: skip
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
+    slot = tl.program_id(1)
     b = bh // Hkv
     hk = bh % Hkv
     b64 = b.to(tl.int64)
-    start_n = tl.program_id(0) * BLOCK_N
-    kb = start_n // KBS
+    SUBS_N: tl.constexpr = KBS // BLOCK_N
+    # launch order: kv blocks with the most work first (order of the group's first query head)
+    kb = tl.load(ORDER + b * sor_b + (hk * G) * sor_h + slot // SUBS_N)
+    start_n = kb * KBS + (slot % SUBS_N) * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     offs_dv = tl.arange(0, DV)
@@ -354,7 +357,7 @@ def _dq_inner(
 def _dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, TGRAD,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
-    KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, KV_PID, snb, snh, sib, sih, siq,
+    KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, KV_PID, snb, snh, sib, sih, siq, ORDER, sor_b, sor_h,
     BITS, QDOC, KVDOC, QPOS, KVPOS, KVPRE, sdq, sdk, window,
     QIDX, KVIDX, SLOPES, TABLE, table_stride, L, softcap,
     Hq, G, Sq, Skv, scale, qk_scale,
@@ -365,15 +368,16 @@ def _dq_kernel(
     EVEN_N: tl.constexpr, TABLE_GRAD: tl.constexpr, WP: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):  # fmt: skip
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
+    slot = tl.program_id(1)
     b = bh // Hq
     hq = bh % Hq
     hk = hq // G
     b64 = b.to(tl.int64)
     hq64 = hq.to(tl.int64)
-    start_m = tile * BLOCK_M
-    qb = start_m // QBS
+    SUBS_M: tl.constexpr = QBS // BLOCK_M
+    qb = tl.load(ORDER + b * sor_b + hq * sor_h + slot // SUBS_M)
+    start_m = qb * QBS + (slot % SUBS_M) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     offs_dv = tl.arange(0, DV)
@@ -431,7 +435,7 @@ def _dq_kernel(
         tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=offs_m[:, None] < Sq)
     if TABLE_GRAD:
         # one private row per program: [B, Hq, n_tiles, WP]; summed on the host in a fixed order
-        row = (bh.to(tl.int64) * tl.num_programs(0) + tile) * WP
+        row = (bh.to(tl.int64) * tl.num_programs(1) + slot) * WP
         tl.store(TGRAD + row + tl.arange(0, WP), tgrad)
 
 
@@ -523,6 +527,7 @@ def triton_backward(
     dk = torch.empty(sh.B, sh.Hkv, sh.Skv, sh.D, dtype=k.dtype, device=dev)
     dv = torch.empty(sh.B, sh.Hkv, sh.Skv, sh.Dv, dtype=v.dtype, device=dev)
     tuned = config is None and use_autotune(q, km, sh.Sq, sh.Skv)
+    n_qb, n_kb = triton.cdiv(sh.Sq, km.QBS), triton.cdiv(sh.Skv, km.KBS)  # blocks in use
     args = (
         q, k, v, dout, lse, delta, dk, dv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -532,10 +537,10 @@ def triton_backward(
         sh.Hq, sh.Hkv, sh.groups, sh.Sq, sh.Skv, lp.scale, lp.scale * LOG2E,
     )  # fmt: skip
     if tuned:
-        grid = lambda meta: (triton.cdiv(sh.Skv, meta["BLOCK_N"]), sh.B * sh.Hkv)
+        grid = lambda meta: (sh.B * sh.Hkv, n_kb * (km.KBS // meta["BLOCK_N"]))
         _dkdv_kernel_tuned[grid](*args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, **common)
     else:
-        _dkdv_kernel[(triton.cdiv(sh.Skv, N1), sh.B * sh.Hkv)](
+        _dkdv_kernel[(sh.B * sh.Hkv, n_kb * (km.KBS // N1))](
             *args, BLOCK_M=M1, BLOCK_N=N1, EVEN_M=lp.even_m and sh.Sq % M1 == 0,
             EVEN_N=lp.even_n and sh.Skv % N1 == 0, num_warps=c1[2], num_stages=c1[3], **common,
         )  # fmt: skip
@@ -544,7 +549,7 @@ def triton_backward(
         lp.score_kind == SCORE_RELBIAS and score_mod_grads is not None and score_mod.table.requires_grad
     )
     WP = 1
-    n_m = triton.cdiv(sh.Sq, M2)
+    n_m = n_qb * (km.QBS // M2)  # launch slots (a slot past Sq computes nothing visible)
     tg = lp.dummy
     if table_grad:
         W = lp.table.shape[1]
@@ -554,7 +559,7 @@ def triton_backward(
                 f"RelativeBias.table width {W} is too large for the in-kernel table gradient "
                 f"(at most {MAX_TABLE_GRAD_WIDTH}); use backend='reference'"
             )
-        tg = torch.empty(sh.B, sh.Hq, n_m, WP, dtype=torch.float32, device=dev)
+        tg = torch.zeros(sh.B, sh.Hq, n_m, WP, dtype=torch.float32, device=dev)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     args = (
         q, k, v, dout, lse, delta, dq, tg,
@@ -565,10 +570,10 @@ def triton_backward(
         sh.Hq, sh.groups, sh.Sq, sh.Skv, lp.scale, lp.scale * LOG2E,
     )  # fmt: skip
     if tuned and not table_grad:  # the table-gradient scratch is sized for the fixed tile
-        grid = lambda meta: (triton.cdiv(sh.Sq, meta["BLOCK_M"]), sh.B * sh.Hq)
+        grid = lambda meta: (sh.B * sh.Hq, n_qb * (km.QBS // meta["BLOCK_M"]))
         _dq_kernel_tuned[grid](*args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, TABLE_GRAD=False, WP=1, **common)
     else:
-        _dq_kernel[(n_m, sh.B * sh.Hq)](
+        _dq_kernel[(sh.B * sh.Hq, n_m)](
             *args, BLOCK_M=M2, BLOCK_N=N2, EVEN_M=lp.even_m and sh.Sq % M2 == 0,
             EVEN_N=lp.even_n and sh.Skv % N2 == 0, TABLE_GRAD=table_grad, WP=WP,
             num_warps=c2[2], num_stages=c2[3], **common,

@@ -219,6 +219,9 @@ def _fwd_kernel(
     sib,
     sih,
     siq,
+    ORDER,
+    sor_b,
+    sor_h,
     BITS,
     QDOC,
     KVDOC,
@@ -261,14 +264,17 @@ def _fwd_kernel(
     PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first under causal-like masks
-    bh = tl.program_id(1)
+    # grid (batch·head, slot): heads vary fastest and slots follow the block work order, so the longest
+    # query tiles of every head run first (longest-processing-time-first scheduling)
+    bh = tl.program_id(0)
+    slot = tl.program_id(1)
     b = bh // Hq
     hq = bh % Hq
     hk = hq // G
     b64 = b.to(tl.int64)
-    start_m = tile * BLOCK_M
-    qb = start_m // QBS
+    SUBS_M: tl.constexpr = QBS // BLOCK_M
+    qb = tl.load(ORDER + b * sor_b + hq * sor_h + slot // SUBS_M)
+    start_m = qb * QBS + (slot % SUBS_M) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     offs_dv = tl.arange(0, DV)
@@ -461,6 +467,9 @@ def meta_args(km: KernelMask, transposed: bool, dummy_i: torch.Tensor):
     sib = idx.stride(0) if km.Bm > 1 else 0
     sih = idx.stride(1) if km.Hm > 1 else 0
     siq = idx.stride(2)
+    order = km.kv_order if transposed else km.q_order
+    sor_b = order.stride(0) if km.Bm > 1 else 0
+    sor_h = order.stride(1) if km.Hm > 1 else 0
     return (
         num,
         idx,
@@ -472,6 +481,9 @@ def meta_args(km: KernelMask, transposed: bool, dummy_i: torch.Tensor):
         sib,
         sih,
         siq,
+        order,
+        sor_b,
+        sor_h,
     )
 
 
@@ -530,12 +542,13 @@ def triton_forward(
         HAS_PREFIX=has_pre, HAS_QIDX=lp.has_qidx, HAS_KVIDX=lp.has_kvidx, HAS_FULL=km.has_full,
         PREC=lp.prec, UPCAST=lp.upcast,
     )  # fmt: skip
+    n_qb = triton.cdiv(sh.Sq, km.QBS)  # query blocks in use (the BlockMask may list more)
     if config is None and use_autotune(q, km, sh.Sq, sh.Skv):
         # every tuned tile divides the 128-multiple blocks, so EVEN_* only depends on the blocks
-        grid = lambda meta: (triton.cdiv(sh.Sq, meta["BLOCK_M"]), sh.B * sh.Hq)
+        grid = lambda meta: (sh.B * sh.Hq, n_qb * (km.QBS // meta["BLOCK_M"]))
         _fwd_kernel_tuned[grid](*args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, **consts)
     else:
-        grid = (triton.cdiv(sh.Sq, BM), sh.B * sh.Hq)
+        grid = (sh.B * sh.Hq, n_qb * (km.QBS // BM))
         _fwd_kernel[grid](
             *args, BLOCK_M=BM, BLOCK_N=BN, EVEN_M=lp.even_m and sh.Sq % BM == 0,
             EVEN_N=lp.even_n and sh.Skv % BN == 0, num_warps=cfg[2], num_stages=cfg[3], **consts,

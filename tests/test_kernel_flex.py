@@ -222,6 +222,16 @@ def test_odd_lengths_sq_ne_skv_gqa():
     _check_against_reference(q, k, v, None, SoftCap(3.0), gqa=True)  # dense, no BlockMask
 
 
+def test_sub_tiles_of_large_blocks():
+    """torch's default 128-token blocks walked in smaller kernel tiles, with a ragged last block."""
+    B, H, Sq, Skv, D = 1, 2, 200, 170, 16
+    off = Skv - Sq
+    bm = create_block_mask(lambda b, h, q, k: k <= q + off, None, None, Sq, Skv, device=DEV)
+    assert bm.BLOCK_SIZE == (128, 128)
+    q, k, v = _inputs(B, H, H, Sq, Skv, D, seed=14)
+    _check_against_reference(q, k, v, bm, ALiBi(ALiBi.default_slopes(H, DEV)))
+
+
 def test_fully_masked_rows_no_nan():
     B, H, S, D = 1, 2, 64, 16
     doc = torch.full((B, S), -1)
