@@ -103,11 +103,11 @@ def random_doc_ids(rng: random.Random, B: int, S: int, ids: str = "sorted") -> t
             elif kind < 0.9:
                 length = rng.randint(13, max(14, S // 4))
             else:
-                length = rng.randint(S // 2, S)
+                length = rng.randint(max(1, S // 2), S)
             row += [n] * length
             n += 1
         if rng.random() < 0.5:
-            tail = rng.randint(1, S // 8)
+            tail = rng.randint(1, max(1, S // 8))
             row[S - tail :] = [-1] * tail
         row = row[:S]
         if ids != "sorted":
@@ -256,6 +256,49 @@ def test_rank_shards_match_truth(cfg):
         qpb = qp.expand(B, -1) if qp.dim() == 1 else qp
         kpb = kp.expand(B, -1) if kp.dim() == 1 else kp
         check_against_truth(bm, doc, qpb, kpb, bs, c["causal"], c["window"], prefix, exact_blocks=exact)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_layouts_fuzz(seed):
+    """Many small random cases: random sizes, block sizes, configs, prefix ints / per-document tables, and
+    position sets (whole sequence, unaligned contiguous slices, block permutations: exact; random tokens with
+    repeats: correct only)."""
+    rng = random.Random(1000 + seed)
+    for it in range(60):
+        B, S, bs = rng.randint(1, 2), rng.randint(1, 160), rng.choice([4, 8, 16, 32])
+        doc = random_doc_ids(rng, B, S, rng.choice(["sorted", "shuffled", "reused"]))
+        causal = rng.random() < 0.6
+        window = rng.choice([None, None, rng.randint(1, 60)])
+        pk = rng.random()
+        if pk < 0.4:
+            prefix = None
+        elif pk < 0.7:
+            prefix = rng.randint(0, 20)
+        else:
+            prefix = torch.tensor([rng.randint(0, 20) for _ in range(int(doc.max().clamp(min=0)) + 1)])
+        mode = rng.random()
+        if mode < 0.25:
+            qp, kp = torch.arange(S), torch.arange(S)
+        elif mode < 0.6:
+            a, c = rng.randint(0, S - 1), rng.randint(0, S - 1)
+            qp, kp = torch.arange(a, rng.randint(a + 1, S)), torch.arange(c, rng.randint(c + 1, S))
+        elif mode < 0.85:
+            qp, kp = block_permuted_positions(rng, S, bs), block_permuted_positions(rng, S, bs)
+        else:
+            g = torch.Generator().manual_seed(seed * 1000 + it)
+            qp = torch.randint(0, S, (rng.randint(1, 100),), generator=g)
+            kp = torch.randint(0, S, (rng.randint(1, 100),), generator=g)
+        bm = document_block_mask(
+            doc,
+            q_positions=qp,
+            kv_positions=kp,
+            causal=causal,
+            window=window,
+            prefix_lengths=prefix,
+            block_size=bs,
+        )
+        qpb, kpb = qp.expand(B, -1), kp.expand(B, -1)
+        check_against_truth(bm, doc, qpb, kpb, bs, causal, window, prefix, exact_blocks=mode < 0.85)
 
 
 def test_edge_layouts():
