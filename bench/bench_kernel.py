@@ -183,6 +183,35 @@ def run_case(name, S, mean, args, dev, dtype, results, compiled_flex):
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         results.append(row)
         print(_fmt(row), flush=True)
+    # correctness at benchmark scale: flexdist's out and grads against torch flex (same BlockMask)
+    if compiled_flex is not None:
+        try:
+            ours = _outputs_and_grads(lambda a, b, c: flex_attention(a, b, c, block_mask=bm_o), q, k, v, do)
+            ref = _outputs_and_grads(lambda a, b, c: compiled_flex(a, b, c, block_mask=bm_t), q, k, v, do)
+            err = {
+                n: float((x.float() - y.float()).abs().max())
+                for n, x, y in zip(("out", "dq", "dk", "dv"), ours, ref, strict=True)
+            }
+            scale = {
+                n: float(y.float().abs().max()) for n, y in zip(("out", "dq", "dk", "dv"), ref, strict=True)
+            }
+            row = next(r for r in results if r["impl"] == "flexdist" and r["mask"] == name and r["S"] == S)
+            row["max_abs_err_vs_torch_flex"] = err
+            row["max_abs_torch_flex"] = scale
+            print(
+                f"{'':>10} {'':>7} {'check':>11} max|flexdist - torch flex| {err} (max|torch| {scale})",
+                flush=True,
+            )
+            del ours, ref
+        except Exception as e:
+            print(f"correctness check failed to run: {type(e).__name__}: {e}", flush=True)
+
+
+def _outputs_and_grads(f, q, k, v, do):
+    qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
+    out = f(qq, kk, vv)
+    dq, dk, dv = torch.autograd.grad(out, (qq, kk, vv), do)
+    return out.detach(), dq, dk, dv
 
 
 def _fmt(r) -> str:
@@ -345,7 +374,9 @@ def main() -> None:
             f"flexdist vs torch flex  {s['mask']:>7} S={s['S']:>7}: fwd {s['fwd_x_torch_flex']:.2f}x  bwd {s['bwd_x_torch_flex']:.2f}x"
         )
     if args.out:
-        _write(args.out, {"meta": meta, "results": results, "speedup": speed})
+        from flexdist.kernels.triton_fwd import tuned_choices
+
+        _write(args.out, {"meta": meta, "results": results, "speedup": speed, "autotuned": tuned_choices()})
         print(f"wrote {args.out}")
 
 
