@@ -224,7 +224,10 @@ def run_case(
     loss.backward()
     tol = {
         torch.float64: dict(atol=1e-8, rtol=1e-7),
-        torch.float32: dict(atol=2e-3, rtol=2e-3),
+        # fp32 on a GPU may use TF32 tensor cores inside the kernel
+        torch.float32: dict(atol=1e-2, rtol=1e-2)
+        if device.startswith("cuda")
+        else dict(atol=2e-3, rtol=2e-3),
     }.get(dtype, dict(atol=3e-2, rtol=3e-2))
     msg = f"case {c} world={p.world_size} rank={p.rank} balance->{p.balance}"
     torch.testing.assert_close(out.double().cpu(), loc(out_r).cpu(), **tol, msg=lambda m: f"out {msg}: {m}")
@@ -325,11 +328,10 @@ def _worker(
         dtype = getattr(torch, dtype_name)
         n = 0
         if device_kind == "cuda":
-            # the Triton kernel on GPU: larger shapes, every case, D=64, block 32 and 64
+            # the Triton kernel on GPU: every case at two sizes, D=64, blocks of 32 and 64
             for i, c in enumerate(cases()):
-                for S, bs in ((256, 32), (512, 64)):
-                    if S % (world * bs) and c["balance"] == "document":
-                        continue
+                for bs in (32, 64):
+                    S = 4 * world * bs
                     run_case(c, None, device, kernel_backend, dtype, seed=100 + i, S=S, bs=bs, D=64)
                     n += 1
         else:

@@ -15,9 +15,9 @@ Planners (``balance=``):
 - ``contiguous``: rank r holds tokens [r·L, (r+1)·L).
 - ``zigzag``: head-tail, 2N chunks, rank r holds chunks r and 2N−1−r (the classic causal balancer).
 - ``document``: whole blocks of ``block_size`` tokens are assigned to ranks (equal counts, no padding,
-  documents of any length) to minimise the predicted ring time: best of several seeds (contiguous,
-  zigzag, round-robin striping, per-document snake) followed by a deterministic swap search on the
-  critical steps.
+  documents of any length) to minimise the predicted ring time: the best of a family of seed layouts
+  (chunks dealt cyclically or snake-wise, from contiguous to block striping: see `_seed_layouts`) refined
+  by a deterministic swap search on the critical steps.
 """
 
 from __future__ import annotations
@@ -206,11 +206,8 @@ def predicted_time(work: np.ndarray, shard_blocks: int, cost: CostModel) -> floa
     """Critical path of the ring with per-step synchronisation and next-step transfers overlapped."""
     N = work.shape[0]
     sm = step_matrix(work).max(axis=1).astype(np.float64)
-    tl = last_needed_step(work)
-    comm = np.zeros(N)
-    for t in range(N - 1):
-        if (tl >= t + 1).any():
-            comm[t] = cost.comm_weight * shard_blocks
+    # the transfer for step t+1 overlaps step t; some shard still travels while t+1 <= max_j t_last[j]
+    comm = np.where(np.arange(N) < last_needed_step(work).max(), cost.comm_weight * shard_blocks, 0.0)
     return float(np.maximum(sm, comm).sum())
 
 
@@ -243,41 +240,29 @@ def _aggregate(G: np.ndarray, assign: np.ndarray, N: int) -> tuple[np.ndarray, n
     return R, C, W
 
 
-def _seed_layouts(G: np.ndarray, N: int, doc_block: np.ndarray) -> dict[str, np.ndarray]:
-    nb = G.shape[0]
+def _seed_layouts(nb: int, N: int) -> dict[str, np.ndarray]:
+    """Candidate block→rank layouts spanning locality (few K/V transfers) to spreading (even work).
+
+    The sequence of blocks is cut into ``k·N`` equal chunks (k a power of two dividing nb/N) dealt to ranks
+    in passes: ``cyclic{k}`` deals every pass in ring order (chunk c → rank c mod N), so a document crossing
+    a chunk boundary only needs the previous rank's shard, one ring step back (k=1 is contiguous, k=nb/N is
+    round-robin striping of blocks); ``snake{k}`` alternates the direction each pass (k=2 is the classic
+    zigzag/head-tail), which balances causal work better but needs shards from far round the ring.
+    """
     per = nb // N
-    seeds = {"contiguous": np.repeat(np.arange(N), per)}
-    if nb % (2 * N) == 0:
-        c = nb // (2 * N)
-        z = np.empty(nb, dtype=np.int64)
-        for r in range(N):
-            z[r * c : (r + 1) * c] = r
-            z[(2 * N - 1 - r) * c : (2 * N - r) * c] = r
-        seeds["zigzag"] = z
-    seeds["striped"] = np.arange(nb) % N
-    # per-document snake: blocks of each document dealt round-robin, direction alternating per pass, the
-    # dealing pointer carried across documents; then rebalanced to equal counts by the swap search's
-    # feasibility (we deal exactly `per` blocks to every rank by skipping full ranks).
-    snake = np.empty(nb, dtype=np.int64)
-    counts = np.zeros(N, dtype=np.int64)
-    ptr, direction = 0, 1
-    for i in range(nb):
-        for _ in range(2 * N):
-            if counts[ptr] < per:
-                break
-            ptr, direction = _advance(ptr, direction, N)
-        snake[i] = ptr
-        counts[ptr] += 1
-        ptr, direction = _advance(ptr, direction, N)
-    seeds["snake"] = snake
+    seeds: dict[str, np.ndarray] = {}
+    ci_all = np.arange(nb)
+    k = 1
+    while k <= per:
+        if per % k == 0:
+            ci = ci_all // (per // k)  # chunk index, per//k blocks per chunk
+            fwd = ci % N
+            seeds[f"cyclic{k}"] = fwd
+            if k > 1:
+                seeds[f"snake{k}"] = np.where((ci // N) % 2 == 0, fwd, N - 1 - fwd)
+        k *= 2
+    seeds.setdefault(f"cyclic{per}", ci_all % N)  # striping, also when nb/N is not a power of two
     return seeds
-
-
-def _advance(ptr: int, direction: int, N: int) -> tuple[int, int]:
-    nxt = ptr + direction
-    if nxt < 0 or nxt >= N:
-        return ptr, -direction
-    return nxt, direction
 
 
 def plan_document(
@@ -292,7 +277,7 @@ def plan_document(
     per = nb // N
     best_name, best_assign, best_cost = None, None, np.inf
     info: dict = {"seeds": {}}
-    for name, a in _seed_layouts(G, N, np.zeros(nb)).items():
+    for name, a in _seed_layouts(nb, N).items():
         _, _, W = _aggregate(G, a, N)
         c = predicted_time(W, per, cost)
         info["seeds"][name] = c
