@@ -49,8 +49,9 @@ def ckpt_steps(run_dir: Path) -> list[str]:
 
 
 @pytest.mark.distributed
-def test_two_rank_run_loss_falls_and_resume_continues_the_same_curve(tmp_path) -> None:
-    """Uninterrupted 8 steps vs 4 steps, stop, resume to 8: identical per-step losses; loss falls."""
+def test_two_rank_run_loss_falls_and_resume_continues_the_same_curve(tmp_path, monkeypatch) -> None:
+    """Uninterrupted 8 steps vs 4 steps, stop, resume to 8: identical per-step losses; loss falls; the same
+    global batch split as dp × micro_batch × grad_accum in other ways gives the same losses."""
     full, split = tmp_path / "full", tmp_path / "split"
     torchrun(full, 2, "trainer.steps=8", "trainer.ckpt_interval=4", "logger.plot=true")
     ref = losses(full)
@@ -72,6 +73,17 @@ def test_two_rank_run_loss_falls_and_resume_continues_the_same_curve(tmp_path) -
     for step, (a, b) in enumerate(zip(ref, got, strict=True), 1):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), f"step {step}: uninterrupted {a} vs resumed {b}"
     assert "step_00000006.tmp" not in ckpt_steps(split)  # cleaned up by the next save
+
+    # The loss is normalised by the global number of valid tokens, so dp=2 × micro_batch=1 (above),
+    # dp=1 × micro_batch=2 and dp=1 × grad_accum=2 (the same windows each step) give the same losses.
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    for name, over in (("mb2", "trainer.micro_batch=2"), ("ga2", "trainer.grad_accum=2")):
+        _run_in_process(_compose(tmp_path / name, over, "trainer.steps=8", "trainer.stop_at=3"))
+        got = losses(tmp_path / name)
+        assert len(got) == 3
+        for a, b in zip(ref[:3], got, strict=True):
+            assert abs(a - b) <= 2e-5 * abs(a), (name, ref[:3], got)
 
 
 @pytest.mark.distributed

@@ -47,6 +47,7 @@ from flexdist.model import (
     Llama,
     LlamaConfig,
     LocalDocumentAttention,
+    compile_model,
     document_causal_pairs,
     flops_per_token,
     make_cp_plan,
@@ -178,13 +179,13 @@ def peak_memory_gib(device: torch.device) -> float:
 def agree_on_run_dir(run_dir: str) -> Path:
     """Every rank must write to the same run directory (computed once by the launcher)."""
     dirs: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(dirs, os.path.abspath(run_dir))
+    dist.all_gather_object(dirs, str(run_dir))
     if len(set(dirs)) != 1:
         raise ValueError(
             f"ranks disagree on trainer.run_dir: {sorted(set(dirs))}; pass trainer.run_dir=... or set "
             "FLEXDIST_RUN_DIR once in the launcher (the launch/ scripts do)"
         )
-    return Path(dirs[0])
+    return Path(run_dir).absolute()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -233,8 +234,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     fpt_cfg = model.cfg
     model.activation_checkpointing = t.activation_checkpointing
     if t.compile:
-        for block in model.layers:
-            block.compile()
+        compile_model(model)
     if cfg.parallel.fsdp:
         shard_model(model, fsdp_mesh, param_dtype)
     elif param_dtype != torch.float32:
@@ -260,7 +260,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         start_step=start_step,
         progress_bar=cfg.logger.progress_bar,
         wandb_cfg=_wandb_cfg(cfg),
-        config=OmegaConf.to_container(cfg, resolve=True) if is_main else None,
+        config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True) if is_main else None,
     )
     logger.print(
         f"flexdist train: {cfg.model.name} ({n_params / 1e6:.1f}M params) | world {world_size} = dp {res.dp} × "

@@ -104,15 +104,22 @@ class GQAttention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: Attention
-    ) -> torch.Tensor:
+    def qkv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projections + RoPE, ``[B, H, S, D]`` (separate so it can be compiled without the attention op)."""
         B, S, _ = x.shape
         q = self.wq(x).view(B, S, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: Attention
+    ) -> torch.Tensor:
+        B, S, _ = x.shape
+        out = attention(*self.qkv(x, cos, sin))
         return self.wo(out.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -208,6 +215,20 @@ class Llama(nn.Module):
         if exclude_embedding:
             n -= self.tok_embeddings.weight.numel()
         return n
+
+
+def compile_model(model: Llama, **compile_kwargs) -> Llama:
+    """``torch.compile`` everything of every block except the attention op itself (in place).
+
+    The attention callable changes every batch (it carries the batch's BlockMask or CP plan), and the kernel
+    is already a fused Triton kernel; compiling around it would guard on a new object each step and recompile.
+    So the compiled regions are the Q/K/V projections + RoPE, the norms, and the SwiGLU feed-forward.
+    """
+    for layer in model.layers:
+        layer.attention.qkv = torch.compile(layer.attention.qkv, **compile_kwargs)
+        for module in (layer.attention_norm, layer.ffn_norm, layer.feed_forward):
+            module.compile(**compile_kwargs)
+    return model
 
 
 def flops_per_token(cfg: LlamaConfig, attn_pairs_per_token: float) -> float:
