@@ -165,3 +165,34 @@ def test_wandb_offline_keeps_one_run_id_across_resume(tmp_path, monkeypatch) -> 
     assert (tmp_path / "wandb_run_id").read_text().strip() == run_id
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert runs and all(p.name.endswith(run_id) for p in runs)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_run_with_the_triton_kernel(tmp_path) -> None:
+    """On CUDA: bf16 FSDP2 run with the Triton kernel (cp over 2 GPUs when there are 2), loss falls."""
+    import torch
+
+    n = min(torch.cuda.device_count(), 2)
+    env_over = [
+        "model.attn_backend=auto",
+        "trainer.device=cuda",
+        "trainer.dtype=bf16",
+        "trainer.seq_len=4096",
+        "trainer.steps=30",
+        "trainer.stop_at=null",
+        "optim.warmup_steps=5",
+        "parallel=cp",
+        f"parallel.cp={n}",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
+    cmd += ["-m", "train", *FAST, *env_over]
+    env.update(
+        {"FLEXDIST_RUN_DIR": str(tmp_path), "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+    )
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    recs = read_metrics(tmp_path / "metrics.jsonl")
+    assert len(recs) == 30
+    first, last = sum(r["loss"] for r in recs[:3]) / 3, sum(r["loss"] for r in recs[-3:]) / 3
+    assert last < first - 1.0, [r["loss"] for r in recs]
