@@ -136,7 +136,7 @@ def main() -> None:
         "cuda": torch.version.cuda,
         "triton": None,
         "python": platform.python_version(),
-        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017
         "block_size": bs,
         "mean_doc": args.mean_doc,
         "mask": "document-causal",

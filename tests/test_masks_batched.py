@@ -113,6 +113,30 @@ def test_batched_classification_matches_create_block_mask():
                 assert torch.equal(getattr(masks.get(r, j), name), getattr(ref, name)), (r, j, name)
 
 
+def test_q_ranks_subset_and_ring_steps():
+    """A rank may build only its own row; counts still cover every pair; ring_step(r, s) = get(r, r - s)."""
+    rng = random.Random(5)
+    N, B, bs = 4, 1, 16
+    S = 2 * N * 32
+    doc = random_doc_ids(rng, B, S, "sorted")
+    pos = zigzag_positions(S, N, B)
+    full = rank_step_block_masks(doc, pos, block_size=bs, window=70)
+    mine = rank_step_block_masks(doc, pos, block_size=bs, window=70, q_ranks=[2])
+    assert torch.equal(full.counts_cpu(), mine.counts_cpu())
+    for j in range(N):
+        for name in BM_FIELDS:
+            assert torch.equal(getattr(mine.get(2, j), name), getattr(full.get(2, j), name))
+    for s in range(N):
+        assert mine.ring_step(2, s) is mine.get(2, (2 - s) % N)
+    assert len(mine.all_masks()) == 1
+    with pytest.raises(KeyError, match="q_ranks"):
+        mine.get(0, 1)
+    with pytest.raises(ValueError, match="q_ranks"):
+        rank_step_block_masks(doc, pos, block_size=bs, q_ranks=[4])
+    with pytest.raises(ValueError, match="q_ranks"):
+        rank_step_block_masks(doc, pos, block_size=bs, q_ranks=[1, 1])
+
+
 def test_batched_bad_inputs():
     doc = torch.zeros(2, 256, dtype=torch.long)
     pos = torch.arange(256).view(4, 64)

@@ -10,6 +10,7 @@ The planner can cost and skip steps from the ``[N, N]`` count tensors without bu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -39,9 +40,11 @@ class RankStepMasks:
     """BlockMasks of every (query rank ``r``, key rank ``j``) pair of one CP plan, plus their costs.
 
     ``masks.get(r, j)``, ``masks[r, j]`` or ``masks[r][j]``: the BlockMask of rank r's queries against rank
-    j's keys (built on first access from precomputed tables, then cached). Count tensors are ``[N, N]`` int64
-    on the device, summed over the batch: ``partial_blocks``, ``full_blocks`` and ``max_unmasked_pairs``
-    (an upper bound on visible (q, kv) pairs: exact for full blocks, a whole block for each partial block).
+    j's keys (built on first access from precomputed tables, then cached); ``masks.ring_step(r, s)`` is the
+    one rank r needs at ring step s (keys of rank ``(r - s) mod N``). Only the rows listed in ``q_ranks``
+    have masks (all by default). Count tensors are ``[N, N]`` int64 on the device for *every* pair, summed
+    over the batch: ``partial_blocks``, ``full_blocks`` and ``max_unmasked_pairs`` (an upper bound on visible
+    (q, kv) pairs: exact for full blocks, a whole block for each partial block).
     """
 
     num_ranks: int
@@ -50,7 +53,8 @@ class RankStepMasks:
     partial_blocks: torch.Tensor
     full_blocks: torch.Tensor
     max_unmasked_pairs: torch.Tensor
-    # [N, N, B, 1, ...] tables and [N, B, L] per-token tensors the BlockMasks are views of
+    q_ranks: tuple[int, ...]
+    # [len(q_ranks), N, B, 1, ...] tables and [N, B, L] per-token tensors the BlockMasks are views of
     _tables: tuple[torch.Tensor, ...] = field(repr=False)
     _run: torch.Tensor = field(repr=False)
     _pos: torch.Tensor = field(repr=False)
@@ -60,6 +64,9 @@ class RankStepMasks:
     _cache: dict = field(default_factory=dict, repr=False)
     _counts_cpu: torch.Tensor | None = field(default=None, repr=False)
     _views: tuple | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self._row = {r: i for i, r in enumerate(self.q_ranks)}
 
     def _check_pair(self, r: int, j: int) -> tuple[int, int]:
         N = self.num_ranks
@@ -82,6 +89,8 @@ class RankStepMasks:
         bm = self._cache.get((r, j))
         if bm is None:
             r, j = self._check_pair(r, j)
+            if r not in self._row:
+                raise KeyError(f"masks were built for q_ranks={self.q_ranks} only, not q_rank {r}")
             tables, run, pos, pre = self._split()
             mask_mod = DocumentMaskMod(
                 q_doc=run[r],
@@ -93,10 +102,17 @@ class RankStepMasks:
                 kv_in_prefix=None if pre is None else pre[j],
             )
             bm = make_block_mask(
-                *(t[r][j] for t in tables), self.block_size, mask_mod, (self.shard_len, self.shard_len)
+                *(t[self._row[r]][j] for t in tables),
+                self.block_size,
+                mask_mod,
+                (self.shard_len, self.shard_len),
             )
             self._cache[(r, j)] = bm
         return bm
+
+    def ring_step(self, r: int, s: int) -> BlockMask:
+        """The mask rank ``r`` uses at ring step ``s`` (0 = its own keys), when K/V travel r -> r + 1."""
+        return self.get(r, (r - s) % self.num_ranks)
 
     def __getitem__(self, key: int | tuple[int, int]):
         if isinstance(key, tuple):
@@ -105,8 +121,8 @@ class RankStepMasks:
         return [self.get(r, j) for j in range(self.num_ranks)]
 
     def all_masks(self) -> list[list[BlockMask]]:
-        """Every BlockMask, ``[q_rank][kv_rank]``."""
-        return [self[r] for r in range(self.num_ranks)]
+        """Every BlockMask that was built, ``[i][kv_rank]`` for the i-th of ``q_ranks``."""
+        return [self[r] for r in self.q_ranks]
 
     def counts_cpu(self) -> torch.Tensor:
         """int64 ``[3, N, N]`` (partial, full, max_unmasked_pairs) on the CPU (one host sync, then cached)."""
@@ -132,6 +148,7 @@ def rank_step_block_masks(
     prefix_lengths: int | torch.Tensor | None = None,
     block_size: int | tuple[int, int] = 128,
     validate: bool = True,
+    q_ranks: Sequence[int] | None = None,
 ) -> RankStepMasks:
     """All (query rank, key rank) document BlockMasks of a CP plan, classified in one pass on the device.
 
@@ -143,6 +160,8 @@ def rank_step_block_masks(
         causal, window, prefix_lengths: as in `document_block_mask`.
         block_size: int or ``(q_block, kv_block)``; each must divide L.
         validate: range-check positions / prefix tables (one host synchronisation).
+        q_ranks: build masks only for these query ranks' rows (e.g. ``[my_rank]``: a CP rank needs only its
+            own queries' masks); block counts are still computed for all N×N pairs. Default: every rank.
 
     Returns:
         `RankStepMasks`; ``masks.get(r, j)`` equals ``document_block_mask(doc_ids, q_positions=positions[r],
@@ -172,6 +191,13 @@ def rank_step_block_masks(
                 f"block_size ({name} {bs}) must divide the shard length L={L} of every rank "
                 f"(positions shape {tuple(positions.shape)}); pick a block size dividing {L} or pad the shards"
             )
+    if q_ranks is None:
+        rows = tuple(range(N))
+    else:
+        rows = tuple(q_ranks)
+        bad = [r for r in rows if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < N]
+        if bad or len(set(rows)) != len(rows) or not rows:
+            raise ValueError(f"q_ranks must be distinct ints in [0, {N}), got {q_ranks!r}")
     prefix_table = check_prefix(doc_ids, prefix_lengths, checks)
     if checks is not None:
         checks.raise_if_bad()
@@ -180,9 +206,11 @@ def rank_step_block_masks(
 
     side = gather_side(run, prefix, pos, want_prefix=True)
     classes = classify_blocks(side, side, q_bs, kv_bs, causal, window)  # [2, N, N, B, nq, nkv]
-    tables = block_tables(classes)  # [N, N, B, 1, ...]
-    partial_count = tables[0].sum(dim=(-3, -2, -1), dtype=torch.int64)  # over B, head, q blocks
-    full_count = tables[2].sum(dim=(-3, -2, -1), dtype=torch.int64)
+    counts = classes.sum(dim=(-3, -2, -1), dtype=torch.int64)  # [2, N, N] over B, q and kv blocks
+    partial_count, full_count = counts[0], counts[1]
+    if len(rows) != N:
+        classes = classes[:, list(rows)]
+    tables = block_tables(classes)  # [len(rows), N, B, 1, ...]
     return RankStepMasks(
         num_ranks=N,
         block_size=(q_bs, kv_bs),
@@ -190,6 +218,7 @@ def rank_step_block_masks(
         partial_blocks=partial_count,
         full_blocks=full_count,
         max_unmasked_pairs=(partial_count + full_count) * (q_bs * kv_bs),
+        q_ranks=rows,
         _tables=tables,
         _run=side.run,
         _pos=side.pos,
