@@ -504,3 +504,19 @@ def test_cuda_builds_the_same_masks():
         for r in range(4):
             for j in range(4):
                 assert torch.equal(m_gpu.get(r, j).kv_indices.cpu(), m_cpu.get(r, j).kv_indices)
+
+
+def test_tables_are_contiguous_int32():
+    """Kernels (torch's compiled template, flexdist's) read the tables by their shapes: keep them dense."""
+    doc = random_doc_ids(random.Random(0), 2, 200, "sorted")
+    qp = torch.arange(200, dtype=torch.int32).view(50, 4).t()[:2]  # [B=2, 50], strides (1, 4)
+    assert not qp.is_contiguous()
+    bm = document_block_mask(doc, q_positions=qp, block_size=32)
+    tables = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
+    tables += ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+    for name in tables:
+        t = getattr(bm, name)
+        assert t.is_contiguous() and t.dtype == torch.int32, name
+    for name in ("q_doc", "kv_doc", "q_pos", "kv_pos"):
+        assert getattr(bm.mask_mod, name).is_contiguous(), name
+    check_against_truth(bm, doc, qp.long(), torch.arange(200).expand(2, 200), 32, True, None, None, True)

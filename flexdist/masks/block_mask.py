@@ -208,7 +208,7 @@ def gather_side(
     p = None
     if want_prefix and prefix is not None:
         p = prefix.unsqueeze(0).expand(G, B, S).gather(-1, positions)
-    return _Side(r, positions.to(torch.int32), p)
+    return _Side(r, positions.to(torch.int32).contiguous(), p)
 
 
 def _block_stats(side: _Side, bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -316,7 +316,7 @@ def ordered_indices(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     slot = torch.where(active, cs - 1, (num + ar) - cs)  # active: rank among active; else after all active
     idx = torch.empty(active.shape, dtype=torch.int32, device=active.device)
     idx.scatter_(-1, slot.long(), ar.expand(active.shape))
-    return num.squeeze(-1), idx
+    return num.squeeze(-1).contiguous(), idx  # contiguous, like torch's own tables
 
 
 @functools.cache
