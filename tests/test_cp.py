@@ -539,3 +539,23 @@ def test_document_planner_beats_fixed_layouts():
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_cp_exact_gloo(world):
     spawn_world(world, timeout=170.0)
+
+
+def test_block_level_pair_work_equals_token_level():
+    """For block-aligned layouts the planner's block-aggregated pair work equals the exact token-level count."""
+    from flexdist.cp.plan import _pair_work_tokens
+
+    S, N, bs = 384, 4, 16
+    doc = make_doc_ids("doc", 2, S, 11)
+    for causal, window in ((True, None), (True, 20), (False, None)):
+        lo, hi = bal.visible_intervals(doc, causal, window)
+        G = bal.global_block_work(doc, bs, causal, window)
+        assign, _ = bal.plan_document(G, N, bal.CostModel())
+        for perm in (bal.blocks_to_perm(assign, N, bs), bal.contiguous_perm(S, N), bal.zigzag_perm(S, N)):
+            a = bal.block_assignment(perm, N, bs)
+            assert a is not None
+            W1, need1 = bal.pair_work_from_blocks(G, a, N)
+            W2, need2 = _pair_work_tokens(perm, N, lo, hi, bs, 1.0)
+            np.testing.assert_array_equal(W1, W2)
+            np.testing.assert_array_equal(need1, need2)
+    assert bal.block_assignment(bal.zigzag_perm(S, 8), 8, 16) is None  # chunks of 24 tokens straddle blocks

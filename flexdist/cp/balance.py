@@ -230,6 +230,29 @@ def global_block_work(
     return w.numpy()
 
 
+def block_assignment(perm: torch.Tensor, N: int, block_size: int) -> np.ndarray | None:
+    """The block→rank assignment of a layout whose local blocks are whole aligned global blocks, else None."""
+    S = perm.numel()
+    if S % (N * block_size):
+        return None
+    blocks = perm.view(-1, block_size)
+    first = blocks[:, 0]
+    if not (first % block_size == 0).all() or not (blocks - first[:, None] == torch.arange(block_size)).all():
+        return None
+    assign = np.empty(S // block_size, dtype=np.int64)
+    assign[(first // block_size).numpy()] = np.repeat(np.arange(N), S // block_size // N)
+    return assign
+
+
+def pair_work_from_blocks(G: np.ndarray, assign: np.ndarray, N: int) -> tuple[np.ndarray, np.ndarray]:
+    """``[N, N]`` pair work and distinct K/V blocks of shard j needed by rank r, from the global block work."""
+    _, _, W = _aggregate(G, assign, N)
+    onehot = np.zeros((len(assign), N))
+    onehot[np.arange(len(assign)), assign] = 1.0
+    needed = (onehot.T @ (G > 0).astype(np.float64)) > 0
+    return W, (needed.astype(np.float64) @ onehot).astype(np.int64)
+
+
 def _aggregate(G: np.ndarray, assign: np.ndarray, N: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row aggregates R[x, k] = Σ_{c∈k} G[x, c], column aggregates C[k, x], pair work W = A^T G A."""
     onehot = np.zeros((len(assign), N))
@@ -266,12 +289,12 @@ def _seed_layouts(nb: int, N: int) -> dict[str, np.ndarray]:
 
 
 def plan_document(
-    G: np.ndarray, N: int, cost: CostModel, iters: int = 4000, seed: int = 0
+    G: np.ndarray, N: int, cost: CostModel, iters: int = 4000, seed: int = 0, patience: int = 300
 ) -> tuple[np.ndarray, dict]:
     """Assign the ``nb`` global blocks to N ranks (nb/N each) minimising `predicted_time`.
 
-    Deterministic for a given G (integer-valued costs, seeded generator, fixed iteration count), so every
-    rank computes the same plan without communicating.
+    Deterministic for a given G (integer-valued costs, exact in float64; seeded generator; iteration-count
+    based stopping), so every rank computes the same plan without communicating.
     """
     nb = G.shape[0]
     per = nb // N
@@ -294,7 +317,12 @@ def plan_document(
     cur = best_cost
     accepted = 0
     rr = np.arange(N)
+    ideal = float(W.sum()) / N
+    stale = 0
     for _ in range(iters):
+        if stale >= patience or cur <= ideal * 1.002:
+            break  # deterministic stop: no improvement for `patience` tries, or at the lower bound
+        stale += 1
         sm = step_matrix(W)
         t = int(np.argmax(sm.max(axis=1)))
         p = int(np.argmax(sm[t]))  # critical rank at the critical step
@@ -317,6 +345,7 @@ def plan_document(
         if c2 < cur - 1e-9:
             cur, W = c2, W2
             accepted += 1
+            stale = 0
             # update aggregates for the new assignment
             R[:, q] += G[:, x] - G[:, y]
             R[:, src] += G[:, y] - G[:, x]

@@ -282,6 +282,7 @@ def _layout(
     window: int | None,
     cost: bal.CostModel,
     prefix: int | None = None,
+    G: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, dict]:
     S = doc_ids.shape[1]
     if balance == "contiguous":
@@ -294,7 +295,11 @@ def _layout(
                 f"balance='document' assigns whole blocks: S={S} must be divisible by N*block_size="
                 f"{N}*{bs}={N * bs} (S % {N * bs} = {S % (N * bs)}); pass a smaller block_size or pad S"
             )
-        G = bal.global_block_work(doc_ids, bs, causal, window, cost.partial_weight, prefix)
+        G = (
+            G
+            if G is not None
+            else bal.global_block_work(doc_ids, bs, causal, window, cost.partial_weight, prefix)
+        )
         assign, info = bal.plan_document(G, N, cost)
         return bal.blocks_to_perm(assign, N, bs), info
     raise ValueError(f"balance must be one of {(*bal.BALANCES, 'auto')}, got {balance!r}")
@@ -363,14 +368,25 @@ def plan(
     doc_cpu = doc_ids.detach().cpu().long()
     lo, hi = bal.visible_intervals(doc_cpu, causal, window, prefix_lengths)
     L = S // N
+    # global block work (used by the planner, and for the exact pair work of block-aligned layouts)
+    G = None
+    if S % (N * block_size) == 0 and balance in ("auto", "document"):
+        G = bal.global_block_work(doc_cpu, block_size, causal, window, cost.partial_weight, prefix_lengths)
+
+    def pair_work(perm: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        assign = bal.block_assignment(perm, N, block_size) if G is not None else None
+        if assign is not None:
+            return bal.pair_work_from_blocks(G, assign, N)
+        return _pair_work_tokens(perm, N, lo, hi, block_size, cost.partial_weight)
+
     if balance == "auto":
         cands = []
         for name in bal.BALANCES:
             try:
-                perm, info = _layout(name, doc_cpu, N, block_size, causal, window, cost, prefix_lengths)
+                perm, info = _layout(name, doc_cpu, N, block_size, causal, window, cost, prefix_lengths, G)
             except ValueError:
                 continue
-            W, need = _pair_work_tokens(perm, N, lo, hi, block_size, cost.partial_weight)
+            W, need = pair_work(perm)
             cands.append((bal.predicted_time(W, -(-L // block_size), cost), name, perm, info, W, need))
         if not cands:
             raise ValueError(
@@ -380,9 +396,9 @@ def plan(
         _, resolved, perm, info, W, need = min(cands, key=lambda c: (c[0], c[1] != "contiguous"))
         info = dict(info, auto_candidates={c[1]: c[0] for c in cands})
     else:
-        perm, info = _layout(balance, doc_cpu, N, block_size, causal, window, cost, prefix_lengths)
+        perm, info = _layout(balance, doc_cpu, N, block_size, causal, window, cost, prefix_lengths, G)
         resolved = balance
-        W, need = _pair_work_tokens(perm, N, lo, hi, block_size, cost.partial_weight)
+        W, need = pair_work(perm)
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(S)
 
