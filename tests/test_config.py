@@ -111,6 +111,8 @@ def test_unknown_key_in_a_yaml_option_is_an_error(tmp_path) -> None:
             r"model.n_heads=4 is not a multiple of model.n_kv_heads=3",
         ),
         (["model.dim=120"], 1, r"head dim model.dim / model.n_heads = 120 / 4 = 30 is not supported"),
+        (["model.dim=1024", "model.n_heads=4"], 1, r"= 1024 / 4 = 256 is not supported by the Triton kernel"),
+        (["model.dim=36", "model.attn_backend=reference"], 1, r"= 36 / 4 = 9 must be even \(RoPE\)"),
         (["model.dim=130"], 1, r"model.dim=130 is not divisible by model.n_heads=4"),
         (["+trainer.new_key=1"], 1, "unknown config key 'trainer.new_key'"),
         (["trainer.grad_accum=0"], 1, "trainer.grad_accum=0 must be >= 1"),

@@ -18,7 +18,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+from flexdist.kernels.validation import KERNEL_HEAD_DIMS
 
 
 class AttnBackend(Enum):
@@ -78,7 +78,7 @@ class ModelConfig:
     name: str = MISSING  # label of the size (tiny, 125m, …), used in logs only
     dim: int = MISSING  # residual stream width
     n_layers: int = MISSING  # number of transformer blocks
-    n_heads: int = MISSING  # query heads; head dim = dim / n_heads (must be 16, 32, 64, 128 or 256)
+    n_heads: int = MISSING  # query heads; head dim = dim / n_heads (the Triton kernel: 16, 32, 64 or 128)
     n_kv_heads: int = MISSING  # key/value heads (GQA); must divide n_heads
     ffn_hidden_dim: int = MISSING  # SwiGLU inner width
     vocab_size: int | None = None  # null: the data's vocabulary rounded up to a multiple of 64
@@ -279,10 +279,15 @@ def validate(cfg: Any, world_size: int) -> Resolved:
             errors.append(f"model.n_heads={nh} is not a multiple of model.n_kv_heads={nkv} (GQA)")
         if dim % nh:
             errors.append(f"model.dim={dim} is not divisible by model.n_heads={nh}")
-        elif head_dim not in SUPPORTED_HEAD_DIMS:
+        elif head_dim % 2:
             errors.append(
-                f"head dim model.dim / model.n_heads = {dim} / {nh} = {head_dim} is not supported by the kernel "
-                f"(supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))})"
+                f"head dim model.dim / model.n_heads = {dim} / {nh} = {head_dim} must be even (RoPE)"
+            )
+        elif g("model.attn_backend") != "reference" and head_dim not in KERNEL_HEAD_DIMS:
+            errors.append(
+                f"head dim model.dim / model.n_heads = {dim} / {nh} = {head_dim} is not supported by the Triton "
+                f"kernel (supported: {', '.join(map(str, KERNEL_HEAD_DIMS))}; model.attn_backend=reference "
+                "takes any even head dim, slowly)"
             )
     for key in ("trainer.steps", "trainer.micro_batch", "trainer.grad_accum", "trainer.log_interval"):
         if g(key) < 1:

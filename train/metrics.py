@@ -20,6 +20,10 @@ def _fmt(key: str, value: Any) -> str:
     if isinstance(value, float):
         if key == "lr":
             return f"{key} {value:.2e}"
+        if key == "loss_avg10":
+            return f"avg10 {value:.4f}"
+        if key == "step_time_s":
+            return f"{value:.2f}s"
         if key in ("tokens_per_s",):
             return f"tok/s {value:,.0f}"
         if key == "mfu":

@@ -21,6 +21,7 @@ import math
 import os
 import resource
 import time
+from collections import deque
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -273,9 +274,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     save_every = t.ckpt_interval
     loss_val = float("nan")
     nan_steps = 0
-    since_log: list[
-        float
-    ] = []  # losses since the last logged step (their mean is less noisy than one step's)
+    recent: deque[float] = deque(maxlen=10)  # the last 10 losses: their mean is less noisy than one window's
     step = start_step
     end = min(t.steps, t.stop_at) if t.stop_at else t.steps  # stop_at: a planned interruption (time limits)
 
@@ -363,7 +362,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             scheduler.step()
         step += 1
         if not skipped:
-            since_log.append(loss_val)
+            recent.append(loss_val)
 
         # metrics (rank 0), progress bar, checkpoint
         if device.type == "cuda":
@@ -382,7 +381,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 step,
                 {
                     "loss": loss_val,
-                    "loss_avg": sum(since_log) / len(since_log),
+                    "loss_avg10": sum(recent) / len(recent),
                     "lr": lr,
                     "grad_norm": float(grad_norm),
                     "tokens_per_s": tps,
@@ -391,8 +390,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     "step_time_s": dt,
                 },
             )
-        if log_now:
-            since_log.clear()
         logger.advance()
         if step == end or (save_every and step % save_every == 0):
             trainer_state = {"step": step, "scheduler": scheduler.state_dict(), "loader": loader.state_dict()}
