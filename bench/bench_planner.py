@@ -115,6 +115,9 @@ def main() -> None:
     ap.add_argument("--tflops", type=float, default=400.0, help="kernel TFLOP/s assumed by the cost model")
     ap.add_argument("--link-gbs", type=float, default=450.0, help="link GB/s per direction")
     ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[131072, 524288, 1048576])
+    ap.add_argument("--ns", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64])
+    ap.add_argument("--means", type=int, nargs="+", default=[1024, 4096, 16384])
     args = ap.parse_args()
     bs = args.block_size
     comm_weight = (args.hkv / args.hq) * (args.tflops * 1e12 / (args.link_gbs * 1e9)) / bs
@@ -122,10 +125,7 @@ def main() -> None:
     if args.quick:
         sizes, Ns, means, dists = [32768], [2, 4, 8], [1024, 4096], ["exp", "mixture"]
     else:
-        sizes = [131072, 524288, 1048576]
-        Ns = [2, 4, 8, 16, 32, 64]
-        means = [1024, 4096, 16384]
-        dists = ["exp", "mixture"]
+        sizes, Ns, means, dists = args.sizes, args.ns, args.means, ["exp", "mixture"]
     rows = []
     hdr = (
         f"{'dist':8}{'mean':>6}{'S':>9}{'N':>4} {'balance':11}{'max/mean':>9}{'crit/id':>8}{'pred/id':>8}"

@@ -286,8 +286,23 @@ def check_bad_inputs(group, device: str, world: int, rank: int) -> None:
             assert needle in str(e) or "not divisible" in str(e), e
         else:
             raise AssertionError(f"{args} did not raise for S={d.shape[1]}")
-    p = cp.plan(doc, group, balance="contiguous", block_size=BS)
+    # a 1-D DeviceMesh works as the group; debug mode checks shapes across ranks on every call
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.split(":")[0], (world,))
+    p = cp.plan(doc, mesh, balance="zigzag", block_size=BS, debug=True, kernel_backend="reference")
     L = S // world
+    heads = 4 if rank == 0 and world > 1 else 2
+    qd = torch.randn(1, heads, L, 8, device=device)
+    kd = torch.randn(1, 2, L, 8, device=device)
+    if world > 1:
+        try:
+            cp.attention(qd, kd, kd, p)
+        except ValueError as e:
+            assert "differ between ranks" in str(e), e
+        else:
+            raise AssertionError("q heads differing between ranks were not detected in debug mode")
+    p = cp.plan(doc, group, balance="contiguous", block_size=BS)
     q = torch.randn(1, 2, L, 8, device=device)
     try:
         cp.attention(

@@ -116,6 +116,32 @@ class _CPAttention(torch.autograd.Function):
         return (dq, dk, dv, None, None, None, None, *pg)
 
 
+def _check_across_ranks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> None:
+    """Debug mode: every rank must call with the same head counts, head dims and dtype (else the ring's
+    messages would not match and NCCL would hang). Two all-reduces; raises on every rank."""
+    import torch.distributed as dist
+
+    if plan.group is None or plan.world_size == 1:
+        return
+    from .plan import _comm_device
+
+    codes = [
+        q.shape[1],
+        k.shape[1],
+        q.shape[3],
+        v.shape[3],
+        {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.float64: 4}.get(q.dtype, 0),
+    ]
+    t = torch.tensor(codes + [-c for c in codes], dtype=torch.int64, device=_comm_device(plan.group))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=plan.group)
+    hi, lo = t[: len(codes)].tolist(), [-x for x in t[len(codes) :].tolist()]
+    if hi != lo:
+        raise ValueError(
+            f"CP attention inputs differ between ranks: (Hq, Hkv, D, Dv, dtype code) on rank {plan.rank} is "
+            f"{tuple(codes)}, group min {tuple(lo)}, max {tuple(hi)}"
+        )
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -141,6 +167,8 @@ def attention(
     Returns: the local output ``[B, Hq, L, Dv]`` in q's dtype (and the LSE).
     """
     _check_inputs(q, k, v, plan)
+    if plan.debug:
+        _check_across_ranks(q, k, v, plan)
     backend = kernel_backend or plan.kernel_backend
     params = _score_params(score_mod)
     out, lse = _CPAttention.apply(q, k, v, plan, score_mod, scale, backend, *params)

@@ -155,6 +155,15 @@ class Plan:
         full = torch.cat(parts, 0).index_select(0, self.inv_perm.to(x.device))
         return full.movedim(0, dim)
 
+    def comm_bytes(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+        """K/V bytes the forward moves per rank-step summed over the group: ring, all-gather, the mask's minimum."""
+        per_token = 2 * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8 * self.batch_size
+        return {
+            "ring": self.stats["kv_tokens_moved_ring"] * per_token,
+            "allgather": self.stats["kv_tokens_moved_allgather"] * per_token,
+            "min": self.stats["kv_tokens_min"] * per_token,
+        }
+
     def masks_on(self, device: torch.device) -> tuple[list[BlockMask | None], BlockMask | None]:
         """The plan's masks moved to ``device`` (cached), so one plan serves CPU- or GPU-built doc_ids."""
         device = torch.device(device)
