@@ -196,3 +196,40 @@ def test_gpu_bf16_run_with_the_triton_kernel(tmp_path) -> None:
     assert len(recs) == 30
     first, last = sum(r["loss"] for r in recs[:3]) / 3, sum(r["loss"] for r in recs[-3:]) / 3
     assert last < first - 1.0, [r["loss"] for r in recs]
+
+
+def test_every_data_source_trains_on_the_same_corpus_identically(tmp_path, monkeypatch) -> None:
+    """The first 30 stdlib files as the stdlib source, a text folder, a JSONL file and a .npy token file:
+    the same documents in the same order, so the same first-step loss and gradient norm."""
+    import json
+
+    import numpy as np
+
+    from flexdist.data import StdlibSource
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    src = StdlibSource(max_docs=30)
+    texts = [src.paths[i].read_bytes() for i in range(len(src))]
+    (tmp_path / "txt").mkdir()
+    for i, t in enumerate(texts):
+        (tmp_path / "txt" / f"{i:04d}.txt").write_bytes(t)
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t.decode("utf-8")}) + "\n" for t in texts))
+    np.save(tmp_path / "tok.npy", np.concatenate([src.tokens(i) for i in range(len(src))]))
+    sources = {
+        "stdlib": ["data=stdlib", "data.max_docs=30"],
+        "text": ["data=text", f"data.path={tmp_path / 'txt'}"],
+        "jsonl": ["data=jsonl", f"data.path={tmp_path / 'c.jsonl'}"],
+        "tokens": [
+            "data=tokens",
+            f"data.path={tmp_path / 'tok.npy'}",
+            "data.eod_token=256",
+            "data.vocab_size=258",
+        ],
+    }
+    results = {}
+    for name, over in sources.items():
+        _run_in_process(_compose(tmp_path / f"run_{name}", *over, "trainer.steps=1", "trainer.seq_len=256"))
+        (rec,) = read_metrics(tmp_path / f"run_{name}" / "metrics.jsonl")
+        results[name] = (rec["loss"], rec["grad_norm"])
+    assert len(set(results.values())) == 1, results
