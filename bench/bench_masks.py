@@ -77,10 +77,24 @@ def measure(fn: Callable[[], object], device: torch.device, repeats: int, warmup
     return statistics.median(times), peak, out
 
 
+def _occupancy(num: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """bool [..., R, C] block occupancy from (num [..., R], idx [..., R, C]); entries past num are ignored."""
+    C = idx.shape[-1]
+    valid = torch.arange(C, device=idx.device) < num[..., None]
+    dense = torch.zeros(*idx.shape[:-1], C + 1, dtype=torch.bool, device=idx.device)
+    dense.scatter_(-1, torch.where(valid, idx.long(), C), True)
+    return dense[..., :C]
+
+
 def same_blocks(a: BlockMask, b: BlockMask) -> bool:
-    """Same partial and full block tables (counts and the ordered index lists)."""
-    names = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
-    return all(torch.equal(getattr(a, n).to(getattr(b, n).device), getattr(b, n)) for n in names)
+    """Same partial and same full blocks (as sets; the order of unused index slots is not compared)."""
+    pairs = (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices"))
+    for num, idx in pairs:
+        oa = _occupancy(getattr(a, num), getattr(a, idx))
+        ob = _occupancy(getattr(b, num), getattr(b, idx))
+        if not torch.equal(oa.to(ob.device), ob):
+            return False
+    return True
 
 
 def doc_causal_mod(q_doc: torch.Tensor, kv_doc: torch.Tensor, q_pos: torch.Tensor, kv_pos: torch.Tensor):

@@ -520,3 +520,14 @@ def test_tables_are_contiguous_int32():
     for name in ("q_doc", "kv_doc", "q_pos", "kv_pos"):
         assert getattr(bm.mask_mod, name).is_contiguous(), name
     check_against_truth(bm, doc, qp.long(), torch.arange(200).expand(2, 200), 32, True, None, None, True)
+
+
+def test_per_row_prefix_table_and_small_int_ids():
+    """prefix_lengths as a [B, num_ids] table (row-specific prefix per id); int32 / int16 doc ids."""
+    rng = random.Random(21)
+    doc = random_doc_ids(rng, 2, 180, "reused")  # ids 0..3, reused across documents
+    table = torch.tensor([[0, 5, 30, 2], [7, 0, 1, 50]])
+    pos = torch.arange(180).expand(2, 180)
+    for dtype in (torch.int64, torch.int32, torch.int16):
+        bm = document_block_mask(doc.to(dtype), prefix_lengths=table, window=25, block_size=16)
+        check_against_truth(bm, doc, pos, pos, 16, True, 25, table, exact_blocks=True)
