@@ -201,8 +201,8 @@ def _dkdv_kernel(
     EVEN_N: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):  # fmt: skip
-    bh = tl.program_id(0)
-    slot = tl.program_id(1)
+    slot = tl.program_id(0)
+    bh = tl.program_id(1)
     b = bh // Hkv
     hk = bh % Hkv
     b64 = b.to(tl.int64)
@@ -368,8 +368,8 @@ def _dq_kernel(
     EVEN_N: tl.constexpr, TABLE_GRAD: tl.constexpr, WP: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):  # fmt: skip
-    bh = tl.program_id(0)
-    slot = tl.program_id(1)
+    slot = tl.program_id(0)
+    bh = tl.program_id(1)
     b = bh // Hq
     hq = bh % Hq
     hk = hq // G
@@ -435,7 +435,7 @@ def _dq_kernel(
         tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=offs_m[:, None] < Sq)
     if TABLE_GRAD:
         # one private row per program: [B, Hq, n_tiles, WP]; summed on the host in a fixed order
-        row = (bh.to(tl.int64) * tl.num_programs(1) + slot) * WP
+        row = (bh.to(tl.int64) * tl.num_programs(0) + slot) * WP
         tl.store(TGRAD + row + tl.arange(0, WP), tgrad)
 
 
@@ -537,10 +537,10 @@ def triton_backward(
         sh.Hq, sh.Hkv, sh.groups, sh.Sq, sh.Skv, lp.scale, lp.scale * LOG2E,
     )  # fmt: skip
     if tuned:
-        grid = lambda meta: (sh.B * sh.Hkv, n_kb * (km.KBS // meta["BLOCK_N"]))
+        grid = lambda meta: (n_kb * (km.KBS // meta["BLOCK_N"]), sh.B * sh.Hkv)
         _dkdv_kernel_tuned[grid](*args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, **common)
     else:
-        _dkdv_kernel[(sh.B * sh.Hkv, n_kb * (km.KBS // N1))](
+        _dkdv_kernel[(n_kb * (km.KBS // N1), sh.B * sh.Hkv)](
             *args, BLOCK_M=M1, BLOCK_N=N1, EVEN_M=lp.even_m and sh.Sq % M1 == 0,
             EVEN_N=lp.even_n and sh.Skv % N1 == 0, num_warps=c1[2], num_stages=c1[3], **common,
         )  # fmt: skip
@@ -570,10 +570,10 @@ def triton_backward(
         sh.Hq, sh.groups, sh.Sq, sh.Skv, lp.scale, lp.scale * LOG2E,
     )  # fmt: skip
     if tuned and not table_grad:  # the table-gradient scratch is sized for the fixed tile
-        grid = lambda meta: (sh.B * sh.Hq, n_qb * (km.QBS // meta["BLOCK_M"]))
+        grid = lambda meta: (n_qb * (km.QBS // meta["BLOCK_M"]), sh.B * sh.Hq)
         _dq_kernel_tuned[grid](*args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, TABLE_GRAD=False, WP=1, **common)
     else:
-        _dq_kernel[(sh.B * sh.Hq, n_m)](
+        _dq_kernel[(n_m, sh.B * sh.Hq)](
             *args, BLOCK_M=M2, BLOCK_N=N2, EVEN_M=lp.even_m and sh.Sq % M2 == 0,
             EVEN_N=lp.even_n and sh.Skv % N2 == 0, TABLE_GRAD=table_grad, WP=WP,
             num_warps=c2[2], num_stages=c2[3], **common,

@@ -264,10 +264,10 @@ def _fwd_kernel(
     PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    # grid (batch·head, slot): heads vary fastest and slots follow the block work order, so the longest
-    # query tiles of every head run first (longest-processing-time-first scheduling)
-    bh = tl.program_id(0)
-    slot = tl.program_id(1)
+    # grid (slot, batch·head): the slots of one head run together (its K/V stay in L2) and follow the
+    # block work order, longest first (H100: putting heads fastest instead cost 7% at 32k causal)
+    slot = tl.program_id(0)
+    bh = tl.program_id(1)
     b = bh // Hq
     hq = bh % Hq
     hk = hq // G
@@ -545,10 +545,10 @@ def triton_forward(
     n_qb = triton.cdiv(sh.Sq, km.QBS)  # query blocks in use (the BlockMask may list more)
     if config is None and use_autotune(q, km, sh.Sq, sh.Skv):
         # every tuned tile divides the 128-multiple blocks, so EVEN_* only depends on the blocks
-        grid = lambda meta: (sh.B * sh.Hq, n_qb * (km.QBS // meta["BLOCK_M"]))
+        grid = lambda meta: (n_qb * (km.QBS // meta["BLOCK_M"]), sh.B * sh.Hq)
         _fwd_kernel_tuned[grid](*args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, **consts)
     else:
-        grid = (sh.B * sh.Hq, n_qb * (km.QBS // BM))
+        grid = (n_qb * (km.QBS // BM), sh.B * sh.Hq)
         _fwd_kernel[grid](
             *args, BLOCK_M=BM, BLOCK_N=BN, EVEN_M=lp.even_m and sh.Sq % BM == 0,
             EVEN_N=lp.even_n and sh.Skv % BN == 0, num_warps=cfg[2], num_stages=cfg[3], **consts,
