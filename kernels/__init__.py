@@ -11,7 +11,8 @@ Public API (semantics of ``torch.nn.attention.flex_attention``; layout ``[B, H, 
   enable_gqa=False, *, delta=None, dlse=None, q_global_idx=None, kv_global_idx=None, score_mod_grads=None,
   backend="auto", dq_out=None, dk_out=None, dv_out=None) -> (dq, dk, dv)`` where ``lse`` is the global (merged) natural-log LSE.
 - ``backend="auto"``: Triton on CUDA (or on CPU with ``TRITON_INTERPRET=1``), else the reference;
-  ``"triton"`` / ``"reference"`` force one.
+  ``"triton"`` / ``"reference"`` force one. Built-in score mods (SoftCap, ALiBi, RelativeBias) run in the
+  kernel; another Python score_mod falls back to the reference with a warning. See kernels/README.md.
 - the dense references ``reference_forward``, ``reference_backward``, ``flex_attention_reference``.
 """
 
