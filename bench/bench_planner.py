@@ -73,16 +73,11 @@ def assignment(balance: str, G: np.ndarray, N: int, cost: bal.CostModel) -> tupl
     raise ValueError(balance)
 
 
-def evaluate(
-    G: np.ndarray, Gne: np.ndarray, assign: np.ndarray, N: int, bs: int, cost: bal.CostModel
-) -> dict:
+def evaluate(G: np.ndarray, assign: np.ndarray, N: int, bs: int, cost: bal.CostModel) -> dict:
     nb = G.shape[0]
     per = nb // N
-    _, _, W = bal._aggregate(G, assign, N)
-    onehot = np.zeros((nb, N))
-    onehot[np.arange(nb), assign] = 1.0
-    needed = (onehot.T @ Gne) > 0  # [N, nb]: rank r attends to kv block c
-    need = needed.astype(np.float64) @ onehot  # [N, N] distinct blocks of shard j needed by r
+    W, need = bal.pair_work_from_blocks(G, assign, N)
+    need = need.astype(np.float64)
     np.fill_diagonal(need, 0)
     per_rank = W.sum(1)
     total = W.sum()
@@ -141,7 +136,6 @@ def main() -> None:
                 for seed in range(args.seeds):
                     doc = make_pack(S, mean, dist, seed)
                     G = bal.global_block_work(doc, bs, True, None)
-                    Gne = (G > 0).astype(np.float64)
                     for N in Ns:
                         if S % (2 * N * bs):
                             continue
@@ -149,7 +143,7 @@ def main() -> None:
                             t0 = time.perf_counter()
                             assign, info = assignment(balance, G, N, cost)
                             dt = time.perf_counter() - t0
-                            r = evaluate(G, Gne, assign, N, bs, cost)
+                            r = evaluate(G, assign, N, bs, cost)
                             r.update(
                                 dist=dist, mean_doc=mean, S=S, N=N, balance=balance, seed=seed, plan_s=dt
                             )

@@ -224,10 +224,14 @@ def global_block_work(
 ) -> np.ndarray:
     """``[nb, nb]`` work of every (global q block, global kv block), summed over the batch (float64)."""
     S = doc_ids.shape[1]
-    lo, hi = visible_intervals(doc_ids.cpu(), causal, window, prefix)
-    nonempty, full = pair_blocks(lo, hi, torch.arange(S), block_size)
-    w = full.sum(0).double() + partial_weight * (nonempty & ~full).sum(0).double()
-    return w.numpy()
+    # computed on doc_ids' device (a GPU makes 1M-token packs fast); integer counts, so exact anywhere
+    lo, hi = visible_intervals(doc_ids, causal, window, prefix)
+    nonempty, full = pair_blocks(lo, hi, torch.arange(S, device=doc_ids.device), block_size)
+    w = (
+        full.sum(0, dtype=torch.int32).double()
+        + partial_weight * (nonempty & ~full).sum(0, dtype=torch.int32).double()
+    )
+    return w.cpu().numpy()
 
 
 def block_assignment(perm: torch.Tensor, N: int, block_size: int) -> np.ndarray | None:
@@ -246,21 +250,35 @@ def block_assignment(perm: torch.Tensor, N: int, block_size: int) -> np.ndarray 
 
 def pair_work_from_blocks(G: np.ndarray, assign: np.ndarray, N: int) -> tuple[np.ndarray, np.ndarray]:
     """``[N, N]`` pair work and distinct K/V blocks of shard j needed by rank r, from the global block work."""
-    _, _, W = _aggregate(G, assign, N)
-    onehot = np.zeros((len(assign), N))
-    onehot[np.arange(len(assign)), assign] = 1.0
-    needed = (onehot.T @ (G > 0).astype(np.float64)) > 0
-    return W, (needed.astype(np.float64) @ onehot).astype(np.int64)
+    nz = _nonzeros(G)
+    _, C, W = _aggregate(G, assign, N, nz)
+    needed = C > 0  # [N, nb]: rank r attends to kv block c
+    nb = len(assign)
+    need = np.bincount(
+        np.repeat(np.arange(N), nb) * N + np.tile(assign, N), weights=needed.reshape(-1), minlength=N * N
+    ).reshape(N, N)
+    return W, need.astype(np.int64)
 
 
-def _aggregate(G: np.ndarray, assign: np.ndarray, N: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Row aggregates R[x, k] = Σ_{c∈k} G[x, c], column aggregates C[k, x], pair work W = A^T G A."""
-    onehot = np.zeros((len(assign), N))
-    onehot[np.arange(len(assign)), assign] = 1.0
-    R = G @ onehot
-    C = onehot.T @ G
-    W = onehot.T @ R
+def _aggregate(
+    G: np.ndarray, assign: np.ndarray, N: int, nz: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row aggregates R[x, k] = Σ_{c∈k} G[x, c], column aggregates C[k, x], pair work W = A^T G A.
+
+    Computed over G's non-zeros (``nz = (rows, cols, vals)``; document masks are block-diagonal-ish, so
+    O(nnz) instead of O(nb²·N)); exact (integer-valued float64 sums)."""
+    nb = len(assign)
+    rows, cols, vals = nz if nz is not None else _nonzeros(G)
+    ar, ac = assign[rows], assign[cols]
+    R = np.bincount(rows * N + ac, weights=vals, minlength=nb * N).reshape(nb, N)
+    C = np.bincount(ar * nb + cols, weights=vals, minlength=N * nb).reshape(N, nb)
+    W = np.bincount(ar * N + ac, weights=vals, minlength=N * N).reshape(N, N)
     return R, C, W
+
+
+def _nonzeros(G: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rows, cols = np.nonzero(G)
+    return rows, cols, G[rows, cols]
 
 
 def _seed_layouts(nb: int, N: int) -> dict[str, np.ndarray]:
@@ -298,10 +316,11 @@ def plan_document(
     """
     nb = G.shape[0]
     per = nb // N
+    nz = _nonzeros(G)
     best_name, best_assign, best_cost = None, None, np.inf
     info: dict = {"seeds": {}}
     for name, a in _seed_layouts(nb, N).items():
-        _, _, W = _aggregate(G, a, N)
+        _, _, W = _aggregate(G, a, N, nz)
         c = predicted_time(W, per, cost)
         info["seeds"][name] = c
         if c < best_cost - 1e-9:
@@ -311,7 +330,7 @@ def plan_document(
         info["cost"] = best_cost
         return best_assign, info
     assign = best_assign
-    R, C, W = _aggregate(G, assign, N)
+    R, C, W = _aggregate(G, assign, N, nz)
     rng = np.random.default_rng(seed)
     members = [list(np.nonzero(assign == k)[0]) for k in range(N)]
     cur = best_cost
