@@ -6,8 +6,10 @@ Distributed runs are real ``torchrun -m train`` subprocesses (2 gloo ranks) with
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,10 +30,15 @@ FAST = [
 ]
 
 
-def torchrun(run_dir: Path, nproc: int, *overrides: str, timeout: int = 240) -> subprocess.CompletedProcess:
+def torchrun(run_dir: Path, nproc: int, *overrides: str, timeout: int = 240, wait: bool = True):
+    """``torchrun -m train`` with the fast test overrides; returns the finished process (or the Popen)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FLEXDIST_RUN_DIR": str(run_dir)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     cmd += ["-m", "train", *FAST, *overrides]
+    if not wait:
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(
@@ -41,7 +48,10 @@ def torchrun(run_dir: Path, nproc: int, *overrides: str, timeout: int = 240) -> 
 
 
 def losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
+    try:
+        return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
+    except ValueError:  # a line being written right now
+        return []
 
 
 def ckpt_steps(run_dir: Path) -> list[str]:
@@ -49,37 +59,49 @@ def ckpt_steps(run_dir: Path) -> list[str]:
 
 
 @pytest.mark.distributed
-def test_two_rank_run_loss_falls_and_resume_continues_the_same_curve(tmp_path, monkeypatch) -> None:
-    """Uninterrupted 8 steps vs 4 steps, stop, resume to 8: identical per-step losses; loss falls; the same
-    global batch split as dp × micro_batch × grad_accum in other ways gives the same losses."""
+def test_two_rank_run_loss_falls_and_kill_and_resume_continues_the_same_curve(tmp_path, monkeypatch) -> None:
+    """Uninterrupted 10 steps vs a run killed (SIGTERM to torchrun) mid-way and resumed: identical per-step
+    losses; the loss falls; the same global batch split other ways over dp × micro_batch × grad_accum gives
+    the same losses."""
     full, split = tmp_path / "full", tmp_path / "split"
-    torchrun(full, 2, "trainer.steps=8", "trainer.ckpt_interval=4", "logger.plot=true")
+    torchrun(full, 2, "trainer.steps=10", "trainer.ckpt_interval=5", "logger.plot=true")
     ref = losses(full)
-    assert len(ref) == 8
+    assert len(ref) == 10
     assert ref[-1] < ref[0] - 1.0, f"loss did not fall: {ref}"
     assert (full / "loss_curve.png").stat().st_size > 0
-    assert ckpt_steps(full) == ["step_00000004", "step_00000008"]
+    assert ckpt_steps(full) == ["step_00000005", "step_00000010"]
     assert (full / ".hydra" / "config.yaml").is_file()  # rank 0 wrote Hydra's files into the run dir
 
-    torchrun(split, 2, "trainer.steps=8", "trainer.stop_at=4")  # interrupted after step 4
+    # kill: SIGTERM to torchrun once 2 steps are logged; the ranks agree, checkpoint that step and exit
+    proc = torchrun(split, 2, "trainer.steps=10", "trainer.ckpt_interval=0", wait=False)
+    deadline = time.monotonic() + 240
+    while len(losses(split)) < 2:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no training step within 240 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    (killed_at,) = [int(p.split("_")[1]) for p in ckpt_steps(split)]
+    assert 2 <= killed_at < 10, (killed_at, out[-2000:], err[-2000:])
+    assert "stopping on a signal" in out
     # a crash mid-save of a later step leaves only incomplete directories: never resumed from
-    (split / "checkpoints" / "step_00000006.tmp").mkdir()
-    (split / "checkpoints" / "step_00000006.tmp" / "trainer_state.pt").write_bytes(b"partial")
-    (split / "checkpoints" / "step_00000007").mkdir()  # no COMPLETE marker
-    proc = torchrun(split, 2, "trainer.steps=8")
-    assert "resumed from step_00000004" in proc.stdout
+    (split / "checkpoints" / "step_00000009.tmp").mkdir()
+    (split / "checkpoints" / "step_00000009.tmp" / "trainer_state.pt").write_bytes(b"partial")
+    (split / "checkpoints" / "step_00000009").mkdir()  # no COMPLETE marker
+    resumed = torchrun(split, 2, "trainer.steps=10")
+    assert f"resumed from step_{killed_at:08d}" in resumed.stdout
     got = losses(split)
-    assert [r["step"] for r in read_metrics(split / "metrics.jsonl")] == list(range(1, 9))
+    assert [r["step"] for r in read_metrics(split / "metrics.jsonl")] == list(range(1, 11))
     for step, (a, b) in enumerate(zip(ref, got, strict=True), 1):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), f"step {step}: uninterrupted {a} vs resumed {b}"
-    assert "step_00000006.tmp" not in ckpt_steps(split)  # cleaned up by the next save
+    assert "step_00000009.tmp" not in ckpt_steps(split)  # cleaned up by the next save
 
     # The loss is normalised by the global number of valid tokens, so dp=2 × micro_batch=1 (above),
     # dp=1 × micro_batch=2 and dp=1 × grad_accum=2 (the same windows each step) give the same losses.
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("RANK", raising=False)
     for name, over in (("mb2", "trainer.micro_batch=2"), ("ga2", "trainer.grad_accum=2")):
-        _run_in_process(_compose(tmp_path / name, over, "trainer.steps=8", "trainer.stop_at=3"))
+        _run_in_process(_compose(tmp_path / name, over, "trainer.steps=10", "trainer.stop_at=3"))
         got = losses(tmp_path / name)
         assert len(got) == 3
         for a, b in zip(ref[:3], got, strict=True):

@@ -13,6 +13,10 @@ Each step: ``grad_accum`` micro-batches of packed windows; under cp > 1 each win
 the batch's CP plan (tokens, labels and positions-within-document sharded by the same permutation). The loss is
 the sum of token cross-entropies divided by the GLOBAL number of valid labels (all-reduced over every rank
 and micro-batch), so the gradient is the same whatever dp, cp, micro_batch and grad_accum are.
+
+Stopping: at ``trainer.steps``; at ``trainer.stop_at`` (same schedule, resumable); on SIGTERM / SIGUSR1 (every rank
+checkpoints the current step first — torchrun forwards SIGTERM, SLURM sends it before the time limit); on a
+NaN/inf loss (no update applied, last good checkpoint kept). Re-running with the same run dir resumes.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from __future__ import annotations
 import math
 import os
 import resource
+import signal
+import threading
 import time
 from collections import deque
 from datetime import timedelta
@@ -91,7 +97,7 @@ def init_distributed(device_kind: str, timeout_s: int) -> tuple[int, int, torch.
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def build_source(data: Any, seed: int) -> DocumentSource:
+def build_source(data: Any) -> DocumentSource:
     src = _value(data.source)
     if src == "stdlib":
         return StdlibSource(max_docs=data.max_docs)
@@ -218,7 +224,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     is_main = rank == 0
 
     # 3. data: every rank indexes the same corpus; dp ranks read disjoint windows, cp ranks the same ones
-    source = build_source(cfg.data, t.seed)
+    source = build_source(cfg.data)
     loader = PackedLoader(
         source,
         seq_len=t.seq_len,
@@ -280,124 +286,159 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     # 6. the loop
     model.train()
-    while step < end:
-        t0 = time.perf_counter()
-        micro = [loader.next_batch() for _ in range(t.grad_accum)]
-        # shard every micro-batch for this rank (cp > 1) and build its attention once, shared by all layers
-        shards, pairs = [], 0
-        for batch in micro:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            pairs += document_causal_pairs(batch["doc_ids"])
-            if res.cp > 1:
-                plan = make_cp_plan(
-                    batch["doc_ids"],
-                    cp_group,
-                    balance=_value(cfg.parallel.cp_balance),
-                    strategy=_value(cfg.parallel.cp_strategy),
-                    block_size=cfg.parallel.block_size,
-                    backend=_value(cfg.model.attn_backend),
+    with _StopSignals() as signals:
+        while step < end:
+            t0 = time.perf_counter()
+            micro = [loader.next_batch() for _ in range(t.grad_accum)]
+            # shard every micro-batch for this rank (cp > 1) and build its attention once, shared by all layers
+            shards, pairs = [], 0
+            for batch in micro:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                pairs += document_causal_pairs(batch["doc_ids"])
+                if res.cp > 1:
+                    plan = make_cp_plan(
+                        batch["doc_ids"],
+                        cp_group,
+                        balance=_value(cfg.parallel.cp_balance),
+                        strategy=_value(cfg.parallel.cp_strategy),
+                        block_size=cfg.parallel.block_size,
+                        backend=_value(cfg.model.attn_backend),
+                    )
+                    tokens, labels = plan.shard(batch["tokens"], 1), plan.shard(batch["labels"], 1)
+                    positions = plan.positions.to(device)
+                    attention = ContextParallelDocumentAttention(plan)
+                else:
+                    tokens, labels, positions = batch["tokens"], batch["labels"], batch["positions"]
+                    attention = LocalDocumentAttention(
+                        batch["doc_ids"],
+                        backend=_value(cfg.model.attn_backend),
+                        block_size=cfg.parallel.block_size,
+                    )
+                shards.append((tokens, labels, positions, attention))
+
+            # global number of valid labels over all ranks and micro-batches: the loss denominator
+            counts = torch.tensor(
+                [float(sum(int((s[1] != IGNORE_INDEX).sum()) for s in shards)), 0.0], device=device
+            )
+            dist.all_reduce(counts)
+            n_valid = counts[0].clamp_min(1.0)
+
+            # forward / backward; FSDP averages gradients over the world, hence × world_size
+            loss_sum = torch.zeros((), device=device)
+            for tokens, labels, positions, attention in shards:
+                logits = model(tokens, positions, attention)
+                ls = F.cross_entropy(
+                    logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
                 )
-                tokens, labels = plan.shard(batch["tokens"], 1), plan.shard(batch["labels"], 1)
-                positions = plan.positions.to(device)
-                attention = ContextParallelDocumentAttention(plan)
+                scale = world_size if cfg.parallel.fsdp else 1
+                (ls * scale / n_valid).backward()
+                loss_sum += ls.detach()
+            if not cfg.parallel.fsdp:
+                for p in model.parameters():
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+            dist.all_reduce(loss_sum)
+            loss_val = (loss_sum / n_valid).item()
+
+            # NaN/inf: skip the update; stop (keeping the last good checkpoint) past max_nan_steps
+            if not math.isfinite(loss_val):
+                nan_steps += 1
+                optimizer.zero_grad(set_to_none=True)
+                if nan_steps > t.max_nan_steps:
+                    last = latest_checkpoint(run_dir)
+                    msg = (
+                        f"loss is {loss_val} at step {step + 1} (non-finite losses so far: {nan_steps}, "
+                        f"trainer.max_nan_steps={t.max_nan_steps}); stopping. Last good checkpoint: "
+                        f"{last[1] if last else 'none'} — lower optim.lr or raise optim.warmup_steps and resume."
+                    )
+                    logger.print(msg)
+                    logger.close(plot=cfg.logger.plot)
+                    raise NonFiniteLossError(msg)
+                logger.print(f"step {step + 1}: non-finite loss {loss_val}, update skipped")
+                skipped = True
             else:
-                tokens, labels, positions = batch["tokens"], batch["labels"], batch["positions"]
-                attention = LocalDocumentAttention(
-                    batch["doc_ids"],
-                    backend=_value(cfg.model.attn_backend),
-                    block_size=cfg.parallel.block_size,
+                skipped = False
+            if not skipped:
+                clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                if isinstance(grad_norm, DTensor):
+                    grad_norm = grad_norm.full_tensor()
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+            step += 1
+            if not skipped:
+                recent.append(loss_val)
+
+            # metrics (rank 0), progress bar, checkpoint
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            log_now = not skipped and (step % t.log_interval == 0 or step == end)
+            if is_main and log_now:
+                tps = res.tokens_per_step / dt
+                pairs_per_token = pairs / (len(micro) * t.micro_batch * t.seq_len)
+                mfu = (
+                    flops_per_token(fpt_cfg, pairs_per_token) * tps / (world_size * peak)
+                    if peak
+                    else float("nan")
                 )
-            shards.append((tokens, labels, positions, attention))
-
-        # global number of valid labels over all ranks and micro-batches: the loss denominator
-        counts = torch.tensor(
-            [float(sum(int((s[1] != IGNORE_INDEX).sum()) for s in shards)), 0.0], device=device
-        )
-        dist.all_reduce(counts)
-        n_valid = counts[0].clamp_min(1.0)
-
-        # forward / backward; FSDP averages gradients over the world, hence × world_size
-        loss_sum = torch.zeros((), device=device)
-        for tokens, labels, positions, attention in shards:
-            logits = model(tokens, positions, attention)
-            ls = F.cross_entropy(
-                logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-            )
-            scale = world_size if cfg.parallel.fsdp else 1
-            (ls * scale / n_valid).backward()
-            loss_sum += ls.detach()
-        if not cfg.parallel.fsdp:
-            for p in model.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-        dist.all_reduce(loss_sum)
-        loss_val = (loss_sum / n_valid).item()
-
-        # NaN/inf: skip the update; stop (keeping the last good checkpoint) past max_nan_steps
-        if not math.isfinite(loss_val):
-            nan_steps += 1
-            optimizer.zero_grad(set_to_none=True)
-            if nan_steps > t.max_nan_steps:
-                last = latest_checkpoint(run_dir)
-                msg = (
-                    f"loss is {loss_val} at step {step + 1} (non-finite losses so far: {nan_steps}, "
-                    f"trainer.max_nan_steps={t.max_nan_steps}); stopping. Last good checkpoint: "
-                    f"{last[1] if last else 'none'} — lower optim.lr or raise optim.warmup_steps and resume."
+                logger.log(
+                    step,
+                    {
+                        "loss": loss_val,
+                        "loss_avg10": sum(recent) / len(recent),
+                        "lr": lr,
+                        "grad_norm": float(grad_norm),
+                        "tokens_per_s": tps,
+                        "mfu": mfu,
+                        "peak_mem_gib": peak_memory_gib(device),
+                        "step_time_s": dt,
+                    },
                 )
-                logger.print(msg)
-                logger.close(plot=cfg.logger.plot)
-                raise NonFiniteLossError(msg)
-            logger.print(f"step {step + 1}: non-finite loss {loss_val}, update skipped")
-            skipped = True
-        else:
-            skipped = False
-        if not skipped:
-            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            if isinstance(grad_norm, DTensor):
-                grad_norm = grad_norm.full_tensor()
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-        step += 1
-        if not skipped:
-            recent.append(loss_val)
-
-        # metrics (rank 0), progress bar, checkpoint
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        dt = time.perf_counter() - t0
-        log_now = not skipped and (step % t.log_interval == 0 or step == end)
-        if is_main and log_now:
-            tps = res.tokens_per_step / dt
-            pairs_per_token = pairs / (len(micro) * t.micro_batch * t.seq_len)
-            mfu = (
-                flops_per_token(fpt_cfg, pairs_per_token) * tps / (world_size * peak)
-                if peak
-                else float("nan")
-            )
-            logger.log(
-                step,
-                {
-                    "loss": loss_val,
-                    "loss_avg10": sum(recent) / len(recent),
-                    "lr": lr,
-                    "grad_norm": float(grad_norm),
-                    "tokens_per_s": tps,
-                    "mfu": mfu,
-                    "peak_mem_gib": peak_memory_gib(device),
-                    "step_time_s": dt,
-                },
-            )
-        logger.advance()
-        if step == end or (save_every and step % save_every == 0):
-            trainer_state = {"step": step, "scheduler": scheduler.state_dict(), "loader": loader.state_dict()}
-            path = save_checkpoint(run_dir, step, model, optimizer, trainer_state, keep_last=t.keep_last)
-            logger.print(f"step {step}: checkpoint {path}")
+            logger.advance()
+            # SIGTERM / SIGUSR1 on any rank (torchrun forwards SIGTERM; SLURM sends one before the time limit):
+            # every rank agrees, checkpoints this step and stops
+            stop = torch.tensor([1.0 if signals.received else 0.0], device=device)
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+            if step == end or (save_every and step % save_every == 0) or stop.item():
+                trainer_state = {
+                    "step": step,
+                    "scheduler": scheduler.state_dict(),
+                    "loader": loader.state_dict(),
+                }
+                path = save_checkpoint(run_dir, step, model, optimizer, trainer_state, keep_last=t.keep_last)
+                logger.print(f"step {step}: checkpoint {path}")
+            if stop.item():
+                logger.print(f"step {step}: stopping on a signal; run again with the same run dir to resume")
+                break
 
     logger.close(plot=cfg.logger.plot)
     return {"step": step, "loss": loss_val, "run_dir": str(run_dir)}
+
+
+class _StopSignals:
+    """Records SIGTERM / SIGUSR1 instead of dying, so the loop can checkpoint first (main thread only)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
 
 
 def _wandb_cfg(cfg: Any) -> dict[str, Any] | None:
