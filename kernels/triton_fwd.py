@@ -393,7 +393,15 @@ def fwd_config(D: int, on_gpu: bool) -> tuple[int, int, int, int]:
 # multiples of 128 (every listed tile divides them) and the problem is large enough to amortise tuning.
 AUTOTUNE_MIN_PAIRS = (1 << 24) + 1  # Sq·Skv above 4096²: tuning (≈15 compiles per mask kind) must pay off
 TUNE_KEY = ["Sq", "Skv", "D", "DV", "QBS", "KBS", "MASK_KIND", "SCORE_KIND", "HAS_FULL", "G"]
-FWD_TUNE = [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 4, 3)]
+FWD_TUNE = [
+    (128, 128, 8, 3),  # best at 32k causal on H100
+    (128, 64, 4, 3),  # best at 32k document masks on H100
+    (128, 64, 8, 3),
+    (64, 64, 4, 3),
+    (128, 128, 4, 3),
+    (128, 64, 4, 4),
+    (64, 128, 4, 3),
+]
 
 
 def tune_configs(cfgs) -> list:

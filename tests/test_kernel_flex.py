@@ -232,6 +232,33 @@ def test_sub_tiles_of_large_blocks():
     _check_against_reference(q, k, v, bm, ALiBi(ALiBi.default_slopes(H, DEV)))
 
 
+def test_every_autotune_tile_is_correct():
+    """Each tile shape the GPU autotuner may pick gives the reference result (document mask, 128 blocks)."""
+    from flexdist.kernels import triton_bwd as TB
+    from flexdist.kernels import triton_fwd as TF
+
+    S, H, D = 256, 1, 16
+    doc = torch.tensor([[0] * 100 + [1] * 120 + [2] * 36], device=DEV)
+    pos = _doc_positions(doc)
+    bm = create_block_mask(DocumentMaskMod(doc, doc, pos, pos), 1, None, S, S, device=DEV)
+    q, k, v = _inputs(1, H, H, S, S, D, seed=15)
+    ro, rl = reference_forward(q, k, v, bm)
+    fin = torch.isfinite(rl)
+    for m, n in sorted({c[:2] for c in TF.FWD_TUNE}):
+        out, lse = TF.triton_forward(q, k, v, bm, config=(m, n, 4, 1))
+        _close(out, ro, 2e-4, f"out with tile {m}x{n}")
+        _close(lse[fin], rl[fin], 2e-4, f"lse with tile {m}x{n}")
+    dout = torch.randn_like(out)
+    want = reference_backward(q, k, v, out, dout, lse, bm)
+    d1, d2 = TB.bwd_config(D, False)
+    cfgs = [((m, n, 4, 1), d2) for m, n in sorted({c[:2] for c in TB.DKDV_TUNE})]
+    cfgs += [(d1, (m, n, 4, 1)) for m, n in sorted({c[:2] for c in TB.DQ_TUNE})]
+    for cfg in cfgs:
+        got = TB.triton_backward(q, k, v, out, dout, lse, bm, config=cfg)
+        for name, a, b in zip(("dq", "dk", "dv"), got, want, strict=True):
+            _close(a, b, 4e-4, f"{name} with tiles {cfg}")
+
+
 def test_fully_masked_rows_no_nan():
     B, H, S, D = 1, 2, 64, 16
     doc = torch.full((B, S), -1)
