@@ -4,6 +4,17 @@
   per-(rank, ring step) BlockMasks and the ring schedule, built once per batch;
 - `attention(q, k, v, plan)`: differentiable ring (or all-gather) attention on local shards;
 - `ContextParallelAttention`: the same as an ``nn.Module``.
+
+Typical use inside a training step (every rank of the CP group runs the same code)::
+
+    plan = flexdist.cp.plan(doc_ids, cp_group, balance="auto", strategy="ring")   # doc_ids: global [B, S]
+    tokens = plan.shard(tokens, dim=1)                 # this rank's S/N tokens
+    rope_pos = plan.positions                          # positions inside documents, [B, S/N]
+    ...
+    out = flexdist.cp.attention(q, k, v, plan)         # q/k/v: [B, H, S/N, D] local shards
+    loss = ... / global_valid_tokens                   # normalise by the global count of valid tokens
+
+``plan.stats`` holds the predicted ring time, per-rank work max/mean, skipped steps and K/V volume.
 """
 
 from .attention import attention

@@ -172,8 +172,8 @@ class Plan:
             return self.masks, self.full_mask
         key = str(device)
         if key not in self._device_cache:
-            ms = [None if m is None else m.to(device) for m in self.masks]
-            fm = None if self.full_mask is None else self.full_mask.to(device)
+            ms = [None if m is None else _mask_to(m, device) for m in self.masks]
+            fm = None if self.full_mask is None else _mask_to(self.full_mask, device)
             self._device_cache[key] = (ms, fm)
         return self._device_cache[key]
 
@@ -182,6 +182,23 @@ class Plan:
         if key not in self._device_cache:
             self._device_cache[key] = self.shard_indices(rank).to(device)
         return self._device_cache[key]
+
+
+def _mask_to(m: BlockMask, device: torch.device) -> BlockMask:
+    """BlockMask.to(device), also moving a DocumentMaskMod's per-token tensors (BlockMask.to cannot see them)."""
+    out = m.to(device)
+    mm = m.mask_mod
+    if isinstance(mm, DocumentMaskMod):
+        out.mask_mod = DocumentMaskMod(
+            mm.q_doc.to(device),
+            mm.kv_doc.to(device),
+            mm.q_pos.to(device),
+            mm.kv_pos.to(device),
+            causal=mm.causal,
+            window=mm.window,
+            kv_in_prefix=None if mm.kv_in_prefix is None else mm.kv_in_prefix.to(device),
+        )
+    return out
 
 
 def _mask_from_blocks(nonempty: torch.Tensor, full: torch.Tensor, mask_mod, Lq: int, Lk: int, bs: int):
