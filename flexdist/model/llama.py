@@ -58,6 +58,11 @@ class LlamaConfig:
         return self.dim // self.n_heads
 
 
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (fp64 stays fp64, so a ``.double()`` model is exact enough for gradient checks)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class RMSNorm(nn.Module):
     """``x / rms(x) * weight``, computed in fp32."""
 
@@ -67,7 +72,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = _acc(x)
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return out.type_as(x) * self.weight
 
@@ -78,18 +83,18 @@ class RMSNorm(nn.Module):
 def rope_cos_sin(
     positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables ``[B, S, 1, head_dim/2]`` for integer ``positions [B, S]`` (fp32 angles)."""
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    )
-    angles = positions.to(torch.float32)[..., None] * inv_freq
+    """cos/sin tables ``[B, S, 1, head_dim/2]`` for integer ``positions [B, S]`` (angles in fp32, or fp64
+    when ``dtype`` is fp64)."""
+    adt = torch.float64 if dtype == torch.float64 else torch.float32
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=adt) / head_dim))
+    angles = positions.to(adt)[..., None] * inv_freq
     return angles.cos().to(dtype)[:, :, None, :], angles.sin().to(dtype)[:, :, None, :]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x [B, S, H, D]`` by position: pairs (x[i], x[i + D/2]) rotate by angle pos·θ_i (fp32)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos.float(), sin.float()
+    x1, x2 = _acc(x).chunk(2, dim=-1)
+    cos, sin = cos.to(x1.dtype), sin.to(x1.dtype)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
@@ -201,13 +206,13 @@ class Llama(nn.Module):
                 f"tokens {tuple(tokens.shape)} and positions {tuple(positions.shape)} must match"
             )
         h = self.tok_embeddings(tokens)
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, _acc(h).dtype)
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 h = checkpoint(layer, h, cos, sin, attention, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, attention)
-        return self.output(self.norm(h)).float()
+        return _acc(self.output(self.norm(h)))
 
     def num_params(self, *, exclude_embedding: bool = False) -> int:
         """Parameter count (a tied output matrix counted once)."""

@@ -1,0 +1,119 @@
+"""The model under context parallelism: cp = 2 gives the single-device loss and every parameter's gradient.
+
+Two spawned gloo ranks; each computes the full-sequence reference on its own (float64, dense reference
+attention), then the CP version on its shard (``make_cp_plan`` + ``ContextParallelDocumentAttention``,
+tokens/labels sharded by the plan, positions-within-document from the plan) with the loss normalised by the
+global number of valid labels and gradients all-reduced — for every sharding the planner offers.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import traceback
+from datetime import timedelta
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+BALANCES = ("contiguous", "zigzag", "document", "auto")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, results) -> None:
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from flexdist.data import IGNORE_INDEX, pack_segments
+    from flexdist.model import (
+        ContextParallelDocumentAttention,
+        Llama,
+        LlamaConfig,
+        LocalDocumentAttention,
+        make_cp_plan,
+    )
+
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=96)
+        model = Llama(cfg).double()
+        # two packed windows: several documents of uneven lengths (one cut short), and one whole document
+        g = torch.Generator().manual_seed(1)
+        rows = [
+            pack_segments([torch.randint(0, 256, (n,), generator=g).numpy() for n in lengths])
+            for lengths in ([100, 37, 250, 1, 124], [512])
+        ]
+        batch = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0]}
+
+        def loss_sum(logits, labels):
+            return F.cross_entropy(
+                logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+
+        n_valid = int((batch["labels"] != IGNORE_INDEX).sum())
+        ref_attn = LocalDocumentAttention(batch["doc_ids"], backend="reference", block_size=64)
+        ref_loss = loss_sum(model(batch["tokens"], batch["positions"], ref_attn), batch["labels"]) / n_valid
+        ref_grads = torch.autograd.grad(ref_loss, list(model.parameters()))
+
+        for balance in BALANCES:
+            plan = make_cp_plan(
+                batch["doc_ids"], dist.group.WORLD, balance=balance, block_size=64, backend="reference"
+            )
+            tokens, labels = plan.shard(batch["tokens"], 1), plan.shard(batch["labels"], 1)
+            assert tokens.shape == (2, 512 // world)
+            # the plan's positions are the packed positions-within-document of this rank's tokens
+            assert torch.equal(plan.positions.long(), plan.shard(batch["positions"], 1))
+            logits = model(tokens, plan.positions, ContextParallelDocumentAttention(plan))
+            local = loss_sum(logits, labels) / n_valid
+            grads = torch.autograd.grad(local, list(model.parameters()))
+            total = local.detach().clone()
+            dist.all_reduce(total)
+            torch.testing.assert_close(total, ref_loss.detach(), rtol=1e-10, atol=1e-10)
+            for (name, _), g, rg in zip(model.named_parameters(), grads, ref_grads, strict=True):
+                g = g.clone()
+                dist.all_reduce(g)
+                torch.testing.assert_close(
+                    g, rg, rtol=1e-8, atol=1e-10, msg=lambda m, n=name, b=balance: f"{b} {n}: {m}"
+                )
+        results.put((rank, "ok", ""))
+    except BaseException:
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_cp2_model_loss_and_every_gradient_match_single_device() -> None:
+    world = 2
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, results), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    got = {}
+    try:
+        while len(got) < world:
+            try:
+                rank, status, info = results.get(timeout=150)
+            except queue.Empty:
+                raise AssertionError(f"timed out waiting for ranks; finished: {sorted(got)}") from None
+            got[rank] = (status, info)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    errors = [f"rank {r}:\n{info}" for r, (status, info) in sorted(got.items()) if status != "ok"]
+    assert not errors, "\n".join(errors)
