@@ -127,7 +127,10 @@ class RunLogger:
             self._bar.close()
             self._bar = None
         if plot:
-            plot_loss_curve(self.metrics_path, self.run_dir / "loss_curve.png")
+            try:
+                plot_loss_curve(self.metrics_path, self.run_dir / "loss_curve.png")
+            except ImportError as e:  # matplotlib is an optional (bench) dependency
+                self.print(f"loss_curve.png not written: {e} (pip install matplotlib, or logger.plot=false)")
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
