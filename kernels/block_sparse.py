@@ -216,8 +216,9 @@ def _doc_tensors(mm: DocumentMaskMod, shape: AttnShape, device: torch.device) ->
         raise ValueError(f"DocumentMaskMod.kv_doc has {mm.kv_doc.shape[1]} tokens but k has Skv={shape.Skv}")
     pre = mm.kv_in_prefix
     return {
-        "q_doc": _i32(mm.q_doc, device),
-        "kv_doc": _i32(mm.kv_doc, device),
+        # padding (negative ids) -> -1 for queries and -2 for keys: the kernel then tests equality only
+        "q_doc": _i32(torch.where(mm.q_doc < 0, -1, mm.q_doc), device),
+        "kv_doc": _i32(torch.where(mm.kv_doc < 0, -2, mm.kv_doc), device),
         "q_pos": _i32(mm.q_pos, device),
         "kv_pos": _i32(mm.kv_pos, device),
         "kv_pre": _i32(pre, device) if pre is not None else None,

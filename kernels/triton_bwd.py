@@ -31,6 +31,7 @@ from .triton_fwd import (
     doc_args,
     meta_args,
     pick_tile,
+    placeholder,
     prepare,
     tune_configs,
     use_autotune,
@@ -99,7 +100,7 @@ def _doc_visible_t(
     qd, qp, kd, kp, kpre, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr
 ):
     """_doc_visible transposed: [N, M]."""
-    same = (kd[:, None] == qd[None, :]) & (qd[None, :] >= 0)
+    same = kd[:, None] == qd[None, :]  # padding: queries -1, keys -2 (host remap)
     rel = qp[None, :] - kp[:, None]
     if CAUSAL:
         vis = rel >= 0
@@ -222,7 +223,7 @@ def _dkdv_kernel(
         k = tl.load(k_ptrs, mask=offs_n[:, None] < Skv, other=0.0)
         v = tl.load(v_ptrs, mask=offs_n[:, None] < Skv, other=0.0)
     if MASK_KIND == 1:
-        kd = tl.load(KVDOC + b64 * sdk + offs_n, mask=offs_n < Skv, other=-1)
+        kd = tl.load(KVDOC + b64 * sdk + offs_n, mask=offs_n < Skv, other=-2)
         kp = tl.load(KVPOS + b64 * sdk + offs_n, mask=offs_n < Skv, other=0)
         if HAS_PREFIX:
             kpre = tl.load(KVPRE + b64 * sdk + offs_n, mask=offs_n < Skv, other=0)
@@ -319,7 +320,7 @@ def _dq_inner(
             s = s * 1.4426950408889634
         if IS_PARTIAL:
             if MASK_KIND == 1:
-                kd = tl.load(KVDOC + offs_n, mask=offs_n < Skv, other=-1)
+                kd = tl.load(KVDOC + offs_n, mask=offs_n < Skv, other=-2)
                 kp = tl.load(KVPOS + offs_n, mask=offs_n < Skv, other=0)
                 if HAS_PREFIX:
                     kpre = tl.load(KVPRE + offs_n, mask=offs_n < Skv, other=0)
@@ -521,7 +522,7 @@ def triton_backward(
         delta = delta.to(device=dev, dtype=torch.float32).contiguous()
         if tuple(delta.shape) != (sh.B, sh.Hq, sh.Sq):
             raise ValueError(f"delta must have shape {(sh.B, sh.Hq, sh.Sq)}, got {tuple(delta.shape)}")
-    dummy_i = torch.zeros(1, dtype=torch.int32, device=dev)
+    dummy_i = placeholder(dev, torch.int32)
     docs, (causal, has_w, has_pre) = doc_args(km, dummy_i)
     bits = km.bits if km.mask_kind == MASK_BITS else dummy_i
     mods = (lp.qidx, lp.kvidx, lp.slopes, lp.table, lp.table_stride, lp.L, lp.softcap)

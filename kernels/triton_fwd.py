@@ -62,8 +62,11 @@ def _score_mod(s, hq, qg, kg, SLOPES, TABLE, table_stride, L, softcap, SCORE_KIN
 def _doc_visible(
     qd, qp, kd, kp, kpre, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr
 ):
-    """DocumentMaskMod semantics: same document (id >= 0) and causal / window / prefix visibility."""
-    same = (qd[:, None] == kd[None, :]) & (qd[:, None] >= 0)
+    """DocumentMaskMod semantics: same document and causal / window / prefix visibility.
+
+    Padding ids were remapped on the host (queries -1, keys -2) so equality alone excludes padding.
+    """
+    same = qd[:, None] == kd[None, :]
     rel = qp[:, None] - kp[None, :]
     if CAUSAL:
         vis = rel >= 0
@@ -166,7 +169,7 @@ def _fwd_inner(
             )
         if IS_PARTIAL:
             if MASK_KIND == 1:
-                kd = tl.load(KVDOC + offs_n, mask=offs_n < Skv, other=-1)
+                kd = tl.load(KVDOC + offs_n, mask=offs_n < Skv, other=-2)
                 kp = tl.load(KVPOS + offs_n, mask=offs_n < Skv, other=0)
                 if HAS_PREFIX:
                     kpre = tl.load(KVPRE + offs_n, mask=offs_n < Skv, other=0)
@@ -362,6 +365,18 @@ class Launch:
     dummy: torch.Tensor
 
 
+_PLACEHOLDERS: dict = {}
+
+
+def placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A cached 1-element tensor for pointer arguments a specialisation never reads (no per-call fill)."""
+    key = (str(device), dtype)
+    t = _PLACEHOLDERS.get(key)
+    if t is None:
+        t = _PLACEHOLDERS[key] = torch.zeros(1, dtype=dtype, device=device)
+    return t
+
+
 def _pow2_divisor(n: int, cap: int) -> int:
     t = 1
     while t * 2 <= cap and n % (t * 2) == 0:
@@ -438,7 +453,7 @@ def prepare(
     dev = q.device
     km = kernel_mask(block_mask, shape, dev, dense_block=dense_block)
     scale = shape.D**-0.5 if scale is None else float(scale)
-    dummy = torch.zeros(1, dtype=torch.float32, device=dev)
+    dummy = placeholder(dev, torch.float32)
     slopes = table = dummy
     table_stride, L, softcap, kind = 0, 1, 1.0, SCORE_NONE
     if isinstance(score_mod, SoftCap):
@@ -532,7 +547,7 @@ def triton_forward(
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty(sh.B, sh.Hq, sh.Sq, sh.Dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(sh.B, sh.Hq, sh.Sq, dtype=torch.float32, device=q.device)
-    dummy_i = torch.zeros(1, dtype=torch.int32, device=q.device)
+    dummy_i = placeholder(q.device, torch.int32)
     meta = meta_args(km, False, dummy_i)
     docs, (causal, has_w, has_pre) = doc_args(km, dummy_i)
     bits = km.bits if km.mask_kind == MASK_BITS else dummy_i
