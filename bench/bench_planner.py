@@ -9,7 +9,9 @@ tokens and N = 2…64, and every balance (contiguous, zigzag, document-aware), i
   over total/N,
 - ring steps whose compute is skipped, and K/V tokens the ring moves (it stops forwarding a shard after the
   last rank that needs it) and what all-gather moves, both over the minimum the mask needs (every K/V block
-  a rank attends to, delivered once).
+  a rank attends to, delivered once — what strategy="direct" moves),
+- the predicted time of strategy="direct" (only needed blocks move) over total/N ("direct/id"); the
+  "document-direct" rows are the planner optimising for that strategy.
 
 Target (issue 5): document planner at N = 8 has max/mean <= 1.05 and critical path within 10% of total/N.
 
@@ -57,6 +59,8 @@ def make_pack(S: int, mean: int, dist: str, seed: int) -> torch.Tensor:
 
 
 def assignment(balance: str, G: np.ndarray, N: int, cost: bal.CostModel) -> tuple[np.ndarray, dict]:
+    if balance == "document-direct":
+        return bal.plan_document(G, N, bal.CostModel(cost.comm_weight, cost.partial_weight, direct=True))
     nb = G.shape[0]
     per = nb // N
     if balance == "contiguous":
@@ -90,6 +94,11 @@ def evaluate(G: np.ndarray, assign: np.ndarray, N: int, bs: int, cost: bal.CostM
         "work_max_over_mean": float(per_rank.max() / per_rank.mean()),
         "critical_path_over_ideal": float(crit / (total / N)),
         "predicted_over_ideal": float(bal.predicted_time(W, per, cost) / (total / N)),
+        "predicted_direct_over_ideal": float(
+            bal.predicted_time(W, per, bal.CostModel(cost.comm_weight, cost.partial_weight, direct=True))
+            / (total / N)
+        ),
+        "kv_tokens_direct": float(min_tokens),
         "steps_skipped": int(N * (N - 1) - ((W > 0) & ~np.eye(N, dtype=bool)).sum()),
         "steps_total": N * (N - 1),
         "kv_tokens_ring": transfers * L,
@@ -123,8 +132,8 @@ def main() -> None:
         sizes, Ns, means, dists = args.sizes, args.ns, args.means, ["exp", "mixture"]
     rows = []
     hdr = (
-        f"{'dist':8}{'mean':>6}{'S':>9}{'N':>4} {'balance':11}{'max/mean':>9}{'crit/id':>8}{'pred/id':>8}"
-        f"{'skipped':>9}{'ring/min':>9}{'ag/min':>8}{'plan_s':>7}"
+        f"{'dist':8}{'mean':>6}{'S':>9}{'N':>4} {'balance':16}{'max/mean':>9}{'crit/id':>8}{'pred/id':>8}"
+        f"{'skipped':>9}{'ring/min':>9}{'ag/min':>8}{'direct/id':>10}{'plan_s':>7}"
     )
     print(
         f"comm_weight={comm_weight:.3f} (Hkv/Hq={args.hkv}/{args.hq}, {args.tflops} TFLOP/s, {args.link_gbs} GB/s)"
@@ -139,7 +148,7 @@ def main() -> None:
                     for N in Ns:
                         if S % (2 * N * bs):
                             continue
-                        for balance in ("contiguous", "zigzag", "document"):
+                        for balance in ("contiguous", "zigzag", "document", "document-direct"):
                             t0 = time.perf_counter()
                             assign, info = assignment(balance, G, N, cost)
                             dt = time.perf_counter() - t0
@@ -151,10 +160,10 @@ def main() -> None:
                                 r["planner_seed_layout"] = info.get("seed")
                             rows.append(r)
                             print(
-                                f"{dist:8}{mean:>6}{S:>9}{N:>4} {balance:11}{r['work_max_over_mean']:>9.3f}"
+                                f"{dist:8}{mean:>6}{S:>9}{N:>4} {balance:16}{r['work_max_over_mean']:>9.3f}"
                                 f"{r['critical_path_over_ideal']:>8.3f}{r['predicted_over_ideal']:>8.3f}"
                                 f"{r['steps_skipped']:>5}/{r['steps_total']:<4}{r['ring_over_min']:>8.2f}"
-                                f"{r['allgather_over_min']:>8.2f}{dt:>7.2f}",
+                                f"{r['allgather_over_min']:>8.2f}{r['predicted_direct_over_ideal']:>10.3f}{dt:>7.2f}",
                                 flush=True,
                             )
     doc8 = [r for r in rows if r["balance"] == "document" and r["N"] == 8]

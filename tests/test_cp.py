@@ -96,6 +96,24 @@ def cases():
             out.append(
                 dict(balance=balance, strategy=strategy, kind="long", causal=True, window=20, gqa=True)
             )
+    for balance in ("contiguous", "zigzag", "document", "auto"):
+        out.append(dict(balance=balance, strategy="direct", kind="doc", causal=True, window=None, gqa=True))
+    out.append(
+        dict(
+            balance="document",
+            strategy="direct",
+            kind="long",
+            causal=True,
+            window=20,
+            gqa=False,
+            sm="relbias",
+        )
+    )
+    out.append(
+        dict(
+            balance="contiguous", strategy="direct", kind="pad", causal=False, window=None, gqa=True, prefix=3
+        )
+    )
     out.append(dict(balance="document", strategy="ring", kind="doc", causal=False, window=None, gqa=False))
     out.append(dict(balance="zigzag", strategy="ring", kind="pad", causal=True, window=None, gqa=True))
     out.append(dict(balance="auto", strategy="allgather", kind="pad", causal=False, window=9, gqa=False))
@@ -162,6 +180,7 @@ def cases():
 
 AUTO_CASES = [
     dict(balance="document", strategy="ring", kind="doc", causal=True, window=None, gqa=True),
+    dict(balance="contiguous", strategy="direct", kind="doc", causal=True, window=None, gqa=False),
     dict(balance="zigzag", strategy="allgather", kind="long", causal=True, window=20, gqa=False, sm="alibi"),
 ]
 

@@ -16,6 +16,7 @@ from functools import cache
 import torch
 
 from .allgather import allgather_backward, allgather_forward
+from .direct import direct_backward, direct_forward
 from .merge import _acc_dtype
 from .ring import ring_backward, ring_forward
 
@@ -83,6 +84,8 @@ class _CPAttention(torch.autograd.Function):
         kw = dict(score_mod=score_mod, scale=scale, enable_gqa=q.shape[1] != k.shape[1], **extra)
         if plan.strategy == "ring":
             out, lse = ring_forward(q, k, v, plan, masks, fwd, kw)
+        elif plan.strategy == "direct":
+            out, lse = direct_forward(q, k, v, plan, masks, fwd, kw)
         else:
             out, lse = allgather_forward(q, k, v, plan, full_mask, fwd, kw)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -110,6 +113,8 @@ class _CPAttention(torch.autograd.Function):
             kw["score_mod_grads"] = grads
         if plan.strategy == "ring":
             dq, dk, dv = ring_backward(q, k, v, out, dout, lse, delta, plan, masks, bwd, kw)
+        elif plan.strategy == "direct":
+            dq, dk, dv = direct_backward(q, k, v, out, dout, lse, delta, plan, masks, bwd, kw)
         else:
             dq, dk, dv = allgather_backward(q, k, v, out, dout, lse, delta, plan, full_mask, bwd, kw)
         pg = tuple(grads) if grads is not None else (None,) * ctx.n_params

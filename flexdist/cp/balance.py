@@ -182,6 +182,7 @@ class CostModel:
 
     comm_weight: float = 1.0
     partial_weight: float = 1.0
+    direct: bool = False  # strategy="direct": only needed K/V blocks move (≤ min(work, shard) blocks a step)
 
 
 def step_matrix(work: np.ndarray) -> np.ndarray:
@@ -205,7 +206,14 @@ def last_needed_step(work: np.ndarray) -> np.ndarray:
 def predicted_time(work: np.ndarray, shard_blocks: int, cost: CostModel) -> float:
     """Critical path of the ring with per-step synchronisation and next-step transfers overlapped."""
     N = work.shape[0]
-    sm = step_matrix(work).max(axis=1).astype(np.float64)
+    steps = step_matrix(work)
+    sm = steps.max(axis=1).astype(np.float64)
+    if cost.direct:
+        # direct exchange of needed blocks only: rank r gets at most min(work(r, t), shard) blocks at step t
+        need = np.minimum(steps, shard_blocks).max(axis=1) * cost.comm_weight
+        comm = np.zeros(N)
+        comm[:-1] = need[1:]  # the transfer for step t+1 overlaps step t
+        return float(np.maximum(sm, comm).sum())
     # the transfer for step t+1 overlaps step t; some shard still travels while t+1 <= max_j t_last[j]
     comm = np.where(np.arange(N) < last_needed_step(work).max(), cost.comm_weight * shard_blocks, 0.0)
     return float(np.maximum(sm, comm).sum())

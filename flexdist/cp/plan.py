@@ -23,7 +23,7 @@ from flexdist.kernels import DocumentMaskMod
 
 from . import balance as bal
 
-STRATEGIES = ("ring", "allgather")
+STRATEGIES = ("ring", "allgather", "direct")
 _CHECKED_GROUPS: set[int] = set()
 
 
@@ -114,6 +114,9 @@ class Plan:
     kernel_backend: str = "auto"
     full_mask: BlockMask | None = None
     debug: bool = False
+    direct_send: list = field(default_factory=list)  # strategy="direct": per step t, local tokens sent to r+t
+    direct_recv: list = field(default_factory=list)  # per step t, shard (r-t)'s local tokens received
+    kv_sets: list = field(default_factory=list)  # per kv rank j, global indices of the keys masks[j] covers
     _device_cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -181,6 +184,21 @@ class Plan:
         key = ("idx", str(device), rank)
         if key not in self._device_cache:
             self._device_cache[key] = self.shard_indices(rank).to(device)
+        return self._device_cache[key]
+
+    def kv_index_on(self, device: torch.device, j: int) -> torch.Tensor:
+        """Global indices of the keys of kv rank j that masks[j] covers (all of shard j except for "direct")."""
+        key = ("kvidx", str(device), j)
+        if key not in self._device_cache:
+            src = self.kv_sets[j] if self.kv_sets else self.shard_indices(j)
+            self._device_cache[key] = src.to(device)
+        return self._device_cache[key]
+
+    def direct_on(self, device: torch.device) -> tuple[list, list]:
+        key = ("direct", str(device))
+        if key not in self._device_cache:
+            mv = lambda xs: [None if x is None else x.to(device) for x in xs]
+            self._device_cache[key] = (mv(self.direct_send), mv(self.direct_recv))
         return self._device_cache[key]
 
 
@@ -281,6 +299,18 @@ def build_pair_masks(
     return out
 
 
+def _needed_tokens(
+    lo: torch.Tensor, hi: torch.Tensor, q_index: torch.Tensor, kv_index: torch.Tensor, bs: int
+) -> torch.Tensor | None:
+    """Local indices (ascending, whole blocks) of the tokens of ``kv_index`` that queries ``q_index`` attend to."""
+    ne, _ = bal.pair_blocks(lo[:, q_index], hi[:, q_index], kv_index, bs)
+    blocks = torch.nonzero(ne.any(1).any(0)).flatten()
+    if blocks.numel() == 0:
+        return None
+    tok = (blocks[:, None] * bs + torch.arange(bs)).flatten()
+    return tok[tok < kv_index.numel()]
+
+
 def _pair_work_tokens(
     perm: torch.Tensor, N: int, lo: torch.Tensor, hi: torch.Tensor, bs: int, partial_weight: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -355,7 +385,10 @@ def plan(
         group: the CP ProcessGroup, a 1-D DeviceMesh, or None (default group; a single process when
             torch.distributed is not initialised).
         balance: "contiguous", "zigzag", "document" or "auto" (lowest predicted ring time of the feasible ones).
-        strategy: "ring" (P2P, overlapped, empty steps skipped) or "allgather" (gather K/V, one call).
+        strategy: "ring" (P2P ring, overlapped, empty steps skipped, a shard stops after its last consumer),
+            "allgather" (gather K/V, one call) or "direct" (each step t a shift-by-t P2P exchange of exactly
+            the K/V blocks the receiver's mask needs — the mask's minimum volume — and dK/dV sent straight
+            back to the owner).
         causal, window: the document mask (same document, causal, sliding window of W tokens).
         prefix_lengths: prefix-LM: each document's first P tokens are visible to all its queries (int P).
         block_size: the BlockMask block (and the document planner's unit of assignment).
@@ -390,7 +423,7 @@ def plan(
         check_consistent(doc_ids, grp, (balance, strategy, causal, window, block_size, prefix_lengths))
         _CHECKED_GROUPS.add(id(grp))
 
-    cost = bal.CostModel(comm_weight=comm_weight)
+    cost = bal.CostModel(comm_weight=comm_weight, direct=strategy == "direct")
     doc_cpu = doc_ids.detach().cpu().long()
     lo, hi = bal.visible_intervals(doc_cpu, causal, window, prefix_lengths)
     L = S // N
@@ -441,7 +474,21 @@ def plan(
         builder=mask_builder,
         lo_hi=(lo_d, hi_d),
     )
-    built = build_pair_masks(doc_dev, mine, shards, **mkw)
+    direct_send: list[torch.Tensor | None] = [None] * N
+    direct_recv: list[torch.Tensor | None] = [None] * N
+    kv_sets = shards
+    if strategy == "direct":
+        # exactly the K/V blocks each pair needs: what I receive from j (compacted, ascending) and send to r
+        kv_sets = list(shards)
+        for t in range(1, N):
+            j, r_to = (rank - t) % N, (rank + t) % N
+            direct_recv[t] = _needed_tokens(lo, hi, mine, shards[j], block_size) if W[rank, j] > 0 else None
+            if direct_recv[t] is not None:
+                kv_sets[j] = shards[j][direct_recv[t]]
+            direct_send[t] = (
+                _needed_tokens(lo, hi, shards[r_to], mine, block_size) if W[r_to, rank] > 0 else None
+            )
+    built = build_pair_masks(doc_dev, mine, kv_sets, **mkw)
     masks = [m for m, _, _ in built]
     for j in range(N):
         # Both emptiness tests are proofs: W is exact per token (a superset for prefix+window), the block
@@ -453,6 +500,8 @@ def plan(
     if strategy == "allgather":
         ((full_mask, _, _),) = build_pair_masks(doc_dev, mine, [torch.arange(S)], **mkw)
     t_last = bal.last_needed_step(W)
+    if strategy == "direct":
+        t_last = np.zeros(N, dtype=np.int64)  # unused: nothing travels round a ring
     pos = bal.positions_in_document(doc_cpu)[:, mine].to(dev)
     p = Plan(
         group=grp,
@@ -474,6 +523,9 @@ def plan(
         kernel_backend=kernel_backend,
         full_mask=full_mask,
         debug=debug,
+        direct_send=[None if x is None else x.to(dev) for x in direct_send],
+        direct_recv=[None if x is None else x.to(dev) for x in direct_recv],
+        kv_sets=[x.to(dev) for x in kv_sets],
     )
     p.stats = plan_stats(W, need, t_last, L, block_size, cost, info, strategy)
     return p
@@ -512,6 +564,7 @@ def plan_stats(
         "kv_tokens_moved_ring": ring_moves * L,
         "kv_tokens_moved_allgather": N * (N - 1) * L,
         "kv_tokens_min": int((need * (1 - np.eye(N, dtype=np.int64))).sum()) * bs,
+        "kv_tokens_moved_direct": int((need * (1 - np.eye(N, dtype=np.int64))).sum()) * bs,
         "strategy": strategy,
         "planner": info,
     }
