@@ -9,6 +9,8 @@ balance (contiguous, zigzag, document-aware planner):
   time is the max over ranks; the K/V transfer for the next step (bytes / ``--link-gbs``, dK/dV in fp32 in
   backward) overlaps the current step, so a step costs max(compute, transfer). Steps whose mask is empty
   cost only their transfer, and a shard stops travelling after its last consumer (as `flexdist.cp.ring`).
+- direct: as ring, but each step rank r gets from rank r − t only the K/V blocks its mask needs (kernel on
+  the compacted K/V), and sends their dK/dV straight back; transfers cost the largest message of the step.
 - allgather: one kernel call per rank with its full mask, plus the exposed all-gather (and in backward the
   reduce-scatter) time.
 
@@ -39,7 +41,7 @@ from bench_planner import make_pack
 
 from flexdist.cp import balance as bal
 from flexdist.cp.merge import merge_into
-from flexdist.cp.plan import _pair_work_tokens, build_pair_masks
+from flexdist.cp.plan import _needed_tokens, _pair_work_tokens, build_pair_masks
 from flexdist.kernels import flex_attention_backward, flex_attention_forward
 
 
@@ -142,6 +144,7 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
     for balance in args.balances:
         if balance == "zigzag" and S % (2 * N):
             continue
+        n_before = len(rows)
         perm = layout(balance, doc, N, bs, cost)
         shards = [perm[r * L : (r + 1) * L].to(device) for r in range(N)]
         masks = [
@@ -164,50 +167,105 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
         outs = [out_full[:, :, s] for s in shards]
         lses = [lse_full[:, :, s] for s in shards]
         deltas = [(douts[r].float() * outs[r].float()).sum(-1) for r in range(N)]
-        # ring
-        fwd_steps, bwd_steps = [], []
-        for t in range(N):
-            cf, cb = [0.0], [0.0]
-            for r in range(N):
-                j = (r - t) % N
-                m = masks[r][j]
-                if m is None:
-                    continue
-                kw = dict(enable_gqa=gqa, q_global_idx=shards[r], kv_global_idx=shards[j], backend=kb)
-                acc_o, acc_l = merge_into(None, None, outs[r], lses[r])
+        tok_bytes = kv_bytes / L
+        dtok_bytes = dkv_bytes / L
 
-                def f(r=r, j=j, m=m, kw=kw, acc_o=acc_o, acc_l=acc_l):
-                    o, l = flex_attention_forward(qs[r], ks[j], vs[j], m, **kw)
-                    merge_into(acc_o, acc_l, o, l)
+        def run_steps(pair, comm_fwd, comm_bwd):
+            """Per-step max over ranks of kernel (+ merge) time; transfers overlap the previous step."""
+            fwd_steps, bwd_steps = [], []
+            for t in range(N):
+                cf, cb = [0.0], [0.0]
+                for r in range(N):
+                    j = (r - t) % N
+                    m, kj, vj, kv_idx = pair(r, j)
+                    if m is None:
+                        continue
+                    kw = dict(enable_gqa=gqa, q_global_idx=shards[r], kv_global_idx=kv_idx, backend=kb)
+                    acc_o, acc_l = merge_into(None, None, outs[r], lses[r])
 
-                def b(r=r, j=j, m=m, kw=kw):
-                    flex_attention_backward(
-                        qs[r], ks[j], vs[j], outs[r], douts[r], lses[r], m, delta=deltas[r], **kw
-                    )
+                    def f(r=r, m=m, kj=kj, vj=vj, kw=kw, acc_o=acc_o, acc_l=acc_l):
+                        o, l = flex_attention_forward(qs[r], kj, vj, m, **kw)
+                        merge_into(acc_o, acc_l, o, l)
 
-                cf.append(tm(f))
-                cb.append(tm(b))
-            more = t + 1 < N and bool((t_last >= t + 1).any())
-            comm_f = kv_bytes / link if more else 0.0
-            # backward: K/V for the next step plus this step's travelling dK/dV (fp32)
-            comm_b = (kv_bytes / link if more else 0.0) + (dkv_bytes / link if t > 0 or more else 0.0)
-            fwd_steps.append(max(max(cf), comm_f))
-            bwd_steps.append(max(max(cb), comm_b))
-        T_f, T_b = sum(fwd_steps), sum(bwd_steps)
-        rows.append(
-            dict(
-                base,
-                balance=balance,
-                strategy="ring",
-                pred_fwd_s=T_f,
-                pred_bwd_s=T_b,
-                tflops_fwd=fwd_flops / N / T_f / 1e12,
-                tflops_bwd=bwd_flops / N / T_b / 1e12,
-                eff_fwd=t1_fwd / (N * T_f),
-                eff_bwd=t1_bwd / (N * T_b),
-                steps_skipped=int(sum(m is None for r in range(N) for j, m in enumerate(masks[r]) if j != r)),
+                    def b(r=r, m=m, kj=kj, vj=vj, kw=kw):
+                        flex_attention_backward(
+                            qs[r], kj, vj, outs[r], douts[r], lses[r], m, delta=deltas[r], **kw
+                        )
+
+                    cf.append(tm(f))
+                    cb.append(tm(b))
+                fwd_steps.append(max(max(cf), comm_fwd(t)))
+                bwd_steps.append(max(max(cb), comm_bwd(t)))
+            return sum(fwd_steps), sum(bwd_steps)
+
+        def add_row(strategy, T_f, T_b, **extra):
+            rows.append(
+                dict(
+                    base,
+                    balance=balance,
+                    strategy=strategy,
+                    pred_fwd_s=T_f,
+                    pred_bwd_s=T_b,
+                    tflops_fwd=fwd_flops / N / T_f / 1e12,
+                    tflops_bwd=bwd_flops / N / T_b / 1e12,
+                    eff_fwd=t1_fwd / (N * T_f),
+                    eff_bwd=t1_bwd / (N * T_b),
+                    **extra,
+                )
             )
+
+        # ring: whole shards travel; a shard stops after its last consumer
+        def ring_more(t):
+            return t + 1 < N and bool((t_last >= t + 1).any())
+
+        T_f, T_b = run_steps(
+            lambda r, j: (masks[r][j], ks[j], vs[j], shards[j]),
+            lambda t: kv_bytes / link if ring_more(t) else 0.0,
+            # K/V for the next step plus this step's travelling dK/dV (fp32)
+            lambda t: (
+                (kv_bytes / link if ring_more(t) else 0.0)
+                + (dkv_bytes / link if t > 0 or ring_more(t) else 0.0)
+            ),
         )
+        skipped = int(sum(m is None for r in range(N) for j, m in enumerate(masks[r]) if j != r))
+        add_row(
+            "ring",
+            T_f,
+            T_b,
+            steps_skipped=skipped,
+            kv_tokens_moved=int(sum(ring_more(t) for t in range(N))) * N * L,
+        )
+        # direct: only the needed K/V blocks, shift-by-t exchange, dK/dV straight home
+        if "direct" in args.strategies:
+            cpu_shards = [perm[r * L : (r + 1) * L] for r in range(N)]
+            need = [[None] * N for _ in range(N)]
+            dpair = [[(None, None, None, None)] * N for _ in range(N)]
+            for r in range(N):
+                for j in range(N):
+                    if masks[r][j] is None:
+                        continue
+                    if j == r:
+                        dpair[r][j] = (masks[r][j], ks[j], vs[j], shards[j])
+                        continue
+                    tok = _needed_tokens(lo, hi, cpu_shards[r], cpu_shards[j], bs)
+                    need[r][j] = 0 if tok is None else tok.numel()
+                    tok = tok.to(device)
+                    kvi = shards[j][tok]
+                    ((m, _, _),) = build_pair_masks(
+                        doc, shards[r], [kvi], causal=True, window=None, block_size=bs
+                    )
+                    dpair[r][j] = (m, ks[j][:, :, tok], vs[j][:, :, tok], kvi)
+
+            def need_max(t):
+                return max((need[r][(r - t) % N] or 0) for r in range(N)) if 0 < t < N else 0
+
+            T_f, T_b = run_steps(
+                lambda r, j: dpair[r][j],
+                lambda t: need_max(t + 1) * tok_bytes / link,
+                lambda t: need_max(t + 1) * tok_bytes / link + need_max(t) * dtok_bytes / link,
+            )
+            moved = sum(x or 0 for row in need for x in row)
+            add_row("direct", T_f, T_b, steps_skipped=skipped, kv_tokens_moved=moved)
         # allgather: one call per rank against all keys, exposed gather / reduce-scatter
         ag_f, ag_b = [], []
         all_idx = torch.arange(S, device=device)
@@ -229,20 +287,8 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
         gather = (N - 1) * kv_bytes / link
         rs = (N - 1) * dkv_bytes / link
         A_f, A_b = max(ag_f) + gather, max(ag_b) + gather + rs
-        rows.append(
-            dict(
-                base,
-                balance=balance,
-                strategy="allgather",
-                pred_fwd_s=A_f,
-                pred_bwd_s=A_b,
-                tflops_fwd=fwd_flops / N / A_f / 1e12,
-                tflops_bwd=bwd_flops / N / A_b / 1e12,
-                eff_fwd=t1_fwd / (N * A_f),
-                eff_bwd=t1_bwd / (N * A_b),
-            )
-        )
-        for rr in rows[-2:]:
+        add_row("allgather", A_f, A_b, kv_tokens_moved=N * (N - 1) * L)
+        for rr in rows[n_before:]:
             print(
                 f"  {balance:11} {rr['strategy']:9} fwd {rr['pred_fwd_s'] * 1e3:8.2f} ms {rr['tflops_fwd']:6.0f} TFLOP/s "
                 f"eff {rr['eff_fwd']:.2f} | bwd {rr['pred_bwd_s'] * 1e3:8.2f} ms {rr['tflops_bwd']:6.0f} TFLOP/s "
@@ -300,6 +346,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--backend", default="auto", help="flexdist.kernels backend")
     ap.add_argument("--balances", nargs="+", default=["contiguous", "zigzag", "document"])
+    ap.add_argument("--strategies", nargs="+", default=["ring", "direct", "allgather"])
     ap.add_argument("--no-torch-flex", dest="torch_flex", action="store_false")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
