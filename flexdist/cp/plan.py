@@ -430,7 +430,9 @@ def plan(
     # global block work (used by the planner, and for the exact pair work of block-aligned layouts)
     G = None
     if S % (N * block_size) == 0 and balance in ("auto", "document"):
-        G = bal.global_block_work(doc_cpu, block_size, causal, window, cost.partial_weight, prefix_lengths)
+        G = bal.global_block_work(
+            doc_ids.long(), block_size, causal, window, cost.partial_weight, prefix_lengths
+        )
 
     def pair_work(perm: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         assign = bal.block_assignment(perm, N, block_size) if G is not None else None
