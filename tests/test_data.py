@@ -204,3 +204,17 @@ def test_token_file_source_splits_at_eod(tmp_path, suffix: str) -> None:
     assert [src.tokens(i).tolist() for i in range(len(src))] == [[5, 6, 0], [7, 0], [0], [8, 9, 10]]
     with pytest.raises(ValueError, match=r"token id 10 >= data\.vocab_size=10"):
         TokenFileSource(path, eod_id=0, vocab_size=10)
+
+
+def test_shuffled_epoch_visits_every_window_exactly_once() -> None:
+    lengths = np.random.default_rng(3).integers(1, 70, size=80).tolist()
+    src = ListSource(lengths)
+    loader = PackedLoader(src, seq_len=16, micro_batch=1, seed=7, shuffle=True)
+    layout = loader._epoch_layout()
+    stream = np.concatenate([src.docs[i] for i in layout.order])
+    expected = {tuple(stream[w * 16 : (w + 1) * 16]) for w in range(layout.num_windows)}
+    seen = [tuple(loader.next_batch()["tokens"][0].tolist()) for _ in range(layout.num_windows)]
+    assert set(seen) == expected and len(seen) == len(expected)  # a permutation of the epoch's windows
+    in_order = [tuple(stream[w * 16 : (w + 1) * 16]) for w in range(layout.num_windows)]
+    assert seen != in_order  # and not the stream order
+    assert loader.epoch == 0

@@ -1,7 +1,8 @@
 """Deterministic, dp-sharded, resumable loader of packed windows.
 
-Every rank builds the same epoch layout (document order = a permutation seeded by ``(seed, epoch)``), so the
-global sequence of windows is a pure function of the corpus, ``seq_len`` and ``seed``. A global cursor walks
+Every rank builds the same epoch layout (document order, then the order windows are visited in: permutations
+seeded by ``(seed, epoch)``), so the global sequence of windows is a pure function of the corpus, ``seq_len`` and
+``seed``. A global cursor walks
 it: each :meth:`PackedLoader.next_batch` call consumes ``dp_size * micro_batch`` consecutive windows, of which
 dp rank ``r`` takes the ``r``-th block of ``micro_batch`` — disjoint across dp ranks, identical across the cp
 ranks of one dp group (context parallelism splits a sequence, it does not get its own). The state is just
@@ -56,11 +57,13 @@ class PackedLoader:
     def _epoch_layout(self) -> EpochLayout:
         if self._layout is None or self._layout_epoch != self.epoch:
             n = len(self.source)
-            if self.shuffle:
-                order = np.random.default_rng([self.seed, self.epoch]).permutation(n)
-            else:
-                order = np.arange(n)
+            rng = np.random.default_rng([self.seed, self.epoch])
+            order = rng.permutation(n) if self.shuffle else np.arange(n)
             self._layout = EpochLayout(self.source.doc_lengths, order, self.seq_len)
+            # windows are visited in a shuffled order too: consecutive windows of one long document would
+            # otherwise land in consecutive steps (correlated batches, a noisy loss curve)
+            w = self._layout.num_windows
+            self._window_order = rng.permutation(w) if self.shuffle else np.arange(w)
             self._layout_epoch = self.epoch
         return self._layout
 
@@ -72,7 +75,10 @@ class PackedLoader:
             self.epoch, self.cursor = self.epoch + 1, 0
             layout = self._epoch_layout()
         first = self.cursor + self.dp_rank * self.micro_batch
-        rows = [layout.window(first + j, self.source.tokens) for j in range(self.micro_batch)]
+        rows = [
+            layout.window(int(self._window_order[first + j]), self.source.tokens)
+            for j in range(self.micro_batch)
+        ]
         self.cursor += step
         return {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0]}
 
