@@ -101,7 +101,7 @@ class DataConfig:
     vocab_size: int | None = None  # vocabulary size for source=tokens (required there)
     token_dtype: str = "uint16"  # dtype of a raw .bin token file
     shuffle: bool = True  # shuffle the document order each epoch (seeded by trainer.seed and the epoch)
-    max_docs: int | None = None  # keep only the first N documents (tests, quick looks)
+    max_docs: int | None = None  # keep only the first N documents (stdlib, text, jsonl; tests, quick looks)
 
 
 @dataclass
@@ -152,7 +152,7 @@ class TrainerConfig:
     seq_len: int = 2048  # tokens per packed window (the whole sequence, before CP splits it)
     micro_batch: int = 1  # windows per dp rank per forward/backward
     grad_accum: int = 1  # micro-batches per optimizer step
-    dtype: DType = DType.auto  # bf16 | fp32 | auto (bf16 on CUDA, fp32 on CPU)
+    dtype: DType = DType.auto  # bf16 | fp32 | auto (bf16 on CUDA with FSDP, else fp32)
     device: Device = Device.auto  # auto | cuda | cpu
     compile: bool = False  # torch.compile each transformer block
     activation_checkpointing: bool = False  # recompute each block in backward (saves activation memory)
@@ -299,6 +299,8 @@ def validate(cfg: Any, world_size: int) -> Resolved:
             errors.append(f"{key}={g(key)} must be >= 0")
     if g("trainer.keep_last") < 1:
         errors.append(f"trainer.keep_last={g('trainer.keep_last')} must be >= 1")
+    if g("trainer.dtype") == "bf16" and not g("parallel.fsdp"):
+        errors.append("trainer.dtype=bf16 needs parallel.fsdp=true (bf16 compute is FSDP2's mixed precision)")
     if g("optim.name") != "adamw":
         errors.append(f"optim.name={g('optim.name')!r}: only 'adamw' is implemented")
     if not 0.0 <= g("optim.min_lr_ratio") <= 1.0:

@@ -209,7 +209,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         device_kind = "cuda" if torch.cuda.is_available() else "cpu"
     dtype_name = _value(t.dtype)
     if dtype_name == "auto":
-        dtype_name = "bf16" if device_kind == "cuda" else "fp32"
+        dtype_name = "bf16" if device_kind == "cuda" and cfg.parallel.fsdp else "fp32"
     param_dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
 
     # 2. process group, (dp, cp) mesh; FSDP shards over all dp × cp ranks (a 1-D mesh over the world)
@@ -244,8 +244,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         compile_model(model)
     if cfg.parallel.fsdp:
         shard_model(model, fsdp_mesh, param_dtype)
-    elif param_dtype != torch.float32:
-        raise ValueError("trainer.dtype=bf16 needs parallel.fsdp=true (FSDP2 mixed precision)")
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.optim.warmup_steps, t.steps, cfg.optim.min_lr_ratio)
