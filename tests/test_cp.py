@@ -264,6 +264,16 @@ def run_case(
     torch.testing.assert_close(
         p.unshard(out.detach(), 2).double().cpu(), out_r, **tol, msg=lambda m: f"unshard {msg}: {m}"
     )
+    st = p.stats
+    assert st["work_max_over_mean"] >= 1.0 and st["critical_path_over_ideal"] >= 1.0 - 1e-9, st
+    assert st["kv_tokens_min"] <= st["kv_tokens_moved_ring"] <= st["kv_tokens_moved_allgather"], st
+    if c["strategy"] == "direct" and p.world_size > 1:
+        # the schedule moves exactly the mask's minimum that the stats report
+        got = torch.tensor(
+            [sum(x.numel() for x in p.direct_recv if x is not None)], dtype=torch.int64, device=device
+        )
+        dist.all_reduce(got)
+        assert int(got) == st["kv_tokens_moved_direct"], (int(got), st)
     if sm_kind == "relbias":
         gsum = sm_cp.table.grad.clone()
         if group is not None or (dist.is_available() and dist.is_initialized()):

@@ -529,7 +529,7 @@ def plan(
         direct_recv=[None if x is None else x.to(dev) for x in direct_recv],
         kv_sets=[x.to(dev) for x in kv_sets],
     )
-    p.stats = plan_stats(W, need, t_last, L, block_size, cost, info, strategy)
+    p.stats = plan_stats(W, need, bal.last_needed_step(W), L, block_size, cost, info, strategy)
     return p
 
 
