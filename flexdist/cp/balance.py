@@ -343,7 +343,6 @@ def plan_document(
     members = [list(np.nonzero(assign == k)[0]) for k in range(N)]
     cur = best_cost
     accepted = 0
-    rr = np.arange(N)
     ideal = float(W.sum()) / N
     stale = 0
     for _ in range(iters):
@@ -381,7 +380,6 @@ def plan_document(
             assign[x], assign[y] = q, src
             members[src][members[src].index(x)] = y
             members[q][members[q].index(y)] = x
-    del rr
     info["cost"] = cur
     info["swaps_accepted"] = accepted
     return assign, info
