@@ -11,8 +11,9 @@ is timed with three attention implementations, in one process, on the same packe
 
 Reported: tokens/s, MFU (model FLOPs per token from ``flexdist.model.flops_per_token`` with the attention
 pairs each variant actually computes: document-causal pairs for the flex variants, causal pairs for SDPA;
-peak 989 TFLOP/s bf16 for H100/H200, ``--peak-tflops`` otherwise) and peak memory. fp32 master weights,
-bf16 autocast, activation checkpointing per block at 64k (``--ac``), fused AdamW.
+peak 989 TFLOP/s bf16 for H100/H200, ``--peak-tflops`` otherwise) and peak memory. Activation checkpointing per block at 64k (``--ac``), AdamW. Precision (``--mode``): ``fsdp`` (default) is
+exactly the trainer's setup — FSDP2 ``fully_shard`` on a 1-rank group, bf16 parameters for compute, fp32 master
+weights and gradient reduction; ``autocast`` keeps fp32 parameters and runs the forward under bf16 autocast.
 
     python bench/bench_train.py --out bench/results/train.json            # GPU: 350m, 1b × 16k, 64k
     python bench/bench_train.py --quick --out /tmp/train_quick.json       # CPU smoke: tiny model, 512 tokens
@@ -35,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
+
 from flexdist.data import IGNORE_INDEX, PackedLoader, StdlibSource  # noqa: E402
 from flexdist.model import (  # noqa: E402
     Llama,
@@ -44,6 +47,7 @@ from flexdist.model import (  # noqa: E402
     document_causal_pairs,
     flops_per_token,
 )
+from train.trainer import shard_model  # noqa: E402
 
 MODELS = {  # same shapes as configs/model/*.yaml (byte vocabulary rounded up to 320)
     "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden_dim=384),
@@ -101,6 +105,16 @@ class SDPACausal:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
+def _ensure_process_group(device: torch.device) -> None:
+    """A 1-rank process group (FSDP2 needs one), on an in-memory store: no ports, no launcher."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kw = {"device_id": torch.device("cuda", torch.cuda.current_device())} if device.type == "cuda" else {}
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kw)
+
+
 def make_attention(name: str, doc_ids: torch.Tensor, block_size: int, backend: str):
     if name == "flexdist":
         return LocalDocumentAttention(doc_ids, backend=backend, block_size=block_size)
@@ -121,12 +135,16 @@ def bench_one(
     model.activation_checkpointing = args.ac == "on" or (args.ac == "auto" and seq_len > 16384)
     if args.compile_model:
         compile_model(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    bf16 = device.type == "cuda"
+    if args.mode == "fsdp":
+        _ensure_process_group(device)
+        shard_model(model, init_device_mesh(device.type, (1,)), torch.bfloat16 if bf16 else torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loader = PackedLoader(StdlibSource(), seq_len=seq_len, micro_batch=1, seed=0)
     batches = [
         {k: v.to(device) for k, v in loader.next_batch().items()} for _ in range(args.steps + args.warmup)
     ]
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and args.mode == "autocast")
 
     def step(batch) -> float:
         attention = make_attention(attn, batch["doc_ids"], args.block_size, args.backend)
@@ -197,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)"
     )
+    p.add_argument("--mode", choices=["fsdp", "autocast"], default="fsdp", help="precision setup (see above)")
     p.add_argument("--quick", action="store_true", help="CPU smoke: tiny model, 512 tokens, 1+1 steps")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -232,7 +251,12 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "dtype": "bf16 autocast, fp32 master weights" if device.type == "cuda" else "fp32",
+        "mode": args.mode,
+        "dtype": (
+            ("FSDP2 bf16 params, fp32 master/reduce" if args.mode == "fsdp" else "bf16 autocast, fp32 params")
+            if device.type == "cuda"
+            else "fp32"
+        ),
         "batch": "1 packed window of stdlib .py files per step (byte tokenizer, vocab 320)",
         "steps": args.steps,
         "warmup": args.warmup,
