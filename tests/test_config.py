@@ -114,6 +114,11 @@ def test_unknown_key_in_a_yaml_option_is_an_error(tmp_path) -> None:
         (["model.dim=1024", "model.n_heads=4"], 1, r"= 1024 / 4 = 256 is not supported by the Triton kernel"),
         (["model.dim=36", "model.attn_backend=reference"], 1, r"= 36 / 4 = 9 must be even \(RoPE\)"),
         (["model.dim=130"], 1, r"model.dim=130 is not divisible by model.n_heads=4"),
+        (
+            ["parallel=cp", "parallel.cp=4", "parallel.cp_strategy=ulysses"],
+            4,
+            r"model.n_heads=4 and model.n_kv_heads=2 must both be divisible by parallel.cp=4",
+        ),
         (["trainer.dtype=bf16", "parallel.fsdp=false"], 1, "trainer.dtype=bf16 needs parallel.fsdp=true"),
         (["+trainer.new_key=1"], 1, "unknown config key 'trainer.new_key'"),
         (["trainer.grad_accum=0"], 1, "trainer.grad_accum=0 must be >= 1"),

@@ -3,7 +3,7 @@
 Two spawned gloo ranks; each computes the full-sequence reference on its own (float64, dense reference
 attention), then the CP version on its shard (``make_cp_plan`` + ``ContextParallelDocumentAttention``,
 tokens/labels sharded by the plan, positions-within-document from the plan) with the loss normalised by the
-global number of valid labels and gradients all-reduced — for every sharding the planner offers.
+global number of valid labels and gradients all-reduced — for every sharding and exchange strategy the planner offers.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-BALANCES = ("contiguous", "zigzag", "document", "auto")
+# every sharding with the ring, and every exchange strategy with the planner's choice of sharding
+CASES = [(b, "ring") for b in ("contiguous", "zigzag", "document", "auto")]
+CASES += [("auto", s) for s in ("allgather", "direct", "ulysses")]
 
 
 def _free_port() -> int:
@@ -65,9 +67,14 @@ def _worker(rank: int, world: int, port: int, results) -> None:
         ref_loss = loss_sum(model(batch["tokens"], batch["positions"], ref_attn), batch["labels"]) / n_valid
         ref_grads = torch.autograd.grad(ref_loss, list(model.parameters()))
 
-        for balance in BALANCES:
+        for balance, strategy in CASES:
             plan = make_cp_plan(
-                batch["doc_ids"], dist.group.WORLD, balance=balance, block_size=64, backend="reference"
+                batch["doc_ids"],
+                dist.group.WORLD,
+                balance=balance,
+                strategy=strategy,
+                block_size=64,
+                backend="reference",
             )
             tokens, labels = plan.shard(batch["tokens"], 1), plan.shard(batch["labels"], 1)
             assert tokens.shape == (2, 512 // world)
@@ -83,7 +90,11 @@ def _worker(rank: int, world: int, port: int, results) -> None:
                 g = g.clone()
                 dist.all_reduce(g)
                 torch.testing.assert_close(
-                    g, rg, rtol=1e-8, atol=1e-10, msg=lambda m, n=name, b=balance: f"{b} {n}: {m}"
+                    g,
+                    rg,
+                    rtol=1e-8,
+                    atol=1e-10,
+                    msg=lambda m, n=name, b=balance, st=strategy: f"{b}/{st} {n}: {m}",
                 )
         results.put((rank, "ok", ""))
     except BaseException:

@@ -37,8 +37,12 @@ class DataSource(Enum):
 
 
 class CPStrategy(Enum):
-    ring = "ring"  # K/V blocks travel around the ring, overlapped with compute
+    ring = "ring"  # K/V shards travel around the ring, overlapped with compute; empty steps skipped
     allgather = "allgather"  # all-gather K/V once, then local attention
+    direct = (
+        "direct"  # each step a shift-by-t P2P exchange of exactly the K/V blocks the receiver's mask needs
+    )
+    ulysses = "ulysses"  # all-to-all to head shards of the whole sequence (needs heads divisible by cp)
 
 
 class CPBalance(Enum):
@@ -289,6 +293,11 @@ def validate(cfg: Any, world_size: int) -> Resolved:
                 f"kernel (supported: {', '.join(map(str, KERNEL_HEAD_DIMS))}; model.attn_backend=reference "
                 "takes any even head dim, slowly)"
             )
+    if cp > 1 and g("parallel.cp_strategy") == "ulysses" and nkv >= 1 and (nh % cp or nkv % cp):
+        errors.append(
+            f"parallel.cp_strategy=ulysses splits heads over the cp ranks: model.n_heads={nh} and "
+            f"model.n_kv_heads={nkv} must both be divisible by parallel.cp={cp}"
+        )
     for key in ("trainer.steps", "trainer.micro_batch", "trainer.grad_accum", "trainer.log_interval"):
         if g(key) < 1:
             errors.append(f"{key}={g(key)} must be >= 1")
