@@ -1,6 +1,6 @@
 """Real multi-GPU CP attention benchmark (run under torchrun): per-GPU TFLOP/s and CP efficiency.
 
-For each tokens-per-GPU size, balance (contiguous, zigzag, document) and strategy (ring, direct, allgather), it times
+For each tokens-per-GPU size, balance (contiguous, zigzag, document) and strategy (ring, direct, allgather, ulysses), it times
 `flexdist.cp.attention` forward and forward+backward on a document-causal pack (long-tailed mixture of
 document lengths, MagiAttention-style GQA 64:8, head dim 128, bf16), takes the max over ranks, and reports
 per-GPU TFLOP/s (useful FLOPs: forward 4·Hq·D·visible pairs, backward 2.5×) and CP efficiency against the
@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--dist", default="mixture", choices=["exp", "mixture"])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--balances", nargs="+", default=["contiguous", "zigzag", "document"])
-    ap.add_argument("--strategies", nargs="+", default=["ring", "direct", "allgather"])
+    ap.add_argument("--strategies", nargs="+", default=["ring", "direct", "allgather", "ulysses"])
     ap.add_argument("--no-torch-cp", dest="torch_cp", action="store_false")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

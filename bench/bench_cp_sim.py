@@ -11,6 +11,7 @@ balance (contiguous, zigzag, document-aware planner):
   cost only their transfer, and a shard stops travelling after its last consumer (as `flexdist.cp.ring`).
 - direct: as ring, but each step rank r gets from rank r − t only the K/V blocks its mask needs (kernel on
   the compacted K/V), and sends their dK/dV straight back; transfers cost the largest message of the step.
+- ulysses: each rank runs the whole sequence for Hq/N heads, plus four exposed all-to-alls.
 - allgather: one kernel call per rank with its full mask, plus the exposed all-gather (and in backward the
   reduce-scatter) time.
 
@@ -295,6 +296,31 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
                 f"eff {rr['eff_bwd']:.2f}",
                 flush=True,
             )
+        # ulysses: every rank runs the whole sequence for Hq/N heads (same mask), plus four exposed
+        # all-to-alls (q, k, v, out; backward: dout, dq, dk, dv)
+        if "ulysses" in args.strategies and Hq % N == 0 and Hkv % N == 0 and balance == args.balances[0]:
+            hq, hk = Hq // N, Hkv // N
+            qh, kh, vh, dh = q[:, :hq], k[:, :hk], v[:, :hk], dout[:, :hq]
+            oh, lh = out_full[:, :hq], lse_full[:, :hq]
+            dlt = (dh.float() * oh.float()).sum(-1)
+            u_f = tm(lambda: flex_attention_forward(qh, kh, vh, full_mask, enable_gqa=gqa, backend=kb))
+            u_b = tm(
+                lambda: flex_attention_backward(
+                    qh, kh, vh, oh, dh, lh, full_mask, enable_gqa=gqa, delta=dlt, backend=kb
+                )
+            )
+            elem = torch.finfo(dtype).bits // 8
+            a2a = (2 * Hq + 2 * Hkv) * L * D * elem * (N - 1) / N / link
+            add_row(
+                "ulysses", u_f + a2a, u_b + a2a, note="layout-independent; a2a bytes (2Hq+2Hkv)·L·D·(N-1)/N"
+            )
+            for rr in rows[-1:]:
+                print(
+                    f"  {'(any)':11} {rr['strategy']:9} fwd {rr['pred_fwd_s'] * 1e3:8.2f} ms {rr['tflops_fwd']:6.0f} TFLOP/s "
+                    f"eff {rr['eff_fwd']:.2f} | bwd {rr['pred_bwd_s'] * 1e3:8.2f} ms {rr['tflops_bwd']:6.0f} TFLOP/s "
+                    f"eff {rr['eff_bwd']:.2f}",
+                    flush=True,
+                )
     return rows
 
 
@@ -346,7 +372,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--backend", default="auto", help="flexdist.kernels backend")
     ap.add_argument("--balances", nargs="+", default=["contiguous", "zigzag", "document"])
-    ap.add_argument("--strategies", nargs="+", default=["ring", "direct", "allgather"])
+    ap.add_argument("--strategies", nargs="+", default=["ring", "direct", "allgather", "ulysses"])
     ap.add_argument("--no-torch-flex", dest="torch_flex", action="store_false")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

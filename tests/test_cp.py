@@ -114,6 +114,20 @@ def cases():
             balance="contiguous", strategy="direct", kind="pad", causal=False, window=None, gqa=True, prefix=3
         )
     )
+    out.append(
+        dict(balance="zigzag", strategy="ulysses", kind="doc", causal=True, window=None, gqa=True, sm="alibi")
+    )
+    out.append(
+        dict(
+            balance="document",
+            strategy="ulysses",
+            kind="long",
+            causal=True,
+            window=9,
+            gqa=False,
+            sm="relbias",
+        )
+    )
     out.append(dict(balance="document", strategy="ring", kind="doc", causal=False, window=None, gqa=False))
     out.append(dict(balance="zigzag", strategy="ring", kind="pad", causal=True, window=None, gqa=True))
     out.append(dict(balance="auto", strategy="allgather", kind="pad", causal=False, window=9, gqa=False))
@@ -181,6 +195,7 @@ def cases():
 AUTO_CASES = [
     dict(balance="document", strategy="ring", kind="doc", causal=True, window=None, gqa=True),
     dict(balance="contiguous", strategy="direct", kind="doc", causal=True, window=None, gqa=False),
+    dict(balance="document", strategy="ulysses", kind="doc", causal=True, window=None, gqa=True),
     dict(balance="zigzag", strategy="allgather", kind="long", causal=True, window=20, gqa=False, sm="alibi"),
 ]
 
@@ -236,6 +251,13 @@ def run_case(
         return p.shard(x.to(device), 2)
 
     ql, kl, vl = (loc(t).to(dtype).requires_grad_() for t in (q, k, v))
+    if c["strategy"] == "ulysses" and (Hq % p.world_size or Hkv % p.world_size):
+        try:
+            cp.attention(ql, kl, vl, p, score_mod=sm_cp)
+        except ValueError as e:
+            assert "divisible by the CP world size" in str(e), e
+            return p
+        raise AssertionError(f"ulysses with Hq={Hq}, Hkv={Hkv}, N={p.world_size} did not raise")
     out, lse = cp.attention(ql, kl, vl, p, score_mod=sm_cp, return_lse=True)
     loss = (out.double() * loc(dout)).sum() + (
         lse.masked_fill(torch.isinf(lse), 0).double() * p.shard(dlse.to(device), 2)

@@ -175,6 +175,11 @@ def attention(
     if plan.debug:
         _check_across_ranks(q, k, v, plan)
     backend = kernel_backend or plan.kernel_backend
+    if plan.strategy == "ulysses":
+        from .ulysses import ulysses_attention
+
+        out, lse = ulysses_attention(q, k, v, plan, score_mod, scale, _kernel_fns(backend))
+        return (out, lse) if return_lse else out
     params = _score_params(score_mod)
     out, lse = _CPAttention.apply(q, k, v, plan, score_mod, scale, backend, *params)
     return (out, lse) if return_lse else out

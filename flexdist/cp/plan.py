@@ -23,7 +23,7 @@ from flexdist.kernels import DocumentMaskMod
 
 from . import balance as bal
 
-STRATEGIES = ("ring", "allgather", "direct")
+STRATEGIES = ("ring", "allgather", "direct", "ulysses")
 _CHECKED_GROUPS: set[int] = set()
 
 
@@ -388,7 +388,8 @@ def plan(
         strategy: "ring" (P2P ring, overlapped, empty steps skipped, a shard stops after its last consumer),
             "allgather" (gather K/V, one call) or "direct" (each step t a shift-by-t P2P exchange of exactly
             the K/V blocks the receiver's mask needs — the mask's minimum volume — and dK/dV sent straight
-            back to the owner).
+            back to the owner), or "ulysses" (all-to-all to head shards of the whole sequence and back;
+            needs heads divisible by N; balanced whatever the sharding).
         causal, window: the document mask (same document, causal, sliding window of W tokens).
         prefix_lengths: prefix-LM: each document's first P tokens are visible to all its queries (int P).
         block_size: the BlockMask block (and the document planner's unit of assignment).
@@ -501,6 +502,8 @@ def plan(
     full_mask = None
     if strategy == "allgather":
         ((full_mask, _, _),) = build_pair_masks(doc_dev, mine, [torch.arange(S)], **mkw)
+    elif strategy == "ulysses":  # every rank attends the whole sequence (its heads) in global order
+        ((full_mask, _, _),) = build_pair_masks(doc_dev, torch.arange(S), [torch.arange(S)], **mkw)
     t_last = bal.last_needed_step(W)
     if strategy == "direct":
         t_last = np.zeros(N, dtype=np.int64)  # unused: nothing travels round a ring
