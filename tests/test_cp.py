@@ -225,7 +225,11 @@ def run_case(
         sm_ref = sm_cp = ALiBi(ALiBi.default_slopes(Hq).double())
     elif sm_kind == "relbias":
         sm_ref = RelativeBias(table.clone().requires_grad_())
-        sm_cp = RelativeBias(table.clone().to(device).requires_grad_())
+        sm_cp = RelativeBias(
+            table.clone()
+            .to(device, torch.float64 if dtype == torch.float64 else torch.float32)
+            .requires_grad_()
+        )
     else:
         sm_ref = sm_cp = None
     out_r, lse_r, dq_r, dk_r, dv_r = reference(
@@ -244,7 +248,7 @@ def run_case(
         kernel_backend=kernel_backend,
         mask_builder=c.get("builder", "masks"),
     )
-    if sm_kind == "alibi" and device != "cpu":
+    if sm_kind == "alibi" and (device != "cpu" or dtype != torch.float64):
         sm_cp = ALiBi(ALiBi.default_slopes(Hq).to(device))
 
     def loc(x):
