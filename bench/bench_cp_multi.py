@@ -4,8 +4,8 @@ For each tokens-per-GPU size, balance (contiguous, zigzag, document) and strateg
 `flexdist.cp.attention` forward and forward+backward on a document-causal pack (long-tailed mixture of
 document lengths, MagiAttention-style GQA 64:8, head dim 128, bf16), takes the max over ranks, and reports
 per-GPU TFLOP/s (useful FLOPs: forward 4·Hq·D·visible pairs, backward 2.5×) and CP efficiency against the
-same kernel on the whole sequence on one GPU (measured in the same process). Peak memory per rank is
-reported for each strategy. As a side-by-side baseline on a plain causal mask (torch's CP cannot take a
+same kernel on the whole sequence on one GPU (measured in the same process). Peak memory per rank added by
+the op (forward + backward, above the benchmark's own global tensors) is reported for each strategy. As a side-by-side baseline on a plain causal mask (torch's CP cannot take a
 document mask through public APIs: its FlexAttention path needs the private ``create_cp_block_mask``), it
 also times torch's ``context_parallel`` with SDPA (is_causal) against flexdist's ring on the same causal
 mask.
@@ -141,8 +141,11 @@ def main() -> None:
                         continue
                     ql, kl, vl, dl = (p.shard(t, 2) for t in (q, k, v, dout))
                     ql, kl, vl = (t.detach().clone().requires_grad_() for t in (ql, kl, vl))
+                    base_mem = 0
                     if device.type == "cuda":
+                        torch.cuda.synchronize()
                         torch.cuda.reset_peak_memory_stats()
+                        base_mem = torch.cuda.memory_allocated()  # the global test tensors are not the op's
                     tf = timeit(
                         lambda p=p, ql=ql, kl=kl, vl=vl: cp.attention(ql, kl, vl, p), device, args.reps
                     )
@@ -153,7 +156,11 @@ def main() -> None:
 
                     tfb = timeit(fb, device, args.reps)
                     tb = max(tfb - tf, 1e-9)
-                    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+                    peak = (
+                        (torch.cuda.max_memory_allocated() - base_mem) / 2**30
+                        if device.type == "cuda"
+                        else 0.0
+                    )
                     r = dict(
                         base,
                         balance=p.balance,
