@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One device-machine session: the GPU test suite and the benchmarks, in as few minutes as possible.
+# Written for a 2-GPU machine: two lanes of single-GPU work run side by side (one per GPU), then the parts that
+# need every GPU; on one GPU the lanes run one after the other.
+#   LANE0 / LANE1 / MULTI: space-separated part names (see `part_*` below), e.g.
+#   LANE0="kernel" LANE1="tests masks cp_sim" MULTI="nccl cp_multi train_cp" bash bench/gpu_session.sh
+# Every part has its own time limit; results (JSON, logs) go to $OUT/results.tar.gz, a summary to stdout.
+set -uo pipefail
+OUT="${OUT:-/tmp/out}"
+R="$OUT/r"; mkdir -p "$R"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 OMP_NUM_THREADS=4
+NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+T0=$(date +%s)
+{ nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 -m flexdist --version;
+  echo "cpus: $(nproc)"; } > "$R/machine.txt" 2>&1
+
+run_part() {  # name, limit_s, command...
+  local name=$1 limit=$2; shift 2
+  local t=$(date +%s)
+  timeout "$limit" "$@" > "$R/$name.log" 2>&1
+  echo "$name rc=$? took $(( $(date +%s) - t ))s (t=$(( $(date +%s) - T0 ))s)" | tee -a "$R/parts.txt"
+}
+part_kernel()  { run_part kernel  "${T_KERNEL:-300}" python3 bench/bench_kernel.py --seqs "${KERNEL_SEQS:-8192,32768,131072}" --out "$R/kernel_h100.json"; }
+part_tests()   { run_part pytest_gpu "${T_TESTS:-200}" python3 -m pytest -q -n 8 --dist loadfile -p no:cacheprovider \
+                   --timeout 180 --deselect tests/test_cp_nccl.py; }
+part_masks()   { run_part masks   "${T_MASKS:-120}" python3 bench/bench_masks.py --out "$R/masks_h100.json"; }
+part_cp_sim()  { run_part cp_sim  "${T_CPSIM:-150}" python3 bench/bench_cp_sim.py --out "$R/cp_sim_h100.json"; }
+part_train350m() { run_part train_350m "${T_TRAIN:-280}" python3 bench/bench_train.py --models 350m --out "$R/train_350m_h100.json"; }
+part_train1b() { run_part train_1b "${T_TRAIN:-280}" python3 bench/bench_train.py --models 1b --out "$R/train_1b_h100.json"; }
+part_nccl()    { run_part pytest_nccl "${T_NCCL:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_cp_nccl.py; }
+part_cp_multi() { run_part cp_multi "${T_CPMULTI:-150}" torchrun --standalone --nproc-per-node "$NGPU" \
+                   bench/bench_cp_multi.py --out "$R/cp_multi_${NGPU}gpu.json"; }
+part_train_cp() { FLEXDIST_RUN_DIR="$R/train_1b_cp${NGPU}" run_part train_1b_cp "${T_TRAINCP:-180}" \
+                   torchrun --standalone --nproc-per-node "$NGPU" -m train model=1b parallel=cp parallel.cp="$NGPU" \
+                   optim=adamw trainer.seq_len=131072 trainer.steps="${TRAINCP_STEPS:-12}" \
+                   trainer.activation_checkpointing=true trainer.ckpt_interval=0 trainer.log_interval=1; }
+lane() { for p in $1; do "part_$p"; done; }
+
+if [ "$NGPU" -ge 2 ]; then
+  CUDA_VISIBLE_DEVICES=0 lane "${LANE0:-}" & a=$!
+  CUDA_VISIBLE_DEVICES=1 lane "${LANE1:-}" & b=$!
+  wait $a $b
+else
+  lane "${LANE0:-} ${LANE1:-}"
+fi
+[ "$NGPU" -ge 2 ] && lane "${MULTI:-}"
+echo "== parts"; cat "$R/parts.txt"
+for f in "$R"/*.log; do echo "== $f"; tail -n 8 "$f"; done
+find "$R" -path '*checkpoints*' -prune -exec rm -rf {} + 2>/dev/null
+tar czf "$OUT/results.tar.gz" -C "$OUT" r && rm -rf "$R"
