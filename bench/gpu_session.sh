@@ -17,19 +17,20 @@ T0=$(date +%s)
 run_part() {  # name, limit_s, command...
   local name=$1 limit=$2; shift 2
   local t=$(date +%s)
-  timeout "$limit" "$@" > "$R/$name.log" 2>&1
+  # SIGINT first: pytest and the benchmarks print what they have (failure summaries, rows) before exiting
+  timeout -s INT -k 15 "$limit" "$@" > "$R/$name.log" 2>&1
   echo "$name rc=$? took $(( $(date +%s) - t ))s (t=$(( $(date +%s) - T0 ))s)" | tee -a "$R/parts.txt"
 }
 part_kernel()  { run_part kernel  "${T_KERNEL:-300}" python3 bench/bench_kernel.py --seqs "${KERNEL_SEQS:-8192,32768,131072}" --out "$R/kernel_h100.json"; }
-part_tests()   { run_part pytest_gpu "${T_TESTS:-200}" python3 -m pytest -q -n 8 --dist loadfile -p no:cacheprovider \
-                   --timeout 180 --deselect tests/test_cp_nccl.py; }
-part_masks()   { run_part masks   "${T_MASKS:-120}" python3 bench/bench_masks.py --out "$R/masks_h100.json"; }
-part_cp_sim()  { run_part cp_sim  "${T_CPSIM:-150}" python3 bench/bench_cp_sim.py --out "$R/cp_sim_h100.json"; }
+part_tests()   { run_part pytest_gpu "${T_TESTS:-200}" python3 -m pytest -q -rfE --tb=short -n 6 --dist loadfile \
+                   -p no:cacheprovider --timeout 180 ${TEST_FILES:-tests --deselect tests/test_cp_nccl.py}; }
+part_masks()   { run_part masks   "${T_MASKS:-120}" python3 bench/bench_masks.py ${MASKS_ARGS:-} --out "$R/masks_h100.json"; }
+part_cp_sim()  { run_part cp_sim  "${T_CPSIM:-150}" python3 bench/bench_cp_sim.py ${CPSIM_ARGS:-} --out "$R/cp_sim_h100.json"; }
 part_train350m() { run_part train_350m "${T_TRAIN:-280}" python3 bench/bench_train.py --models 350m --out "$R/train_350m_h100.json"; }
-part_train1b() { run_part train_1b "${T_TRAIN:-280}" python3 bench/bench_train.py --models 1b --out "$R/train_1b_h100.json"; }
-part_nccl()    { run_part pytest_nccl "${T_NCCL:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_cp_nccl.py; }
+part_train1b() { run_part train_1b "${T_TRAIN:-280}" python3 bench/bench_train.py --models 1b ${TRAIN_ARGS:-} --out "$R/train_1b_h100.json"; }
+part_nccl()    { run_part pytest_nccl "${T_NCCL:-120}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/test_cp_nccl.py; }
 part_cp_multi() { run_part cp_multi "${T_CPMULTI:-150}" torchrun --standalone --nproc-per-node "$NGPU" \
-                   bench/bench_cp_multi.py --out "$R/cp_multi_${NGPU}gpu.json"; }
+                   bench/bench_cp_multi.py ${CPMULTI_ARGS:-} --out "$R/cp_multi_${NGPU}gpu.json"; }
 part_train_cp() { FLEXDIST_RUN_DIR="$R/train_1b_cp${NGPU}" run_part train_1b_cp "${T_TRAINCP:-180}" \
                    torchrun --standalone --nproc-per-node "$NGPU" -m train model=1b parallel=cp parallel.cp="$NGPU" \
                    optim=adamw trainer.seq_len=131072 trainer.steps="${TRAINCP_STEPS:-12}" \
