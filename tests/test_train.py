@@ -22,6 +22,7 @@ from train.metrics import read_metrics  # noqa: E402
 
 FAST = [
     "trainer=quick",
+    "trainer.device=cpu",  # CPU tests stay on the CPU (gloo, fp32) on a machine with GPUs too
     "model.attn_backend=reference",
     "optim.warmup_steps=2",
     "logger.progress_bar=false",
