@@ -18,6 +18,7 @@ Public API (semantics of ``torch.nn.attention.flex_attention``; layout ``[B, H, 
 
 from .document_mask import DocumentMaskMod
 from .flex import flex_attention, flex_attention_backward, flex_attention_forward, resolve_backend
+from .ops import document_attention
 from .reference import flex_attention_reference, reference_backward, reference_forward
 from .score_mods import ALiBi, RelativeBias, SoftCap
 
@@ -26,6 +27,7 @@ __all__ = [
     "DocumentMaskMod",
     "RelativeBias",
     "SoftCap",
+    "document_attention",
     "flex_attention",
     "flex_attention_backward",
     "flex_attention_forward",
