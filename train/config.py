@@ -19,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from flexdist.kernels.validation import KERNEL_HEAD_DIMS
+from flexdist.model.llama import checkpointing_mode
 
 
 class AttnBackend(Enum):
@@ -159,7 +160,10 @@ class TrainerConfig:
     dtype: DType = DType.auto  # bf16 | fp32 | auto (bf16 on CUDA with FSDP, else fp32)
     device: Device = Device.auto  # auto | cuda | cpu
     compile: bool = False  # torch.compile each transformer block
-    activation_checkpointing: bool = False  # recompute each block in backward (saves activation memory)
+    # none | selective (recompute each block in backward except its attention op, whose output and LSE stay
+    # saved: the CP ring never runs twice) | full (recompute whole blocks, attention and ring included);
+    # the old booleans still work: true = selective, false = none
+    activation_checkpointing: str = "none"
     ckpt_interval: int = 0  # save a checkpoint every N steps (and at the end); 0 = only at the end
     keep_last: int = 2  # keep the K most recent checkpoints
     resume: bool = True  # continue from the newest complete checkpoint in run_dir if there is one
@@ -306,6 +310,10 @@ def validate(cfg: Any, world_size: int) -> Resolved:
     for key in ("trainer.ckpt_interval", "optim.warmup_steps", "trainer.max_nan_steps"):
         if g(key) < 0:
             errors.append(f"{key}={g(key)} must be >= 0")
+    try:
+        checkpointing_mode(g("trainer.activation_checkpointing"))
+    except ValueError as e:
+        errors.append(f"trainer.{e}")
     if g("trainer.keep_last") < 1:
         errors.append(f"trainer.keep_last={g('trainer.keep_last')} must be >= 1")
     if g("trainer.dtype") == "bf16" and not g("parallel.fsdp"):

@@ -1,5 +1,8 @@
 """Rank-0 run logging: one console line per logged step, a progress bar, metrics.jsonl, wandb, a loss plot.
 
+Under context parallelism every step also carries the ``cp_*`` statistics of its plans
+(:func:`cp_step_metrics`): all of them in metrics.jsonl and wandb, a short summary on the console line.
+
 Every rank constructs a :class:`RunLogger`; only rank 0's does anything. ``wandb`` is imported only when
 ``logger=wandb`` (it is not installed everywhere); its run id is kept in ``<run_dir>/wandb_run_id`` so a
 resumed run continues the same wandb run. ``metrics.jsonl`` is truncated to the resumed step on resume, so it
@@ -32,6 +35,62 @@ def _fmt(key: str, value: Any) -> str:
             return f"mem {value:.2f}GiB"
         return f"{key} {value:.4f}"
     return f"{key} {value}"
+
+
+#: the K/V tokens a strategy's forward exchange moves (``Plan.stats`` key); ulysses moves all-to-alls instead
+_KV_MOVED = {
+    "ring": "kv_tokens_moved_ring",
+    "allgather": "kv_tokens_moved_allgather",
+    "direct": "kv_tokens_moved_direct",
+}
+
+
+def cp_step_metrics(
+    plans: list[Any], *, num_kv_heads: int, head_dim: int, dtype_bytes: int
+) -> dict[str, float]:
+    """The ``cp_*`` metrics of one optimizer step from its micro-batches' CP plans (``Plan.stats``; no
+    collective: the stats are the same on every rank except the host times, which are this rank's).
+
+    ``cp_work_max_over_mean`` / ``cp_critical_path_over_ideal``: the worst micro-batch's per-rank attention
+    work imbalance and ring critical path over a perfect split (1.0 = balanced). ``cp_steps_skipped`` of
+    ``cp_steps_total``: off-diagonal (rank, shard) ring steps whose mask is empty, so no kernel runs.
+    ``cp_kv_bytes_per_layer`` vs ``cp_kv_min_bytes_per_layer``: K/V bytes one layer's forward exchange moves
+    over the whole group (summed over micro-batches) and the minimum the masks need (blocks some other rank's
+    queries see); absent for ulysses. ``cp_mask_build_s`` / ``cp_plan_s``: host time building masks / plans.
+    """
+    if not plans:
+        return {}
+    st = [p.stats for p in plans]
+    out: dict[str, float] = {
+        "cp_work_max_over_mean": max(float(s["work_max_over_mean"]) for s in st),
+        "cp_critical_path_over_ideal": max(float(s["critical_path_over_ideal"]) for s in st),
+        "cp_steps_skipped": float(sum(s["steps_skipped_compute"] for s in st)),
+        "cp_steps_total": float(sum(s["world_size"] * (s["world_size"] - 1) for s in st)),
+    }
+    per_token = 2 * num_kv_heads * head_dim * dtype_bytes
+    moved = [(s, p) for s, p in zip(st, plans, strict=True) if s["strategy"] in _KV_MOVED]
+    if moved:
+        sent = sum(s[_KV_MOVED[s["strategy"]]] * p.batch_size for s, p in moved) * per_token
+        least = sum(s["kv_tokens_min"] * p.batch_size for s, p in moved) * per_token
+        out["cp_kv_bytes_per_layer"] = float(sent)
+        out["cp_kv_min_bytes_per_layer"] = float(least)
+        if least > 0:
+            out["cp_kv_over_min"] = sent / least
+    out["cp_mask_build_s"] = float(sum(s.get("mask_build_s", 0.0) for s in st))
+    out["cp_plan_s"] = float(sum(s.get("plan_time_s", 0.0) for s in st))
+    return out
+
+
+def _cp_console(m: dict[str, Any]) -> str:
+    """One short console segment for the cp_* metrics, e.g. ``cp work max/mean 1.02 skip 3/8 kv/min 1.50``."""
+    parts = [f"cp work max/mean {m['cp_work_max_over_mean']:.2f}"] if "cp_work_max_over_mean" in m else []
+    if "cp_steps_skipped" in m:
+        parts.append(f"skip {m['cp_steps_skipped']:.0f}/{m.get('cp_steps_total', 0):.0f}")
+    if "cp_kv_over_min" in m:
+        parts.append(f"kv/min {m['cp_kv_over_min']:.2f}")
+    if "cp_plan_s" in m:
+        parts.append(f"plan {1000 * m['cp_plan_s']:.0f}ms")
+    return " ".join(parts)
 
 
 class RunLogger:
@@ -103,7 +162,10 @@ class RunLogger:
         record = {"step": step, **metrics}
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        line = f"step {step:>6d} | " + " | ".join(_fmt(k, v) for k, v in metrics.items())
+        shown = [_fmt(k, v) for k, v in metrics.items() if not k.startswith("cp_")]
+        if any(k.startswith("cp_") for k in metrics):
+            shown.append(_cp_console(metrics))
+        line = f"step {step:>6d} | " + " | ".join(shown)
         self.print(line)
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)

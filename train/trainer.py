@@ -10,9 +10,11 @@ Launch (from the repository root; every rank runs this same file):
     sbatch launch/slurm.sbatch model=8b parallel.cp=8
 
 Each step: ``grad_accum`` micro-batches of packed windows; under cp > 1 each window is split over the cp group by
-the batch's CP plan (tokens, labels and positions-within-document sharded by the same permutation). The loss is
-the sum of token cross-entropies divided by the GLOBAL number of valid labels (all-reduced over every rank
-and micro-batch), so the gradient is the same whatever dp, cp, micro_batch and grad_accum are.
+the batch's CP plan (tokens, labels and positions-within-document sharded by the same permutation), and the
+plans' statistics (balance, skipped ring steps, K/V bytes vs the mask's minimum, plan time) are logged as
+``cp_*`` metrics. ``trainer.activation_checkpointing=selective`` recomputes blocks without their attention op.
+The loss is the sum of token cross-entropies divided by the GLOBAL number of valid labels (all-reduced over every
+rank and micro-batch), so the gradient is the same whatever dp, cp, micro_batch and grad_accum are.
 
 Stopping: at ``trainer.steps``; at ``trainer.stop_at`` (same schedule, resumable); on SIGTERM / SIGUSR1 (every rank
 checkpoints the current step first — torchrun forwards SIGTERM, SLURM sends it before the time limit); on a
@@ -54,6 +56,7 @@ from flexdist.model import (
     Llama,
     LlamaConfig,
     LocalDocumentAttention,
+    checkpointing_mode,
     compile_model,
     document_causal_pairs,
     flops_per_token,
@@ -62,7 +65,7 @@ from flexdist.model import (
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import validate
-from .metrics import RunLogger
+from .metrics import RunLogger, cp_step_metrics
 
 # Peak dense bf16 TFLOP/s per device, for MFU (override with trainer.peak_tflops).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "B200": 2250.0}
@@ -239,7 +242,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model = build_model(cfg, source.vocab_size, device)
     n_params = model.num_params()
     fpt_cfg = model.cfg
-    model.activation_checkpointing = t.activation_checkpointing
+    model.activation_checkpointing = checkpointing_mode(t.activation_checkpointing)
     if t.compile:
         compile_model(model)
     if cfg.parallel.fsdp:
@@ -289,7 +292,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             t0 = time.perf_counter()
             micro = [loader.next_batch() for _ in range(t.grad_accum)]
             # shard every micro-batch for this rank (cp > 1) and build its attention once, shared by all layers
-            shards, pairs = [], 0
+            shards, pairs, plans = [], 0, []
             for batch in micro:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 pairs += document_causal_pairs(batch["doc_ids"])
@@ -305,6 +308,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     tokens, labels = plan.shard(batch["tokens"], 1), plan.shard(batch["labels"], 1)
                     positions = plan.positions.to(device)
                     attention = ContextParallelDocumentAttention(plan)
+                    plans.append(plan)
                 else:
                     tokens, labels, positions = batch["tokens"], batch["labels"], batch["positions"]
                     attention = LocalDocumentAttention(
@@ -393,6 +397,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                         "mfu": mfu,
                         "peak_mem_gib": peak_memory_gib(device),
                         "step_time_s": dt,
+                        **cp_step_metrics(
+                            plans,
+                            num_kv_heads=fpt_cfg.n_kv_heads,
+                            head_dim=fpt_cfg.head_dim,
+                            dtype_bytes=torch.finfo(param_dtype).bits // 8,
+                        ),
                     },
                 )
             logger.advance()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,7 +92,10 @@ class Plan:
         masks: per kv rank j, this rank's BlockMask (local q shard vs shard j), or None when empty.
         work: ``[N, N]`` int visited blocks of every (q rank, kv rank) pair (all ranks, for stats/schedule).
         t_last: ``[N]`` last ring step at which shard j is still needed (the ring stops forwarding it after).
-        stats: predicted cost, per-rank work max/mean, skipped steps, K/V tokens moved.
+        stats: predicted cost, per-rank work max/mean, skipped steps, K/V tokens moved vs the mask's minimum
+            (see `plan_stats`), and host wall times ``mask_build_s`` (this rank's BlockMasks) and
+            ``plan_time_s`` (the whole ``plan`` call). All but the times are identical on every rank (they
+            derive from the global work matrix), so a logger on rank 0 needs no collective.
     """
 
     group: Any
@@ -412,6 +416,7 @@ def plan(
         raise ValueError(f"window must be >= 1, got {window}")
     if prefix_lengths is not None and (not isinstance(prefix_lengths, int) or prefix_lengths < 0):
         raise ValueError(f"prefix_lengths must be a non-negative int or None, got {prefix_lengths!r}")
+    t_start = time.perf_counter()
     grp, N, rank = _resolve_group(group)
     S = doc_ids.shape[1]
     if S % N:
@@ -491,6 +496,7 @@ def plan(
             direct_send[t] = (
                 _needed_tokens(lo, hi, shards[r_to], mine, block_size) if W[r_to, rank] > 0 else None
             )
+    t_masks = time.perf_counter()
     built = build_pair_masks(doc_dev, mine, kv_sets, **mkw)
     masks = [m for m, _, _ in built]
     for j in range(N):
@@ -504,6 +510,7 @@ def plan(
         ((full_mask, _, _),) = build_pair_masks(doc_dev, mine, [torch.arange(S)], **mkw)
     elif strategy == "ulysses":  # every rank attends the whole sequence (its heads) in global order
         ((full_mask, _, _),) = build_pair_masks(doc_dev, torch.arange(S), [torch.arange(S)], **mkw)
+    mask_build_s = time.perf_counter() - t_masks
     t_last = bal.last_needed_step(W)
     if strategy == "direct":
         t_last = np.zeros(N, dtype=np.int64)  # unused: nothing travels round a ring
@@ -533,6 +540,10 @@ def plan(
         kv_sets=[x.to(dev) for x in kv_sets],
     )
     p.stats = plan_stats(W, need, bal.last_needed_step(W), L, block_size, cost, info, strategy)
+    # host wall time of this rank's BlockMask construction and of the whole plan (layout search included);
+    # on CUDA the mask build launches kernels asynchronously, so this is what the host spent, not the GPU
+    p.stats["mask_build_s"] = mask_build_s
+    p.stats["plan_time_s"] = time.perf_counter() - t_start
     return p
 
 

@@ -12,6 +12,7 @@ from .attention import (
     make_document_block_mask,
 )
 from .llama import (
+    CHECKPOINTING_MODES,
     GQAttention,
     Llama,
     LlamaConfig,
@@ -19,6 +20,7 @@ from .llama import (
     SwiGLU,
     TransformerBlock,
     apply_rope,
+    checkpointing_mode,
     compile_model,
     document_causal_pairs,
     flops_per_token,
@@ -26,6 +28,7 @@ from .llama import (
 )
 
 __all__ = [
+    "CHECKPOINTING_MODES",
     "ContextParallelDocumentAttention",
     "GQAttention",
     "Llama",
@@ -35,6 +38,7 @@ __all__ = [
     "SwiGLU",
     "TransformerBlock",
     "apply_rope",
+    "checkpointing_mode",
     "compile_model",
     "document_causal_pairs",
     "flops_per_token",

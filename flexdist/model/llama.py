@@ -153,10 +153,59 @@ class TransformerBlock(nn.Module):
         self.feed_forward = SwiGLU(cfg.dim, cfg.ffn_hidden_dim)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: Attention
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention: Attention,
+        checkpointing: str = "none",
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, attention)
+        """The block; ``checkpointing="selective"`` recomputes everything but the attention op in backward.
+
+        Selective: two checkpointed regions (norm + Q/K/V + RoPE before, output projection + residual +
+        feed-forward after) around an attention call that is *not* checkpointed, so its own autograd node keeps
+        what its backward needs (Q, K, V, output, LSE) and the recomputed forward never runs the attention —
+        under context parallelism that would be the whole ring again. ``"full"`` is applied by the caller
+        (:meth:`Llama.forward` checkpoints the whole block, attention included)."""
+        if checkpointing == "selective" and torch.is_grad_enabled():
+            q, k, v = checkpoint(self._pre_attention, x, cos, sin, use_reentrant=False)
+            out = attention(q, k, v)
+            return checkpoint(self._post_attention, x, out, use_reentrant=False)
+        return self._post_attention(x, attention(*self._pre_attention(x, cos, sin)))
+
+    def _pre_attention(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.attention.qkv(self.attention_norm(x), cos, sin)
+
+    def _post_attention(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        h = x + self.attention.wo(out.transpose(1, 2).reshape(B, S, -1))
         return h + self.feed_forward(self.ffn_norm(h))
+
+
+#: ``Llama.activation_checkpointing`` values; booleans are accepted too (True = "selective", False = "none").
+CHECKPOINTING_MODES = ("none", "selective", "full")
+
+
+def checkpointing_mode(value: bool | str | None) -> str:
+    """Normalise an activation-checkpointing setting to one of :data:`CHECKPOINTING_MODES`.
+
+    ``True`` means "selective" (recompute everything but attention: never re-runs a CP ring), ``False`` / None
+    "none"; strings are case-insensitive ("true" / "false" as written by configs that used to hold a bool)."""
+    if value is None or value is False:
+        return "none"
+    if value is True:
+        return "selective"
+    if isinstance(value, str):
+        v = value.strip().lower()
+        v = {"true": "selective", "false": "none"}.get(v, v)
+        if v in CHECKPOINTING_MODES:
+            return v
+    raise ValueError(
+        f"activation_checkpointing must be one of {CHECKPOINTING_MODES} (or a bool: true = selective), "
+        f"got {value!r}"
+    )
 
 
 class Llama(nn.Module):
@@ -171,8 +220,10 @@ class Llama(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        #: recompute each block in backward (torch.utils.checkpoint) instead of storing its activations
-        self.activation_checkpointing = False
+        #: "none", "selective" (recompute each block in backward except its attention op, whose output and
+        #: LSE stay saved: a CP ring never runs twice) or "full" (recompute whole blocks, attention included);
+        #: True / False mean "selective" / "none"
+        self.activation_checkpointing: bool | str = False
         self.init_weights()
 
     @torch.no_grad()
@@ -207,11 +258,12 @@ class Llama(nn.Module):
             )
         h = self.tok_embeddings(tokens)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, _acc(h).dtype)
+        mode = checkpointing_mode(self.activation_checkpointing)
         for layer in self.layers:
-            if self.activation_checkpointing and torch.is_grad_enabled():
+            if mode == "full" and torch.is_grad_enabled():
                 h = checkpoint(layer, h, cos, sin, attention, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, attention)
+                h = layer(h, cos, sin, attention, mode)
         return _acc(self.output(self.norm(h)))
 
     def num_params(self, *, exclude_embedding: bool = False) -> int:
