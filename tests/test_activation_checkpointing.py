@@ -31,7 +31,13 @@ def _run_modes(group) -> dict[str, dict]:
     import torch.nn.functional as F
 
     from flexdist.data import IGNORE_INDEX, pack_segments
-    from flexdist.model import ContextParallelDocumentAttention, Llama, LlamaConfig, make_cp_plan
+    from flexdist.model import (
+        AttentionTimer,
+        ContextParallelDocumentAttention,
+        Llama,
+        LlamaConfig,
+        make_cp_plan,
+    )
 
     # the module (``flexdist.cp.attention`` the attribute is the function of the same name)
     cpa = importlib.import_module("flexdist.cp.attention")
@@ -66,7 +72,8 @@ def _run_modes(group) -> dict[str, dict]:
             model.load_state_dict(base.state_dict())
             model.activation_checkpointing = mode
             counts.update(ring=0, kernel=0)
-            logits = model(tokens, plan.positions, ContextParallelDocumentAttention(plan))
+            timer = AttentionTimer()
+            logits = model(tokens, plan.positions, ContextParallelDocumentAttention(plan, timer=timer))
             loss = (
                 F.cross_entropy(
                     logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
@@ -86,6 +93,7 @@ def _run_modes(group) -> dict[str, dict]:
                 "grads": grads,
                 "fwd": fwd_counts,
                 "step": dict(counts),
+                "timer": (timer.calls, timer.total_s()),
                 "world": plan.world_size,
             }
         return out
@@ -104,6 +112,10 @@ def _check(out: dict[str, dict]) -> None:
     assert out["selective"]["step"] == ref["step"], (out["selective"]["step"], ref["step"])
     assert out["full"]["fwd"] == ref["fwd"]
     assert out["full"]["step"] == {k: 2 * v for k, v in ref["step"].items()}, out["full"]["step"]
+    # the trainer's attention timer sees the same calls (it wraps the attention callable the model runs)
+    for mode, rings in (("none", N_LAYERS), ("selective", N_LAYERS), ("full", 2 * N_LAYERS)):
+        calls, seconds = out[mode]["timer"]
+        assert calls == rings and seconds > 0, (mode, out[mode]["timer"])
     for mode in ("selective", "full"):
         torch.testing.assert_close(out[mode]["loss"], ref["loss"], rtol=1e-12, atol=1e-12)
         for name, g in ref["grads"].items():

@@ -1,6 +1,7 @@
 """CP telemetry in the training loop: every logged step of a cp = 2 run carries its plans' ``cp_*`` statistics
-in metrics.jsonl and a short summary on the console line; a run with selective activation checkpointing gives
-the same losses as one without it (and with another sharding, whose skipped steps and traffic are known).
+in metrics.jsonl and a short summary on the console line (and the step's attention forward time); a run with
+selective activation checkpointing gives the same losses as one without it (and with another sharding, whose
+skipped steps and traffic are known).
 
 Real ``torchrun -m train`` runs (2 gloo ranks, the helpers of tests/test_train.py) with a timeout.
 """
@@ -42,9 +43,11 @@ def test_cp2_metrics_carry_cp_stats_and_selective_checkpointing_keeps_losses(tmp
         assert 0 < least <= sent, cp
         assert r["cp_kv_over_min"] == pytest.approx(sent / least), cp
         assert 0 <= r["cp_mask_build_s"] <= r["cp_plan_s"] < 60, cp
+        assert 0 < r["attn_fwd_s"] < r["step_time_s"], r
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("step ") and "loss" in ln]
     assert len(lines) == STEPS, proc.stdout[-2000:]
     assert all("cp work max/mean " in ln and " skip " in ln and " kv/min " in ln for ln in lines), lines
+    assert all(" attn fwd " in ln for ln in lines), lines
 
     # no activation checkpointing and contiguous shards: the same losses (CP is exact whatever the sharding and
     # selective checkpointing changes nothing); under a causal mask rank 0 never needs shard 1, so that ring

@@ -27,6 +27,8 @@ def _fmt(key: str, value: Any) -> str:
             return f"avg10 {value:.4f}"
         if key == "step_time_s":
             return f"{value:.2f}s"
+        if key == "attn_fwd_s":
+            return f"attn fwd {value:.2f}s"
         if key in ("tokens_per_s",):
             return f"tok/s {value:,.0f}"
         if key == "mfu":

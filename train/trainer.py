@@ -52,6 +52,7 @@ from flexdist.data import (
     TokenFileSource,
 )
 from flexdist.model import (
+    AttentionTimer,
     ContextParallelDocumentAttention,
     Llama,
     LlamaConfig,
@@ -293,6 +294,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             micro = [loader.next_batch() for _ in range(t.grad_accum)]
             # shard every micro-batch for this rank (cp > 1) and build its attention once, shared by all layers
             shards, pairs, plans = [], 0, []
+            timer = AttentionTimer()  # this step's attention forward time (CUDA events on GPU)
             for batch in micro:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 pairs += document_causal_pairs(batch["doc_ids"])
@@ -307,7 +309,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     )
                     tokens, labels = plan.shard(batch["tokens"], 1), plan.shard(batch["labels"], 1)
                     positions = plan.positions.to(device)
-                    attention = ContextParallelDocumentAttention(plan)
+                    attention = ContextParallelDocumentAttention(plan, timer=timer)
                     plans.append(plan)
                 else:
                     tokens, labels, positions = batch["tokens"], batch["labels"], batch["positions"]
@@ -315,6 +317,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                         batch["doc_ids"],
                         backend=_value(cfg.model.attn_backend),
                         block_size=cfg.parallel.block_size,
+                        timer=timer,
                     )
                 shards.append((tokens, labels, positions, attention))
 
@@ -397,6 +400,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                         "mfu": mfu,
                         "peak_mem_gib": peak_memory_gib(device),
                         "step_time_s": dt,
+                        "attn_fwd_s": timer.total_s(),
                         **cp_step_metrics(
                             plans,
                             num_kv_heads=fpt_cfg.n_kv_heads,

@@ -6,6 +6,7 @@ document ids: :class:`LocalDocumentAttention` (one device) or :class:`ContextPar
 """
 
 from .attention import (
+    AttentionTimer,
     ContextParallelDocumentAttention,
     LocalDocumentAttention,
     make_cp_plan,
@@ -29,6 +30,7 @@ from .llama import (
 
 __all__ = [
     "CHECKPOINTING_MODES",
+    "AttentionTimer",
     "ContextParallelDocumentAttention",
     "GQAttention",
     "Llama",

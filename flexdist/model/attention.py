@@ -4,10 +4,14 @@
   the batch's ``doc_ids``.
 - :class:`ContextParallelDocumentAttention` (cp > 1): ``flexdist.cp.attention`` with the batch's CP plan
   (sharding permutation + per-ring-step BlockMasks), so each rank only holds its shard of the sequence.
+
+Both take an optional :class:`AttentionTimer` that adds up the time of their forward calls (the trainer logs it
+per step as ``attn_fwd_s``).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -26,14 +30,66 @@ def make_document_block_mask(doc_ids: torch.Tensor, *, block_size: int = 128):
     return document_block_mask(doc_ids, causal=True, block_size=block_size)
 
 
+class AttentionTimer:
+    """Wall time of the attention forward calls of one training step (all layers and micro-batches).
+
+    The attention callables below take ``timer=`` and time every call: on CUDA with a pair of CUDA events per
+    call (no synchronisation in the loop; :meth:`total_s` waits for the last event), elsewhere with
+    ``time.perf_counter`` (CPU execution is synchronous). Forward only: under ``activation_checkpointing=full``
+    the recomputed forward in backward is counted too, which is what that mode costs. Under context
+    parallelism a call includes the ring's communication waits.
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._host_s = 0.0
+        self._events: list[tuple[Any, Any]] = []
+
+    def run(self, fn: Any, q: torch.Tensor, *args: Any) -> Any:
+        """``fn(q, *args)``, timed."""
+        self.calls += 1
+        if q.is_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn(q, *args)
+            end.record()
+            self._events.append((start, end))
+            return out
+        t0 = time.perf_counter()
+        out = fn(q, *args)
+        self._host_s += time.perf_counter() - t0
+        return out
+
+    def total_s(self) -> float:
+        """Seconds spent in the timed calls so far."""
+        total = self._host_s
+        for start, end in self._events:
+            end.synchronize()
+            total += start.elapsed_time(end) / 1000.0
+        return total
+
+
 class LocalDocumentAttention:
     """``attention(q, k, v)`` on one device: the kernel with the batch's document BlockMask (GQA native)."""
 
-    def __init__(self, doc_ids: torch.Tensor, *, backend: str = "auto", block_size: int = 128) -> None:
+    def __init__(
+        self,
+        doc_ids: torch.Tensor,
+        *,
+        backend: str = "auto",
+        block_size: int = 128,
+        timer: AttentionTimer | None = None,
+    ) -> None:
         self.block_mask = make_document_block_mask(doc_ids, block_size=block_size)
         self.backend = backend
+        self.timer = timer
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.timer is not None:
+            return self.timer.run(self._attend, q, k, v)
+        return self._attend(q, k, v)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return kernels.flex_attention(
             q, k, v, block_mask=self.block_mask, enable_gqa=q.shape[1] != k.shape[1], backend=self.backend
         )
@@ -44,13 +100,16 @@ class ContextParallelDocumentAttention:
     batch's plan (from :func:`make_cp_plan`, one per batch, shared by every layer and by backward). GQA is
     handled by the CP op (K/V travel at ``Hkv`` heads)."""
 
-    def __init__(self, plan: Any, *, backend: str | None = None) -> None:
+    def __init__(self, plan: Any, *, backend: str | None = None, timer: AttentionTimer | None = None) -> None:
         from flexdist.cp import ContextParallelAttention
 
         self.plan = plan
         self.op = ContextParallelAttention(kernel_backend=backend)
+        self.timer = timer
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.timer is not None:
+            return self.timer.run(self.op, q, k, v, self.plan)
         return self.op(q, k, v, self.plan)
 
 
