@@ -1,13 +1,14 @@
 """CP telemetry in the training loop: every logged step of a cp = 2 run carries its plans' ``cp_*`` statistics
 in metrics.jsonl and a short summary on the console line (and the step's attention forward time); a run with
 selective activation checkpointing gives the same losses as one without it (and with another sharding, whose
-skipped steps and traffic are known).
+skipped steps and traffic are known). ``trainer.profile_steps`` writes one torch.profiler trace per rank.
 
 Real ``torchrun -m train`` runs (2 gloo ranks, the helpers of tests/test_train.py) with a timeout.
 """
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -21,7 +22,9 @@ STEPS, GRAD_ACCUM = 3, 2
 @pytest.mark.distributed
 def test_cp2_metrics_carry_cp_stats_and_selective_checkpointing_keeps_losses(tmp_path) -> None:
     over = [*CP2, f"trainer.steps={STEPS}", f"trainer.grad_accum={GRAD_ACCUM}", "parallel.block_size=64"]
-    proc = torchrun(tmp_path / "sel", 2, *over, "trainer.activation_checkpointing=selective")
+    proc = torchrun(
+        tmp_path / "sel", 2, *over, "trainer.activation_checkpointing=selective", "trainer.profile_steps=[2]"
+    )
     recs = read_metrics(tmp_path / "sel" / "metrics.jsonl")
     assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
 
@@ -49,6 +52,14 @@ def test_cp2_metrics_carry_cp_stats_and_selective_checkpointing_keeps_losses(tmp
     assert all("cp work max/mean " in ln and " skip " in ln and " kv/min " in ln for ln in lines), lines
     assert all(" attn fwd " in ln for ln in lines), lines
 
+    # the profiled step: one Chrome trace per rank, holding the step's ops (matmuls, the ring's send/recv)
+    traces = sorted(p.name for p in (tmp_path / "sel" / "profile").iterdir())
+    assert traces == ["step_00000002_rank0.json", "step_00000002_rank1.json"], traces
+    for name in traces:
+        events = json.loads((tmp_path / "sel" / "profile" / name).read_text())["traceEvents"]
+        ops = {e.get("name", "") for e in events}
+        assert "aten::mm" in ops or "aten::addmm" in ops, sorted(ops)[:50]
+
     # no activation checkpointing and contiguous shards: the same losses (CP is exact whatever the sharding and
     # selective checkpointing changes nothing); under a causal mask rank 0 never needs shard 1, so that ring
     # step is skipped and shard 1 never travels: exactly one shard transfer per micro-batch
@@ -60,3 +71,14 @@ def test_cp2_metrics_carry_cp_stats_and_selective_checkpointing_keeps_losses(tmp
         assert abs(a["loss"] - b["loss"]) <= 2e-5 * abs(a["loss"]), ([x["loss"] for x in ref], recs)
         assert a["cp_steps_skipped"] >= GRAD_ACCUM, a
         assert a["cp_kv_bytes_per_layer"] == GRAD_ACCUM * shard_bytes, a
+
+
+def test_profile_steps_must_be_one_based() -> None:
+    from test_config import make
+
+    from train.config import validate
+
+    cfg = make("trainer.run_dir=/tmp/x", "trainer.profile_steps=[0,3]")
+    with pytest.raises(ValueError, match=r"trainer\.profile_steps=\[0, 3\]: steps are 1-based, got \[0\]"):
+        validate(cfg, world_size=1)
+    validate(make("trainer.run_dir=/tmp/x", "trainer.profile_steps=[1,3]"), world_size=1)

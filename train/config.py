@@ -178,6 +178,9 @@ class TrainerConfig:
     dist_timeout_s: int = (
         600  # process-group timeout: a rank stuck this long fails the run instead of hanging
     )
+    # steps (1-based) to record with torch.profiler: every rank writes <run_dir>/profile/step_<N>_rank<R>.json
+    # (a Chrome trace: chrome://tracing or https://ui.perfetto.dev); [] = never
+    profile_steps: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -314,6 +317,11 @@ def validate(cfg: Any, world_size: int) -> Resolved:
         checkpointing_mode(g("trainer.activation_checkpointing"))
     except ValueError as e:
         errors.append(f"trainer.{e}")
+    bad = [x for x in g("trainer.profile_steps") if x < 1]
+    if bad:
+        errors.append(
+            f"trainer.profile_steps={list(g('trainer.profile_steps'))}: steps are 1-based, got {bad}"
+        )
     if g("trainer.keep_last") < 1:
         errors.append(f"trainer.keep_last={g('trainer.keep_last')} must be >= 1")
     if g("trainer.dtype") == "bf16" and not g("parallel.fsdp"):

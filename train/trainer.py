@@ -16,6 +16,9 @@ plans' statistics (balance, skipped ring steps, K/V bytes vs the mask's minimum,
 The loss is the sum of token cross-entropies divided by the GLOBAL number of valid labels (all-reduced over every
 rank and micro-batch), so the gradient is the same whatever dp, cp, micro_batch and grad_accum are.
 
+``trainer.profile_steps=[N,...]`` writes a torch.profiler Chrome trace of those steps per rank under
+``<run_dir>/profile/``.
+
 Stopping: at ``trainer.steps``; at ``trainer.stop_at`` (same schedule, resumable); on SIGTERM / SIGUSR1 (every rank
 checkpoints the current step first — torchrun forwards SIGTERM, SLURM sends it before the time limit); on a
 NaN/inf loss (no update applied, last good checkpoint kept). Re-running with the same run dir resumes.
@@ -283,6 +286,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     loss_val = float("nan")
     nan_steps = 0
     recent: deque[float] = deque(maxlen=10)  # the last 10 losses: their mean is less noisy than one window's
+    profile_steps = set(t.profile_steps)
     step = start_step
     end = min(t.steps, t.stop_at) if t.stop_at else t.steps  # stop_at: a planned interruption (time limits)
 
@@ -290,6 +294,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model.train()
     with _StopSignals() as signals:
         while step < end:
+            prof = _start_profiler(device) if step + 1 in profile_steps else None
             t0 = time.perf_counter()
             micro = [loader.next_batch() for _ in range(t.grad_accum)]
             # shard every micro-batch for this rank (cp > 1) and build its attention once, shared by all layers
@@ -409,6 +414,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                         ),
                     },
                 )
+            if prof is not None:
+                prof.stop()
+                trace = run_dir / "profile" / f"step_{step:08d}_rank{rank}.json"
+                trace.parent.mkdir(parents=True, exist_ok=True)
+                prof.export_chrome_trace(str(trace))
+                logger.print(f"step {step}: profiler trace {trace} (and one per rank)")
             logger.advance()
             # SIGTERM / SIGUSR1 on any rank (torchrun forwards SIGTERM; SLURM sends one before the time limit):
             # every rank agrees, checkpoints this step and stops
@@ -428,6 +439,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     logger.close(plot=cfg.logger.plot)
     return {"step": step, "loss": loss_val, "run_dir": str(run_dir)}
+
+
+def _start_profiler(device: torch.device) -> torch.profiler.profile:
+    """A started ``torch.profiler`` session for one step (CPU ops, plus CUDA kernels on a GPU)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    prof = torch.profiler.profile(activities=activities)
+    prof.start()
+    return prof
 
 
 class _StopSignals:
