@@ -326,7 +326,9 @@ def main() -> None:
         return
     compiled = None
     if cuda and not args.no_torch:
-        compiled = torch.compile(torch_flex)
+        # dynamic=False: without it torch.compile switches to dynamic shapes at the second sequence length,
+        # and the dynamic flex kernel is markedly slower — an unfair baseline (it was, in an earlier run)
+        compiled = torch.compile(torch_flex, dynamic=False)
     masks = {"causal": None, "doc4k": 4096, "doc1k": 1024}
     if args.quick and not cuda:
         masks = {"causal": None, "doc64": 64}

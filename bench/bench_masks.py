@@ -141,7 +141,9 @@ def main() -> None:
     repeats = args.repeats or (3 if args.quick else 20)
     use_compile = args.compile if args.compile is not None else not args.quick
     bs, N = args.block_size, args.ranks
-    compiled_cbm = torch.compile(create_block_mask) if use_compile else None
+    # dynamic=False: one static compile per size, as a user building masks of one length gets (the default
+    # switches to dynamic shapes at the second size, which is slower)
+    compiled_cbm = torch.compile(create_block_mask, dynamic=False) if use_compile else None
 
     meta = {
         "device": str(device),
