@@ -20,13 +20,55 @@ which is what the dense reference does.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import weakref
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask
 
 from .document_mask import DocumentMaskMod
 from .validation import AttnShape, check_block_mask
+
+
+@functools.cache
+def _from_kv_blocks_takes_compute_q_blocks() -> bool:
+    return "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
+
+
+def block_mask_from_tables(
+    kv_num: torch.Tensor,
+    kv_idx: torch.Tensor,
+    full_num: torch.Tensor | None,
+    full_idx: torch.Tensor | None,
+    q_num: torch.Tensor | None = None,
+    q_idx: torch.Tensor | None = None,
+    full_q_num: torch.Tensor | None = None,
+    full_q_idx: torch.Tensor | None = None,
+    *,
+    block_size: tuple[int, int],
+    mask_mod,
+    seq_lengths: tuple[int, int],
+) -> BlockMask:
+    """A BlockMask from its block tables via the public ``BlockMask.from_kv_blocks``.
+
+    When the caller already has the q-major tables (the dK/dV pass walks them), they are used as they are and
+    torch is told not to rebuild them (its rebuild is a dense round trip and a sort), where this torch version
+    has ``compute_q_blocks``; on older versions torch computes them and ours (identical values) replace them.
+    """
+    kwargs = {"BLOCK_SIZE": block_size, "mask_mod": mask_mod, "seq_lengths": seq_lengths}
+    have_q = q_num is not None and q_idx is not None
+    if have_q and _from_kv_blocks_takes_compute_q_blocks():
+        bm = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, compute_q_blocks=False, **kwargs)
+    else:
+        bm = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, **kwargs)
+    if have_q:
+        bm.q_num_blocks, bm.q_indices = q_num, q_idx
+        if full_q_num is not None and full_q_idx is not None:
+            bm.full_q_num_blocks, bm.full_q_indices = full_q_num, full_q_idx
+    return bm
+
 
 MASK_NONE, MASK_DOC, MASK_BITS = 0, 1, 2
 

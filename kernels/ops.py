@@ -19,13 +19,12 @@ Triton kernels run inside the op's real implementation, so inductor treats the o
 kernel (no ``triton_op`` / ``wrap_triton`` fusion yet). Public entry point: :func:`document_attention`.
 """
 
-import functools
-import inspect
 import math
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
+from .block_sparse import block_mask_from_tables
 from .document_mask import DocumentMaskMod
 from .flex import flex_attention_backward, flex_attention_forward, resolve_backend
 from .reference import dense_mask
@@ -48,11 +47,6 @@ _BM_TABLES = (
 _DOC_TENSORS = ("q_doc", "kv_doc", "q_pos", "kv_pos", "kv_in_prefix")
 
 
-@functools.cache
-def _from_kv_blocks_takes_compute_q_blocks() -> bool:
-    return "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
-
-
 def _rebuild(
     tables: tuple[torch.Tensor | None, ...],
     doc: tuple[torch.Tensor | None, ...],
@@ -64,7 +58,6 @@ def _rebuild(
     window: int,
 ) -> BlockMask:
     """The BlockMask (with its DocumentMaskMod) the op's tensor inputs describe, via public torch API only."""
-    kv_num, kv_idx, full_num, full_idx, q_num, q_idx, fq_num, fq_idx = tables
     q_doc, kv_doc, q_pos, kv_pos, kv_in_prefix = doc
     mask_mod = DocumentMaskMod(
         q_doc=q_doc,
@@ -75,22 +68,12 @@ def _rebuild(
         window=None if window < 0 else window,
         kv_in_prefix=kv_in_prefix,
     )
-    kwargs = {
-        "BLOCK_SIZE": (q_block_size, kv_block_size),
-        "mask_mod": mask_mod,
-        "seq_lengths": (q_len, kv_len),
-    }
-    have_q = q_num is not None and q_idx is not None
-    if have_q and _from_kv_blocks_takes_compute_q_blocks():
-        # the caller's q-major tables are exact: skip torch's dense round trip that would rebuild them
-        bm = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, compute_q_blocks=False, **kwargs)
-    else:
-        bm = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, **kwargs)
-    if have_q:
-        bm.q_num_blocks, bm.q_indices = q_num, q_idx
-        if fq_num is not None and fq_idx is not None:
-            bm.full_q_num_blocks, bm.full_q_indices = fq_num, fq_idx
-    return bm
+    return block_mask_from_tables(
+        *tables,
+        block_size=(q_block_size, kv_block_size),
+        mask_mod=mask_mod,
+        seq_lengths=(q_len, kv_len),
+    )
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -21,6 +21,8 @@ import torch.distributed as dist
 from torch.nn.attention.flex_attention import BlockMask
 
 from flexdist.kernels import DocumentMaskMod
+from flexdist.kernels.block_sparse import block_mask_from_tables
+from flexdist.masks.block_mask import block_tables
 
 from . import balance as bal
 
@@ -225,18 +227,8 @@ def _mask_to(m: BlockMask, device: torch.device) -> BlockMask:
 
 def _mask_from_blocks(nonempty: torch.Tensor, full: torch.Tensor, mask_mod, Lq: int, Lk: int, bs: int):
     """BlockMask from block occupancy ``[B, Qb, Kb]`` (partial = nonempty and not full)."""
-    partial = nonempty & ~full
-
-    def to_idx(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        num = m.sum(-1, dtype=torch.int32)
-        Kb = m.shape[-1]
-        key = (~m).to(torch.int64) * Kb + torch.arange(Kb, device=m.device)
-        idx = key.argsort(dim=-1).to(torch.int32)
-        return num[:, None], idx[:, None]
-
-    kn, ki = to_idx(partial)
-    fn, fi = to_idx(full)
-    return BlockMask.from_kv_blocks(kn, ki, fn, fi, BLOCK_SIZE=bs, mask_mod=mask_mod, seq_lengths=(Lq, Lk))
+    tables = block_tables(torch.stack([nonempty & ~full, full]))
+    return block_mask_from_tables(*tables, block_size=(bs, bs), mask_mod=mask_mod, seq_lengths=(Lq, Lk))
 
 
 def build_pair_masks(

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
+from flexdist.kernels.block_sparse import block_mask_from_tables
 from flexdist.kernels.document_mask import DocumentMaskMod
 
 from .block_mask import (
@@ -27,7 +28,6 @@ from .block_mask import (
     check_window,
     classify_blocks,
     gather_side,
-    make_block_mask,
     prefix_flags,
 )
 from .documents import check_doc_ids, document_run_index
@@ -101,11 +101,11 @@ class RankStepMasks:
                 window=self._window,
                 kv_in_prefix=None if pre is None else pre[j],
             )
-            bm = make_block_mask(
+            bm = block_mask_from_tables(
                 *(t[self._row[r]][j] for t in tables),
-                self.block_size,
-                mask_mod,
-                (self.shard_len, self.shard_len),
+                block_size=self.block_size,
+                mask_mod=mask_mod,
+                seq_lengths=(self.shard_len, self.shard_len),
             )
             self._cache[(r, j)] = bm
         return bm

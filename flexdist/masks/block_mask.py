@@ -23,14 +23,13 @@ synchronisation is the optional range check of user-given positions / prefix tab
 
 from __future__ import annotations
 
-import functools
-import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
+from flexdist.kernels.block_sparse import block_mask_from_tables
 from flexdist.kernels.document_mask import DocumentMaskMod
 
 from .documents import MAX_TOKENS, check_doc_ids, document_run_index, positions_in_document
@@ -319,36 +318,6 @@ def ordered_indices(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return num.squeeze(-1).contiguous(), idx  # contiguous, like torch's own tables
 
 
-@functools.cache
-def _from_kv_blocks_takes_compute_q_blocks() -> bool:
-    return "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
-
-
-def make_block_mask(
-    kv_num: torch.Tensor,
-    kv_idx: torch.Tensor,
-    full_num: torch.Tensor,
-    full_idx: torch.Tensor,
-    q_num: torch.Tensor,
-    q_idx: torch.Tensor,
-    full_q_num: torch.Tensor,
-    full_q_idx: torch.Tensor,
-    block_size: tuple[int, int],
-    mask_mod: DocumentMaskMod,
-    seq_lengths: tuple[int, int],
-) -> BlockMask:
-    """A BlockMask via the public ``BlockMask.from_kv_blocks``, with the q-major tables we already computed
-    (the backward pass needs them; torch would otherwise rebuild them by a dense round trip and a sort)."""
-    kwargs = {"BLOCK_SIZE": block_size, "mask_mod": mask_mod, "seq_lengths": seq_lengths}
-    if _from_kv_blocks_takes_compute_q_blocks():
-        bm = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, compute_q_blocks=False, **kwargs)
-    else:  # pragma: no cover - older torch: let it compute them, then use ours (identical values)
-        bm = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, **kwargs)
-    bm.q_num_blocks, bm.q_indices = q_num, q_idx
-    bm.full_q_num_blocks, bm.full_q_indices = full_q_num, full_q_idx
-    return bm
-
-
 def block_tables(classes: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """kv-major and q-major (num, indices) tables from ``classes`` = (partial, full) ``[2, ..., nq, nkv]``,
     with a head dim of 1 inserted before the block dims: returns (kv_num, kv_idx, full_num, full_idx, q_num,
@@ -432,4 +401,4 @@ def document_block_mask(
         kv_in_prefix=None if kv_side.prefix is None else kv_side.prefix[0],
     )
     Lq, Lkv = q_side.run.shape[-1], kv_side.run.shape[-1]
-    return make_block_mask(*tables, (q_bs, kv_bs), mask_mod, (Lq, Lkv))
+    return block_mask_from_tables(*tables, block_size=(q_bs, kv_bs), mask_mod=mask_mod, seq_lengths=(Lq, Lkv))
