@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import importlib
 import os
-import queue
 import traceback
 from datetime import timedelta
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
+from spawn import run_ranks
 
 from flexdist.model import checkpointing_mode
 
@@ -163,30 +162,7 @@ def _worker(rank: int, world: int, port: int, results) -> None:
 
 @pytest.mark.distributed
 def test_selective_checkpointing_does_not_rerun_the_ring_cp2() -> None:
-    from test_model_cp import _free_port
-
-    world = 2
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, results), daemon=True) for r in range(world)]
-    for p in procs:
-        p.start()
-    got = {}
-    try:
-        while len(got) < world:
-            try:
-                rank, status, info = results.get(timeout=150)
-            except queue.Empty:
-                raise AssertionError(f"timed out waiting for ranks; finished: {sorted(got)}") from None
-            got[rank] = (status, info)
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    errors = [f"rank {r}:\n{info}" for r, (status, info) in sorted(got.items()) if status != "ok"]
-    assert not errors, "\n".join(errors)
+    run_ranks(_worker, 2)
 
 
 def test_config_accepts_modes_and_old_booleans_and_names_bad_values() -> None:

@@ -9,8 +9,6 @@ bad-input checks. The workers are joined with a timeout so a hang fails.
 from __future__ import annotations
 
 import os
-import queue
-import socket
 import traceback
 from datetime import timedelta
 
@@ -18,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawn import run_ranks
 from torch.nn.attention.flex_attention import create_block_mask
 
 import flexdist.cp as cp
@@ -33,12 +31,6 @@ S_TEST = 96
 # ----------------------------------------------------------------------------------------------------------
 # helpers shared with test_cp_nccl.py
 # ----------------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def make_doc_ids(kind: str, B: int, S: int, seed: int) -> torch.Tensor:
     """Random packs: 'doc' (short and long documents, padding rows), 'long' (one doc longer than a shard),
     'causal' (one document), 'pad' (a large padding region)."""
@@ -435,62 +427,10 @@ def spawn_world(
     env: dict | None = None,
 ) -> None:
     """Run `_worker` on `world` processes; fail on any error or if they do not finish within `timeout`."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    old = {k: os.environ.get(k) for k in (env or {})}
-    os.environ.update(env or {})
-    try:
-        procs = [
-            ctx.Process(
-                target=_worker,
-                args=(r, world, port, results, backend, device_kind, kernel_backend, dtype_name),
-                daemon=True,
-            )
-            for r in range(world)
-        ]
-        for pr in procs:
-            pr.start()
-    finally:
-        for k_, v_ in old.items():
-            if v_ is None:
-                os.environ.pop(k_, None)
-            else:
-                os.environ[k_] = v_
-    got, errors = {}, []
-    try:
-        import time
-
-        deadline = time.monotonic() + timeout
-        while len(got) < world:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(
-                    f"world={world}: timed out after {timeout}s; finished ranks {sorted(got)}"
-                )
-            try:
-                rank, status, info = results.get(timeout=min(left, 5.0))
-            except queue.Empty:
-                dead = [
-                    r
-                    for r, pr in enumerate(procs)
-                    if not pr.is_alive() and r not in got and pr.exitcode not in (0, None)
-                ]
-                if dead:
-                    raise AssertionError(
-                        f"world={world}: ranks {dead} died (exit codes {[procs[r].exitcode for r in dead]})"
-                    ) from None
-                continue
-            got[rank] = (status, info)
-            if status == "error":
-                errors.append(f"rank {rank}:\n{info}")
-    finally:
-        for pr in procs:
-            pr.join(timeout=10)
-            if pr.is_alive():
-                pr.kill()
-    assert not errors, "\n".join(errors)
-    assert all(s == "ok" and n > 10 for s, n in got.values()), got
+    counts = run_ranks(
+        _worker, world, backend, device_kind, kernel_backend, dtype_name, timeout=timeout, env=env
+    )
+    assert all(n > 10 for n in counts.values()), counts
 
 
 # ----------------------------------------------------------------------------------------------------------

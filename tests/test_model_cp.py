@@ -9,25 +9,17 @@ global number of valid labels and gradients all-reduced — for every sharding a
 from __future__ import annotations
 
 import os
-import queue
-import socket
 import traceback
 from datetime import timedelta
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
+from spawn import run_ranks
 
 # every sharding with the ring, and every exchange strategy with the planner's choice of sharding
 CASES = [(b, "ring") for b in ("contiguous", "zigzag", "document", "auto")]
 CASES += [("auto", s) for s in ("allgather", "direct", "ulysses")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, results) -> None:
@@ -106,25 +98,4 @@ def _worker(rank: int, world: int, port: int, results) -> None:
 
 @pytest.mark.distributed
 def test_cp2_model_loss_and_every_gradient_match_single_device() -> None:
-    world = 2
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, results), daemon=True) for r in range(world)]
-    for p in procs:
-        p.start()
-    got = {}
-    try:
-        while len(got) < world:
-            try:
-                rank, status, info = results.get(timeout=150)
-            except queue.Empty:
-                raise AssertionError(f"timed out waiting for ranks; finished: {sorted(got)}") from None
-            got[rank] = (status, info)
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    errors = [f"rank {r}:\n{info}" for r, (status, info) in sorted(got.items()) if status != "ok"]
-    assert not errors, "\n".join(errors)
+    run_ranks(_worker, 2)
