@@ -9,6 +9,8 @@ bad-input checks. The workers are joined with a timeout so a hang fails.
 from __future__ import annotations
 
 import os
+import sys
+import time
 import traceback
 from datetime import timedelta
 
@@ -390,12 +392,21 @@ def _worker(
         dtype = getattr(torch, dtype_name)
         n = 0
         if device_kind == "cuda":
-            # the Triton kernel on GPU: every case at two sizes, D=64, blocks of 32 and 64
+            # the Triton kernel on GPU: every case at D=64 with blocks of 32 and 64 (FLEXDIST_CP_NCCL_BS);
+            # rank 0 reports progress on stderr, so a slow run (cold Triton cache) is told from a hang
+            sizes = [int(b) for b in os.environ.get("FLEXDIST_CP_NCCL_BS", "32,64").split(",")]
+            t0 = time.monotonic()
             for i, c in enumerate(cases()):
-                for bs in (32, 64):
+                for bs in sizes:
                     S = 4 * world * bs
                     run_case(c, None, device, kernel_backend, dtype, seed=100 + i, S=S, bs=bs, D=64)
                     n += 1
+                if rank == 0:
+                    print(
+                        f"[nccl world={world}] case {i} done {c} ({time.monotonic() - t0:.0f}s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         else:
             for i, c in enumerate(cases()):
                 if world > 2 and c.get("sm") == "relbias" and i % 2:
