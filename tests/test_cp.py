@@ -582,21 +582,24 @@ def test_block_level_pair_work_equals_token_level():
     assert bal.block_assignment(bal.zigzag_perm(S, 8), 8, 16) is None  # chunks of 24 tokens straddle blocks
 
 
-def test_fused_merge_kernel_matches_torch(monkeypatch):
-    """The fused Triton merge (CUDA path; here under the interpreter) equals the torch merge, incl. -inf rows."""
+def test_fused_merge_kernel_matches_torch(monkeypatch, device):
+    """The fused Triton merge (on CUDA when present, else under the interpreter) equals the torch merge,
+    incl. -inf rows. CUDA tensors take the Triton path by themselves; CPU tensors only when
+    FLEXDIST_MERGE_TRITON_CPU=1, and only the interpreter (set by conftest without CUDA) can run on them."""
     from flexdist.cp import merge as mg
 
-    monkeypatch.setenv("FLEXDIST_MERGE_TRITON_CPU", "1")
+    monkeypatch.setenv("FLEXDIST_MERGE_TRITON_CPU", "1" if device == "cpu" else "0")
     g = torch.Generator().manual_seed(0)
     B, H, L, D = 1, 2, 40, 24
-    outs = [torch.randn(B, H, L, D, generator=g).bfloat16() for _ in range(3)]
-    lses = [torch.randn(B, H, L, generator=g) * 3 for _ in range(3)]
+    outs = [torch.randn(B, H, L, D, generator=g).bfloat16().to(device) for _ in range(3)]
+    lses = [(torch.randn(B, H, L, generator=g) * 3).to(device) for _ in range(3)]
     lses[1][:, :, :7] = float("-inf")
     outs[1][:, :, :7] = 0
     for ls in lses:
         ls[:, :, -3:] = float("-inf")  # rows that see nothing anywhere
     for o in outs:
         o[:, :, -3:] = 0
+    assert mg._use_triton(outs[0].float(), outs[1], lses[1])  # the fused kernel is what is tested
     o_t, l_t = mg.merge_all(outs, lses)
     monkeypatch.setenv("FLEXDIST_MERGE_TRITON_CPU", "0")
     o_r, l_r = None, None
