@@ -3,7 +3,9 @@
 - `plan(doc_ids, group, balance=..., strategy=...)`: sharding (contiguous / zigzag / document-aware),
   per-(rank, ring step) BlockMasks and the ring schedule, built once per batch;
 - `attention(q, k, v, plan)`: differentiable ring (or all-gather) attention on local shards;
-- `ContextParallelAttention`: the same as an ``nn.Module``.
+- `ContextParallelAttention`: the same as an ``nn.Module``; inside ``torch.compile`` it runs the custom op
+  ``flexdist::cp_attention_*`` (`flexdist.cp.ops`: `cp_attention`, `register_plan`), so a block holding it
+  compiles with ``fullgraph=True`` and a new plan per batch does not recompile.
 
 Typical use inside a training step (every rank of the CP group runs the same code)::
 
@@ -20,6 +22,7 @@ Typical use inside a training step (every rank of the CP group runs the same cod
 from .attention import attention
 from .merge import merge_all, merge_into
 from .module import ContextParallelAttention
+from .ops import cp_attention, register_plan
 from .plan import Plan, build_pair_masks, plan
 
 __all__ = [
@@ -27,7 +30,9 @@ __all__ = [
     "Plan",
     "attention",
     "build_pair_masks",
+    "cp_attention",
     "merge_all",
     "merge_into",
     "plan",
+    "register_plan",
 ]

@@ -7,6 +7,12 @@
 
 Both take an optional :class:`AttentionTimer` that adds up the time of their forward calls (the trainer logs it
 per step as ``attn_fwd_s``).
+
+Both compile: inside ``torch.compile`` (e.g. a whole transformer block with ``fullgraph=True``) they run the
+custom ops — ``flexdist::document_attention_*`` (:func:`flexdist.kernels.document_attention`) and
+``flexdist::cp_attention_*`` (:mod:`flexdist.cp.ops`) — whose mask / plan inputs are tensors, so a new batch
+(new document layout) reuses the compiled graph. Eager calls run the eager functions unchanged. The timer is
+skipped inside compiled code (host timing there would break the graph).
 """
 
 from __future__ import annotations
@@ -85,11 +91,15 @@ class LocalDocumentAttention:
         self.timer = timer
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.timer is not None:
+        if self.timer is not None and not torch.compiler.is_compiling():
             return self.timer.run(self._attend, q, k, v)
         return self._attend(q, k, v)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # the custom op: the BlockMask's tensors are graph inputs
+            return kernels.document_attention(
+                q, k, v, self.block_mask, enable_gqa=q.shape[1] != k.shape[1], backend=self.backend
+            )
         return kernels.flex_attention(
             q, k, v, block_mask=self.block_mask, enable_gqa=q.shape[1] != k.shape[1], backend=self.backend
         )
@@ -105,10 +115,11 @@ class ContextParallelDocumentAttention:
 
         self.plan = plan
         self.op = ContextParallelAttention(kernel_backend=backend)
+        self.op.set_plan(plan)  # registers it for the compiled path (flexdist.cp.ops), outside compiled code
         self.timer = timer
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.timer is not None:
+        if self.timer is not None and not torch.compiler.is_compiling():
             return self.timer.run(self.op, q, k, v, self.plan)
         return self.op(q, k, v, self.plan)
 
@@ -125,11 +136,13 @@ def make_cp_plan(
     """The batch's document-causal context-parallel plan over process ``group`` (``flexdist.cp.plan``).
 
     Use ``plan.shard(x, 1)`` for this rank's tokens / labels of ``[B, S]`` tensors and ``plan.positions``
-    (``[B, S / cp]``, positions within documents) for RoPE.
+    (``[B, S / cp]``, positions within documents) for RoPE. The plan is registered for the compiled CP op
+    (:func:`flexdist.cp.ops.register_plan`; weakly, it is freed as usual).
     """
     from flexdist import cp
+    from flexdist.cp.ops import op_supported, register_plan
 
-    return cp.plan(
+    plan = cp.plan(
         doc_ids,
         group,
         balance=balance,
@@ -138,3 +151,6 @@ def make_cp_plan(
         block_size=block_size,
         kernel_backend=backend,
     )
+    if op_supported(plan):
+        register_plan(plan)
+    return plan
