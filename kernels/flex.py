@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from .reference import flex_attention_reference, reference_backward, reference_forward
+from .reference import flex_attention_reference, merge_by_lse, reference_backward, reference_forward
 from .score_mods import ALiBi, RelativeBias, SoftCap
 
 ScoreMod = Callable[..., torch.Tensor]
@@ -74,13 +74,18 @@ def flex_attention_forward(
     q_global_idx: torch.Tensor | None = None,
     kv_global_idx: torch.Tensor | None = None,
     backend: str = "auto",
+    out_acc: torch.Tensor | None = None,
+    lse_acc: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One attention call: ``(out [B,Hq,Sq,Dv] in q.dtype, lse [B,Hq,Sq] fp32 natural log)``.
 
     ``q_global_idx`` / ``kv_global_idx`` map local rows to the global positions score mods see (CP).
+    ``out_acc`` / ``lse_acc``: fp32 running result of earlier calls over *other* keys (start from zeros and
+    −inf); this call's result is merged into them in place by LSE and they are returned (ring attention:
+    the Triton kernel merges in its epilogue and leaves tiles that see no key this call untouched).
     """
     if resolve_backend(backend, q, score_mod) == "reference":
-        return reference_forward(
+        out, lse = reference_forward(
             q,
             k,
             v,
@@ -91,6 +96,17 @@ def flex_attention_forward(
             q_global_idx=q_global_idx,
             kv_global_idx=kv_global_idx,
         )
+        if out_acc is None and lse_acc is None:
+            return out, lse
+        from .triton_fwd import check_accumulators
+        from .validation import check_qkv
+
+        acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        check_accumulators(out_acc, lse_acc, check_qkv(q, k, v, enable_gqa), q.device, acc_dtype)
+        merged, new_lse = merge_by_lse(out_acc, lse_acc, out, lse)
+        out_acc.copy_(merged)
+        lse_acc.copy_(new_lse)
+        return out_acc, lse_acc
     from .triton_fwd import triton_forward
 
     return triton_forward(
@@ -103,6 +119,8 @@ def flex_attention_forward(
         enable_gqa,
         q_global_idx=q_global_idx,
         kv_global_idx=kv_global_idx,
+        out_acc=out_acc,
+        lse_acc=lse_acc,
     )
 
 
@@ -127,12 +145,15 @@ def flex_attention_backward(
     dq_out: torch.Tensor | None = None,
     dk_out: torch.Tensor | None = None,
     dv_out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    which: str = "all",
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of one attention call given the *global* (merged) ``lse`` and ``out``.
 
     ``delta = rowsum(dout · out) − dlse`` unless given. Learnable score-mod tensors get their gradients
-    *added* into ``score_mod_grads``. If ``dq_out`` / ``dk_out`` / ``dv_out`` are given, the gradients are
-    added into them and those buffers are returned (ring attention accumulates dK/dV as they travel).
+    *added* into ``score_mod_grads``. If ``dq_out`` / ``dk_out`` / ``dv_out`` are given (all three), the
+    gradients are added into them and those buffers are returned (ring attention accumulates dQ, and dK/dV
+    as they travel); the Triton kernels add in place, touching only tiles this call has work for.
+    ``which="dq"`` / ``"dkdv"`` computes only dq or only (dk, dv) (the others are returned as None).
     """
     kw = dict(
         delta=delta,
@@ -141,15 +162,28 @@ def flex_attention_backward(
         kv_global_idx=kv_global_idx,
         score_mod_grads=score_mod_grads,
     )
+    if which not in ("all", "dq", "dkdv"):
+        raise ValueError(f"which must be 'all', 'dq' or 'dkdv', got {which!r}")
+    if (dk_out is None) != (dv_out is None):
+        raise ValueError("dk_out and dv_out must be given together")
     if resolve_backend(backend, q, score_mod) == "reference":
+        if which == "dkdv":  # score-mod tensor gradients belong to the dQ part (as in the Triton kernels)
+            kw["score_mod_grads"] = None
         dq, dk, dv = reference_backward(
             q, k, v, out, dout, lse, block_mask, score_mod, scale, enable_gqa, **kw
         )
-    else:
-        from .triton_bwd import triton_backward
+        want_q, want_kv = which in ("all", "dq"), which in ("all", "dkdv")
+        return (
+            _add_into(dq_out, dq, "dq_out") if want_q else None,
+            _add_into(dk_out, dk, "dk_out") if want_kv else None,
+            _add_into(dv_out, dv, "dv_out") if want_kv else None,
+        )
+    from .triton_bwd import triton_backward
 
-        dq, dk, dv = triton_backward(q, k, v, out, dout, lse, block_mask, score_mod, scale, enable_gqa, **kw)
-    return _add_into(dq_out, dq, "dq_out"), _add_into(dk_out, dk, "dk_out"), _add_into(dv_out, dv, "dv_out")
+    return triton_backward(
+        q, k, v, out, dout, lse, block_mask, score_mod, scale, enable_gqa,
+        dq_out=dq_out, dk_out=dk_out, dv_out=dv_out, which=which, **kw,
+    )  # fmt: skip
 
 
 class _FlexFunction(torch.autograd.Function):

@@ -216,3 +216,25 @@ def flex_attention_reference(
     out, lse = _softmax_av(s, v, shape)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
+
+
+def merge_by_lse(
+    out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge a partial result ``(out, lse)`` over some keys into a running one over other keys (new tensors).
+
+    ``lse_new = m + log(exp(lse_acc - m) + exp(lse - m))`` with ``m`` the row max (0 where both are −inf, so
+    never ``-inf - -inf``); each output is weighted by ``exp(lse_i - lse_new)``. A row empty on both sides
+    keeps output 0 and LSE −inf. Computed in ``out_acc``'s dtype. The Triton kernel's ``out_acc=`` mode
+    computes the same formula in its epilogue.
+    """
+    lse = lse.to(lse_acc.dtype)
+    m = torch.maximum(lse_acc, lse)
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    wa = torch.exp(lse_acc - m)
+    wb = torch.exp(lse - m)
+    s = wa + wb
+    new_lse = m + torch.log(s)  # -inf where both are empty
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    merged = out_acc * (wa / safe)[..., None] + out.to(out_acc.dtype) * (wb / safe)[..., None]
+    return merged, new_lse

@@ -124,6 +124,20 @@ def _bits_visible_t(BITS, pid, rows_in_blk, cols_in_blk, QBS: tl.constexpr, WORD
 
 
 @triton.jit
+def _store_tile(ptrs, val, offs_rows, n_rows, EVEN: tl.constexpr, ADD: tl.constexpr):
+    """Store an fp32 tile (rows ``offs_rows`` < ``n_rows``) in the buffer's dtype, or add it to what is there."""
+    if EVEN:
+        if ADD:
+            val += tl.load(ptrs).to(tl.float32)
+        tl.store(ptrs, val.to(ptrs.dtype.element_ty))
+    else:
+        rmask = offs_rows[:, None] < n_rows
+        if ADD:
+            val += tl.load(ptrs, mask=rmask, other=0.0).to(tl.float32)
+        tl.store(ptrs, val.to(ptrs.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
 def _dkdv_inner(
     dk, dv, k, v, kd, kp, kpre, kg, offs_n, kb, hq, num, IDX, PID,
     Qb_, DOb, LSEb, DELTAb, sqm, sdom, Sq, Skv,
@@ -200,7 +214,7 @@ def _dkdv_kernel(
     SCORE_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr,
     HAS_QIDX: tl.constexpr, HAS_KVIDX: tl.constexpr, HAS_FULL: tl.constexpr, EVEN_M: tl.constexpr,
     EVEN_N: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, ACCUM: tl.constexpr,
 ):  # fmt: skip
     slot = tl.program_id(0)
     bh = tl.program_id(1)
@@ -241,6 +255,7 @@ def _dkdv_kernel(
         kg = offs_n
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, DV], dtype=tl.float32)
+    n_visited = tl.zeros([], dtype=tl.int32)
     for g in range(0, G):
         hq = hk * G + g
         hq64 = hq.to(tl.int64)
@@ -251,6 +266,7 @@ def _dkdv_kernel(
         num_off = b * snb + hq * snh + kb
         idx_off = b64 * sib + hq * sih + kb * sik
         num = tl.load(Q_NUM + num_off)
+        n_visited += num
         dk, dv = _dkdv_inner(
             dk, dv, k, v, kd, kp, kpre, kg, offs_n, kb, hq, num, Q_IDX + idx_off, Q_PID + idx_off,
             Qb_, DOb, LSEb, DELTAb, sqm, sdom, Sq, Skv,
@@ -260,6 +276,7 @@ def _dkdv_kernel(
         )  # fmt: skip
         if HAS_FULL:
             num = tl.load(FULLQ_NUM + num_off)
+            n_visited += num
             dk, dv = _dkdv_inner(
                 dk, dv, k, v, kd, kp, kpre, kg, offs_n, kb, hq, num, FULLQ_IDX + idx_off, Q_PID + idx_off,
                 Qb_, DOb, LSEb, DELTAb, sqm, sdom, Sq, Skv,
@@ -270,12 +287,15 @@ def _dkdv_kernel(
     dk = dk * scale
     dk_ptrs = DK + b64 * sdkb + hk.to(tl.int64) * sdkh + offs_n[:, None] * sdkn + offs_d[None, :]
     dv_ptrs = DV_ + b64 * sdvb + hk.to(tl.int64) * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :]
-    if EVEN_N:
-        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty))
-        tl.store(dv_ptrs, dv.to(DV_.dtype.element_ty))
+    if ACCUM:
+        # add into the caller's buffers (ring attention's travelling dK/dV); each tile is owned by one
+        # program, so no atomics; a tile with no block this call is not touched at all
+        if n_visited > 0:
+            _store_tile(dk_ptrs, dk, offs_n, Skv, EVEN_N, True)
+            _store_tile(dv_ptrs, dv, offs_n, Skv, EVEN_N, True)
     else:
-        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=offs_n[:, None] < Skv)
-        tl.store(dv_ptrs, dv.to(DV_.dtype.element_ty), mask=offs_n[:, None] < Skv)
+        _store_tile(dk_ptrs, dk, offs_n, Skv, EVEN_N, False)
+        _store_tile(dv_ptrs, dv, offs_n, Skv, EVEN_N, False)
 
 
 @triton.jit
@@ -367,7 +387,7 @@ def _dq_kernel(
     SCORE_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr,
     HAS_QIDX: tl.constexpr, HAS_KVIDX: tl.constexpr, HAS_FULL: tl.constexpr, EVEN_M: tl.constexpr,
     EVEN_N: tl.constexpr, TABLE_GRAD: tl.constexpr, WP: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, ACCUM: tl.constexpr,
 ):  # fmt: skip
     slot = tl.program_id(0)
     bh = tl.program_id(1)
@@ -412,6 +432,7 @@ def _dq_kernel(
     num_off = b * snb + hq * snh + qb
     idx_off = b64 * sib + hq * sih + qb * siq
     num = tl.load(KV_NUM + num_off)
+    n_visited = num
     dq, tgrad = _dq_inner(
         dq, tgrad, q, do, lse2, delta, qd, qp, qg, offs_m, qb, hq, num, KV_IDX + idx_off, KV_PID + idx_off,
         Kb, Vb, skn, svn, Skv, BITS, KVDOC, KVPOS, KVPRE, KVIDX,
@@ -421,6 +442,7 @@ def _dq_kernel(
     )  # fmt: skip
     if HAS_FULL:
         num = tl.load(FULL_NUM + num_off)
+        n_visited += num
         dq, tgrad = _dq_inner(
             dq, tgrad, q, do, lse2, delta, qd, qp, qg, offs_m, qb, hq, num, FULL_IDX + idx_off,
             KV_PID + idx_off, Kb, Vb, skn, svn, Skv, BITS, KVDOC, KVPOS, KVPRE, KVIDX,
@@ -430,10 +452,11 @@ def _dq_kernel(
         )  # fmt: skip
     dq = dq * scale
     dq_ptrs = DQ + b64 * sdqb + hq64 * sdqh + offs_m[:, None] * sdqm + offs_d[None, :]
-    if EVEN_M:
-        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty))
+    if ACCUM:  # add into the caller's buffer; untouched when this call visited no block
+        if n_visited > 0:
+            _store_tile(dq_ptrs, dq, offs_m, Sq, EVEN_M, True)
     else:
-        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=offs_m[:, None] < Sq)
+        _store_tile(dq_ptrs, dq, offs_m, Sq, EVEN_M, False)
     if TABLE_GRAD:
         # one private row per program: [B, Hq, n_tiles, WP]; summed on the host in a fixed order
         row = (bh.to(tl.int64) * tl.num_programs(0) + slot) * WP
@@ -483,8 +506,18 @@ def triton_backward(
     kv_global_idx: torch.Tensor | None = None,
     score_mod_grads: list[torch.Tensor] | None = None,
     config=None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Block-sparse backward given the global ``lse``: ``(dq, dk, dv)`` in the input dtypes."""
+    dq_out: torch.Tensor | None = None,
+    dk_out: torch.Tensor | None = None,
+    dv_out: torch.Tensor | None = None,
+    which: str = "all",
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Block-sparse backward given the global ``lse``: ``(dq, dk, dv)`` in the input dtypes.
+
+    ``which``: ``"all"``, or ``"dq"`` / ``"dkdv"`` to run only that kernel (the other results are None; pass
+    ``delta`` so it is not recomputed) — ring attention runs dQ while the travelling dK/dV buffer is in flight.
+    ``dq_out`` / ``dk_out`` / ``dv_out`` (any float dtype, fp32 for ring accumulation; dK and dV together):
+    the gradients are added into them inside the kernels (tiles with no block are not touched) and returned.
+    """
     on_gpu = q.is_cuda
     lp = prepare(
         q, k, v, block_mask, score_mod, scale, enable_gqa, q_global_idx, kv_global_idx,
@@ -522,10 +555,12 @@ def triton_backward(
         delta = delta.to(device=dev, dtype=torch.float32).contiguous()
         if tuple(delta.shape) != (sh.B, sh.Hq, sh.Sq):
             raise ValueError(f"delta must have shape {(sh.B, sh.Hq, sh.Sq)}, got {tuple(delta.shape)}")
-    dummy_i = placeholder(dev, torch.int32)
-    docs, (causal, has_w, has_pre) = doc_args(km, dummy_i)
-    bits = km.bits if km.mask_kind == MASK_BITS else dummy_i
-    mods = (lp.qidx, lp.kvidx, lp.slopes, lp.table, lp.table_stride, lp.L, lp.softcap)
+    if which not in ("all", "dq", "dkdv"):
+        raise ValueError(f"which must be 'all', 'dq' or 'dkdv', got {which!r}")
+    run_dq, run_dkdv = which in ("all", "dq"), which in ("all", "dkdv")
+    if (dk_out is None) != (dv_out is None):
+        raise ValueError("dk_out and dv_out must be given together")
+    _, (causal, has_w, has_pre) = doc_args(km, placeholder(dev, torch.int32))
     common = dict(
         D=sh.D, DV=sh.Dv, QBS=km.QBS, KBS=km.KBS, WORDS=km.words, MASK_KIND=km.mask_kind,
         SCORE_KIND=lp.score_kind, CAUSAL=causal, HAS_WINDOW=has_w, HAS_PREFIX=has_pre,
@@ -533,10 +568,43 @@ def triton_backward(
         UPCAST=lp.upcast,
     )  # fmt: skip
 
-    dk = torch.empty(sh.B, sh.Hkv, sh.Skv, sh.D, dtype=k.dtype, device=dev)
-    dv = torch.empty(sh.B, sh.Hkv, sh.Skv, sh.Dv, dtype=v.dtype, device=dev)
+    for name, t, want in (
+        ("dq_out", dq_out, (sh.B, sh.Hq, sh.Sq, sh.D)),
+        ("dk_out", dk_out, (sh.B, sh.Hkv, sh.Skv, sh.D)),
+        ("dv_out", dv_out, (sh.B, sh.Hkv, sh.Skv, sh.Dv)),
+    ):
+        if t is not None:
+            if tuple(t.shape) != want:
+                raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+            if t.device != dev or not t.dtype.is_floating_point or t.stride(-1) != 1:
+                raise ValueError(
+                    f"{name} must be a floating tensor on {dev} with unit last-dim stride, got "
+                    f"{t.dtype} on {t.device} with strides {t.stride()}"
+                )
+    dq = dk = dv = None
+    if run_dkdv:
+        dk, dv = _dkdv(q, k, v, dout, lse, delta, dk_out, dv_out, lp, km, sh, c1, M1, N1, config, common)
+    if run_dq:
+        dq = _dq(q, k, v, dout, lse, delta, dq_out, lp, km, sh, c2, M2, N2, config, common, score_mod,
+                 score_mod_grads)  # fmt: skip
+    return dq, dk, dv
+
+
+def _dkdv(q, k, v, dout, lse, delta, dk_out, dv_out, lp, km, sh, c1, M1, N1, config, common):
+    """Launch the dK/dV kernel (into new tensors, or adding into dk_out / dv_out)."""
+    dev = q.device
+    dummy_i = placeholder(dev, torch.int32)
+    docs, _ = doc_args(km, dummy_i)
+    bits = km.bits if km.mask_kind == MASK_BITS else dummy_i
+    mods = (lp.qidx, lp.kvidx, lp.slopes, lp.table, lp.table_stride, lp.L, lp.softcap)
+    accum = dk_out is not None
+    if accum:
+        dk, dv = dk_out, dv_out
+    else:
+        dk = torch.empty(sh.B, sh.Hkv, sh.Skv, sh.D, dtype=k.dtype, device=dev)
+        dv = torch.empty(sh.B, sh.Hkv, sh.Skv, sh.Dv, dtype=v.dtype, device=dev)
     tuned = config is None and use_autotune(q, km, sh.Sq, sh.Skv)
-    n_qb, n_kb = triton.cdiv(sh.Sq, km.QBS), triton.cdiv(sh.Skv, km.KBS)  # blocks in use
+    n_kb = triton.cdiv(sh.Skv, km.KBS)  # kv blocks in use
     args = (
         q, k, v, dout, lse, delta, dk, dv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -547,12 +615,27 @@ def triton_backward(
     )  # fmt: skip
     if tuned:
         grid = lambda meta: (n_kb * (km.KBS // meta["BLOCK_N"]), sh.B * sh.Hkv)
-        _dkdv_kernel_tuned[grid](*args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, **common)
+        _dkdv_kernel_tuned[grid](*args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, ACCUM=accum, **common)
     else:
         _dkdv_kernel[(n_kb * (km.KBS // N1), sh.B * sh.Hkv)](
             *args, BLOCK_M=M1, BLOCK_N=N1, EVEN_M=lp.even_m and sh.Sq % M1 == 0,
-            EVEN_N=lp.even_n and sh.Skv % N1 == 0, num_warps=c1[2], num_stages=c1[3], **common,
+            EVEN_N=lp.even_n and sh.Skv % N1 == 0, num_warps=c1[2], num_stages=c1[3], ACCUM=accum, **common,
         )  # fmt: skip
+    return dk, dv
+
+
+def _dq(
+    q, k, v, dout, lse, delta, dq_out, lp, km, sh, c2, M2, N2, config, common, score_mod, score_mod_grads
+):
+    """Launch the dQ kernel (into a new tensor, or adding into dq_out); also the RelativeBias table gradient."""
+    dev = q.device
+    dummy_i = placeholder(dev, torch.int32)
+    docs, _ = doc_args(km, dummy_i)
+    bits = km.bits if km.mask_kind == MASK_BITS else dummy_i
+    mods = (lp.qidx, lp.kvidx, lp.slopes, lp.table, lp.table_stride, lp.L, lp.softcap)
+    tuned = config is None and use_autotune(q, km, sh.Sq, sh.Skv)
+    n_qb = triton.cdiv(sh.Sq, km.QBS)
+    accum = dq_out is not None
 
     table_grad = (
         lp.score_kind == SCORE_RELBIAS and score_mod_grads is not None and score_mod.table.requires_grad
@@ -569,7 +652,7 @@ def triton_backward(
                 f"(at most {MAX_TABLE_GRAD_WIDTH}); use backend='reference'"
             )
         tg = torch.zeros(sh.B, sh.Hq, n_m, WP, dtype=torch.float32, device=dev)
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dq = dq_out if accum else torch.empty_like(q, memory_format=torch.contiguous_format)
     args = (
         q, k, v, dout, lse, delta, dq, tg,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -580,14 +663,16 @@ def triton_backward(
     )  # fmt: skip
     if tuned and not table_grad:  # the table-gradient scratch is sized for the fixed tile
         grid = lambda meta: (n_qb * (km.QBS // meta["BLOCK_M"]), sh.B * sh.Hq)
-        _dq_kernel_tuned[grid](*args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, TABLE_GRAD=False, WP=1, **common)
+        _dq_kernel_tuned[grid](
+            *args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, TABLE_GRAD=False, WP=1, ACCUM=accum, **common
+        )  # fmt: skip
     else:
         _dq_kernel[(n_m, sh.B * sh.Hq)](
             *args, BLOCK_M=M2, BLOCK_N=N2, EVEN_M=lp.even_m and sh.Sq % M2 == 0,
             EVEN_N=lp.even_n and sh.Skv % N2 == 0, TABLE_GRAD=table_grad, WP=WP,
-            num_warps=c2[2], num_stages=c2[3], **common,
+            num_warps=c2[2], num_stages=c2[3], ACCUM=accum, **common,
         )  # fmt: skip
     if table_grad:
         g = tg.sum(dim=(0, 2))[:, : lp.table.shape[1]]
         score_mod_grads[0].add_(g.to(score_mod_grads[0].dtype))
-    return dq, dk, dv
+    return dq

@@ -266,6 +266,7 @@ def _fwd_kernel(
     EVEN_N: tl.constexpr,
     PREC: tl.constexpr,
     UPCAST: tl.constexpr,
+    ACCUM: tl.constexpr,
 ):
     # grid (slot, batch·head): the slots of one head run together (its K/V stay in L2) and follow the
     # block work order, longest first (H100: putting heads fastest instead cost 7% at 32k causal)
@@ -308,6 +309,7 @@ def _fwd_kernel(
     num_off = b * snb + hq * snh + qb
     idx_off = b64 * sib + hq * sih + qb * siq
     num = tl.load(KV_NUM + num_off)
+    n_visited = num
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, qd, qp, qg, offs_m, qb, hq, num, KV_IDX + idx_off, KV_PID + idx_off,
         Kb, Vb, skn, svn, Skv, BITS, KVDOC, KVPOS, KVPRE, KVIDX, SLOPES, TABLE, table_stride, L, softcap,
@@ -316,24 +318,52 @@ def _fwd_kernel(
     )  # fmt: skip
     if HAS_FULL:
         num = tl.load(FULL_NUM + num_off)
+        n_visited += num
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, qd, qp, qg, offs_m, qb, hq, num, FULL_IDX + idx_off, KV_PID + idx_off,
             Kb, Vb, skn, svn, Skv, BITS, KVDOC, KVPOS, KVPRE, KVIDX, SLOPES, TABLE, table_stride, L, softcap,
             window, scale, qk_scale, BLOCK_M, BLOCK_N, D, DV, QBS, KBS, WORDS, False, MASK_KIND, SCORE_KIND,
             CAUSAL, HAS_WINDOW, HAS_PREFIX, HAS_KVIDX, EVEN_N, PREC, UPCAST,
         )  # fmt: skip
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
     o_ptrs = O + b64 * sob + hq.to(tl.int64) * soh + offs_m[:, None] * som + offs_dv[None, :]
     lse_ptrs = LSE + bh.to(tl.int64) * Sq + offs_m
-    if EVEN_M:
-        tl.store(o_ptrs, out.to(O.dtype.element_ty))
-        tl.store(lse_ptrs, lse)
+    if ACCUM:
+        # Merge into the running result of earlier calls held in O / LSE (fp32; ring attention's steps), in
+        # the same pass: no separate merge kernel re-reading the whole accumulator every step. A tile that
+        # visited no block leaves the accumulator untouched (on a sparse ring step, most tiles).
+        if n_visited > 0:
+            if EVEN_M:
+                prev_lse = tl.load(lse_ptrs)
+                prev = tl.load(o_ptrs)
+            else:
+                prev_lse = tl.load(lse_ptrs, mask=offs_m < Sq, other=float("-inf"))
+                prev = tl.load(o_ptrs, mask=offs_m[:, None] < Sq, other=0.0)
+            p2 = prev_lse * 1.4426950408889634  # log2 domain, like m_i
+            mx = tl.maximum(p2, m_i)
+            mx = tl.where(mx == float("-inf"), 0.0, mx)  # both sides empty: weights 0, no -inf - -inf
+            w_prev = tl.exp2(p2 - mx)
+            w_new = tl.exp2(m_i - mx)
+            den = w_prev + l_i * w_new
+            den_safe = tl.where(den == 0.0, 1.0, den)
+            out = (prev * w_prev[:, None] + acc * w_new[:, None]) / den_safe[:, None]
+            lse = tl.where(den == 0.0, float("-inf"), (mx + tl.log2(den_safe)) * 0.6931471805599453)
+            if EVEN_M:
+                tl.store(o_ptrs, out.to(O.dtype.element_ty))
+                tl.store(lse_ptrs, lse)
+            else:
+                tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < Sq)
+                tl.store(lse_ptrs, lse, mask=offs_m < Sq)
     else:
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < Sq)
-        tl.store(lse_ptrs, lse, mask=offs_m < Sq)
+        empty = l_i == 0.0
+        l_safe = tl.where(empty, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+        if EVEN_M:
+            tl.store(o_ptrs, out.to(O.dtype.element_ty))
+            tl.store(lse_ptrs, lse)
+        else:
+            tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < Sq)
+            tl.store(lse_ptrs, lse, mask=offs_m < Sq)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -479,6 +509,29 @@ def prepare(
     )  # fmt: skip
 
 
+def check_accumulators(
+    out_acc, lse_acc, sh: AttnShape, device: torch.device, dtype: torch.dtype = torch.float32
+) -> None:
+    """Running-result buffers of ``out_acc=`` / ``lse_acc=``: both given, fp32 (fp64 for the reference on
+    fp64 inputs), this call's shapes, unit-stride rows."""
+    if out_acc is None or lse_acc is None:
+        raise ValueError("out_acc and lse_acc must be given together (the running output and its LSE)")
+    for name, t, want in (
+        ("out_acc", out_acc, (sh.B, sh.Hq, sh.Sq, sh.Dv)),
+        ("lse_acc", lse_acc, (sh.B, sh.Hq, sh.Sq)),
+    ):
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+        if t.dtype != dtype:
+            raise TypeError(
+                f"{name} must be {str(dtype).replace('torch.', '')} (the merge precision), got {t.dtype}"
+            )
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but q is on {device}")
+    if out_acc.stride(-1) != 1 or not lse_acc.is_contiguous():
+        raise ValueError("out_acc needs a unit last-dim stride and lse_acc must be contiguous")
+
+
 def meta_args(km: KernelMask, transposed: bool, dummy_i: torch.Tensor):
     """(NUM, IDX, FULL_NUM, FULL_IDX, PID, num strides (b, h), idx strides (b, h, row))."""
     if transposed:
@@ -533,8 +586,14 @@ def triton_forward(
     q_global_idx: torch.Tensor | None = None,
     kv_global_idx: torch.Tensor | None = None,
     config: tuple[int, int, int, int] | None = None,
+    out_acc: torch.Tensor | None = None,
+    lse_acc: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-sparse forward: ``(out [B,Hq,Sq,Dv] q.dtype, lse [B,Hq,Sq] fp32 natural log)``."""
+    """Block-sparse forward: ``(out [B,Hq,Sq,Dv] q.dtype, lse [B,Hq,Sq] fp32 natural log)``.
+
+    With ``out_acc`` / ``lse_acc`` (fp32, the running result of earlier calls over other keys; start from
+    zeros / −inf), this call's result is merged into them in place by LSE, and they are returned.
+    """
     on_gpu = q.is_cuda
     cfg = config or fwd_config(q.shape[-1], on_gpu)
     lp = prepare(
@@ -545,8 +604,13 @@ def triton_forward(
     BM = pick_tile(km.QBS, cfg[0], "query")
     BN = pick_tile(km.KBS, cfg[1], "kv")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out = torch.empty(sh.B, sh.Hq, sh.Sq, sh.Dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(sh.B, sh.Hq, sh.Sq, dtype=torch.float32, device=q.device)
+    accum = out_acc is not None or lse_acc is not None
+    if accum:
+        check_accumulators(out_acc, lse_acc, sh, q.device)
+        out, lse = out_acc, lse_acc
+    else:
+        out = torch.empty(sh.B, sh.Hq, sh.Sq, sh.Dv, dtype=q.dtype, device=q.device)
+        lse = torch.empty(sh.B, sh.Hq, sh.Sq, dtype=torch.float32, device=q.device)
     dummy_i = placeholder(q.device, torch.int32)
     meta = meta_args(km, False, dummy_i)
     docs, (causal, has_w, has_pre) = doc_args(km, dummy_i)
@@ -563,7 +627,7 @@ def triton_forward(
         D=sh.D, DV=sh.Dv, QBS=km.QBS, KBS=km.KBS, WORDS=km.words,
         MASK_KIND=km.mask_kind, SCORE_KIND=lp.score_kind, CAUSAL=causal, HAS_WINDOW=has_w,
         HAS_PREFIX=has_pre, HAS_QIDX=lp.has_qidx, HAS_KVIDX=lp.has_kvidx, HAS_FULL=km.has_full,
-        PREC=lp.prec, UPCAST=lp.upcast,
+        PREC=lp.prec, UPCAST=lp.upcast, ACCUM=accum,
     )  # fmt: skip
     n_qb = triton.cdiv(sh.Sq, km.QBS)  # query blocks in use (the BlockMask may list more)
     if config is None and use_autotune(q, km, sh.Sq, sh.Skv):

@@ -9,7 +9,6 @@ delta, so per-step gradients sum to the single-device gradients. ``score_mod`` s
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from functools import cache
 
@@ -25,17 +24,12 @@ BACKENDS = ("auto", "triton", "reference")
 
 @cache
 def _kernel_fns(backend: str) -> tuple[Callable, Callable, dict]:
-    """Forward / backward kernel entry points for ``backend`` (the dense reference, or flexdist.kernels')."""
+    """Forward / backward kernel entry points and the ``backend`` keyword (auto, triton or the reference)."""
     from flexdist import kernels as K
 
     if backend not in BACKENDS:
         raise ValueError(f"kernel_backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "reference":
-        return K.reference_forward, K.reference_backward, {}
-    fwd, bwd = K.flex_attention_forward, K.flex_attention_backward
-    if "backend" in inspect.signature(fwd).parameters:
-        return fwd, bwd, {"backend": backend}
-    return fwd, bwd, {}
+    return K.flex_attention_forward, K.flex_attention_backward, {"backend": backend}
 
 
 def _score_params(score_mod) -> tuple[torch.Tensor, ...]:

@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import torch
 
-from .merge import _acc_dtype, merge_into
-from .ring import P2P, pack, unpack, wait_all
+from .merge import _acc_dtype
+from .ring import P2P, pack, unpack
 
 
 def _post_kv(comm, k, v, plan, send_idx, recv_idx, t):
@@ -44,7 +44,10 @@ def direct_forward(q, k, v, plan, masks, fwd: Callable, kw: dict):
     comm = P2P(plan.group, N) if N > 1 else None
     send_idx, recv_idx = plan.direct_on(dev)
     q_idx = plan.index_on(dev, r)
-    out_acc = lse_acc = None
+    B, H, L, _ = q.shape
+    acc = _acc_dtype(q.dtype)
+    out_acc = torch.zeros(B, H, L, v.shape[-1], dtype=acc, device=dev)  # merged into by every step's kernel
+    lse_acc = torch.full((B, H, L), float("-inf"), dtype=acc, device=dev)
     cur = None
     for t in range(N):
         nxt = _post_kv(comm, k, v, plan, send_idx, recv_idx, t + 1) if t + 1 < N else ([], None, None)
@@ -56,14 +59,12 @@ def direct_forward(q, k, v, plan, masks, fwd: Callable, kw: dict):
         else:
             kj = vj = None
         if kj is not None and masks[j] is not None:
-            o, l = fwd(q, kj, vj, masks[j], q_global_idx=q_idx, kv_global_idx=plan.kv_index_on(dev, j), **kw)
-            out_acc, lse_acc = merge_into(out_acc, lse_acc, o, l)
-        wait_all(nxt[0])
+            fwd(
+                q, kj, vj, masks[j], q_global_idx=q_idx, kv_global_idx=plan.kv_index_on(dev, j),
+                out_acc=out_acc, lse_acc=lse_acc, **kw,
+            )  # fmt: skip
+        plan.record_wait(nxt[0], dev)
         cur = nxt
-    if out_acc is None:
-        B, H, L, _ = q.shape
-        out_acc = torch.zeros(B, H, L, v.shape[-1], dtype=_acc_dtype(q.dtype), device=dev)
-        lse_acc = torch.full((B, H, L), float("-inf"), dtype=_acc_dtype(q.dtype), device=dev)
     return out_acc.to(q.dtype), lse_acc
 
 
@@ -83,7 +84,7 @@ def direct_backward(q, k, v, out, dout, lse, delta, plan, masks, bwd: Callable, 
     def drain():
         nonlocal pending, keep
         for works, recvs in pending:
-            wait_all(works)
+            plan.record_wait(works, dev)
             for buf, idx in recvs:
                 gk, gv = unpack(buf, *_shapes(k, v, idx.numel()))
                 dk.index_add_(2, idx, gk)
@@ -96,43 +97,22 @@ def direct_backward(q, k, v, out, dout, lse, delta, plan, masks, bwd: Callable, 
         j = (r - t) % N
         if t == 0:
             if masks[r] is not None:
-                dq_t, dk_t, dv_t = bwd(
-                    q,
-                    k,
-                    v,
-                    out,
-                    dout,
-                    lse,
-                    masks[r],
-                    delta=delta,
-                    q_global_idx=q_idx,
-                    kv_global_idx=plan.kv_index_on(dev, r),
-                    **kw,
-                )
-                dq += dq_t
-                dk += dk_t
-                dv += dv_t
+                bwd(
+                    q, k, v, out, dout, lse, masks[r], delta=delta, q_global_idx=q_idx,
+                    kv_global_idx=plan.kv_index_on(dev, r), dq_out=dq, dk_out=dk, dv_out=dv, **kw,
+                )  # fmt: skip
         else:
             ops, recvs = [], []
             if recv_idx[t] is not None:  # I attended to shard j's blocks: their dK/dV go back to j
                 n = recv_idx[t].numel()
                 kj, vj = unpack(cur[1], *_shapes(k, v, n))
                 if masks[j] is not None:
-                    dq_t, dk_t, dv_t = bwd(
-                        q,
-                        kj,
-                        vj,
-                        out,
-                        dout,
-                        lse,
-                        masks[j],
-                        delta=delta,
-                        q_global_idx=q_idx,
-                        kv_global_idx=plan.kv_index_on(dev, j),
-                        **kw,
-                    )
-                    dq += dq_t
-                    g = pack(dk_t, dv_t, acc)
+                    g = torch.zeros(kj.numel() + vj.numel(), dtype=acc, device=dev)
+                    gk, gv = unpack(g, kj.shape, vj.shape)
+                    bwd(
+                        q, kj, vj, out, dout, lse, masks[j], delta=delta, q_global_idx=q_idx,
+                        kv_global_idx=plan.kv_index_on(dev, j), dq_out=dq, dk_out=gk, dv_out=gv, **kw,
+                    )  # fmt: skip
                 else:  # the owner expects a message: nothing visible after all
                     g = torch.zeros(kj.numel() + vj.numel(), dtype=acc, device=dev)
                 ops.append(("send", g, j))
@@ -147,7 +127,7 @@ def direct_backward(q, k, v, out, dout, lse, delta, plan, masks, bwd: Callable, 
             drain()  # the previous step's dK/dV (overlapped with this step's kernel)
             works = comm.post(ops) if ops else []
             pending.append((works, recvs))
-        wait_all(nxt[0])
+        plan.record_wait(nxt[0], dev)
         cur = nxt
     drain()
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from flexdist.kernels.reference import merge_by_lse
+
 try:  # Triton is a dependency, but keep the CPU path importable without it
     import triton
     import triton.language as tl
@@ -60,15 +62,7 @@ def _use_triton(out_acc: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> 
 
 
 def _merge_torch(out_acc, lse_acc, o, l):
-    m = torch.maximum(lse_acc, l)
-    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
-    wa = torch.exp(lse_acc - m)
-    wb = torch.exp(l - m)
-    s = wa + wb
-    new_lse = m + torch.log(s)  # -inf where both are empty
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    out_acc = out_acc * (wa / safe)[..., None] + o.to(out_acc.dtype) * (wb / safe)[..., None]
-    return out_acc, new_lse
+    return merge_by_lse(out_acc, lse_acc, o, l)
 
 
 def merge_into(

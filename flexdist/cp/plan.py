@@ -124,6 +124,41 @@ class Plan:
     direct_recv: list = field(default_factory=list)  # per step t, shard (r-t)'s local tokens received
     kv_sets: list = field(default_factory=list)  # per kv rank j, global indices of the keys masks[j] covers
     _device_cache: dict = field(default_factory=dict, repr=False)
+    timing: bool = False  # record CUDA events around the ring's waits (see comm_wait_seconds)
+    _wait_events: list = field(default_factory=list, repr=False)
+
+    def record_wait(self, works: list, device: torch.device) -> None:
+        """Wait for posted P2P work on the current stream; with ``timing`` on CUDA, time the stall.
+
+        ``work.wait()`` makes the compute stream wait for the communication; two CUDA events around it
+        measure how long the stream was held up (the *exposed* communication, not the overlapped part).
+        """
+        if not works:
+            return
+        if self.timing and device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for w in works:
+                w.wait()
+            b.record()
+            self._wait_events.append((a, b))
+        else:
+            for w in works:
+                w.wait()
+
+    def comm_wait_seconds(self, reset: bool = True) -> float:
+        """Exposed communication wait of the attention calls since the last reset, in seconds.
+
+        Synchronises on the last recorded event. 0.0 when ``timing`` is off or not on CUDA (gloo's waits
+        block the host instead, and are part of the step time).
+        """
+        if not self._wait_events:
+            return 0.0
+        self._wait_events[-1][1].synchronize()
+        total = sum(a.elapsed_time(b) for a, b in self._wait_events) / 1e3
+        if reset:
+            self._wait_events.clear()
+        return total
 
     @property
     def batch_size(self) -> int:

@@ -6,9 +6,13 @@ receive the next from r−1) is posted *before* step t's kernel runs and waited 
 empty skip the kernel; a shard stops travelling after the last rank that needs it (``plan.t_last``), so the
 tail of the ring skips communication too (e.g. causal masks on contiguous shards).
 
+Forward: each step's kernel merges into one fp32 (out, lse) accumulator in its epilogue, touching only the
+query tiles the step has work for (no separate merge pass over the whole accumulator per step).
+
 Backward: the K/V transfer is posted first as in forward; dK/dV for shard j accumulate (fp32) in a buffer that
-travels with it, sent on after each step's kernel (and overlapped with the next step's kernel); after the
-last rank that needs shard j, the buffer is sent straight home to rank j. A rank holds its own shard, two K/V
+travels with it: each step runs the dQ kernel while that buffer is still arriving, then the dK/dV kernel adds
+into it in place, and it is sent on (overlapped with the next step's kernels); after the last rank that needs
+shard j, the buffer is sent straight home to rank j. Exposed waits are timed with ``plan.timing``. A rank holds its own shard, two K/V
 buffers and two dK/dV buffers: O(S/N) memory.
 """
 
@@ -19,7 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from .merge import _acc_dtype, merge_into
+from .merge import _acc_dtype
 
 
 class P2P:
@@ -42,11 +46,6 @@ class P2P:
         return dist.batch_isend_irecv(p2p)
 
 
-def wait_all(works: list) -> None:
-    for w in works:
-        w.wait()
-
-
 def pack(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """One flat buffer holding a then b (one message per transfer)."""
     dt = dtype or a.dtype
@@ -59,14 +58,21 @@ def unpack(buf: torch.Tensor, a_shape: torch.Size, b_shape: torch.Size) -> tuple
 
 
 def ring_forward(q, k, v, plan, masks, fwd: Callable, kw: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's merged output (q.dtype) and global LSE (fp32) over all K/V shards."""
+    """This rank's merged output (q.dtype) and global LSE (fp32) over all K/V shards.
+
+    Every step's kernel merges its result into one fp32 accumulator in its epilogue (``out_acc=``), touching
+    only the query tiles that see a key of the visiting shard; rows that see nothing keep 0 / −inf.
+    """
     N, r, t_last = plan.world_size, plan.rank, plan.t_last
     comm = P2P(plan.group, N) if N > 1 else None
     dev = q.device
+    acc = _acc_dtype(q.dtype)
+    B, H, L, _ = q.shape
+    out_acc = torch.zeros(B, H, L, v.shape[-1], dtype=acc, device=dev)
+    lse_acc = torch.full((B, H, L), float("-inf"), dtype=acc, device=dev)
     q_idx = plan.index_on(dev, r)
     kv_cur = pack(k, v)
     kv_nxt = torch.empty_like(kv_cur) if N > 1 else None
-    out_acc = lse_acc = None
     for t in range(N):
         j = (r - t) % N
         ops = []
@@ -79,22 +85,25 @@ def ring_forward(q, k, v, plan, masks, fwd: Callable, kw: dict) -> tuple[torch.T
         works = comm.post(ops) if comm else []
         if t <= t_last[j] and masks[j] is not None:
             kj, vj = unpack(kv_cur, k.shape, v.shape)
-            o, l = fwd(q, kj, vj, masks[j], q_global_idx=q_idx, kv_global_idx=plan.index_on(dev, j), **kw)
-            out_acc, lse_acc = merge_into(out_acc, lse_acc, o, l)
-        wait_all(works)
+            fwd(
+                q, kj, vj, masks[j], q_global_idx=q_idx, kv_global_idx=plan.index_on(dev, j),
+                out_acc=out_acc, lse_acc=lse_acc, **kw,
+            )  # fmt: skip
+        plan.record_wait(works, dev)
         if N > 1:
             kv_cur, kv_nxt = kv_nxt, kv_cur
-    if out_acc is None:  # this rank's queries see nothing at all
-        B, H, L, _ = q.shape
-        out_acc = torch.zeros(B, H, L, v.shape[-1], dtype=_acc_dtype(q.dtype), device=dev)
-        lse_acc = torch.full((B, H, L), float("-inf"), dtype=_acc_dtype(q.dtype), device=dev)
     return out_acc.to(q.dtype), lse_acc
 
 
 def ring_backward(
     q, k, v, out, dout, lse, delta, plan, masks, bwd: Callable, kw: dict
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv of this rank's shards; every step's kernel uses the global ``lse`` and ``delta``."""
+    """dq, dk, dv of this rank's shards; every step's kernel uses the global ``lse`` and ``delta``.
+
+    Per step: the dQ kernel runs first (adding into this rank's fp32 dq) while the travelling dK/dV buffer of
+    the visiting shard is still arriving; then the dK/dV kernel adds straight into that buffer, which is sent
+    on. Tiles with no work this step are not touched, so sparse steps cost only their work.
+    """
     N, r, t_last = plan.world_size, plan.rank, plan.t_last
     comm = P2P(plan.group, N) if N > 1 else None
     dev = q.device
@@ -121,38 +130,24 @@ def ring_backward(
                 ops.append(("recv", kv_nxt, (r - 1) % N))
         works_a = comm.post(ops) if comm else []
         hold = t <= t_last[j]
-        contrib = None
-        if hold and masks[j] is not None:
-            kj, vj = unpack(kv_cur, k.shape, v.shape)
-            dq_t, dk_t, dv_t = bwd(
-                q,
-                kj,
-                vj,
-                out,
-                dout,
-                lse,
-                masks[j],
-                delta=delta,
-                q_global_idx=q_idx,
-                kv_global_idx=plan.index_on(dev, j),
-                **kw,
-            )
-            dq += dq_t
-            contrib = pack(dk_t, dv_t, acc)
-        wait_all(prev_b)  # travelling dK/dV of this step has arrived; last step's sends are done
+        run = hold and masks[j] is not None
+        kj, vj = unpack(kv_cur, k.shape, v.shape)
+        step_kw = dict(delta=delta, q_global_idx=q_idx, kv_global_idx=plan.index_on(dev, j), **kw)
+        if run:
+            bwd(q, kj, vj, out, dout, lse, masks[j], dq_out=dq, which="dq", **step_kw)
+        plan.record_wait(prev_b, dev)  # the travelling dK/dV of shard j has arrived; last sends are done
         ops_b = []
         if hold:
             buf = dkv_bufs[t % 2]
-            if t == 0:
-                buf.zero_()
-            if contrib is not None:
-                buf += contrib
+            if run:
+                dkb, dvb = unpack(buf, k.shape, v.shape)
+                bwd(q, kj, vj, out, dout, lse, masks[j], dk_out=dkb, dv_out=dvb, which="dkdv", **step_kw)
             if t < t_last[j]:
                 ops_b.append(("send", buf, (r + 1) % N))
             elif t > 0:
                 ops_b.append(("send", buf, j))  # last rank that needed shard j: send its gradient home
             else:
-                dkv_home = buf.clone()  # only this rank needs its own shard
+                dkv_home = buf.clone()  # only this rank needs its own shard (buf is reused by recvs)
         if t + 1 < N:
             jn = (r - 1 - t) % N
             if t + 1 <= t_last[jn]:
@@ -160,9 +155,9 @@ def ring_backward(
         if t_last[r] > 0 and t == t_last[r]:
             ops_b.append(("recv", dkv_home, (r + t) % N))
         prev_b = comm.post(ops_b) if comm else []
-        wait_all(works_a)
+        plan.record_wait(works_a, dev)
         if N > 1:
             kv_cur, kv_nxt = kv_nxt, kv_cur
-    wait_all(prev_b)
+    plan.record_wait(prev_b, dev)
     dk, dv = unpack(dkv_home, k.shape, v.shape)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -1,0 +1,137 @@
+"""The kernel's accumulate mode: forward merging into a running (out, lse), backward adding into buffers.
+
+Ring attention calls the kernel once per visiting K/V shard. Instead of a separate merge pass over the whole
+accumulator every step, the forward kernel merges its tile into ``out_acc`` / ``lse_acc`` in its epilogue
+and leaves tiles with no block untouched; the backward kernels add dQ / dK / dV into caller buffers. Here the
+keys are split into chunks (any token sets, as CP shards are) and the chunked result must equal one call
+over all keys: out, LSE, dq, dk, dv, with padding rows (fully masked everywhere) and rows that are empty in
+some chunks, GQA, a score mod that reads global positions, and both backends.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexdist.cp.plan import build_pair_masks
+from flexdist.kernels import ALiBi, flex_attention_backward, flex_attention_forward
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+BS = 16
+
+
+def _problem(seed: int, S: int = 96, B: int = 2, Hq: int = 4, Hkv: int = 2, D: int = 16):
+    g = torch.Generator().manual_seed(seed)
+    doc = torch.zeros(B, S, dtype=torch.long)
+    for b in range(B):  # random document lengths, then a padding tail (negative ids)
+        pos, d = 0, 0
+        while pos < S - 8:
+            n = int(torch.randint(1, 40, (1,), generator=g))
+            doc[b, pos : pos + n] = d
+            pos, d = pos + n, d + 1
+        doc[b, pos:] = -1
+    q = torch.randn(B, Hq, S, D, generator=g)
+    k = torch.randn(B, Hkv, S, D, generator=g)
+    v = torch.randn(B, Hkv, S, D, generator=g)
+    dout = torch.randn(B, Hq, S, D, generator=g)
+    # queries and key chunks: whole blocks of a permutation of the blocks (as a CP planner produces)
+    blocks = torch.randperm(S // BS, generator=g)
+    order = (blocks[:, None] * BS + torch.arange(BS)).reshape(-1)
+    return doc, q, k, v, dout, order
+
+
+def _chunks(order: torch.Tensor, n: int) -> list[torch.Tensor]:
+    per = order.numel() // n // BS * BS
+    return [order[i * per : (i + 1) * per] if i < n - 1 else order[i * per :] for i in range(n)]
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("score", [None, "alibi"])
+def test_chunked_accumulation_equals_one_call(backend: str, score: str | None) -> None:
+    doc, q, k, v, dout, order = _problem(seed=3 if score is None else 4)
+    dev = torch.device(DEV)
+    doc, q, k, v, dout, order = (t.to(dev) for t in (doc, q, k, v, dout, order))
+    qi = order  # this "rank" holds the queries in planner order
+    ql, dl = q[:, :, qi], dout[:, :, qi]
+    sm = ALiBi(ALiBi.default_slopes(q.shape[1], DEV)) if score == "alibi" else None
+    chunks = _chunks(order.flip(0), 3)
+    masks = build_pair_masks(doc, qi, chunks, causal=True, window=None, block_size=BS)
+    ((full_mask, _, _),) = build_pair_masks(doc, qi, [order], causal=True, window=None, block_size=BS)
+    kw = dict(score_mod=sm, enable_gqa=True, q_global_idx=qi, backend=backend)
+
+    want_o, want_l = flex_attention_forward(
+        ql, k[:, :, order], v[:, :, order], full_mask, kv_global_idx=order, **kw
+    )
+    assert torch.isneginf(want_l).any(), "the case must contain rows that see nothing (padding)"
+
+    B, Hq, L, D = ql.shape
+    out_acc = torch.zeros(B, Hq, L, D, device=dev)
+    lse_acc = torch.full((B, Hq, L), float("-inf"), device=dev)
+    empty_chunks = 0
+    for idx, (m, _, _) in zip(chunks, masks, strict=True):
+        if m is None:
+            empty_chunks += 1
+            continue
+        ret = flex_attention_forward(
+            ql, k[:, :, idx], v[:, :, idx], m, kv_global_idx=idx, out_acc=out_acc, lse_acc=lse_acc, **kw
+        )
+        assert ret[0] is out_acc and ret[1] is lse_acc
+    assert empty_chunks < len(chunks)
+    torch.testing.assert_close(out_acc, want_o.float(), atol=2e-4, rtol=2e-4)
+    fin = torch.isfinite(want_l)
+    assert torch.equal(torch.isfinite(lse_acc), fin)
+    torch.testing.assert_close(lse_acc[fin], want_l[fin], atol=2e-4, rtol=2e-4)
+    assert not torch.isnan(out_acc).any()
+
+    # backward: every chunk adds into dq (shared) and its own dK/dV buffers, with the global lse and delta
+    out = out_acc.to(q.dtype)
+    gq, gk, gv = flex_attention_backward(
+        ql, k[:, :, order], v[:, :, order], out, dl, lse_acc, full_mask, kv_global_idx=order, **kw
+    )
+    delta = (dl.float() * out.float()).sum(-1)
+    dq = torch.zeros_like(ql)
+    dk = torch.zeros(k.shape, device=dev)
+    dv = torch.zeros(v.shape, device=dev)
+    for idx, (m, _, _) in zip(chunks, masks, strict=True):
+        if m is None:
+            continue
+        dk_c = torch.full((B, k.shape[1], idx.numel(), D), 0.5, device=dev)  # adds to what is there
+        dv_c = torch.full_like(dk_c, 0.5)
+        # the two kernels separately, as the ring runs them (dQ while dK/dV is still in flight)
+        got = flex_attention_backward(
+            ql, k[:, :, idx], v[:, :, idx], out, dl, lse_acc, m, delta=delta, kv_global_idx=idx,
+            dq_out=dq, which="dq", **kw,
+        )  # fmt: skip
+        assert got[0] is dq and got[1] is None and got[2] is None
+        flex_attention_backward(
+            ql, k[:, :, idx], v[:, :, idx], out, dl, lse_acc, m, delta=delta, kv_global_idx=idx,
+            dk_out=dk_c, dv_out=dv_c, which="dkdv", **kw,
+        )  # fmt: skip
+        dk[:, :, idx] = dk_c - 0.5
+        dv[:, :, idx] = dv_c - 0.5
+    torch.testing.assert_close(dq, gq, atol=3e-4, rtol=3e-4)
+    torch.testing.assert_close(dk[:, :, order], gk, atol=3e-4, rtol=3e-4)
+    torch.testing.assert_close(dv[:, :, order], gv, atol=3e-4, rtol=3e-4)
+    pad_rows = (doc[:, qi] < 0)[:, None, :, None].expand_as(dq)
+    assert (dq[pad_rows] == 0).all(), "padding queries must get exactly zero gradient"
+
+
+def test_accumulators_are_checked() -> None:
+    _, q, k, v, _, _ = _problem(seed=5)
+    dev = torch.device(DEV)
+    q, k, v = q.to(dev), k.to(dev), v.to(dev)
+    B, Hq, S, D = q.shape
+    o = torch.zeros(B, Hq, S, D, device=dev)
+    lse = torch.full((B, Hq, S), float("-inf"), device=dev)
+    with pytest.raises(ValueError, match="together"):
+        flex_attention_forward(q, k, v, enable_gqa=True, out_acc=o, backend="triton")
+    with pytest.raises(TypeError, match="out_acc must be float32"):
+        flex_attention_forward(q, k, v, enable_gqa=True, out_acc=o.half(), lse_acc=lse, backend="triton")
+    with pytest.raises(ValueError, match=r"lse_acc must have shape \(2, 4, 96\)"):
+        flex_attention_forward(q, k, v, enable_gqa=True, out_acc=o, lse_acc=lse[:, :, :10], backend="triton")
+    out, l = flex_attention_forward(q, k, v, enable_gqa=True, backend="triton")
+    dk = torch.zeros_like(k)
+    with pytest.raises(ValueError, match="dk_out and dv_out must be given together"):
+        flex_attention_backward(q, k, v, out, out, l, enable_gqa=True, dk_out=dk, backend="triton")
+    with pytest.raises(ValueError, match="which must be"):
+        flex_attention_backward(q, k, v, out, out, l, enable_gqa=True, which="dk", backend="triton")
