@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 from test_train import CP2, _compose, torchrun
 
-from train.metrics import read_metrics
+from flexdist.cp import Plan
+from train.metrics import RunLogger, cp_step_metrics, read_metrics
+from train.trainer import _comm_wait_seconds
 
 STEPS, GRAD_ACCUM = 3, 2
 
@@ -47,10 +50,17 @@ def test_cp2_metrics_carry_cp_stats_and_selective_checkpointing_keeps_losses(tmp
         assert r["cp_kv_over_min"] == pytest.approx(sent / least), cp
         assert 0 <= r["cp_mask_build_s"] <= r["cp_plan_s"] < 60, cp
         assert 0 < r["attn_fwd_s"] < r["step_time_s"], r
+        # exposed communication wait: CUDA events only; on gloo the waits block the host (inside the step time)
+        if hasattr(Plan, "comm_wait_seconds"):
+            assert r["cp_comm_wait_s"] == 0.0, r
+        else:  # flexdist.cp without the timing API: reported as not measured
+            assert math.isnan(r["cp_comm_wait_s"]), r
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("step ") and "loss" in ln]
     assert len(lines) == STEPS, proc.stdout[-2000:]
     assert all("cp work max/mean " in ln and " skip " in ln and " kv/min " in ln for ln in lines), lines
     assert all(" attn fwd " in ln for ln in lines), lines
+    if hasattr(Plan, "comm_wait_seconds"):
+        assert all(" wait 0ms" in ln for ln in lines), lines
 
     # the profiled step: one Chrome trace per rank, holding the step's ops (matmuls, the ring's send/recv)
     traces = sorted(p.name for p in (tmp_path / "sel" / "profile").iterdir())
@@ -82,3 +92,45 @@ def test_profile_steps_must_be_one_based() -> None:
     with pytest.raises(ValueError, match=r"trainer\.profile_steps=\[0, 3\]: steps are 1-based, got \[0\]"):
         validate(cfg, world_size=1)
     validate(make("trainer.run_dir=/tmp/x", "trainer.profile_steps=[1,3]"), world_size=1)
+
+
+def _fake_plan(wait_s: float | None) -> SimpleNamespace:
+    stats = dict(
+        world_size=2,
+        work_max_over_mean=1.0,
+        critical_path_over_ideal=1.0,
+        steps_skipped_compute=1,
+        kv_tokens_moved_ring=64,
+        kv_tokens_min=32,
+        strategy="ring",
+    )
+    p = SimpleNamespace(stats=stats, batch_size=1, calls=0)
+    if wait_s is not None:
+
+        def comm_wait_seconds() -> float:
+            p.calls += 1
+            return wait_s
+
+        p.comm_wait_seconds = comm_wait_seconds
+    return p
+
+
+def test_comm_wait_is_summed_over_the_step_plans_and_logged(tmp_path, capsys) -> None:
+    """The trainer sums ``plan.comm_wait_seconds()`` over a step's plans (one call each: it resets the record);
+    metrics.jsonl gets ``cp_comm_wait_s``, the console line ``wait <ms>``; NaN when plans cannot measure it."""
+    plans = [_fake_plan(0.25), _fake_plan(0.125)]
+    wait = _comm_wait_seconds(plans)
+    assert wait == 0.375 and [p.calls for p in plans] == [1, 1]
+    assert _comm_wait_seconds([_fake_plan(None)]) is None
+    m = cp_step_metrics(plans, num_kv_heads=2, head_dim=8, dtype_bytes=4, comm_wait_s=wait)
+    assert m["cp_comm_wait_s"] == 0.375
+    nan = cp_step_metrics(plans, num_kv_heads=2, head_dim=8, dtype_bytes=4, comm_wait_s=None)
+    assert math.isnan(nan["cp_comm_wait_s"])
+    logger = RunLogger(tmp_path, enabled=True, total_steps=2, start_step=0, progress_bar=False)
+    logger.log(1, {"loss": 1.0, **m})
+    logger.log(2, {"loss": 1.0, **nan})
+    logger.close(plot=False)
+    recs = read_metrics(tmp_path / "metrics.jsonl")
+    assert recs[0]["cp_comm_wait_s"] == 0.375 and math.isnan(recs[1]["cp_comm_wait_s"])
+    out = capsys.readouterr().out.splitlines()
+    assert " wait 375ms" in out[0] and " wait " not in out[1], out

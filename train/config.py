@@ -21,6 +21,9 @@ from omegaconf import MISSING
 from flexdist.kernels.validation import KERNEL_HEAD_DIMS
 from flexdist.model.llama import checkpointing_mode
 
+#: ``trainer.compile_scope`` values (see TrainerConfig)
+COMPILE_SCOPES = ("regions", "blocks")
+
 
 class AttnBackend(Enum):
     """Backend of the flexdist kernel: ``auto`` (Triton on CUDA, reference elsewhere), or forced."""
@@ -159,7 +162,13 @@ class TrainerConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     dtype: DType = DType.auto  # bf16 | fp32 | auto (bf16 on CUDA with FSDP, else fp32)
     device: Device = Device.auto  # auto | cuda | cpu
-    compile: bool = False  # torch.compile each transformer block
+    compile: bool = False  # torch.compile the transformer blocks (how much of each: compile_scope)
+    # regions: each block's projections + RoPE, norms and SwiGLU, the attention op left eager | blocks: each
+    # block's whole forward with fullgraph=True, attention included (the flexdist custom ops: document
+    # structure and CP plans are tensor inputs, so a new batch does not recompile; cp_strategy ring, direct or
+    # allgather). attn_fwd_s is not measured inside compiled blocks (host timing would break the graph).
+    compile_scope: str = "regions"
+    compile_backend: str = "inductor"  # torch.compile backend (tests on CPU use aot_eager: no C++ build)
     # none | selective (recompute each block in backward except its attention op, whose output and LSE stay
     # saved: the CP ring never runs twice) | full (recompute whole blocks, attention and ring included);
     # the old booleans still work: true = selective, false = none
@@ -317,6 +326,14 @@ def validate(cfg: Any, world_size: int) -> Resolved:
         checkpointing_mode(g("trainer.activation_checkpointing"))
     except ValueError as e:
         errors.append(f"trainer.{e}")
+    scope = g("trainer.compile_scope")
+    if scope not in COMPILE_SCOPES:
+        errors.append(f"trainer.compile_scope={scope!r} must be one of {COMPILE_SCOPES}")
+    elif g("trainer.compile") and scope == "blocks" and cp > 1 and g("parallel.cp_strategy") == "ulysses":
+        errors.append(
+            "trainer.compile_scope=blocks compiles the CP attention custom op, which covers parallel.cp_strategy "
+            "ring, direct and allgather, not ulysses; use trainer.compile_scope=regions for ulysses"
+        )
     bad = [x for x in g("trainer.profile_steps") if x < 1]
     if bad:
         errors.append(

@@ -48,7 +48,12 @@ _KV_MOVED = {
 
 
 def cp_step_metrics(
-    plans: list[Any], *, num_kv_heads: int, head_dim: int, dtype_bytes: int
+    plans: list[Any],
+    *,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype_bytes: int,
+    comm_wait_s: float | None = None,
 ) -> dict[str, float]:
     """The ``cp_*`` metrics of one optimizer step from its micro-batches' CP plans (``Plan.stats``; no
     collective: the stats are the same on every rank except the host times, which are this rank's).
@@ -59,6 +64,9 @@ def cp_step_metrics(
     ``cp_kv_bytes_per_layer`` vs ``cp_kv_min_bytes_per_layer``: K/V bytes one layer's forward exchange moves
     over the whole group (summed over micro-batches) and the minimum the masks need (blocks some other rank's
     queries see); absent for ulysses. ``cp_mask_build_s`` / ``cp_plan_s``: host time building masks / plans.
+    ``cp_comm_wait_s``: this rank's exposed communication wait of the step (``comm_wait_s``, measured by the
+    trainer with the plans' CUDA events; 0.0 off CUDA, where gloo waits block the host inside the step time;
+    NaN when the plans cannot measure it).
     """
     if not plans:
         return {}
@@ -80,6 +88,7 @@ def cp_step_metrics(
             out["cp_kv_over_min"] = sent / least
     out["cp_mask_build_s"] = float(sum(s.get("mask_build_s", 0.0) for s in st))
     out["cp_plan_s"] = float(sum(s.get("plan_time_s", 0.0) for s in st))
+    out["cp_comm_wait_s"] = float("nan") if comm_wait_s is None else float(comm_wait_s)
     return out
 
 
@@ -92,6 +101,8 @@ def _cp_console(m: dict[str, Any]) -> str:
         parts.append(f"kv/min {m['cp_kv_over_min']:.2f}")
     if "cp_plan_s" in m:
         parts.append(f"plan {1000 * m['cp_plan_s']:.0f}ms")
+    if "cp_comm_wait_s" in m and math.isfinite(m["cp_comm_wait_s"]):
+        parts.append(f"wait {1000 * m['cp_comm_wait_s']:.0f}ms")
     return " ".join(parts)
 
 

@@ -150,6 +150,19 @@ def shard_model(model: Llama, mesh: DeviceMesh, param_dtype: torch.dtype) -> Non
     fully_shard(model, mesh=mesh, mp_policy=mp)
 
 
+def compile_blocks(model: Llama, backend: str = "inductor") -> None:
+    """``torch.compile(fullgraph=True, dynamic=False)`` each block's forward, attention op included (in place).
+
+    The attention callable is an argument of the block's forward and changes every batch; inside compiled code
+    it runs the flexdist custom ops (``flexdist::document_attention_*`` / ``flexdist::cp_attention_*``), whose
+    masks / CP plan are tensor inputs, so a new batch reuses the graph. ``forward`` is replaced on the
+    instance: parameter names, and so checkpoints, are unchanged, and FSDP2's hooks (applied afterwards) stay
+    outside the compiled region, around it.
+    """
+    for layer in model.layers:
+        layer.forward = torch.compile(layer.forward, fullgraph=True, dynamic=False, backend=backend)
+
+
 def build_optimizer(model: torch.nn.Module, o: Any) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices except the embedding, none on norms."""
     decay, no_decay = [], []
@@ -248,7 +261,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     fpt_cfg = model.cfg
     model.activation_checkpointing = checkpointing_mode(t.activation_checkpointing)
     if t.compile:
-        compile_model(model)
+        if t.compile_scope == "blocks":
+            compile_blocks(model, backend=t.compile_backend)
+        else:
+            compile_model(model, backend=t.compile_backend)
     if cfg.parallel.fsdp:
         shard_model(model, fsdp_mesh, param_dtype)
     optimizer = build_optimizer(model, cfg.optim)
@@ -312,6 +328,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                         block_size=cfg.parallel.block_size,
                         backend=_value(cfg.model.attn_backend),
                     )
+                    if hasattr(plan, "comm_wait_seconds"):
+                        # CUDA events around the ring's waits (exposed communication); off elsewhere
+                        plan.timing = device.type == "cuda"
                     tokens, labels = plan.shard(batch["tokens"], 1), plan.shard(batch["labels"], 1)
                     positions = plan.positions.to(device)
                     attention = ContextParallelDocumentAttention(plan, timer=timer)
@@ -349,6 +368,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                         dist.all_reduce(p.grad)
             dist.all_reduce(loss_sum)
             loss_val = (loss_sum / n_valid).item()
+            comm_wait_s = _comm_wait_seconds(plans)
 
             # NaN/inf: skip the update; stop (keeping the last good checkpoint) past max_nan_steps
             if not math.isfinite(loss_val):
@@ -405,12 +425,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                         "mfu": mfu,
                         "peak_mem_gib": peak_memory_gib(device),
                         "step_time_s": dt,
-                        "attn_fwd_s": timer.total_s(),
+                        # not measured inside compiled blocks (trainer.compile_scope=blocks): no timed calls
+                        **({"attn_fwd_s": timer.total_s()} if timer.calls else {}),
                         **cp_step_metrics(
                             plans,
                             num_kv_heads=fpt_cfg.n_kv_heads,
                             head_dim=fpt_cfg.head_dim,
                             dtype_bytes=torch.finfo(param_dtype).bits // 8,
+                            comm_wait_s=comm_wait_s,
                         ),
                     },
                 )
@@ -439,6 +461,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     logger.close(plot=cfg.logger.plot)
     return {"step": step, "loss": loss_val, "run_dir": str(run_dir)}
+
+
+def _comm_wait_seconds(plans: list[Any]) -> float | None:
+    """This step's exposed CP communication wait (s) over its plans, from ``plan.comm_wait_seconds()`` (CUDA
+    events around the ring's waits; 0.0 off CUDA). None when the plans have no such API (older flexdist.cp).
+    Called once per step after backward: it synchronises on the last event and resets the plan's record."""
+    fns = [getattr(p, "comm_wait_seconds", None) for p in plans]
+    fns = [f for f in fns if f is not None]
+    if not fns:
+        return None
+    return float(sum(f() for f in fns))
 
 
 def _start_profiler(device: torch.device) -> torch.profiler.profile:
