@@ -4,8 +4,9 @@ For document-causal packs with ``--tokens-per-rank`` tokens per rank (default 8k
 GQA 64:8, head dim 128, document lengths from a long-tailed mixture capped at S/4) and N in ``--ns``, for every
 balance (contiguous, zigzag, document-aware planner):
 
-- ring: for each ring step t and rank r, run the kernel forward (and backward with the global LSE/delta) of
-  rank r's queries against shard (r − t) mod N with the plan's mask, plus the forward LSE merge; the step
+- ring: for each ring step t and rank r, run the kernel forward (merging into the running output in its
+  epilogue, as the ring does) and backward (dQ, then dK/dV into the travelling buffer; global LSE/delta) of
+  rank r's queries against shard (r − t) mod N with the plan's mask; the step
   time is the max over ranks; the K/V transfer for the next step (bytes / ``--link-gbs``, dK/dV in fp32 in
   backward) overlaps the current step, so a step costs max(compute, transfer). Steps whose mask is empty
   cost only their transfer, and a shard stops travelling after its last consumer (as `flexdist.cp.ring`).
@@ -41,29 +42,33 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_planner import make_pack
 
 from flexdist.cp import balance as bal
-from flexdist.cp.merge import merge_into
 from flexdist.cp.plan import _needed_tokens, _pair_work_tokens, build_pair_masks
 from flexdist.kernels import flex_attention_backward, flex_attention_forward
 
 
 def timer(device: torch.device, reps: int):
-    """Median wall time (s) of fn() over reps calls after one warm-up; CUDA events on GPU."""
+    """Seconds per call of fn(): one warm-up, then ``reps`` calls back to back between two CUDA events.
+
+    Back to back, as the ring issues its steps: the GPU time of each call is measured, and host overhead
+    only shows where the host cannot keep the GPU busy (then it is real: the ring would stall the same way).
+    """
 
     def run(fn):
         fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(reps):
+                fn()
+            b.record()
+            b.synchronize()
+            return a.elapsed_time(b) / 1e3 / reps
         ts = []
         for _ in range(reps):
-            if device.type == "cuda":
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                ts.append(a.elapsed_time(b) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
         return statistics.median(ts)
 
     return run
@@ -171,7 +176,10 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
         tok_bytes = kv_bytes / L
         dtok_bytes = dkv_bytes / L
 
+        step_detail: list = []  # per step: every non-empty rank's kernel times (JSON, for explaining the max)
+
         def run_steps(pair, comm_fwd, comm_bwd):
+            step_detail.clear()
             """Per-step max over ranks of kernel (+ merge) time; transfers overlap the previous step."""
             fwd_steps, bwd_steps = [], []
             for t in range(N):
@@ -182,19 +190,31 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
                     if m is None:
                         continue
                     kw = dict(enable_gqa=gqa, q_global_idx=shards[r], kv_global_idx=kv_idx, backend=kb)
-                    acc_o, acc_l = merge_into(None, None, outs[r], lses[r])
+                    # as flexdist.cp.ring: the kernel merges into the running fp32 (out, lse) in place,
+                    # and the backward adds into dq and the travelling fp32 dK/dV buffers
+                    acc_o = outs[r].float().contiguous()
+                    acc_l = lses[r].clone()
+                    dq_b = torch.zeros(qs[r].shape, device=device)
+                    dk_b = torch.zeros(kj.shape, device=device)
+                    dv_b = torch.zeros(vj.shape, device=device)
 
                     def f(r=r, m=m, kj=kj, vj=vj, kw=kw, acc_o=acc_o, acc_l=acc_l):
-                        o, l = flex_attention_forward(qs[r], kj, vj, m, **kw)
-                        merge_into(acc_o, acc_l, o, l)
+                        flex_attention_forward(qs[r], kj, vj, m, out_acc=acc_o, lse_acc=acc_l, **kw)
 
-                    def b(r=r, m=m, kj=kj, vj=vj, kw=kw):
+                    def b(r=r, m=m, kj=kj, vj=vj, kw=kw, dq_b=dq_b, dk_b=dk_b, dv_b=dv_b):
+                        a = (qs[r], kj, vj, outs[r], douts[r], lses[r], m)
+                        flex_attention_backward(*a, delta=deltas[r], dq_out=dq_b, which="dq", **kw)
                         flex_attention_backward(
-                            qs[r], kj, vj, outs[r], douts[r], lses[r], m, delta=deltas[r], **kw
+                            *a, delta=deltas[r], dk_out=dk_b, dv_out=dv_b, which="dkdv", **kw
                         )
 
                     cf.append(tm(f))
                     cb.append(tm(b))
+                step_detail.append(
+                    dict(
+                        fwd_ms=[round(x * 1e3, 4) for x in cf[1:]], bwd_ms=[round(x * 1e3, 4) for x in cb[1:]]
+                    )
+                )
                 fwd_steps.append(max(max(cf), comm_fwd(t)))
                 bwd_steps.append(max(max(cb), comm_bwd(t)))
             return sum(fwd_steps), sum(bwd_steps)
@@ -235,6 +255,7 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
             T_b,
             steps_skipped=skipped,
             kv_tokens_moved=int(sum(ring_more(t) for t in range(N))) * N * L,
+            steps=list(step_detail),
         )
         # direct: only the needed K/V blocks, shift-by-t exchange, dK/dV straight home
         if "direct" in args.strategies:
@@ -266,7 +287,7 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
                 lambda t: need_max(t + 1) * tok_bytes / link + need_max(t) * dtok_bytes / link,
             )
             moved = sum(x or 0 for row in need for x in row)
-            add_row("direct", T_f, T_b, steps_skipped=skipped, kv_tokens_moved=moved)
+            add_row("direct", T_f, T_b, steps_skipped=skipped, kv_tokens_moved=moved, steps=list(step_detail))
         # allgather: one call per rank against all keys, exposed gather / reduce-scatter
         ag_f, ag_b = [], []
         all_idx = torch.arange(S, device=device)
