@@ -15,13 +15,26 @@ peak 989 TFLOP/s bf16 for H100/H200, ``--peak-tflops`` otherwise) and peak memor
 exactly the trainer's setup — FSDP2 ``fully_shard`` on a 1-rank group, bf16 parameters for compute, fp32 master
 weights and gradient reduction; ``autocast`` keeps fp32 parameters and runs the forward under bf16 autocast.
 
+Compilation (``--compile``, one row per mode): ``none`` (eager), ``regions`` (``flexdist.model.compile_model``:
+projections, norms, SwiGLU; attention eager) or ``blocks`` (``train.trainer.compile_blocks``: each block's whole
+forward with ``fullgraph=True``, the attention custom op inside — what ``trainer.compile_scope=blocks`` runs).
+Activation checkpointing (``--ac``, one row per mode): ``none``, ``selective`` (blocks recomputed except the
+attention op), ``full``, or ``auto`` (selective above 16k tokens). ``first_step_s`` is the first warmup
+step's wall time (compilation and autotuning included).
+
     python bench/bench_train.py --out bench/results/train.json            # GPU: 350m, 1b × 16k, 64k
     python bench/bench_train.py --quick --out /tmp/train_quick.json       # CPU smoke: tiny model, 512 tokens
+    # issue 8: 350m at 16k, eager vs compiled (whole blocks), with and without selective checkpointing
+    python bench/bench_train.py --models 350m --seq-lens 16384 --attention flexdist \
+        --compile none blocks --ac none selective --out bench/results/train_compile_350m_16k.json
+    python bench/bench_train.py --quick --compile none regions blocks --ac none selective   # its CPU smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import itertools
 import json
 import platform
 import sys
@@ -43,11 +56,12 @@ from flexdist.model import (  # noqa: E402
     Llama,
     LlamaConfig,
     LocalDocumentAttention,
+    checkpointing_mode,
     compile_model,
     document_causal_pairs,
     flops_per_token,
 )
-from train.trainer import shard_model  # noqa: E402
+from train.trainer import compile_blocks, shard_model  # noqa: E402
 
 MODELS = {  # same shapes as configs/model/*.yaml (byte vocabulary rounded up to 320)
     "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden_dim=384),
@@ -125,16 +139,44 @@ def make_attention(name: str, doc_ids: torch.Tensor, block_size: int, backend: s
     raise ValueError(name)
 
 
+COMPILE_MODES = ("none", "regions", "blocks")
+AC_MODES = (
+    "auto",
+    "none",
+    "selective",
+    "full",
+    "on",
+    "off",
+)  # on / off: the old spellings of selective / none
+
+
+def resolve_ac(ac: str, seq_len: int) -> str:
+    """An ``--ac`` value as a model checkpointing mode (auto: selective above 16k tokens)."""
+    if ac == "auto":
+        return "selective" if seq_len > 16384 else "none"
+    return checkpointing_mode({"on": "selective", "off": "none"}.get(ac, ac))
+
+
 def bench_one(
-    model_name: str, seq_len: int, attn: str, args: argparse.Namespace, device: torch.device
+    model_name: str,
+    seq_len: int,
+    attn: str,
+    args: argparse.Namespace,
+    device: torch.device,
+    compile_mode: str = "none",
+    ac: str = "auto",
 ) -> dict[str, Any]:
     cfg = LlamaConfig(vocab_size=320, **MODELS[model_name])
     torch.manual_seed(0)
     with torch.device(device):
         model = Llama(cfg)
-    model.activation_checkpointing = args.ac == "on" or (args.ac == "auto" and seq_len > 16384)
-    if args.compile_model:
-        compile_model(model)
+    model.activation_checkpointing = resolve_ac(ac, seq_len)
+    if compile_mode == "regions":
+        compile_model(model, backend=args.compile_backend)
+    elif compile_mode == "blocks":
+        compile_blocks(model, backend=args.compile_backend)
+    elif compile_mode != "none":
+        raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
     bf16 = device.type == "cuda"
     if args.mode == "fsdp":
         _ensure_process_group(device)
@@ -157,9 +199,13 @@ def bench_one(
         return loss.item()
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for b in batches[: args.warmup]:
+    first_step_s = float("nan")
+    for i, b in enumerate(batches[: args.warmup]):
+        t0 = time.perf_counter()
         step(b)
-    sync()
+        sync()
+        if i == 0:
+            first_step_s = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, pairs = [], 0
@@ -185,7 +231,9 @@ def bench_one(
         "params_M": round(model.num_params() / 1e6, 1),
         "seq_len": seq_len,
         "attention": attn,
+        "compile": compile_mode,
         "activation_checkpointing": model.activation_checkpointing,
+        "first_step_s": round(first_step_s, 2),
         "step_ms": round(1e3 * dt, 2),
         "tokens_per_s": round(tps, 1),
         "tflops_per_s": round(fpt * tps / 1e12, 2),
@@ -205,12 +253,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--backend", default="auto", help="flexdist kernel backend: auto | triton | reference")
     p.add_argument(
-        "--ac", choices=["auto", "on", "off"], default="auto", help="activation checkpointing (auto: >16k)"
+        "--ac",
+        nargs="+",
+        choices=AC_MODES,
+        default=["auto"],
+        help="activation checkpointing modes, one row each (auto: selective above 16k tokens)",
     )
     p.add_argument(
-        "--compile-model",
-        action="store_true",
-        help="torch.compile projections, norms, SwiGLU (not attention)",
+        "--compile",
+        nargs="+",
+        choices=COMPILE_MODES,
+        default=None,
+        help="compile modes, one row each: none | regions (not attention) | blocks (fullgraph, attention op inside)",
+    )
+    p.add_argument("--compile-model", action="store_true", help="old spelling of --compile regions")
+    p.add_argument(
+        "--compile-backend",
+        default=None,
+        help="torch.compile backend (default: inductor on CUDA, aot_eager on CPU: no C++ build in smoke runs)",
     )
     p.add_argument(
         "--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)"
@@ -220,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.compile is None:
+        args.compile = ["regions"] if args.compile_model else ["none"]
+    if args.compile_backend is None:
+        args.compile_backend = "inductor" if device.type == "cuda" else "aot_eager"
     if args.quick:
         args.models, args.seq_lens, args.steps, args.warmup = ["tiny"], [512], 1, 1
         if device.type == "cpu":
@@ -228,19 +292,19 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for model_name in args.models:
         for S in args.seq_lens:
-            for attn in args.attention:
+            for attn, comp, ac in itertools.product(args.attention, args.compile, args.ac):
+                head = {"model": model_name, "seq_len": S, "attention": attn, "compile": comp}
+                head["activation_checkpointing"] = resolve_ac(ac, S)
                 try:
-                    row = bench_one(model_name, S, attn, args, device)
+                    row = bench_one(model_name, S, attn, args, device, comp, ac)
                 except torch.cuda.OutOfMemoryError:
-                    row = {"model": model_name, "seq_len": S, "attention": attn, "error": "out of memory"}
+                    row = {**head, "error": "out of memory"}
                 except Exception as e:  # report and go on: one failing variant must not hide the others
-                    row = {
-                        "model": model_name,
-                        "seq_len": S,
-                        "attention": attn,
-                        "error": f"{type(e).__name__}: {e}",
-                    }
+                    row = {**head, "error": f"{type(e).__name__}: {e}"}
                 finally:
+                    # drop compiled graphs: every variant's first_step_s includes its own compilation
+                    torch.compiler.reset()
+                    gc.collect()
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                 rows.append(row)
@@ -261,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "warmup": args.warmup,
         "block_size": args.block_size,
-        "compile_model": args.compile_model,
+        "compile_modes": args.compile,
+        "compile_backend": args.compile_backend,
+        "ac_modes": args.ac,
     }
     print(_table(rows))
     if args.out:
@@ -272,26 +338,37 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _row_line(r: dict[str, Any]) -> str:
+    what = (
+        f"{r['model']:>5} S={r['seq_len']:>6} {r['attention']:<18} compile={r.get('compile', 'none'):<7} "
+        f"ac={r.get('activation_checkpointing', 'none'):<9}"
+    )
     if "error" in r:
-        return f"{r['model']:>5} S={r['seq_len']:>6} {r['attention']:<18} ERROR {r['error'][:200]}"
+        return f"{what} ERROR {r['error'][:200]}"
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
     return (
-        f"{r['model']:>5} S={r['seq_len']:>6} {r['attention']:<18} {r['tokens_per_s']:>10,.0f} tok/s  "
-        f"MFU {mfu:>6}  {r['tflops_per_s']:>7.1f} TFLOP/s  mem {r['peak_mem_gib']:.1f} GiB  ({r['step_ms']:.0f} ms)"
+        f"{what} {r['tokens_per_s']:>10,.0f} tok/s  MFU {mfu:>6}  {r['tflops_per_s']:>7.1f} TFLOP/s  "
+        f"mem {r['peak_mem_gib']:.1f} GiB  ({r['step_ms']:.0f} ms; first step {r['first_step_s']:.1f} s)"
     )
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    head = "| model | seq_len | attention | tokens/s | MFU | TFLOP/s | peak GiB | step ms |\n|---|---|---|---|---|---|---|---|"
+    head = (
+        "| model | seq_len | attention | compile | act. ckpt | tokens/s | MFU | TFLOP/s | peak GiB | step ms "
+        "| first step s |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    )
     lines = [head]
     for r in rows:
+        what = (
+            f"| {r['model']} | {r['seq_len']} | {r['attention']} | {r.get('compile', 'none')} | "
+            f"{r.get('activation_checkpointing', 'none')} |"
+        )
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['seq_len']} | {r['attention']} | {r['error'][:60]} | | | | |")
+            lines.append(f"{what} {r['error'][:60]} | | | | | |")
         else:
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
             lines.append(
-                f"| {r['model']} | {r['seq_len']} | {r['attention']} | {r['tokens_per_s']:,.0f} | {mfu} | "
-                f"{r['tflops_per_s']:.1f} | {r['peak_mem_gib']} | {r['step_ms']:.0f} |"
+                f"{what} {r['tokens_per_s']:,.0f} | {mfu} | {r['tflops_per_s']:.1f} | {r['peak_mem_gib']} | "
+                f"{r['step_ms']:.0f} | {r['first_step_s']:.1f} |"
             )
     return "\n".join(lines)
 

@@ -77,3 +77,32 @@ def test_compile_scope_is_validated() -> None:
         make(*CP2, "trainer.compile=true", "trainer.compile_scope=blocks", "trainer.run_dir=/tmp/x"),
         world_size=2,
     )
+
+
+def test_bench_train_quick_smoke_of_the_compile_benchmark(tmp_path) -> None:
+    """``bench/bench_train.py --quick`` runs the issue's benchmark grid (eager vs compiled blocks, with and
+    without selective checkpointing) through the same code paths as the GPU run: FSDP2 on a 1-rank group,
+    ``train.trainer.compile_blocks``, the document-attention custom op (backend aot_eager on the CPU)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from test_train import ROOT
+
+    out = tmp_path / "quick.json"
+    cmd = [sys.executable, "bench/bench_train.py", "--quick", "--attention", "flexdist"]
+    cmd += ["--compile", "none", "blocks", "--ac", "none", "selective", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    rows = res["results"]
+    assert [(r["compile"], r["activation_checkpointing"]) for r in rows] == [
+        ("none", "none"),
+        ("none", "selective"),
+        ("blocks", "none"),
+        ("blocks", "selective"),
+    ], rows
+    assert all("error" not in r and r["tokens_per_s"] > 0 for r in rows), rows
+    assert res["meta"]["compile_backend"] == "aot_eager"
