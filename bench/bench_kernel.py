@@ -98,7 +98,19 @@ def _peak(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
-def run_case(name, S, mean, args, dev, dtype, results, compiled_flex):
+def run_case(name, S, mean, args, dev, dtype, results, make_compiled, save=None):
+    """All rows of one (mask, S): flexdist, torch's compiled flex_attention, SDPA (causal); then a check.
+
+    ``make_compiled()`` returns a fresh ``torch.compile(flex_attention, dynamic=False)`` (None: no torch
+    rows). Dynamo's cache is reset first: each row compiles flex_attention for its own shape, mask_mod and
+    grad mode (no_grad forward, forward for backward), and one function shared across rows would pass
+    dynamo's recompile limit (8) after a few rows and silently fall back to eager flex (dense scores, OOM).
+    ``save()`` is called after every row, so a time limit keeps the finished rows.
+    """
+    compiled_flex = None
+    if make_compiled is not None:
+        torch.compiler.reset()
+        compiled_flex = make_compiled()
     B, H, D = 1, args.heads, args.dim
     doc = document_ids(S, mean, seed=0)
     pairs = pair_count(doc)
@@ -183,6 +195,8 @@ def run_case(name, S, mean, args, dev, dtype, results, compiled_flex):
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         results.append(row)
         print(_fmt(row), flush=True)
+        if save is not None:
+            save()
     # correctness at benchmark scale: flexdist's out and grads against torch flex (same BlockMask)
     if compiled_flex is not None:
         try:
@@ -324,11 +338,14 @@ def main() -> None:
         if args.out:
             _write(args.out, {"meta": meta, "sweep": res})
         return
-    compiled = None
+    make_compiled = None
     if cuda and not args.no_torch:
         # dynamic=False: without it torch.compile switches to dynamic shapes at the second sequence length,
-        # and the dynamic flex kernel is markedly slower — an unfair baseline (it was, in an earlier run)
-        compiled = torch.compile(torch_flex, dynamic=False)
+        # and the dynamic flex kernel is markedly slower — an unfair baseline (it was, in an earlier run).
+        # One compiled function per (mask, S) row, after a dynamo reset (see run_case).
+        def make_compiled():
+            return torch.compile(torch_flex, dynamic=False)
+
     masks = {"causal": None, "doc4k": 4096, "doc1k": 1024}
     if args.quick and not cuda:
         masks = {"causal": None, "doc64": 64}
@@ -336,6 +353,11 @@ def main() -> None:
         f"{'mask':>10} {'S':>7} {'impl':>11} {'fwd TF/s':>8} {'bwd TF/s':>8} {'fwd ms':>9} {'bwd ms':>9} {'peak GiB':>8}"
     )
     results: list[dict] = []
+
+    def save() -> None:  # partial results survive a time limit
+        if args.out:
+            _write(args.out, {"meta": meta, "results": results, "partial": True})
+
     names = list(masks) if (args.quick and not cuda) else args.masks.split(",")
     for name in names:
         if name not in masks:
@@ -343,11 +365,10 @@ def main() -> None:
         for S in seqs:
             if masks[name] is not None and masks[name] >= S and not args.quick:
                 continue
-            run_case(name, S, masks[name], args, dev, dtype, results, compiled)
+            run_case(name, S, masks[name], args, dev, dtype, results, make_compiled, save)
             if cuda:
                 torch.cuda.empty_cache()
-            if args.out:  # partial results survive a time limit
-                _write(args.out, {"meta": meta, "results": results, "partial": True})
+            save()
     speed = []
     for r in results:
         if r["impl"] == "flexdist" and "error" not in r:
