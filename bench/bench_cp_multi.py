@@ -167,6 +167,12 @@ def main() -> None:
         choices=list(tcf.BALANCERS),
         help="torch CP FlexAttention rows, one per load balancer (none given: no torch flex rows)",
     )
+    ap.add_argument(
+        "--no-torch-single",
+        dest="torch_single",
+        action="store_false",
+        help="no one-GPU torch flex baseline (one compile less per config; torch CP eff vs flexdist's kernel)",
+    )
     ap.add_argument("--no-torch-sdpa", dest="torch_sdpa", action="store_false", help="no SDPA causal row")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -383,9 +389,15 @@ def torch_flex_rows(
             row["peak_gib_per_rank"] = peak_per_rank(0.0, device)
             res.add(row)
         return
-    single = tcf.torch_flex_single(
-        doc, mask_kind, q, k, v, dout, timeit=tm, backward=cuda, compile=cuda, ref_out=ref_out
-    )
+    if args.torch_single:
+        single = tcf.torch_flex_single(
+            doc, mask_kind, q, k, v, dout, timeit=tm, backward=cuda, compile=cuda, ref_out=ref_out
+        )
+        s_fwd, s_bwd = single.get("torch_single_fwd_s"), single.get("torch_single_bwd_s")
+        eff_base = f"torch {'compiled' if cuda else 'eager'} flex_attention, whole sequence, one device"
+    else:  # one compile less per configuration; efficiency against flexdist's one-GPU kernel instead
+        single, s_fwd, s_bwd = {}, base["single_fwd_s"], base["single_bwd_s"]
+        eff_base = "flexdist's kernel, whole sequence, one device (--no-torch-single)"
     for b in args.torch_cp_balancers:
         r = tcf.torch_cp_flex(
             doc,
@@ -402,12 +414,10 @@ def torch_flex_rows(
             ref_out=ref_out,
         )
         row = dict(base, **single, **r)
-        row["eff_baseline"] = (
-            f"torch {'compiled' if cuda else 'eager'} flex_attention, whole sequence, one device"
-        )
+        row["eff_baseline"] = eff_base
         if ref_from:
             row["checked_against"] = f"flexdist {ref_from}, unsharded"
-        rates(row, N, f_fwd, f_bwd, single.get("torch_single_fwd_s"), single.get("torch_single_bwd_s"))
+        rates(row, N, f_fwd, f_bwd, s_fwd, s_bwd)
         row["peak_gib_per_rank"] = peak_per_rank(row.pop("peak_gib", 0.0), device)
         res.add(row)
     torch.compiler.reset()  # leave no compiled flex state to the next configuration
