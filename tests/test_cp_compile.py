@@ -212,6 +212,26 @@ def test_registry_is_weak_bounded_and_stale_handles_fail_clearly() -> None:
         ops.lookup_plan(torch.tensor([1]))
 
 
+def test_eager_op_keeps_its_plan_until_backward() -> None:
+    """Eager calls through the op: the autograd graph holds the plan (the registry only weakly), so dropping
+    the caller's reference before backward is fine; the plan is freed with the graph."""
+    import weakref
+
+    doc = make_doc_ids("doc", 1, 64, seed=10)
+    plan = cp.plan(doc, None, block_size=BS, kernel_backend="reference")
+    alive = weakref.ref(plan)
+    q = torch.randn(1, H, 64, D, dtype=torch.float64, requires_grad=True)
+    out = ops.cp_attention(q, q[:, :HKV], q[:, :HKV], plan)
+    del plan
+    gc.collect()
+    assert alive() is not None
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+    del out
+    gc.collect()
+    assert alive() is None
+
+
 def test_unsupported_calls_fail_clearly() -> None:
     doc = make_doc_ids("doc", 1, 64, seed=8)
     q = torch.randn(1, 4, 64, 8, dtype=torch.float64)

@@ -16,8 +16,9 @@ function (with the dense reference kernel in an autograd-free form, see :func:`_
 q, k, v from both ``out`` and ``lse``.
 
 The registry holds *weak* references: it never keeps a plan alive, so it is bounded by the plans the caller
-holds. A handle is never reused; looking up a handle whose plan was freed raises an error naming it. The
-caller keeps the plan alive until backward has run (the training loop holds each step's plans anyway).
+holds. A handle is never reused; looking up a handle whose plan was freed raises an error naming it. In eager
+mode the op's autograd node holds the plan until backward has run; compiled code reaches it only by handle, so
+there the caller keeps the plan alive until backward (the training loop holds each step's plans anyway).
 
 Supported: strategies "ring", "direct" and "allgather" without a score mod. Ulysses (composed of
 differentiable all-to-alls) and score mods (Python callables, possibly with learnable tensors) stay on the
@@ -308,4 +309,8 @@ def cp_attention(
     if scale is not None:
         scale = float(scale)
     out, lse = _fwd(q, k, v, handle, scale, kernel_backend)
+    if not torch.compiler.is_compiling() and out.grad_fn is not None:
+        # eager: the autograd node keeps the plan alive until backward has run (the registry only holds it
+        # weakly); compiled graphs reach it by handle, so there the caller holds it (the trainer does)
+        out.grad_fn.metadata["flexdist_cp_plan"] = plan
     return (out, lse) if return_lse else out
