@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         choices=COMPILE_MODES,
         default=None,
-        help="compile modes, one row each: none | regions (not attention) | blocks (fullgraph, attention op inside)",
+        help="compile modes, one row each: none | regions (not attention) | blocks (fullgraph, attention inside)",
     )
     p.add_argument("--compile-model", action="store_true", help="old spelling of --compile regions")
     p.add_argument(

@@ -331,8 +331,8 @@ def validate(cfg: Any, world_size: int) -> Resolved:
         errors.append(f"trainer.compile_scope={scope!r} must be one of {COMPILE_SCOPES}")
     elif g("trainer.compile") and scope == "blocks" and cp > 1 and g("parallel.cp_strategy") == "ulysses":
         errors.append(
-            "trainer.compile_scope=blocks compiles the CP attention custom op, which covers parallel.cp_strategy "
-            "ring, direct and allgather, not ulysses; use trainer.compile_scope=regions for ulysses"
+            "trainer.compile_scope=blocks compiles the CP attention custom op, which covers "
+            "parallel.cp_strategy ring, direct and allgather, not ulysses; use trainer.compile_scope=regions for ulysses"
         )
     bad = [x for x in g("trainer.profile_steps") if x < 1]
     if bad:

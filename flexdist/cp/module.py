@@ -58,8 +58,8 @@ class ContextParallelAttention(nn.Module):
         if use_op:
             if self.score_mod is not None or plan.strategy not in OP_STRATEGIES:
                 raise ValueError(
-                    f"ContextParallelAttention: the compiled / custom-op path supports strategies {OP_STRATEGIES} "
-                    f"without a score_mod, got strategy={plan.strategy!r}, score_mod="
+                    "ContextParallelAttention: the compiled / custom-op path supports strategies "
+                    f"{OP_STRATEGIES} without a score_mod, got strategy={plan.strategy!r}, score_mod="
                     f"{type(self.score_mod).__name__ if self.score_mod is not None else None}; run it eagerly"
                 )
             return cp_attention(q, k, v, plan, self.scale, return_lse, kernel_backend=self.kernel_backend)

@@ -11,9 +11,9 @@ region it would be specialised on and recompile each step. So the op takes only 
 data, not a constant, so a new plan (a new document layout) reuses the compiled graph. The implementations
 look the plan up and run the eager code: :func:`flexdist.cp.attention` for the forward (bit for bit), and
 for the backward the same delta and the same ring / direct / all-gather exchange and kernels as its autograd
-function (with the dense reference kernel in an autograd-free form, see :func:`_reference_backward_closed_form`). Both ops have fake
-(meta) implementations; ``register_autograd`` wires the forward to the backward op, with gradients into
-q, k, v from both ``out`` and ``lse``.
+function (the dense reference kernel in an autograd-free form, see :func:`_reference_backward_closed_form`).
+Both ops have fake (meta) implementations; ``register_autograd`` wires the forward to the backward op, with
+gradients into q, k, v from both ``out`` and ``lse``.
 
 The registry holds *weak* references: it never keeps a plan alive, so it is bounded by the plans the caller
 holds. A handle is never reused; looking up a handle whose plan was freed raises an error naming it. In eager
@@ -94,8 +94,8 @@ def lookup_plan(handle: torch.Tensor) -> Any:
     plan = ref() if ref is not None else None
     if plan is None:
         raise RuntimeError(
-            f"flexdist::cp_attention: plan handle {n} is stale (its plan was garbage collected, or it was never "
-            f"registered; {len(_plans)} plans are registered now). Keep the plan alive until backward has run, "
+            f"flexdist::cp_attention: plan handle {n} is stale (its plan was garbage collected, or it was "
+            f"never registered; {len(_plans)} plans are registered now). Keep the plan alive until backward has run, "
             "and register it with flexdist.cp.ops.register_plan(plan) outside compiled code."
         )
     return plan
