@@ -183,6 +183,12 @@ class CostModel:
     comm_weight: float = 1.0
     partial_weight: float = 1.0
     direct: bool = False  # strategy="direct": only needed K/V blocks move (≤ min(work, shard) blocks a step)
+    # Cost of each (query block, ring step) pair that has any work, in block units: the kernel loads the
+    # query tile and merges its fp32 output (backward: dQ) once per step it works in, whatever the number
+    # of blocks. On H100 (bench_cp_sim, N=8, 8k tokens/rank, ~4 blocks per tile per step) per-step calls
+    # ran 1.85× (fwd) / 1.45× (bwd) the single-call time per block: ≈3.4 / ≈1.8 blocks per active tile.
+    # 0 ignores it (then spreading a rank's work over every step looks as good as keeping it local).
+    tile_overhead: float = 0.0
 
 
 def step_matrix(work: np.ndarray) -> np.ndarray:
@@ -203,10 +209,28 @@ def last_needed_step(work: np.ndarray) -> np.ndarray:
     return (np.where(need, t, 0)).max(axis=0)
 
 
-def predicted_time(work: np.ndarray, shard_blocks: int, cost: CostModel) -> float:
-    """Critical path of the ring with per-step synchronisation and next-step transfers overlapped."""
+def active_tiles(G: np.ndarray, assign: np.ndarray, N: int) -> np.ndarray:
+    """``[N, N]``: how many of rank r's query blocks have any work against shard j (tiles active at a step)."""
+    R, _, _ = _aggregate(G, assign, N)
+    return _active_from_rows(R, assign, N)
+
+
+def _active_from_rows(R: np.ndarray, assign: np.ndarray, N: int) -> np.ndarray:
+    nb = len(assign)
+    keys = np.repeat(assign, N) * N + np.tile(np.arange(N), nb)
+    return np.bincount(keys, weights=(R > 0).reshape(-1), minlength=N * N).reshape(N, N)
+
+
+def predicted_time(
+    work: np.ndarray, shard_blocks: int, cost: CostModel, active: np.ndarray | None = None
+) -> float:
+    """Critical path of the ring with per-step synchronisation and next-step transfers overlapped.
+
+    ``active`` (from `active_tiles`) adds ``cost.tile_overhead`` per query block working at a step.
+    """
     N = work.shape[0]
-    steps = step_matrix(work)
+    eff = work if active is None or cost.tile_overhead == 0 else work + cost.tile_overhead * active
+    steps = step_matrix(eff)
     sm = steps.max(axis=1).astype(np.float64)
     if cost.direct:
         # direct exchange of needed blocks only: rank r gets at most min(work(r, t), shard) blocks at step t
@@ -289,6 +313,48 @@ def _nonzeros(G: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return rows, cols, G[rows, cols]
 
 
+def _packed_seed(G: np.ndarray, N: int) -> np.ndarray:
+    """Documents kept whole where possible: runs of blocks linked by attention, packed onto ranks.
+
+    Runs are cut where at most two blocks of work cross a block boundary (document edges), then placed
+    largest work first on the least loaded
+    rank with room for the whole run; a run larger than any rank's room is split into contiguous pieces.
+    Local work needs no transfer and keeps each query tile active in few ring steps.
+    """
+    nb = G.shape[0]
+    per = nb // N
+    # work crossing each block boundary i|i+1 (either direction); a cut costing at most two blocks of work
+    # is a document edge (or a short document's), not the inside of a long one
+    P = G.cumsum(axis=0).cumsum(axis=1)
+    i = np.arange(nb - 1)
+    below = P[nb - 1, i] - P[i, i]  # rows > i attending to columns <= i
+    above = P[i, nb - 1] - P[i, i]  # rows <= i attending to columns > i (non-causal masks)
+    link = (below + above) > 2.0
+    starts = np.concatenate([[0], np.nonzero(~link)[0] + 1])
+    ends = np.concatenate([starts[1:], [nb]])
+    row_work = G.sum(axis=1)
+    csum = np.concatenate([[0.0], np.cumsum(row_work)])
+    order = sorted(range(len(starts)), key=lambda i: (-(csum[ends[i]] - csum[starts[i]]), starts[i]))
+    load = np.zeros(N)
+    room = np.full(N, per)
+    assign = np.empty(nb, dtype=np.int64)
+    for i in order:
+        s, e = int(starts[i]), int(ends[i])
+        while s < e:
+            fits = np.nonzero(room >= e - s)[0]
+            if len(fits):
+                r = int(fits[np.argmin(load[fits])])
+                take = e - s
+            else:  # split: the rank with the most room takes the next piece
+                r = int(np.argmax(room))
+                take = int(room[r])
+            assign[s : s + take] = r
+            room[r] -= take
+            load[r] += csum[s + take] - csum[s]
+            s += take
+    return assign
+
+
 def _seed_layouts(nb: int, N: int) -> dict[str, np.ndarray]:
     """Candidate block→rank layouts spanning locality (few K/V transfers) to spreading (even work).
 
@@ -325,11 +391,15 @@ def plan_document(
     nb = G.shape[0]
     per = nb // N
     nz = _nonzeros(G)
+    tau = cost.tile_overhead
     best_name, best_assign, best_cost = None, None, np.inf
     info: dict = {"seeds": {}}
-    for name, a in _seed_layouts(nb, N).items():
-        _, _, W = _aggregate(G, a, N, nz)
-        c = predicted_time(W, per, cost)
+    seeds = _seed_layouts(nb, N)
+    if nb % N == 0 and N > 1:
+        seeds["packed"] = _packed_seed(G, N)
+    for name, a in seeds.items():
+        R0, _, W = _aggregate(G, a, N, nz)
+        c = predicted_time(W, per, cost, _active_from_rows(R0, a, N) if tau else None)
         info["seeds"][name] = c
         if c < best_cost - 1e-9:
             best_name, best_assign, best_cost = name, a.copy(), c
@@ -339,17 +409,21 @@ def plan_document(
         return best_assign, info
     assign = best_assign
     R, C, W = _aggregate(G, assign, N, nz)
+    A = _active_from_rows(R, assign, N) if tau else np.zeros((N, N))
+    col_nz = [np.nonzero(G[:, c])[0] for c in range(nb)] if tau else None
     rng = np.random.default_rng(seed)
     members = [list(np.nonzero(assign == k)[0]) for k in range(N)]
     cur = best_cost
     accepted = 0
-    ideal = float(W.sum()) / N
+    # lower bound: all work evenly spread, every query block with work active in one step only
+    ideal = (float(W.sum()) + tau * float((R.sum(axis=1) > 0).sum())) / N
     stale = 0
+    ar = np.arange(N)
     for _ in range(iters):
         if stale >= patience or cur <= ideal * 1.002:
             break  # deterministic stop: no improvement for `patience` tries, or at the lower bound
         stale += 1
-        sm = step_matrix(W)
+        sm = step_matrix(W + tau * A)
         t = int(np.argmax(sm.max(axis=1)))
         p = int(np.argmax(sm[t]))  # critical rank at the critical step
         jp = (p - t) % N
@@ -367,9 +441,24 @@ def plan_document(
         UGU = G[np.ix_([x, y], [x, y])]
         dW = V @ UGA + AGU @ V.T + V @ UGU @ V.T
         W2 = W + dW
-        c2 = predicted_time(W2, per, cost)
+        A2 = A
+        if tau:
+            # active tiles change only for query blocks that attend to x or y, and for x and y themselves
+            zs = np.union1d(np.union1d(col_nz[x], col_nz[y]), [x, y])
+            old_r = assign[zs]
+            new_r = np.where(zs == x, q, np.where(zs == y, src, old_r))
+            Rn = R[zs].copy()
+            Rn[:, q] += G[zs, x] - G[zs, y]
+            Rn[:, src] += G[zs, y] - G[zs, x]
+            dA = np.bincount(
+                (new_r[:, None] * N + ar).reshape(-1), weights=(Rn > 0).reshape(-1), minlength=N * N
+            ) - np.bincount(
+                (old_r[:, None] * N + ar).reshape(-1), weights=(R[zs] > 0).reshape(-1), minlength=N * N
+            )
+            A2 = A + dA.reshape(N, N)
+        c2 = predicted_time(W2, per, cost, A2 if tau else None)
         if c2 < cur - 1e-9:
-            cur, W = c2, W2
+            cur, W, A = c2, W2, A2
             accepted += 1
             stale = 0
             # update aggregates for the new assignment

@@ -405,6 +405,7 @@ def plan(
     kernel_backend: str = "auto",
     mask_builder: str = "masks",
     comm_weight: float = 1.0,
+    tile_overhead: float = 0.0,
     check: bool | None = None,
     debug: bool | None = None,
 ) -> Plan:
@@ -427,6 +428,8 @@ def plan(
         kernel_backend: passed to ``flexdist.kernels`` ("auto", "triton" or "reference").
         mask_builder: "masks" (`flexdist.masks.document_block_mask`) or "intervals" (see `build_pair_masks`).
         comm_weight: time to move one K/V block relative to computing one block (see `balance.CostModel`).
+        tile_overhead: cost of each (query block, ring step) with any work, in blocks (see
+            `balance.CostModel`; H100 measurements suggest ≈2; 0 keeps the block-count-only model).
         check: all-reduce a hash of doc_ids to catch ranks passing different batches (default: on the
             first plan of each group, and always in debug mode).
         debug: check on every call (default: environment FLEXDIST_CP_DEBUG=1).
@@ -456,7 +459,7 @@ def plan(
         check_consistent(doc_ids, grp, (balance, strategy, causal, window, block_size, prefix_lengths))
         _CHECKED_GROUPS.add(id(grp))
 
-    cost = bal.CostModel(comm_weight=comm_weight, direct=strategy == "direct")
+    cost = bal.CostModel(comm_weight=comm_weight, direct=strategy == "direct", tile_overhead=tile_overhead)
     doc_cpu = doc_ids.detach().cpu().long()
     lo, hi = bal.visible_intervals(doc_cpu, causal, window, prefix_lengths)
     L = S // N
