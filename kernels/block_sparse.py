@@ -37,6 +37,24 @@ def _from_kv_blocks_takes_compute_q_blocks() -> bool:
     return "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
 
 
+@functools.cache
+def _init_takes_tables() -> bool:
+    """BlockMask's constructor takes all eight tables by these names and needs nothing else (torch >= 2.6)."""
+    params = inspect.signature(BlockMask.__init__).parameters
+    names = {"self", "seq_lengths", "BLOCK_SIZE", "mask_mod"} | {
+        f"{full}{side}_{kind}"
+        for full in ("", "full_")
+        for side in ("kv", "q")
+        for kind in ("num_blocks", "indices")
+    }
+    others_optional = all(
+        p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        for n, p in params.items()
+        if n not in names
+    )
+    return names <= params.keys() and others_optional
+
+
 def block_mask_from_tables(
     kv_num: torch.Tensor,
     kv_idx: torch.Tensor,
@@ -54,11 +72,33 @@ def block_mask_from_tables(
     """A BlockMask from its block tables via the public ``BlockMask.from_kv_blocks``.
 
     When the caller already has the q-major tables (the dK/dV pass walks them), they are used as they are and
-    torch is told not to rebuild them (its rebuild is a dense round trip and a sort), where this torch version
-    has ``compute_q_blocks``; on older versions torch computes them and ours (identical values) replace them.
+    torch is told not to rebuild them (its rebuild is a dense round trip and a sort): with all eight tables
+    the BlockMask constructor is called directly, else ``from_kv_blocks(compute_q_blocks=False)`` where this
+    torch version has it; on older versions torch computes them and ours (identical values) replace them.
     """
-    kwargs = {"BLOCK_SIZE": block_size, "mask_mod": mask_mod, "seq_lengths": seq_lengths}
     have_q = q_num is not None and q_idx is not None
+    if (
+        have_q
+        and mask_mod is not None
+        and (full_num is None) == (full_q_num is None)
+        and _init_takes_tables()
+    ):
+        # every table known: the constructor itself (from_kv_blocks adds only argument handling, which is a
+        # good part of the cost when a CP plan makes N² masks)
+        return BlockMask(
+            seq_lengths=seq_lengths,
+            kv_num_blocks=kv_num,
+            kv_indices=kv_idx,
+            full_kv_num_blocks=full_num,
+            full_kv_indices=full_idx,
+            q_num_blocks=q_num,
+            q_indices=q_idx,
+            full_q_num_blocks=full_q_num,
+            full_q_indices=full_q_idx,
+            BLOCK_SIZE=block_size,
+            mask_mod=mask_mod,
+        )
+    kwargs = {"BLOCK_SIZE": block_size, "mask_mod": mask_mod, "seq_lengths": seq_lengths}
     if have_q and _from_kv_blocks_takes_compute_q_blocks():
         bm = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, compute_q_blocks=False, **kwargs)
     else:

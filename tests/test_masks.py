@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+from flexdist.kernels.document_mask import DocumentMaskMod
 from flexdist.kernels.reference import dense_mask
 from flexdist.kernels.validation import AttnShape
 from flexdist.masks import (
@@ -25,6 +26,45 @@ from flexdist.masks import (
     positions_in_document,
 )
 from flexdist.masks.block_mask import ordered_indices
+
+# ------------------------------------------------------------------------------------------ backends
+
+# The builders have two implementations with identical results: torch ops (CPU default) and two Triton
+# kernels (CUDA default). The Triton one runs on CUDA where there is a GPU, else on the CPU under the Triton
+# interpreter (conftest sets TRITON_INTERPRET=1 then); results are compared on the CPU. The interpreter is
+# slow, so the long truth tests below take the backend as an argument with torch as default and
+# test_masks_triton.py calls them (fewer cases) for Triton, next to its bit-for-bit comparison of the two.
+BACKENDS = ["torch", "triton"]
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def mask_to_cpu(bm):
+    """BlockMask.to("cpu"), also moving the DocumentMaskMod's per-token tensors (BlockMask.to can't see them)."""
+    out = bm.to("cpu")
+    mm = bm.mask_mod
+    out.mask_mod = DocumentMaskMod(
+        mm.q_doc.cpu(),
+        mm.kv_doc.cpu(),
+        mm.q_pos.cpu(),
+        mm.kv_pos.cpu(),
+        causal=mm.causal,
+        window=mm.window,
+        kv_in_prefix=None if mm.kv_in_prefix is None else mm.kv_in_prefix.cpu(),
+    )
+    return out
+
+
+def _on(device: str, kw: dict) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+
+
+def build_mask(doc_ids: torch.Tensor, backend: str = "torch", **kw):
+    """`document_block_mask` with the given backend, inputs on that backend's device, result on the CPU."""
+    if backend == "torch":
+        return document_block_mask(doc_ids, backend="torch", **kw)
+    bm = document_block_mask(doc_ids.to(TRITON_DEVICE), backend="triton", **_on(TRITON_DEVICE, kw))
+    return mask_to_cpu(bm)
+
 
 # ------------------------------------------------------------------------------------------ ground truth
 
@@ -213,21 +253,21 @@ def _prefix_arg(prefix, doc_ids, rng):
 
 @pytest.mark.parametrize("cfg", range(len(CONFIGS)))
 @pytest.mark.parametrize("ids", ["sorted", "shuffled", "reused"])
-def test_full_mask_matches_truth(cfg, ids):
+def test_full_mask_matches_truth(cfg, ids, backend="torch"):
     c = CONFIGS[cfg]
     rng = random.Random(100 * cfg + len(ids))
     for S, bs, B in ((300, 32, 2), (256, 64, 1), (97, 16, 3)):  # lengths not multiples of the block too
         doc = random_doc_ids(rng, B, S, ids)
         prefix = _prefix_arg(c["prefix"], doc, rng)
-        bm = document_block_mask(
-            doc, causal=c["causal"], window=c["window"], prefix_lengths=prefix, block_size=bs
+        bm = build_mask(
+            doc, backend, causal=c["causal"], window=c["window"], prefix_lengths=prefix, block_size=bs
         )
         pos = torch.arange(S).expand(B, S)
         check_against_truth(bm, doc, pos, pos, bs, c["causal"], c["window"], prefix, exact_blocks=True)
 
 
 @pytest.mark.parametrize("cfg", range(len(CONFIGS)))
-def test_rank_shards_match_truth(cfg):
+def test_rank_shards_match_truth(cfg, backend="torch"):
     """q / kv positions of CP ranks: contiguous shards at unaligned offsets, zigzag chunks, block
     permutations (all exact), and arbitrary token permutations (correct, classification may be looser)."""
     c = CONFIGS[cfg]
@@ -244,8 +284,9 @@ def test_rank_shards_match_truth(cfg):
         (torch.randperm(S, generator=torch.Generator().manual_seed(cfg))[:150], torch.arange(S), False),
     ]
     for qp, kp, exact in cases:
-        bm = document_block_mask(
+        bm = build_mask(
             doc,
+            backend,
             q_positions=qp,
             kv_positions=kp,
             causal=c["causal"],
@@ -259,12 +300,12 @@ def test_rank_shards_match_truth(cfg):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_random_layouts_fuzz(seed):
+def test_random_layouts_fuzz(seed, backend="torch", iterations=60):
     """Many small random cases: random sizes, block sizes, configs, prefix ints / per-document tables, and
     position sets (whole sequence, unaligned contiguous slices, block permutations: exact; random tokens with
     repeats: correct only)."""
     rng = random.Random(1000 + seed)
-    for it in range(60):
+    for it in range(iterations):
         B, S, bs = rng.randint(1, 2), rng.randint(1, 160), rng.choice([4, 8, 16, 32])
         doc = random_doc_ids(rng, B, S, rng.choice(["sorted", "shuffled", "reused"]))
         causal = rng.random() < 0.6
@@ -288,8 +329,9 @@ def test_random_layouts_fuzz(seed):
             g = torch.Generator().manual_seed(seed * 1000 + it)
             qp = torch.randint(0, S, (rng.randint(1, 100),), generator=g)
             kp = torch.randint(0, S, (rng.randint(1, 100),), generator=g)
-        bm = document_block_mask(
+        bm = build_mask(
             doc,
+            backend,
             q_positions=qp,
             kv_positions=kp,
             causal=causal,
@@ -301,7 +343,8 @@ def test_random_layouts_fuzz(seed):
         check_against_truth(bm, doc, qpb, kpb, bs, causal, window, prefix, exact_blocks=mode < 0.85)
 
 
-def test_edge_layouts():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_edge_layouts(backend):
     """All padding, one token, one document longer than everything, a block of only padding, B > 1."""
     cases = [
         torch.full((1, 70), -1),
@@ -312,16 +355,16 @@ def test_edge_layouts():
     ]
     for doc in cases:
         for causal, window, prefix in ((True, None, None), (False, None, None), (True, 5, 3)):
-            bm = document_block_mask(doc, causal=causal, window=window, prefix_lengths=prefix, block_size=16)
+            bm = build_mask(doc, backend, causal=causal, window=window, prefix_lengths=prefix, block_size=16)
             B, S = doc.shape
             pos = torch.arange(S).expand(B, S)
             check_against_truth(bm, doc, pos, pos, 16, causal, window, prefix, exact_blocks=True)
 
 
-def test_non_square_block_size():
+def test_non_square_block_size(backend="torch"):
     rng = random.Random(3)
     doc = random_doc_ids(rng, 2, 200, "sorted")
-    bm = document_block_mask(doc, block_size=(32, 16), window=40)
+    bm = build_mask(doc, backend, block_size=(32, 16), window=40)
     truth = naive_dense(doc, torch.arange(200).expand(2, 200), torch.arange(200).expand(2, 200), True, 40)
     ref = create_block_mask(truth_mask_mod(truth), 2, None, 200, 200, device="cpu", BLOCK_SIZE=(32, 16))
     for name in ("kv_num_blocks", "full_kv_num_blocks", "kv_indices", "full_kv_indices", "q_num_blocks"):
@@ -421,34 +464,39 @@ def test_ordered_indices_equals_stable_argsort():
 # ------------------------------------------------------------------------------------------ bad input
 
 
-def test_bad_inputs_raise_clear_errors():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_inputs_raise_clear_errors(backend):
     doc = torch.zeros(2, 64, dtype=torch.long)
+
+    def mk(doc_ids, **kw):
+        return build_mask(doc_ids, backend, **kw)
+
     with pytest.raises(TypeError, match="integer"):
-        document_block_mask(doc.float())
+        mk(doc.float())
     with pytest.raises(TypeError, match="integer"):
-        document_block_mask(doc.bool())
+        mk(doc.bool())
     with pytest.raises(ValueError, match=r"\[B, S\]"):
-        document_block_mask(doc[0])
+        mk(doc[0])
     with pytest.raises(ValueError, match="q_positions"):
-        document_block_mask(doc, q_positions=torch.zeros(3, 10, dtype=torch.long))
+        mk(doc, q_positions=torch.zeros(3, 10, dtype=torch.long))
     with pytest.raises(ValueError, match=r"q_positions must lie in \[0, S=64\)"):
-        document_block_mask(doc, q_positions=torch.arange(60, 70))
+        mk(doc, q_positions=torch.arange(60, 70))
     with pytest.raises(ValueError, match="kv_positions must lie"):
-        document_block_mask(doc, kv_positions=torch.tensor([-1, 0, 1]))
+        mk(doc, kv_positions=torch.tensor([-1, 0, 1]))
     with pytest.raises(TypeError, match="kv_positions must be an integer"):
-        document_block_mask(doc, kv_positions=torch.arange(4.0))
+        mk(doc, kv_positions=torch.arange(4.0))
     with pytest.raises(ValueError, match="window must be >= 1"):
-        document_block_mask(doc, window=0)
+        mk(doc, window=0)
     with pytest.raises(TypeError, match="block_size"):
-        document_block_mask(doc, block_size=1.5)
+        mk(doc, block_size=1.5)
     with pytest.raises(ValueError, match="block_size must be >= 1"):
-        document_block_mask(doc, block_size=0)
+        mk(doc, block_size=0)
     with pytest.raises(ValueError, match="prefix_lengths must be >= 0"):
-        document_block_mask(doc, prefix_lengths=-1)
+        mk(doc, prefix_lengths=-1)
     with pytest.raises(ValueError, match="holds id 3"):
-        document_block_mask(doc + 3, prefix_lengths=torch.tensor([1, 2]))
+        mk(doc + 3, prefix_lengths=torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="prefix_lengths"):
-        document_block_mask(doc, prefix_lengths=torch.ones(3, 4, dtype=torch.long))
+        mk(doc, prefix_lengths=torch.ones(3, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="seq_len"):
         lengths_to_doc_ids([[5, 6]], 10)
     with pytest.raises(ValueError, match="lengths must be >= 0"):
@@ -488,30 +536,47 @@ def test_flexdist_kernel_accepts_our_mask(device):
 
 @pytest.mark.gpu
 def test_cuda_builds_the_same_masks():
+    """The CUDA default (Triton kernels) gives the CPU torch path's tables and token tensors, bit for bit."""
     from flexdist.masks import rank_step_block_masks
 
     rng = random.Random(8)
     doc = random_doc_ids(rng, 2, 1024, "shuffled")
     pos = zigzag_positions(1024, 4, 2)
-    for kw in (dict(), dict(window=100, prefix_lengths=7), dict(causal=False, window=33)):
-        cpu = document_block_mask(doc, block_size=64, **kw)
-        gpu = document_block_mask(doc.cuda(), block_size=64, **kw)
-        for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_indices"):
+    names = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
+    names += ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+    cases = (
+        dict(),
+        dict(window=100, prefix_lengths=7),
+        dict(causal=False, window=33),
+        dict(block_size=(64, 32)),
+    )
+    for kw in cases:
+        kw = {"block_size": 64, **kw}
+        cpu = document_block_mask(doc, **kw)
+        gpu = document_block_mask(doc.cuda(), **kw)
+        for name in names:
             assert torch.equal(getattr(gpu, name).cpu(), getattr(cpu, name)), name
-        m_cpu = rank_step_block_masks(doc, pos, block_size=64, **kw)
-        m_gpu = rank_step_block_masks(doc.cuda(), pos.cuda(), block_size=64, **kw)
-        assert torch.equal(m_cpu.counts_cpu(), m_gpu.counts_cpu())
-        for r in range(4):
-            for j in range(4):
-                assert torch.equal(m_gpu.get(r, j).kv_indices.cpu(), m_cpu.get(r, j).kv_indices)
+        for name in ("q_doc", "kv_doc", "q_pos", "kv_pos"):
+            assert torch.equal(getattr(gpu.mask_mod, name).cpu(), getattr(cpu.mask_mod, name)), name
+        for q_ranks in (None, [3, 1]):
+            m_cpu = rank_step_block_masks(doc, pos, q_ranks=q_ranks, **kw)
+            m_gpu = rank_step_block_masks(doc.cuda(), pos.cuda(), q_ranks=q_ranks, **kw)
+            assert torch.equal(m_cpu.counts_cpu(), m_gpu.counts_cpu())
+            for r in m_cpu.q_ranks:
+                for j in range(4):
+                    for name in names:
+                        assert torch.equal(
+                            getattr(m_gpu.get(r, j), name).cpu(), getattr(m_cpu.get(r, j), name)
+                        )
 
 
-def test_tables_are_contiguous_int32():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tables_are_contiguous_int32(backend):
     """Kernels (torch's compiled template, flexdist's) read the tables by their shapes: keep them dense."""
     doc = random_doc_ids(random.Random(0), 2, 200, "sorted")
     qp = torch.arange(200, dtype=torch.int32).view(50, 4).t()[:2]  # [B=2, 50], strides (1, 4)
     assert not qp.is_contiguous()
-    bm = document_block_mask(doc, q_positions=qp, block_size=32)
+    bm = build_mask(doc, backend, q_positions=qp, block_size=32)
     tables = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
     tables += ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
     for name in tables:
@@ -522,12 +587,13 @@ def test_tables_are_contiguous_int32():
     check_against_truth(bm, doc, qp.long(), torch.arange(200).expand(2, 200), 32, True, None, None, True)
 
 
-def test_per_row_prefix_table_and_small_int_ids():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_row_prefix_table_and_small_int_ids(backend):
     """prefix_lengths as a [B, num_ids] table (row-specific prefix per id); int32 / int16 doc ids."""
     rng = random.Random(21)
     doc = random_doc_ids(rng, 2, 180, "reused")  # ids 0..3, reused across documents
     table = torch.tensor([[0, 5, 30, 2], [7, 0, 1, 50]])
     pos = torch.arange(180).expand(2, 180)
     for dtype in (torch.int64, torch.int32, torch.int16):
-        bm = document_block_mask(doc.to(dtype), prefix_lengths=table, window=25, block_size=16)
+        bm = build_mask(doc.to(dtype), backend, prefix_lengths=table, window=25, block_size=16)
         check_against_truth(bm, doc, pos, pos, 16, True, 25, table, exact_blocks=True)

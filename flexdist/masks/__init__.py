@@ -4,6 +4,10 @@
   and positions within documents (`documents`);
 - `document_block_mask`: one BlockMask from document ids and the global positions an attention call holds;
 - `rank_step_block_masks`: all N×N (query rank, key rank) BlockMasks of a context-parallel plan at once.
+
+Both build on CUDA with two Triton kernels plus two torch ops (`triton_build`: a constant number of launches
+whatever S and N, since building masks is launch-bound) and elsewhere with vectorised torch ops
+(``backend="torch"``); the two give identical tables.
 """
 
 from .batched import RankStepMasks, rank_step_block_masks

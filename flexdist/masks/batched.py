@@ -10,6 +10,8 @@ The planner can cost and skip steps from the ``[N, N]`` count tensors without bu
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -19,6 +21,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from flexdist.kernels.block_sparse import block_mask_from_tables
 from flexdist.kernels.document_mask import DocumentMaskMod
 
+from . import triton_build
 from .block_mask import (
     _Checks,
     block_tables,
@@ -29,10 +32,22 @@ from .block_mask import (
     classify_blocks,
     gather_side,
     prefix_flags,
+    raise_bad_positions,
+    use_triton,
 )
 from .documents import check_doc_ids, document_run_index
 
 __all__ = ["RankStepMasks", "rank_step_block_masks"]
+
+
+_MASK_MOD_FIELDS = ("q_doc", "kv_doc", "q_pos", "kv_pos", "causal", "window", "kv_in_prefix")
+
+
+@functools.cache
+def _plain_mask_mod() -> bool:
+    """DocumentMaskMod is a dataclass with exactly the fields `RankStepMasks` fills, and no __slots__."""
+    fields = tuple(f.name for f in dataclasses.fields(DocumentMaskMod))
+    return fields == _MASK_MOD_FIELDS and "__slots__" not in vars(DocumentMaskMod)
 
 
 @dataclass(eq=False)
@@ -76,13 +91,50 @@ class RankStepMasks:
         return r, j
 
     def _split(self) -> tuple:
-        """Per-(r, j) views of the tables and per-r views of the token tensors, made once by ``unbind``
-        (cheaper than indexing each of the N² masks' eight tables separately)."""
+        """Per-pair views of the tables (``[i * N + j]`` for the i-th q rank) and per-rank views of the token
+        tensors, made once with one ``unbind`` per tensor: the views are most of the cost of N² BlockMasks,
+        and ``unbind`` under no_grad is the cheapest way to make them."""
         if self._views is None:
-            tables = [[row.unbind(0) for row in t.unbind(0)] for t in self._tables]
-            pre = None if self._prefix is None else self._prefix.unbind(0)
-            self._views = (tables, self._run.unbind(0), self._pos.unbind(0), pre)
+            R, N = len(self.q_ranks), self.num_ranks
+            with torch.no_grad():
+                per_table = [t.reshape(R * N, *t.shape[2:]).unbind(0) for t in self._tables]
+                pre = (None,) * N if self._prefix is None else self._prefix.unbind(0)
+                run, pos = self._run.unbind(0), self._pos.unbind(0)
+            # Every pair's mask_mod holds views of the same [N, B, L] tensors, so checking one (the
+            # constructor validates shapes and dtypes) checks them all; the others skip the per-object checks
+            # (a fifth of the cost of N² masks) when DocumentMaskMod is still a plain dataclass whose
+            # constructor only stores its fields.
+            proto = DocumentMaskMod(
+                run[0], run[0], pos[0], pos[0], causal=self._causal, window=self._window, kv_in_prefix=pre[0]
+            )
+            plain = _plain_mask_mod() and set(vars(proto)) == set(_MASK_MOD_FIELDS)
+            self._views = (list(zip(*per_table, strict=True)), run, pos, pre, plain)
         return self._views
+
+    def _make(self, r: int, j: int) -> BlockMask:
+        pairs, run, pos, pre, plain = self._split()
+        fields = {
+            "q_doc": run[r],
+            "kv_doc": run[j],
+            "q_pos": pos[r],
+            "kv_pos": pos[j],
+            "causal": self._causal,
+            "window": self._window,
+            "kv_in_prefix": pre[j],
+        }
+        if plain:
+            mask_mod = object.__new__(DocumentMaskMod)
+            mask_mod.__dict__.update(fields)
+        else:
+            mask_mod = DocumentMaskMod(**fields)
+        bm = block_mask_from_tables(
+            *pairs[self._row[r] * self.num_ranks + j],
+            block_size=self.block_size,
+            mask_mod=mask_mod,
+            seq_lengths=(self.shard_len, self.shard_len),
+        )
+        self._cache[(r, j)] = bm
+        return bm
 
     def get(self, r: int, j: int) -> BlockMask:
         """BlockMask of rank ``r``'s queries (global positions ``positions[r]``) against rank ``j``'s keys."""
@@ -91,23 +143,7 @@ class RankStepMasks:
             r, j = self._check_pair(r, j)
             if r not in self._row:
                 raise KeyError(f"masks were built for q_ranks={self.q_ranks} only, not q_rank {r}")
-            tables, run, pos, pre = self._split()
-            mask_mod = DocumentMaskMod(
-                q_doc=run[r],
-                kv_doc=run[j],
-                q_pos=pos[r],
-                kv_pos=pos[j],
-                causal=self._causal,
-                window=self._window,
-                kv_in_prefix=None if pre is None else pre[j],
-            )
-            bm = block_mask_from_tables(
-                *(t[self._row[r]][j] for t in tables),
-                block_size=self.block_size,
-                mask_mod=mask_mod,
-                seq_lengths=(self.shard_len, self.shard_len),
-            )
-            self._cache[(r, j)] = bm
+            bm = self._make(r, j)
         return bm
 
     def ring_step(self, r: int, s: int) -> BlockMask:
@@ -121,8 +157,12 @@ class RankStepMasks:
         return [self.get(r, j) for j in range(self.num_ranks)]
 
     def all_masks(self) -> list[list[BlockMask]]:
-        """Every BlockMask that was built, ``[i][kv_rank]`` for the i-th of ``q_ranks``."""
-        return [self[r] for r in self.q_ranks]
+        """Every BlockMask of the built rows, ``[i][kv_rank]`` for the i-th of ``q_ranks``."""
+        cache, N = self._cache, self.num_ranks
+        return [
+            [self._make(r, j) if (r, j) not in cache else cache[(r, j)] for j in range(N)]
+            for r in self.q_ranks
+        ]
 
     def counts_cpu(self) -> torch.Tensor:
         """int64 ``[3, N, N]`` (partial, full, max_unmasked_pairs) on the CPU (one host sync, then cached)."""
@@ -149,6 +189,7 @@ def rank_step_block_masks(
     block_size: int | tuple[int, int] = 128,
     validate: bool = True,
     q_ranks: Sequence[int] | None = None,
+    backend: str = "auto",
 ) -> RankStepMasks:
     """All (query rank, key rank) document BlockMasks of a CP plan, classified in one pass on the device.
 
@@ -162,6 +203,8 @@ def rank_step_block_masks(
         validate: range-check positions / prefix tables (one host synchronisation).
         q_ranks: build masks only for these query ranks' rows (e.g. ``[my_rank]``: a CP rank needs only its
             own queries' masks); block counts are still computed for all N×N pairs. Default: every rank.
+        backend: as in `document_block_mask`: "auto" runs the whole plan in a fixed number of launches on
+            CUDA (two Triton kernels, two torch ops for the run indices, one sum for the counts, whatever N).
 
     Returns:
         `RankStepMasks`; ``masks.get(r, j)`` equals ``document_block_mask(doc_ids, q_positions=positions[r],
@@ -182,8 +225,10 @@ def rank_step_block_masks(
     N = positions.shape[0]
     if N < 1:
         raise ValueError("positions must hold at least one rank")
+    fast = use_triton(backend, doc_ids.device)
     checks = _Checks() if validate else None
-    pos = check_positions(positions, "positions", (N,), B, S, doc_ids.device, checks)
+    # the Triton path flags bad positions in its first kernel instead (no extra reductions)
+    pos = check_positions(positions, "positions", (N,), B, S, doc_ids.device, None if fast else checks)
     L = pos.shape[-1]
     for name, bs in (("q block", q_bs), ("kv block", kv_bs)):
         if L % bs != 0:
@@ -201,28 +246,41 @@ def rank_step_block_masks(
     prefix_table = check_prefix(doc_ids, prefix_lengths, checks)
     if checks is not None:
         checks.raise_if_bad()
-    run = document_run_index(doc_ids)
     prefix = prefix_flags(doc_ids, prefix_table)
 
-    side = gather_side(run, prefix, pos, want_prefix=True)
-    classes = classify_blocks(side, side, q_bs, kv_bs, causal, window)  # [2, N, N, B, nq, nkv]
-    counts = classes.sum(dim=(-3, -2, -1), dtype=torch.int64)  # [2, N, N] over B, q and kv blocks
+    if fast:
+        changes = triton_build.change_counts(doc_ids)
+        kv = triton_build.block_side(doc_ids, changes, pos, prefix, kv_bs)
+        q = kv if q_bs == kv_bs else triton_build.block_side(doc_ids, changes, pos, None, q_bs)
+        kv_num, kv_idx, q_num, q_idx = triton_build.block_tables(q, kv, causal, window, rows)
+        counts = kv_num.sum(dim=(-3, -2, -1), dtype=torch.int64)  # [2, N, N] over B and q blocks
+        if validate:
+            raise_bad_positions([("positions", pos, kv.bad)], S)
+        if len(rows) != N:  # kv_num covers every q rank (for the counts); the tables only `rows`
+            kv_num = kv_num.index_select(1, torch.tensor(rows).to(kv_num.device, non_blocking=True))
+        tables = (kv_num[0], kv_idx[0], kv_num[1], kv_idx[1], q_num[0], q_idx[0], q_num[1], q_idx[1])
+        run, tok_pos, kv_prefix = kv.run, kv.pos, kv.prefix
+    else:
+        side = gather_side(document_run_index(doc_ids), prefix, pos, want_prefix=True)
+        classes = classify_blocks(side, side, q_bs, kv_bs, causal, window)  # [2, N, N, B, nq, nkv]
+        counts = classes.sum(dim=(-3, -2, -1), dtype=torch.int64)  # [2, N, N] over B, q and kv blocks
+        if len(rows) != N:
+            classes = classes[:, list(rows)]
+        tables = block_tables(classes)  # [len(rows), N, B, 1, ...]
+        run, tok_pos, kv_prefix = side.run, side.pos, side.prefix
     partial_count, full_count = counts[0], counts[1]
-    if len(rows) != N:
-        classes = classes[:, list(rows)]
-    tables = block_tables(classes)  # [len(rows), N, B, 1, ...]
     return RankStepMasks(
         num_ranks=N,
         block_size=(q_bs, kv_bs),
         shard_len=L,
         partial_blocks=partial_count,
         full_blocks=full_count,
-        max_unmasked_pairs=(partial_count + full_count) * (q_bs * kv_bs),
+        max_unmasked_pairs=counts.sum(0) * (q_bs * kv_bs),
         q_ranks=rows,
         _tables=tables,
-        _run=side.run,
-        _pos=side.pos,
-        _prefix=side.prefix,
+        _run=run,
+        _pos=tok_pos,
+        _prefix=kv_prefix,
         _causal=causal,
         _window=window,
     )

@@ -23,6 +23,7 @@ synchronisation is the optional range check of user-given positions / prefix tab
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from flexdist.kernels.block_sparse import block_mask_from_tables
 from flexdist.kernels.document_mask import DocumentMaskMod
 
+from . import triton_build
 from .documents import MAX_TOKENS, check_doc_ids, document_run_index, positions_in_document
 
 __all__ = ["document_block_mask"]
@@ -173,13 +175,45 @@ def check_positions(
         raise ValueError(f"{name} must hold at least one token, got shape {shape}")
     if checks is not None:
         checks.add(
-            (positions.min() < 0) | (positions.max() >= S),
-            lambda: (
-                f"{name} must lie in [0, S={S}) (indices into doc_ids' sequence dim), got values in "
-                f"[{int(positions.min())}, {int(positions.max())}]"
-            ),
+            (positions.min() < 0) | (positions.max() >= S), lambda: positions_message(name, positions, S)
         )
-    return positions.long()
+    return positions
+
+
+def positions_message(name: str, positions: torch.Tensor, S: int) -> str:
+    return (
+        f"{name} must lie in [0, S={S}) (indices into doc_ids' sequence dim), got values in "
+        f"[{int(positions.min())}, {int(positions.max())}]"
+    )
+
+
+def use_triton(backend: object, device: torch.device) -> bool:
+    """``backend``: "auto" (the Triton kernels for CUDA tensors, torch ops elsewhere), "triton" (on CPU
+    tensors this needs ``TRITON_INTERPRET=1``: tests) or "torch"."""
+    if backend == "auto":
+        return device.type == "cuda" and triton_build.available()
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if not triton_build.available():
+            raise RuntimeError("backend='triton' needs the triton package, which is not importable")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"backend='triton' on {device.type} tensors needs TRITON_INTERPRET=1 (the Triton interpreter); "
+                "use backend='auto' or 'torch'"
+            )
+        return True
+    raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+
+
+def raise_bad_positions(checked: list[tuple[str, torch.Tensor, torch.Tensor]], S: int) -> None:
+    """Triton path: ``(name, positions, per-block bad flags)``; one host synchronisation for all of them."""
+    if not checked:
+        return
+    flags = torch.stack([bad.any() for _, _, bad in checked]).tolist()
+    for flag, (name, positions, _) in zip(flags, checked, strict=True):
+        if flag:
+            raise ValueError(positions_message(name, positions, S))
 
 
 # ----------------------------------------------------------------------------------------------- block work
@@ -203,6 +237,7 @@ def gather_side(
         pos = torch.arange(S, device=run.device, dtype=torch.int32).expand(1, B, S).contiguous()
         return _Side(run[None], pos, prefix[None] if (want_prefix and prefix is not None) else None)
     G = positions.shape[0]
+    positions = positions.long()
     r = run.unsqueeze(0).expand(G, B, S).gather(-1, positions)
     p = None
     if want_prefix and prefix is not None:
@@ -341,6 +376,7 @@ def document_block_mask(
     prefix_lengths: int | torch.Tensor | None = None,
     block_size: int | tuple[int, int] = 128,
     validate: bool = True,
+    backend: str = "auto",
 ) -> BlockMask:
     """The BlockMask of a document mask, built from document ids without evaluating the S×S mask.
 
@@ -358,7 +394,12 @@ def document_block_mask(
         block_size: block size of the BlockMask, int or ``(q_block, kv_block)``. Lengths need not be
             multiples; the last block is then partial-size (and never marked full, like torch).
         validate: check that positions lie in ``[0, S)`` and prefix tables cover the ids; this costs one host
-            synchronisation. Pass False in a hot loop once inputs are known good.
+            synchronisation (none without positions and prefix tables). Pass False in a hot loop once inputs
+            are known good.
+        backend: "auto" (default): on CUDA tensors two Triton kernels and two torch ops build everything
+            (`triton_build`; mask building is launch-bound), elsewhere vectorised torch ops. "torch" or
+            "triton" force one (both give identical tables; "triton" on CPU tensors needs
+            ``TRITON_INTERPRET=1``).
 
     Returns:
         A ``torch.nn.attention.flex_attention.BlockMask`` with ``B`` batch rows, one head, ``seq_lengths =
@@ -372,18 +413,22 @@ def document_block_mask(
         raise TypeError(f"causal must be a bool, got {causal!r}")
     B, S = doc_ids.shape
     dev = doc_ids.device
+    fast = use_triton(backend, dev)
     checks = _Checks() if validate else None
+    pos_checks = None if fast else checks  # the Triton path flags bad positions in its first kernel
     qp = None
     if q_positions is not None:
-        qp = check_positions(q_positions, "q_positions", (), B, S, dev, checks)[None]
+        qp = check_positions(q_positions, "q_positions", (), B, S, dev, pos_checks)[None]
     kvp = None
     if kv_positions is not None:
-        kvp = check_positions(kv_positions, "kv_positions", (), B, S, dev, checks)[None]
+        kvp = check_positions(kv_positions, "kv_positions", (), B, S, dev, pos_checks)[None]
     prefix_table = check_prefix(doc_ids, prefix_lengths, checks)
     if checks is not None:
         checks.raise_if_bad()
-    run = document_run_index(doc_ids)
     prefix = prefix_flags(doc_ids, prefix_table)
+    if fast:
+        return _document_block_mask_triton(doc_ids, qp, kvp, prefix, q_bs, kv_bs, causal, window, validate)
+    run = document_run_index(doc_ids)
 
     q_side = gather_side(run, prefix, qp, want_prefix=False)
     kv_side = (
@@ -402,3 +447,56 @@ def document_block_mask(
     )
     Lq, Lkv = q_side.run.shape[-1], kv_side.run.shape[-1]
     return block_mask_from_tables(*tables, block_size=(q_bs, kv_bs), mask_mod=mask_mod, seq_lengths=(Lq, Lkv))
+
+
+def _document_block_mask_triton(
+    doc_ids: torch.Tensor,
+    qp: torch.Tensor | None,
+    kvp: torch.Tensor | None,
+    prefix: torch.Tensor | None,
+    q_bs: int,
+    kv_bs: int,
+    causal: bool,
+    window: int | None,
+    validate: bool,
+) -> BlockMask:
+    """`document_block_mask` in four launches (see `triton_build`); identical tables to the torch path."""
+    B, S = doc_ids.shape
+    changes = triton_build.change_counts(doc_ids)
+    kv = triton_build.block_side(doc_ids, changes, kvp, prefix, kv_bs)
+    # the whole sequence on both sides: one set of stats serves both (queries ignore the prefix rows)
+    share = qp is None and kvp is None and q_bs == kv_bs
+    q = kv if share else triton_build.block_side(doc_ids, changes, qp, None, q_bs)
+    kv_num, kv_idx, q_num, q_idx = triton_build.block_tables(q, kv, causal, window)
+    if validate:
+        checked = [
+            (n, p, s.bad) for n, p, s in (("q_positions", qp, q), ("kv_positions", kvp, kv)) if p is not None
+        ]
+        raise_bad_positions(checked, S)
+    nq, nkv = q.nb, kv.nb
+    part, full = kv_num.view(2, B, 1, nq).unbind(0)
+    part_idx, full_idx = kv_idx.view(2, B, 1, nq, nkv).unbind(0)
+    q_part, q_full = q_num.view(2, B, 1, nkv).unbind(0)
+    q_part_idx, q_full_idx = q_idx.view(2, B, 1, nkv, nq).unbind(0)
+    mask_mod = DocumentMaskMod(
+        q_doc=q.run[0],
+        kv_doc=kv.run[0],
+        q_pos=q.pos[0],
+        kv_pos=kv.pos[0],
+        causal=causal,
+        window=window,
+        kv_in_prefix=None if kv.prefix is None else kv.prefix[0],
+    )
+    return block_mask_from_tables(
+        part,
+        part_idx,
+        full,
+        full_idx,
+        q_part,
+        q_part_idx,
+        q_full,
+        q_full_idx,
+        block_size=(q_bs, kv_bs),
+        mask_mod=mask_mod,
+        seq_lengths=(q.run.shape[-1], kv.run.shape[-1]),
+    )
