@@ -168,6 +168,13 @@ def main() -> None:
         help="torch CP FlexAttention rows, one per load balancer (none given: no torch flex rows)",
     )
     ap.add_argument(
+        "--torch-cp-mask",
+        default="eager",
+        choices=["eager", "compiled"],
+        help="how torch builds each rank's CP BlockMask: eager create_block_mask (default: its compile did "
+        "not finish in 120 s on the 4-CPU device machine) or torch's own compiled builder",
+    )
+    ap.add_argument(
         "--no-torch-single",
         dest="torch_single",
         action="store_false",
@@ -412,6 +419,7 @@ def torch_flex_rows(
             backward=cuda,
             compile=cuda,
             ref_out=ref_out,
+            cp_mask=args.torch_cp_mask,
         )
         row = dict(base, **single, **r)
         row["eff_baseline"] = eff_base

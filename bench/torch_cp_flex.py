@@ -13,7 +13,12 @@ BlockMask sharded with the same load balancer. Two more private touches, each fo
 ``_cp_options.enable_load_balance`` is global state that ``_context_parallel_shard`` overwrites and torch's
 public SDPA ``context_parallel`` reads, so it is restored afterwards; ``torch._functorch.config.donated_buffer``
 is turned off while compiling so that the backward can be timed alone on a retained graph (compiled
-backwards with donated buffers refuse ``retain_graph=True``), the way flexdist's rows are timed.
+backwards with donated buffers refuse ``retain_graph=True``), the way flexdist's rows are timed; and with
+``cp_mask="eager"`` (the default) the module global ``_compiled_create_block_mask``, through which torch
+builds each rank's CP BlockMask, is pointed at the plain ``create_block_mask`` for the row: on the 2×H100
+device machine (4 CPUs) compiling that mask builder did not finish in 120 s (both torchrun runs of
+2026-11-25 were cut inside its ptxas step), while the eager builder needs only O(S/N · S) bytes of
+temporaries (about 0.3 GB at 8k tokens per GPU on 2 GPUs) and no compile. The mask it builds is the same.
 
 Every entry point feature-detects and never raises: a missing API or any failure comes back as a row with
 ``torch_cp_error`` naming what was missing or what failed. torch 2.11 (device machine) and 2.13 (CI) differ;
@@ -29,7 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 # where the CP-for-FlexAttention API lives, newest first (both exist in torch 2.10–2.13: the first is the
 # package, the second its backward-compatible re-export)
@@ -127,6 +132,30 @@ def _no_donated_buffers() -> contextlib.AbstractContextManager:
     if not hasattr(fc, "donated_buffer"):
         return contextlib.nullcontext()
     return fc.patch(donated_buffer=False)
+
+
+@contextlib.contextmanager
+def _cp_mask_builder(api: dict[str, Any], cp_mask: str):
+    """Build torch's per-rank CP BlockMask with eager create_block_mask (cp_mask="eager") for the block.
+
+    Yields what was used: "eager", "compiled" (torch's own default), or "compiled (...)" when this torch has
+    no module global to override.
+    """
+    if cp_mask not in ("eager", "compiled"):
+        raise ValueError(f"cp_mask must be 'eager' or 'compiled', got {cp_mask!r}")
+    mod = importlib.import_module(api["_context_parallel_shard"].__module__)
+    if cp_mask == "compiled":
+        yield "compiled"
+        return
+    if not hasattr(mod, "_compiled_create_block_mask"):
+        yield f"compiled ({mod.__name__} has no _compiled_create_block_mask to override)"
+        return
+    old = mod._compiled_create_block_mask
+    mod._compiled_create_block_mask = create_block_mask
+    try:
+        yield "eager"
+    finally:
+        mod._compiled_create_block_mask = old
 
 
 def _peak_start(device: torch.device) -> int:
@@ -231,6 +260,7 @@ def torch_cp_flex(
     backward: bool,
     compile: bool,
     ref_out: torch.Tensor | None = None,
+    cp_mask: str = "eager",
 ) -> dict:
     """Time torch's CP FlexAttention (all-gather K/V) on the global ``q, k, v`` ``[1, H, S, D]``; never raises.
 
@@ -244,6 +274,8 @@ def torch_cp_flex(
         backward: also time the backward (needs a device whose flex_attention has one: not CPU).
         compile: compile flex_attention (dynamic=False); torch compiles each rank's CP BlockMask itself.
         ref_out: flexdist's CP output, unsharded to ``[1, Hq, S, D]``: the row gets the max abs difference.
+        cp_mask: how torch builds each rank's CP BlockMask: "eager" create_block_mask (default; see the
+            module docstring) or "compiled" (torch's own choice).
 
     Returns:
         A row: impl "torch_cp_flex", balance "torch-<balancer>", ``fwd_s``, ``bwd_s``, ``gqa``, ``peak_gib``
@@ -262,7 +294,7 @@ def torch_cp_flex(
         torch.compiler.reset()  # a fresh dynamo cache per row: the recompile limit (8) is never reached
         gqa = gqa_mode()
         S, N = doc.shape[-1], mesh.size()
-        with _no_donated_buffers():
+        with _no_donated_buffers(), _cp_mask_builder(api, cp_mask) as mask_build:
             stage = "global BlockMask (from_kv_blocks)"
             bm = global_block_mask(doc, mask)
             stage = f"load balancer {balancer}"
@@ -290,6 +322,7 @@ def torch_cp_flex(
             stage = "forward"
             tf = timeit(fwd)
             row = {"impl": impl, "balance": label, "strategy": impl, "fwd_s": tf, "gqa": gqa}
+            row["cp_mask_build"] = mask_build
             if backward:
                 stage = "backward"
                 tb, how = _time_backward(timeit, fwd, (ql, kl, vl), dl, tf)
