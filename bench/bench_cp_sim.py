@@ -147,11 +147,20 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
     if args.torch_flex and device.type == "cuda":
         base.update(torch_flex_baseline(q, k, v, doc, bs, tm, fwd_flops, bwd_flops))
     cost = bal.CostModel(comm_weight=(Hkv / Hq) * (args.tflops_model * 1e12 / link) / bs)
-    for balance in args.balances:
+    balances = list(args.balances)
+    if "document" in balances:  # the planner with a per-active-tile cost, as extra rows "document@tau<x>"
+        balances += [f"document@tau{t:g}" for t in args.tile_overheads]
+    for balance in balances:
         if balance == "zigzag" and S % (2 * N):
             continue
+        if balance.startswith("document@tau"):
+            cost_b = bal.CostModel(
+                comm_weight=cost.comm_weight, tile_overhead=float(balance[len("document@tau") :])
+            )
+        else:
+            cost_b = cost
         n_before = len(rows)
-        perm = layout(balance, doc, N, bs, cost)
+        perm = layout(balance.split("@")[0], doc, N, bs, cost_b)
         shards = [perm[r * L : (r + 1) * L].to(device) for r in range(N)]
         masks = [
             [
@@ -386,6 +395,13 @@ def main() -> None:
     )
     ap.add_argument(
         "--tflops-model", type=float, default=400.0, help="kernel speed the planner's cost model assumes"
+    )
+    ap.add_argument(
+        "--tile-overheads",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also plan 'document' with these CostModel.tile_overhead values (rows document@tau<x>)",
     )
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--backend", default="auto", help="flexdist.kernels backend")
