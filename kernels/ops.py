@@ -27,8 +27,6 @@ from torch.nn.attention.flex_attention import BlockMask
 from .block_sparse import block_mask_from_tables
 from .document_mask import DocumentMaskMod
 from .flex import flex_attention_backward, flex_attention_forward, resolve_backend
-from .reference import dense_mask
-from .validation import check_qkv
 
 __all__ = ["document_attention"]
 
@@ -194,44 +192,11 @@ def _bwd(
     )
     out, dout = out.contiguous(), dout.contiguous()
     dlse = None if dlse is None else dlse.contiguous()
-    if resolve_backend(backend, q) == "reference":
-        dq, dk, dv = _reference_backward_closed_form(q, k, v, out, dout, lse, dlse, bm, scale, enable_gqa)
-    else:
-        dq, dk, dv = flex_attention_backward(
-            q, k, v, out, dout, lse, bm, None, scale, enable_gqa, dlse=dlse, backend="triton"
-        )
+    # (the reference backend's backward is autograd-free without a score mod, so it runs inside the op too)
+    dq, dk, dv = flex_attention_backward(
+        q, k, v, out, dout, lse, bm, None, scale, enable_gqa, dlse=dlse, backend=resolve_backend(backend, q)
+    )
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
-
-
-def _reference_backward_closed_form(q, k, v, out, dout, lse, dlse, block_mask, scale, enable_gqa):
-    """The dense reference's gradients without autograd (no score_mod, so d(score)/d(raw) is the identity).
-
-    Why not ``reference_backward``: it differentiates the score mod with ``torch.autograd.grad``, and a custom
-    op's implementation runs below the autograd dispatch key, where that records nothing.
-    """
-    shape = check_qkv(q, k, v, enable_gqa)
-    scale = shape.D**-0.5 if scale is None else float(scale)
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    mask = dense_mask(block_mask, shape, q.device)
-    G = shape.groups
-    qf, dof, of = q.to(acc), dout.to(acc), out.to(acc)
-    kx = k.to(acc).repeat_interleave(G, dim=1)
-    vx = v.to(acc).repeat_interleave(G, dim=1)
-    s = torch.einsum("bhqd,bhkd->bhqk", qf, kx) * scale
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).to(acc)
-    p = torch.exp(s - lse_safe[..., None])  # masked entries and empty rows: exp(-inf) = 0
-    delta = (dof * of).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.to(acc)
-    ds = p * (torch.einsum("bhqd,bhkd->bhqk", dof, vx) - delta[..., None])
-    dq = torch.einsum("bhqk,bhkd->bhqd", ds, kx) * scale
-    dkx = torch.einsum("bhqk,bhqd->bhkd", ds, qf) * scale
-    dvx = torch.einsum("bhqk,bhqd->bhkd", p, dof)
-    dk = dkx.view(shape.B, shape.Hkv, G, shape.Skv, shape.D).sum(2)
-    dv = dvx.view(shape.B, shape.Hkv, G, shape.Skv, shape.Dv).sum(2)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 @_bwd.register_fake

@@ -173,15 +173,22 @@ def reference_backward(
         if dlse is not None:
             delta = delta - _acc(dlse)
     params = tuple(score_mod.tensors()) if score_mod is not None and hasattr(score_mod, "tensors") else ()
-    with torch.enable_grad():
-        s, raw = _scores(q, k, shape, scale, score_mod, mask, q_global_idx, kv_global_idx, track_raw=True)
+    # Without a score mod d(score)/d(raw score) is the identity on visible entries (masked ones have p = 0),
+    # so dS is the raw-score gradient: no autograd, which also makes this usable inside custom ops (their
+    # implementations run below the autograd dispatch key, where torch.autograd.grad records nothing).
+    track = score_mod is not None
+    with torch.enable_grad() if track else torch.no_grad():
+        s, raw = _scores(q, k, shape, scale, score_mod, mask, q_global_idx, kv_global_idx, track_raw=track)
         lse_safe = _acc(torch.where(torch.isinf(lse), torch.zeros_like(lse), lse))
         p = torch.exp(s.detach() - lse_safe[..., None])  # masked entries: exp(-inf) = 0
         vx = _acc(v).repeat_interleave(shape.groups, dim=1)
         dp = torch.einsum("bhqd,bhkd->bhqk", _acc(dout), vx)
         ds = p * (dp - _acc(delta)[..., None])
-        wanted = [raw, *[t for t in params if t.requires_grad]]
-        grads = torch.autograd.grad(s, wanted, grad_outputs=ds, allow_unused=True)
+        if track:
+            wanted = [raw, *[t for t in params if t.requires_grad]]
+            grads = torch.autograd.grad(s, wanted, grad_outputs=ds, allow_unused=True)
+        else:
+            grads = (ds,)
     draw = grads[0]
     kx = _acc(k).repeat_interleave(shape.groups, dim=1)
     dq = torch.einsum("bhqk,bhkd->bhqd", draw, kx) * scale

@@ -11,7 +11,7 @@ region it would be specialised on and recompile each step. So the op takes only 
 data, not a constant, so a new plan (a new document layout) reuses the compiled graph. The implementations
 look the plan up and run the eager code: :func:`flexdist.cp.attention` for the forward (bit for bit), and
 for the backward the same delta and the same ring / direct / all-gather exchange and kernels as its autograd
-function (the dense reference kernel in an autograd-free form, see :func:`_reference_backward_closed_form`).
+function (the dense reference's backward needs no autograd without a score mod, so it runs inside the op).
 Both ops have fake (meta) implementations; ``register_autograd`` wires the forward to the backward op, with
 gradients into q, k, v from both ``out`` and ``lse``.
 
@@ -37,10 +37,6 @@ import weakref
 from typing import Any
 
 import torch
-
-from flexdist import kernels
-from flexdist.kernels.reference import dense_mask
-from flexdist.kernels.validation import check_qkv
 
 from .merge import _acc_dtype
 
@@ -141,82 +137,6 @@ def _fwd_fake(q, k, v, plan_handle, scale, backend):
     return out, lse
 
 
-def _add_into(buf: torch.Tensor | None, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``g`` (accumulation precision) added into ``buf`` in place, or ``g`` in ``dtype`` when no buffer."""
-    if buf is None:
-        return g.to(dtype)
-    buf.add_(g.to(buf.dtype))
-    return buf
-
-
-def _reference_backward_closed_form(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    dout: torch.Tensor,
-    lse: torch.Tensor,
-    block_mask: Any,
-    score_mod: Any = None,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-    *,
-    delta: torch.Tensor,
-    q_global_idx: torch.Tensor | None = None,
-    kv_global_idx: torch.Tensor | None = None,
-    dq_out: torch.Tensor | None = None,
-    dk_out: torch.Tensor | None = None,
-    dv_out: torch.Tensor | None = None,
-    which: str = "all",
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """The dense reference backward of one exchange step, without autograd (no score mod).
-
-    Why: ``flexdist.kernels``' reference differentiates its score mod with ``torch.autograd.grad``, and a
-    custom op's implementation runs below the autograd dispatch key, where that records nothing. Without a
-    score mod d(score)/d(raw score) is the identity on visible entries (masked ones have p = 0), so dS is the
-    gradient of the raw scores; the rest is the reference's einsums in the same precision. Same calling
-    convention as the kernels' backward: ``delta`` given (global), gradients optionally added into
-    ``dq_out`` / ``dk_out`` / ``dv_out``, ``which`` = "all", "dq" or "dkdv" (the others returned as None).
-    """
-    if score_mod is not None:
-        raise ValueError("the CP custom op takes no score_mod (use flexdist.cp.attention)")
-    shape = check_qkv(q, k, v, enable_gqa)
-    scale = shape.D**-0.5 if scale is None else float(scale)
-    acc = _acc_dtype(q.dtype)
-    mask = dense_mask(block_mask, shape, q.device)
-    G = shape.groups
-    qf, dof = q.to(acc), dout.to(acc)
-    kx = k.to(acc).repeat_interleave(G, dim=1)
-    vx = v.to(acc).repeat_interleave(G, dim=1)
-    s = torch.einsum("bhqd,bhkd->bhqk", qf, kx) * scale
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).to(acc)
-    p = torch.exp(s - lse_safe[..., None])  # masked entries and empty rows: exp(-inf) = 0
-    ds = p * (torch.einsum("bhqd,bhkd->bhqk", dof, vx) - delta.to(acc)[..., None])
-    dq = dk = dv = None
-    if which in ("all", "dq"):
-        dq = _add_into(dq_out, torch.einsum("bhqk,bhkd->bhqd", ds, kx) * scale, q.dtype)
-    if which in ("all", "dkdv"):
-        dkx = torch.einsum("bhqk,bhqd->bhkd", ds, qf) * scale
-        dvx = torch.einsum("bhqk,bhqd->bhkd", p, dof)
-        dk = _add_into(dk_out, dkx.view(shape.B, shape.Hkv, G, shape.Skv, shape.D).sum(2), k.dtype)
-        dv = _add_into(dv_out, dvx.view(shape.B, shape.Hkv, G, shape.Skv, shape.Dv).sum(2), v.dtype)
-    return dq, dk, dv
-
-
-def _backward_kernel(backend: str, q: torch.Tensor) -> tuple[Any, dict]:
-    """The per-step backward kernel of ``backend`` as the eager path picks it, with the dense reference
-    replaced by its autograd-free form (see :func:`_reference_backward_closed_form`)."""
-    _, bwd, extra = _eager._kernel_fns(backend)
-    if (
-        bwd is kernels.reference_backward
-        or kernels.resolve_backend(extra.get("backend", "auto"), q) == "reference"
-    ):
-        return _reference_backward_closed_form, {}
-    return bwd, extra
-
-
 @torch.library.custom_op("flexdist::cp_attention_bwd", mutates_args=())
 def _bwd(
     q: torch.Tensor,
@@ -233,7 +153,8 @@ def _bwd(
     plan = lookup_plan(plan_handle)
     _check_supported(plan)
     backend = backend or plan.kernel_backend
-    bwd, extra = _backward_kernel(backend, q)
+    # the dense reference's backward is autograd-free without a score mod, so every backend runs in the op
+    _, bwd, extra = _eager._kernel_fns(backend)
     masks, full_mask = plan.masks_on(q.device)
     if dout is None:
         dout = torch.zeros_like(out)
