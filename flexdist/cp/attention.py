@@ -91,28 +91,51 @@ class _CPAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        plan = ctx.plan
-        _, bwd, extra = _kernel_fns(ctx.backend)
-        masks, full_mask = plan.masks_on(q.device)
-        if dout is None:
-            dout = torch.zeros_like(out)
-        acc = _acc_dtype(q.dtype)
-        delta = (dout.to(acc) * out.to(acc)).sum(-1)
-        if dlse is not None:
-            delta = delta - torch.where(torch.isinf(lse), torch.zeros_like(dlse), dlse).to(acc)
         params = _score_params(ctx.score_mod)
         grads = [torch.zeros_like(p) for p in params] if any(p.requires_grad for p in params) else None
-        kw = dict(score_mod=ctx.score_mod, scale=ctx.scale, enable_gqa=q.shape[1] != k.shape[1], **extra)
-        if grads is not None:
-            kw["score_mod_grads"] = grads
-        if plan.strategy == "ring":
-            dq, dk, dv = ring_backward(q, k, v, out, dout, lse, delta, plan, masks, bwd, kw)
-        elif plan.strategy == "direct":
-            dq, dk, dv = direct_backward(q, k, v, out, dout, lse, delta, plan, masks, bwd, kw)
-        else:
-            dq, dk, dv = allgather_backward(q, k, v, out, dout, lse, delta, plan, full_mask, bwd, kw)
+        dq, dk, dv = attention_backward(
+            q, k, v, out, lse, dout, dlse, ctx.plan, ctx.score_mod, ctx.scale, ctx.backend, grads
+        )
         pg = tuple(grads) if grads is not None else (None,) * ctx.n_params
         return (dq, dk, dv, None, None, None, None, *pg)
+
+
+def attention_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor | None,
+    dlse: torch.Tensor | None,
+    plan,
+    score_mod=None,
+    scale: float | None = None,
+    backend: str = "auto",
+    score_mod_grads: list[torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `attention` for this rank's shards, given its output and global LSE (and their grads).
+
+    ``delta = rowsum(dO·O) − dLSE`` is computed once from the final output and handed, with the global LSE,
+    to every exchange step's kernel, so the per-step gradients sum to the single-device ones. Learnable
+    score-mod tensors get this rank's partial gradients added into ``score_mod_grads``.
+    """
+    _, bwd, extra = _kernel_fns(backend)
+    masks, full_mask = plan.masks_on(q.device)
+    if dout is None:
+        dout = torch.zeros_like(out)
+    acc = _acc_dtype(q.dtype)
+    delta = (dout.to(acc) * out.to(acc)).sum(-1)
+    if dlse is not None:
+        delta = delta - torch.where(torch.isinf(lse), torch.zeros_like(dlse), dlse).to(acc)
+    kw = dict(score_mod=score_mod, scale=scale, enable_gqa=q.shape[1] != k.shape[1], **extra)
+    if score_mod_grads is not None:
+        kw["score_mod_grads"] = score_mod_grads
+    if plan.strategy == "ring":
+        return ring_backward(q, k, v, out, dout, lse, delta, plan, masks, bwd, kw)
+    if plan.strategy == "direct":
+        return direct_backward(q, k, v, out, dout, lse, delta, plan, masks, bwd, kw)
+    return allgather_backward(q, k, v, out, dout, lse, delta, plan, full_mask, bwd, kw)
 
 
 def _check_across_ranks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan) -> None:

@@ -153,23 +153,8 @@ def _bwd(
     plan = lookup_plan(plan_handle)
     _check_supported(plan)
     backend = backend or plan.kernel_backend
-    # the dense reference's backward is autograd-free without a score mod, so every backend runs in the op
-    _, bwd, extra = _eager._kernel_fns(backend)
-    masks, full_mask = plan.masks_on(q.device)
-    if dout is None:
-        dout = torch.zeros_like(out)
-    # as the eager backward: delta = rowsum(dO·O) − dLSE once from the final output, handed to every step
-    acc = _acc_dtype(q.dtype)
-    delta = (dout.to(acc) * out.to(acc)).sum(-1)
-    if dlse is not None:
-        delta = delta - torch.where(torch.isinf(lse), torch.zeros_like(dlse), dlse).to(acc)
-    kw = dict(score_mod=None, scale=scale, enable_gqa=q.shape[1] != k.shape[1], **extra)
-    if plan.strategy == "ring":
-        dq, dk, dv = _eager.ring_backward(q, k, v, out, dout, lse, delta, plan, masks, bwd, kw)
-    elif plan.strategy == "direct":
-        dq, dk, dv = _eager.direct_backward(q, k, v, out, dout, lse, delta, plan, masks, bwd, kw)
-    else:
-        dq, dk, dv = _eager.allgather_backward(q, k, v, out, dout, lse, delta, plan, full_mask, bwd, kw)
+    # the eager backward (the dense reference's is autograd-free without a score mod, so it runs here too)
+    dq, dk, dv = _eager.attention_backward(q, k, v, out, lse, dout, dlse, plan, None, scale, backend)
     dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()
     if dk.untyped_storage().data_ptr() == dv.untyped_storage().data_ptr():
         # dK and dV can be views of one exchange buffer; op outputs must not alias each other
