@@ -2,17 +2,17 @@
 
 Building a mask is host-bound on a GPU (a few hundred kilobytes of tables, dozens of tiny kernels), so the
 cost is the number of launches. The torch path (`block_mask`) needs about fifty; this one needs four for a
-whole-sequence mask and, for all N×N pairs of a CP plan, the same four plus one sum for the pair counts —
-independent of N, B and S:
+whole-sequence mask and seven for all N×N pairs of a CP plan (three small ops turn the counts into the
+plan's ``[N, N]`` costs) — independent of N, B and S:
 
 1. ``ne`` + ``cumsum`` over ``doc_ids`` (torch): the number of id changes before each token, whose value
    at a token is its document *run index* (a scan; torch's is a single efficient kernel);
-2. `_stats_kernel`, one program per block of one group (rank) and batch row: gathers the block's tokens
-   (run index, global position, prefix flag) into the per-token tensors the mask_mod needs and reduces them
-   to the same per-block ranges as the torch path (`block_mask._block_stats`), plus a flag for positions
-   outside ``[0, S)`` (read only when validating);
-3. `_tables_kernel`, one program per (q group, kv group, batch row) and per q block (kv-major tables) or kv
-   block (q-major tables): classifies the block's row or column with exactly the tests of
+2. `_stats_kernel`, one program per tile of whole blocks of one group (rank) and batch row: gathers the
+   blocks' tokens (run index, global position, prefix flag) into the per-token tensors the mask_mod needs
+   and reduces them to the same per-block ranges as the torch path (`block_mask._block_stats`), plus a
+   count of positions outside ``[0, S)`` (read only when validating);
+3. `_tables_kernel`, one program per (q group, kv group, batch row) and tile of q blocks (kv-major tables)
+   or of kv blocks (q-major tables): classifies the tile's rows of block pairs with exactly the tests of
    `block_mask.classify_blocks` and writes the counts and the ordered index lists, with the same order as
    torch's stable argsort (listed blocks ascending, then the others ascending), so every table equals the
    torch path's bit for bit.
