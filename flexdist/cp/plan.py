@@ -527,8 +527,23 @@ def plan(
                 _needed_tokens(lo, hi, shards[r_to], mine, block_size) if W[r_to, rank] > 0 else None
             )
     t_masks = time.perf_counter()
-    built = build_pair_masks(doc_dev, mine, kv_sets, **mkw)
-    masks = [m for m, _, _ in built]
+    if strategy != "direct" and mask_builder == "masks" and L % block_size == 0:
+        # this rank's row of the plan's masks in a fixed number of launches (one host sync for all counts)
+        from flexdist.masks import rank_step_block_masks
+
+        rows = rank_step_block_masks(
+            doc_dev,
+            torch.stack(shards).to(dev),
+            causal=causal,
+            window=window,
+            prefix_lengths=prefix_lengths,
+            block_size=block_size,
+            validate=False,
+            q_ranks=[rank],
+        )
+        masks = [None if rows.is_empty(rank, j) else rows.get(rank, j) for j in range(N)]
+    else:  # direct (uneven compacted key sets), the "intervals" builder, or shards of partial blocks
+        masks = [m for m, _, _ in build_pair_masks(doc_dev, mine, kv_sets, **mkw)]
     for j in range(N):
         # Both emptiness tests are proofs: W is exact per token (a superset for prefix+window), the block
         # classifier only calls a pair empty when nothing is visible (it may keep partial blocks that hold
