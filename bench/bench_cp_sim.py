@@ -266,6 +266,54 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
             kv_tokens_moved=int(sum(ring_more(t) for t in range(N))) * N * L,
             steps=list(step_detail),
         )
+        # ring with g steps per kernel call (a design study, not a flexdist strategy yet): each rank runs one
+        # call per group of g ring steps over the concatenated K/V of the group's shards that it has work with;
+        # the group's g hops overlap the previous group's call. Forward and dQ as the ring would; dK/dV of the
+        # group in one call too (an upper bound: the ring's travelling dK/dV would need per-shard calls or
+        # home-sent partials).
+        for g in args.ring_groups:
+            gf, gb = [], []
+            for p0 in range(0, N, g):
+                cf, cb = [0.0], [0.0]
+                for r in range(N):
+                    js = [(r - t) % N for t in range(p0, min(p0 + g, N)) if masks[r][(r - t) % N] is not None]
+                    if not js:
+                        continue
+                    kv_idx = torch.cat([shards[j] for j in js])
+                    ((m, _, _),) = build_pair_masks(
+                        doc, shards[r], [kv_idx], causal=True, window=None, block_size=bs
+                    )
+                    if m is None:
+                        continue
+                    kj = torch.cat([ks[j] for j in js], dim=2)
+                    vj = torch.cat([vs[j] for j in js], dim=2)
+                    kw = dict(enable_gqa=gqa, q_global_idx=shards[r], kv_global_idx=kv_idx, backend=kb)
+                    acc_o, acc_l = outs[r].float().contiguous(), lses[r].clone()
+                    dq_b = torch.zeros(qs[r].shape, device=device)
+                    dk_b, dv_b = torch.zeros(kj.shape, device=device), torch.zeros(vj.shape, device=device)
+                    cf.append(
+                        tm(
+                            lambda r=r, m=m, kj=kj, vj=vj, kw=kw, o=acc_o, l=acc_l: flex_attention_forward(
+                                qs[r], kj, vj, m, out_acc=o, lse_acc=l, **kw
+                            )
+                        )
+                    )
+
+                    def gbwd(r=r, m=m, kj=kj, vj=vj, kw=kw, dq_b=dq_b, dk_b=dk_b, dv_b=dv_b):
+                        a = (qs[r], kj, vj, outs[r], douts[r], lses[r], m)
+                        flex_attention_backward(*a, delta=deltas[r], dq_out=dq_b, which="dq", **kw)
+                        flex_attention_backward(
+                            *a, delta=deltas[r], dk_out=dk_b, dv_out=dv_b, which="dkdv", **kw
+                        )
+
+                    cb.append(tm(gbwd))
+                hops = min(g, N - p0 - g) if p0 + g < N else 0  # the next group's hops overlap this call
+                gf.append(max(max(cf), hops * kv_bytes / link))
+                gb.append(max(max(cb), hops * (kv_bytes + dkv_bytes) / link))
+            add_row(
+                f"ring/g{g}", sum(gf), sum(gb), group=g, note="design study: g ring steps per kernel call"
+            )
+
         # direct: only the needed K/V blocks, shift-by-t exchange, dK/dV straight home
         if "direct" in args.strategies:
             cpu_shards = [perm[r * L : (r + 1) * L] for r in range(N)]
@@ -402,6 +450,13 @@ def main() -> None:
         nargs="*",
         default=[],
         help="also plan 'document' with these CostModel.tile_overhead values (rows document@tau<x>)",
+    )
+    ap.add_argument(
+        "--ring-groups",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time a ring with g steps per kernel call for these g (design study rows ring/g<g>)",
     )
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--backend", default="auto", help="flexdist.kernels backend")
