@@ -246,7 +246,11 @@ def sweep(args, dev, dtype) -> list[dict]:
     fwd_cfgs = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
     c1s = [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2)]
     c2s = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 2)]
-    for name, mean in (("causal", None), ("doc4k", 4096)):
+    means = {"causal": None, "doc4k": 4096, "doc1k": 1024}
+    for name in args.masks.split(","):
+        if name not in means:
+            raise ValueError(f"--masks for --sweep must be among {sorted(means)}, got {name!r}")
+        mean = means[name]
         doc = document_ids(S, mean, 0)
         fl = 4 * args.heads * args.dim * pair_count(doc)
         g = torch.Generator(device=dev).manual_seed(0)
@@ -262,7 +266,7 @@ def sweep(args, dev, dtype) -> list[dict]:
         bm = block_mask_from_docs(doc, 128, mm, dev)
         o, lse = triton_forward(q, k, v, bm)
         do = torch.randn_like(o)
-        for c in fwd_cfgs:
+        for c in [None, *fwd_cfgs]:  # None: the shipped path (autotuned on GPU for these shapes)
             try:
                 t = _bench(lambda c=c: triton_forward(q, k, v, bm, config=c), True)
                 out.append({"mask": name, "S": S, "pass": "fwd", "cfg": c, "ms": t, "tflops": fl / t / 1e9})
@@ -270,9 +274,11 @@ def sweep(args, dev, dtype) -> list[dict]:
                 out.append({"mask": name, "pass": "fwd", "cfg": c, "error": str(e)[:120]})
             print(out[-1], flush=True)
         d1, d2 = bwd_config(args.dim, True)
-        for which, cfgs in (("dkdv", c1s), ("dq", c2s)):
+        # every backward row times both kernels: the shipped path (autotuned on GPU), then one kernel's fixed
+        # tile config with the other at its default
+        for which, cfgs in (("shipped", [None]), ("dkdv", c1s), ("dq", c2s)):
             for c in cfgs:
-                cfg = (c, d2) if which == "dkdv" else (d1, c)
+                cfg = None if c is None else ((c, d2) if which == "dkdv" else (d1, c))
                 try:
                     t = _bench(lambda cfg=cfg: triton_backward(q, k, v, o, do, lse, bm, config=cfg), True)
                     out.append(
