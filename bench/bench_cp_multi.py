@@ -156,6 +156,9 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--mean-doc", type=int, default=4096)
     ap.add_argument("--dist", default="mixture", choices=["exp", "mixture"])
+    ap.add_argument(
+        "--ring-groups", type=int, nargs="*", default=[], help="also the ring with g steps per kernel call"
+    )
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--balances", nargs="+", default=["contiguous", "zigzag", "document"])
     ap.add_argument("--strategies", nargs="+", default=["ring", "direct", "allgather", "ulysses"])
@@ -282,7 +285,8 @@ def config(args, res, base, mask_kind, S, N, rank, device, dtype, kb, tm, mesh, 
     o1 = l1 = None  # free before the CP rows
     ref_out, ref_from = None, None
     for balance in args.balances:
-        for strategy in args.strategies:
+        # "ring/g<g>": the ring with g steps per kernel call (plan(ring_group=g))
+        for strategy in args.strategies + [f"ring/g{g}" for g in args.ring_groups]:
             row = dict(base, impl="flexdist", balance=balance, strategy=strategy)
             peak, out = 0.0, None
             try:
@@ -290,9 +294,10 @@ def config(args, res, base, mask_kind, S, N, rank, device, dtype, kb, tm, mesh, 
                     doc,
                     None,
                     balance=balance,
-                    strategy=strategy,
+                    strategy=strategy.split("/")[0],
                     block_size=args.block_size,
                     kernel_backend=kb,
+                    ring_group=int(strategy.split("/g")[1]) if "/g" in strategy else 1,
                 )
             except ValueError as e:  # this balance/strategy does not apply here (e.g. heads not divisible)
                 say(rank, f"skip {balance}/{strategy}: {e}")

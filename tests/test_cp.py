@@ -183,6 +183,24 @@ def cases():
             builder="intervals",
         )
     )
+    # ring with several steps per kernel call (forward and dQ over the concatenated keys of a group)
+    out.append(
+        dict(
+            balance="document", strategy="ring", kind="doc", causal=True, window=None, gqa=True, ring_group=2
+        )
+    )
+    out.append(
+        dict(balance="zigzag", strategy="ring", kind="long", causal=True, window=20, gqa=False, ring_group=3)
+    )
+    out.append(
+        dict(
+            balance="contiguous", strategy="ring", kind="doc", causal=True, window=None, gqa=True, sm="alibi",
+            ring_group=2,
+        )
+    )  # fmt: skip
+    out.append(
+        dict(balance="auto", strategy="ring", kind="pad", causal=False, window=None, gqa=True, ring_group=4)
+    )
     return out
 
 
@@ -191,6 +209,7 @@ AUTO_CASES = [
     dict(balance="contiguous", strategy="direct", kind="doc", causal=True, window=None, gqa=False),
     dict(balance="document", strategy="ulysses", kind="doc", causal=True, window=None, gqa=True),
     dict(balance="zigzag", strategy="allgather", kind="long", causal=True, window=20, gqa=False, sm="alibi"),
+    dict(balance="document", strategy="ring", kind="doc", causal=True, window=None, gqa=True, ring_group=2),
 ]
 
 
@@ -241,6 +260,7 @@ def run_case(
         prefix_lengths=c.get("prefix"),
         kernel_backend=kernel_backend,
         mask_builder=c.get("builder", "masks"),
+        ring_group=c.get("ring_group", 1),
     )
     if sm_kind == "alibi" and (device != "cpu" or dtype != torch.float64):
         sm_cp = ALiBi(ALiBi.default_slopes(Hq).to(device))
@@ -612,3 +632,13 @@ def test_fused_merge_kernel_matches_torch(monkeypatch, device):
         and torch.all(o_t[:, :, -3:] == 0)
         and torch.all(torch.isneginf(l_t[:, :, -3:]))
     )
+
+
+def test_ring_group_arguments_are_checked():
+    doc = make_doc_ids("doc", 1, S_TEST, 0)
+    with pytest.raises(ValueError, match="ring_group must be a positive int, got 0"):
+        cp.plan(doc, None, ring_group=0)
+    with pytest.raises(ValueError, match="ring_group=2 needs strategy='ring', got strategy='allgather'"):
+        cp.plan(doc, None, strategy="allgather", ring_group=2)
+    p = cp.plan(doc, None, strategy="ring", ring_group=3, block_size=BS)
+    assert p.ring_group == 3 and len(p.group_masks) == 1  # one rank: one group holding step 0

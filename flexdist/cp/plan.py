@@ -124,6 +124,9 @@ class Plan:
     direct_recv: list = field(default_factory=list)  # per step t, shard (r-t)'s local tokens received
     kv_sets: list = field(default_factory=list)  # per kv rank j, global indices of the keys masks[j] covers
     _device_cache: dict = field(default_factory=dict, repr=False)
+    ring_group: int = 1  # strategy="ring": ring steps per kernel call (see `plan`)
+    # ring_group > 1: per group of steps, (mask over the concatenated keys of the steps with work, the steps)
+    group_masks: list = field(default_factory=list)
     timing: bool = False  # record CUDA events around the ring's waits (see comm_wait_seconds)
     _wait_events: list = field(default_factory=list, repr=False)
 
@@ -219,6 +222,19 @@ class Plan:
             ms = [None if m is None else _mask_to(m, device) for m in self.masks]
             fm = None if self.full_mask is None else _mask_to(self.full_mask, device)
             self._device_cache[key] = (ms, fm)
+        return self._device_cache[key]
+
+    def group_masks_on(self, device: torch.device) -> list[tuple[BlockMask | None, list[int]]]:
+        """``group_masks`` moved to ``device`` (cached), as `masks_on`."""
+        device = torch.device(device)
+        src = self.doc_ids.device
+        if device == src or (device.type == src.type and device.index is None):
+            return self.group_masks
+        key = ("groups", str(device))
+        if key not in self._device_cache:
+            self._device_cache[key] = [
+                (None if m is None else _mask_to(m, device), steps) for m, steps in self.group_masks
+            ]
         return self._device_cache[key]
 
     def index_on(self, device: torch.device, rank: int) -> torch.Tensor:
@@ -406,6 +422,7 @@ def plan(
     mask_builder: str = "masks",
     comm_weight: float = 1.0,
     tile_overhead: float = 0.0,
+    ring_group: int = 1,
     check: bool | None = None,
     debug: bool | None = None,
 ) -> Plan:
@@ -430,6 +447,12 @@ def plan(
         comm_weight: time to move one K/V block relative to computing one block (see `balance.CostModel`).
         tile_overhead: cost of each (query block, ring step) with any work, in blocks (see
             `balance.CostModel`; H100 measurements suggest ≈2; 0 keeps the block-count-only model).
+        ring_group: with ``strategy="ring"``, run the forward and dQ kernels once per group of this many ring
+            steps, over the concatenated keys of the group's shards (K/V still hop one step at a time; dK/dV
+            still travel per step). Fewer, larger calls: each query tile loads Q and merges its output once
+            per group instead of once per step. Holds up to ``ring_group + 1`` visiting shards (plus a
+            concatenated copy) instead of two. 1 (default) is the plain ring. Experimental: exact on CPU,
+            not yet measured on GPUs.
         check: all-reduce a hash of doc_ids to catch ranks passing different batches (default: on the
             first plan of each group, and always in debug mode).
         debug: check on every call (default: environment FLEXDIST_CP_DEBUG=1).
@@ -442,6 +465,10 @@ def plan(
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if not isinstance(ring_group, int) or ring_group < 1:
+        raise ValueError(f"ring_group must be a positive int, got {ring_group!r}")
+    if ring_group > 1 and strategy != "ring":
+        raise ValueError(f"ring_group={ring_group} needs strategy='ring', got strategy={strategy!r}")
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     if prefix_lengths is not None and (not isinstance(prefix_lengths, int) or prefix_lengths < 0):
@@ -555,8 +582,18 @@ def plan(
         ((full_mask, _, _),) = build_pair_masks(doc_dev, mine, [torch.arange(S)], **mkw)
     elif strategy == "ulysses":  # every rank attends the whole sequence (its heads) in global order
         ((full_mask, _, _),) = build_pair_masks(doc_dev, torch.arange(S), [torch.arange(S)], **mkw)
-    mask_build_s = time.perf_counter() - t_masks
     t_last = bal.last_needed_step(W)
+    group_masks: list = []
+    if strategy == "ring" and ring_group > 1:
+        for p0 in range(0, N, ring_group):
+            steps = [t for t in range(p0, min(p0 + ring_group, N)) if masks[(rank - t) % N] is not None]
+            if not steps:
+                group_masks.append((None, steps))
+                continue
+            kv = torch.cat([shards[(rank - t) % N] for t in steps])
+            ((gm, _, _),) = build_pair_masks(doc_dev, mine, [kv], **dict(mkw, builder="masks"))
+            group_masks.append((gm, steps))
+    mask_build_s = time.perf_counter() - t_masks
     if strategy == "direct":
         t_last = np.zeros(N, dtype=np.int64)  # unused: nothing travels round a ring
     pos = bal.positions_in_document(doc_cpu)[:, mine].to(dev)
@@ -583,6 +620,8 @@ def plan(
         direct_send=[None if x is None else x.to(dev) for x in direct_send],
         direct_recv=[None if x is None else x.to(dev) for x in direct_recv],
         kv_sets=[x.to(dev) for x in kv_sets],
+        ring_group=ring_group,
+        group_masks=group_masks,
     )
     p.stats = plan_stats(W, need, bal.last_needed_step(W), L, block_size, cost, info, strategy)
     # host wall time of this rank's BlockMask construction and of the whole plan (layout search included);
