@@ -1,25 +1,32 @@
-"""Shared harness for tests that spawn their own process groups: a free port, and ranks that must finish.
+"""Shared harness for tests that spawn their own process groups: a private rendezvous, and ranks that must finish.
 
-``run_ranks(target, world, *args)`` starts ``target(rank, world, port, results, *args)`` in ``world`` spawned
-processes; each rank puts ``(rank, "ok" | "error", info)`` on ``results``. It fails (never hangs) when a rank
-reports an error, dies, or the ranks do not all finish within ``timeout`` seconds; it returns the ranks' infos.
+``run_ranks(target, world, *args)`` starts ``target(rank, world, init_method, results, *args)`` in ``world``
+spawned processes; each rank calls ``init_group(backend, rank, world, init_method)`` and puts
+``(rank, "ok" | "error", info)`` on ``results``. The rendezvous is a file in a fresh temporary directory
+(``file://``), not a TCP port, so concurrent tests (pytest-xdist) can never collide on a port. It fails
+(never hangs) when a rank reports an error, dies, or the ranks do not all finish within ``timeout`` seconds;
+it returns the ranks' infos.
 """
 
 from __future__ import annotations
 
 import os
 import queue
-import socket
+import tempfile
 import time
 from collections.abc import Callable
+from datetime import timedelta
 
 import torch.multiprocessing as mp
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def init_group(backend: str, rank: int, world: int, init_method: str, timeout_s: float = 60.0) -> None:
+    """``dist.init_process_group`` on the harness's rendezvous (call in each spawned rank)."""
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        backend, init_method=init_method, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
+    )
 
 
 def run_ranks(
@@ -27,12 +34,13 @@ def run_ranks(
 ) -> dict[int, object]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = free_port()
+    tmp = tempfile.TemporaryDirectory(prefix="flexdist-rdzv-")
+    init_method = f"file://{os.path.join(tmp.name, 'store')}"
     old = {k: os.environ.get(k) for k in (env or {})}
     os.environ.update(env or {})  # spawned children inherit the environment at start
     try:
         procs = [
-            ctx.Process(target=target, args=(r, world, port, results, *args), daemon=True)
+            ctx.Process(target=target, args=(r, world, init_method, results, *args), daemon=True)
             for r in range(world)
         ]
         for p in procs:
@@ -66,6 +74,7 @@ def run_ranks(
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
+        tmp.cleanup()
     errors = [f"rank {r}:\n{info}" for r, (status, info) in sorted(got.items()) if status != "ok"]
     assert not errors, "\n".join(errors)
     return {r: info for r, (_, info) in got.items()}

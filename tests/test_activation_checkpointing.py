@@ -10,14 +10,12 @@ checkpointing twice as often; losses and every gradient (fp64) must equal the un
 from __future__ import annotations
 
 import importlib
-import os
 import traceback
-from datetime import timedelta
 
 import numpy as np
 import pytest
 import torch
-from spawn import run_ranks
+from spawn import init_group, run_ranks
 
 from flexdist.model import checkpointing_mode
 
@@ -142,12 +140,11 @@ def test_selective_checkpointing_does_not_rerun_attention_cp1() -> None:
     _check(_run_modes(None))
 
 
-def _worker(rank: int, world: int, port: int, results) -> None:
+def _worker(rank: int, world: int, init_method: str, results) -> None:
     import torch.distributed as dist
 
     try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+        init_group("gloo", rank, world, init_method)
         torch.set_num_threads(1)
         out = _run_modes(dist.group.WORLD)
         _check(out)

@@ -12,13 +12,12 @@ import os
 import sys
 import time
 import traceback
-from datetime import timedelta
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from spawn import run_ranks
+from spawn import init_group, run_ranks
 from torch.nn.attention.flex_attention import create_block_mask
 
 import flexdist.cp as cp
@@ -392,7 +391,7 @@ def check_bad_inputs(group, device: str, world: int, rank: int) -> None:
 def _worker(
     rank: int,
     world: int,
-    port: int,
+    init_method: str,
     results,
     backend: str,
     device_kind: str,
@@ -401,14 +400,12 @@ def _worker(
 ):
     try:
         torch.set_num_threads(1)
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(port)
         if device_kind == "cuda":
             torch.cuda.set_device(rank)
             device = f"cuda:{rank}"
         else:
             device = "cpu"
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=60))
+        init_group(backend, rank, world, init_method)
         dtype = getattr(torch, dtype_name)
         n = 0
         if device_kind == "cuda":

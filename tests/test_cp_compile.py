@@ -11,15 +11,13 @@ tolerance 1e-9 leaves room for summation order only.
 from __future__ import annotations
 
 import gc
-import os
 import traceback
-from datetime import timedelta
 
 import pytest
 import torch
 import torch._dynamo as dynamo  # tests only: graph / recompile counters and explain
 import torch.distributed as dist
-from spawn import run_ranks
+from spawn import init_group, run_ranks
 from test_cp import make_doc_ids
 
 import flexdist
@@ -272,12 +270,10 @@ CASES_2 = [
 ]
 
 
-def _worker(rank: int, world: int, port: int, results) -> None:
+def _worker(rank: int, world: int, init_method: str, results) -> None:
     try:
         torch.set_num_threads(1)
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(port)
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+        init_group("gloo", rank, world, init_method)
         graphs = [compile_and_check(dist.group.WORLD, *c) for c in CASES_2]
         dist.barrier()
         results.put((rank, "ok", graphs))

@@ -8,21 +8,19 @@ global number of valid labels and gradients all-reduced — for every sharding a
 
 from __future__ import annotations
 
-import os
 import traceback
-from datetime import timedelta
 
 import numpy as np
 import pytest
 import torch
-from spawn import run_ranks
+from spawn import init_group, run_ranks
 
 # every sharding with the ring, and every exchange strategy with the planner's choice of sharding
 CASES = [(b, "ring") for b in ("contiguous", "zigzag", "document", "auto")]
 CASES += [("auto", s) for s in ("allgather", "direct", "ulysses")]
 
 
-def _worker(rank: int, world: int, port: int, results) -> None:
+def _worker(rank: int, world: int, init_method: str, results) -> None:
     import torch.distributed as dist
     import torch.nn.functional as F
 
@@ -36,8 +34,7 @@ def _worker(rank: int, world: int, port: int, results) -> None:
     )
 
     try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+        init_group("gloo", rank, world, init_method)
         torch.manual_seed(0)
         cfg = LlamaConfig(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=96)
         model = Llama(cfg).double()
