@@ -196,10 +196,13 @@ def test_positions_out_of_range_flagged_or_clamped():
     assert bm.kv_num_blocks.shape == (2, 1, 16)
 
 
-def test_backend_argument():
+def test_backend_argument(monkeypatch):
     assert use_triton("torch", torch.device("cpu")) is False
     assert use_triton("auto", torch.device("cpu")) is False
     assert use_triton("auto", torch.device("cuda")) is triton_build.available()
+    monkeypatch.setenv("FLEXDIST_MASK_BACKEND", "torch")  # the escape hatch: "auto" never picks the kernels
+    assert use_triton("auto", torch.device("cuda")) is False
+    assert use_triton("triton", torch.device("cuda")) is triton_build.available()
     with pytest.raises(ValueError, match="backend must be 'auto', 'triton' or 'torch'"):
         document_block_mask(torch.zeros(1, 8, dtype=torch.long), backend="cuda")
     with pytest.raises(ValueError, match="backend must be"):

@@ -188,9 +188,12 @@ def positions_message(name: str, positions: torch.Tensor, S: int) -> str:
 
 
 def use_triton(backend: object, device: torch.device) -> bool:
-    """``backend``: "auto" (the Triton kernels for CUDA tensors, torch ops elsewhere), "triton" (on CPU
-    tensors this needs ``TRITON_INTERPRET=1``: tests) or "torch"."""
+    """``backend``: "auto" (the Triton kernels for CUDA tensors, torch ops elsewhere; the environment variable
+    ``FLEXDIST_MASK_BACKEND=torch``, read per call, makes "auto" use torch ops everywhere — a switch for
+    ruling the kernels out), "triton" (on CPU tensors this needs ``TRITON_INTERPRET=1``: tests) or "torch"."""
     if backend == "auto":
+        if os.environ.get("FLEXDIST_MASK_BACKEND", "auto") == "torch":
+            return False
         return device.type == "cuda" and triton_build.available()
     if backend == "torch":
         return False
