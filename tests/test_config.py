@@ -122,6 +122,12 @@ def test_unknown_key_in_a_yaml_option_is_an_error(tmp_path) -> None:
         (["trainer.dtype=bf16", "parallel.fsdp=false"], 1, "trainer.dtype=bf16 needs parallel.fsdp=true"),
         (["+trainer.new_key=1"], 1, "unknown config key 'trainer.new_key'"),
         (["trainer.grad_accum=0"], 1, "trainer.grad_accum=0 must be >= 1"),
+        (["parallel=cp", "parallel.cp_ring_group=0"], 2, "parallel.cp_ring_group=0 must be >= 1"),
+        (
+            ["parallel=cp", "parallel.cp_strategy=allgather", "parallel.cp_ring_group=2"],
+            2,
+            "parallel.cp_ring_group=2 groups ring steps: it needs parallel.cp_strategy=ring, got allgather",
+        ),
         (["data=jsonl", "data.path=null"], 1, "data.source=jsonl needs data.path"),
     ],
 )

@@ -121,6 +121,9 @@ class ParallelConfig:
     cp_strategy: CPStrategy = CPStrategy.ring  # how K/V reach every rank of the cp group
     cp_balance: CPBalance = CPBalance.auto  # how the sequence's tokens are assigned to cp ranks
     block_size: int = 128  # BlockMask block size (tokens); seq_len must be divisible as the plan needs
+    # cp_strategy=ring only: forward / dQ kernel calls per group of this many ring steps (1 = plain ring;
+    # experimental, see flexdist.cp.plan(ring_group=...))
+    cp_ring_group: int = 1
     fsdp: bool = True  # shard parameters, gradients and optimizer state over all dp×cp ranks (FSDP2)
 
 
@@ -313,6 +316,14 @@ def validate(cfg: Any, world_size: int) -> Resolved:
         errors.append(
             f"parallel.cp_strategy=ulysses splits heads over the cp ranks: model.n_heads={nh} and "
             f"model.n_kv_heads={nkv} must both be divisible by parallel.cp={cp}"
+        )
+    rg = g("parallel.cp_ring_group")
+    if rg < 1:
+        errors.append(f"parallel.cp_ring_group={rg} must be >= 1")
+    elif rg > 1 and g("parallel.cp_strategy") != "ring":
+        errors.append(
+            f"parallel.cp_ring_group={rg} groups ring steps: it needs parallel.cp_strategy=ring, "
+            f"got {g('parallel.cp_strategy')}"
         )
     for key in ("trainer.steps", "trainer.micro_batch", "trainer.grad_accum", "trainer.log_interval"):
         if g(key) < 1:

@@ -327,6 +327,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                         strategy=_value(cfg.parallel.cp_strategy),
                         block_size=cfg.parallel.block_size,
                         backend=_value(cfg.model.attn_backend),
+                        ring_group=cfg.parallel.cp_ring_group,
                     )
                     if hasattr(plan, "comm_wait_seconds"):
                         # CUDA events around the ring's waits (exposed communication); off elsewhere

@@ -132,6 +132,7 @@ def make_cp_plan(
     strategy: str = "ring",
     block_size: int = 128,
     backend: str = "auto",
+    ring_group: int = 1,
 ) -> Any:
     """The batch's document-causal context-parallel plan over process ``group`` (``flexdist.cp.plan``).
 
@@ -150,6 +151,7 @@ def make_cp_plan(
         causal=True,
         block_size=block_size,
         kernel_backend=backend,
+        ring_group=ring_group,
     )
     if op_supported(plan):
         register_plan(plan)
