@@ -37,7 +37,7 @@ part_cp_multi() { run_part cp_multi "${T_CPMULTI:-150}" torchrun --standalone --
 part_train_cp() { FLEXDIST_RUN_DIR="$R/train_1b_cp${NGPU}" run_part train_1b_cp "${T_TRAINCP:-180}" \
                    torchrun --standalone --nproc-per-node "$NGPU" -m train model=1b parallel=cp parallel.cp="$NGPU" \
                    optim=adamw trainer.seq_len=131072 trainer.steps="${TRAINCP_STEPS:-12}" \
-                   trainer.activation_checkpointing=true trainer.ckpt_interval=0 trainer.log_interval=1; }
+                   trainer.activation_checkpointing=true trainer.ckpt_interval=0 trainer.log_interval=1 ${TRAINCP_ARGS:-}; }
 lane() { for p in $1; do "part_$p"; done; }
 
 if [ "$NGPU" -ge 2 ]; then
