@@ -412,8 +412,13 @@ def _worker(
             # the Triton kernel on GPU: every case at D=64 with blocks of 32 and 64 (FLEXDIST_CP_NCCL_BS);
             # rank 0 reports progress on stderr, so a slow run (cold Triton cache) is told from a hang
             sizes = [int(b) for b in os.environ.get("FLEXDIST_CP_NCCL_BS", "32,64").split(",")]
+            # FLEXDIST_CP_NCCL_CASES="a-b": only cases a..b (a cold Triton cache costs 7-25 s per case; split
+            # the run over device calls)
+            lo, _, hi = os.environ.get("FLEXDIST_CP_NCCL_CASES", "0-9999").partition("-")
             t0 = time.monotonic()
             for i, c in enumerate(cases()):
+                if not int(lo) <= i <= int(hi or lo):
+                    continue
                 for bs in sizes:
                     S = 4 * world * bs
                     run_case(c, None, device, kernel_backend, dtype, seed=100 + i, S=S, bs=bs, D=64)
@@ -453,12 +458,13 @@ def spawn_world(
     dtype_name: str = "float64",
     timeout: float = 150.0,
     env: dict | None = None,
+    min_cases: int = 11,
 ) -> None:
     """Run `_worker` on `world` processes; fail on any error or if they do not finish within `timeout`."""
     counts = run_ranks(
         _worker, world, backend, device_kind, kernel_backend, dtype_name, timeout=timeout, env=env
     )
-    assert all(n > 10 for n in counts.values()), counts
+    assert all(n >= min_cases for n in counts.values()), (counts, f"expected >= {min_cases} cases per rank")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ Skipped (with the reason) without at least 2 CUDA GPUs. Each world size is one s
 (one GPU per rank) running every case of ``test_cp.cases()`` in fp32 at two sizes against the fp64 dense
 reference on the full sequence, plus the bad-input checks. Environment for the workers: NCCL_NVLS_ENABLE=0,
 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 (no NVLink multicast). Choose world sizes with FLEXDIST_CP_NCCL_WORLDS
-(e.g. ``2,4``; default all of 2..ngpu) and the dtype with FLEXDIST_CP_NCCL_DTYPE (float32 or bfloat16):
+(e.g. ``2,4``; default all of 2..ngpu), the dtype with FLEXDIST_CP_NCCL_DTYPE (float32 or bfloat16), the
+BlockMask block sizes with FLEXDIST_CP_NCCL_BS (default ``32,64``) and a range of cases with
+FLEXDIST_CP_NCCL_CASES (e.g. ``0-23``; each case compiles new kernel variants on a cold cache):
 
     python -m pytest tests/test_cp_nccl.py -q
 """
@@ -52,4 +54,5 @@ def test_cp_exact_nccl(world: int) -> None:
         dtype_name=dtype,
         timeout=840.0,
         env=NCCL_ENV,
+        min_cases=1 if os.environ.get("FLEXDIST_CP_NCCL_CASES") else 11,
     )
