@@ -125,7 +125,8 @@ class Plan:
     kv_sets: list = field(default_factory=list)  # per kv rank j, global indices of the keys masks[j] covers
     _device_cache: dict = field(default_factory=dict, repr=False)
     ring_group: int = 1  # strategy="ring": ring steps per kernel call (see `plan`)
-    # ring_group > 1: per group of steps, (mask over the concatenated keys of the steps with work, the steps)
+    # ring_group > 1: per group of steps, (mask over the concatenated keys of the steps with work, those steps,
+    # their global key indices)
     group_masks: list = field(default_factory=list)
     timing: bool = False  # record CUDA events around the ring's waits (see comm_wait_seconds)
     _wait_events: list = field(default_factory=list, repr=False)
@@ -224,7 +225,7 @@ class Plan:
             self._device_cache[key] = (ms, fm)
         return self._device_cache[key]
 
-    def group_masks_on(self, device: torch.device) -> list[tuple[BlockMask | None, list[int]]]:
+    def group_masks_on(self, device: torch.device) -> list[tuple]:
         """``group_masks`` moved to ``device`` (cached), as `masks_on`."""
         device = torch.device(device)
         src = self.doc_ids.device
@@ -233,7 +234,8 @@ class Plan:
         key = ("groups", str(device))
         if key not in self._device_cache:
             self._device_cache[key] = [
-                (None if m is None else _mask_to(m, device), steps) for m, steps in self.group_masks
+                (None if m is None else _mask_to(m, device), steps, None if idx is None else idx.to(device))
+                for m, steps, idx in self.group_masks
             ]
         return self._device_cache[key]
 
@@ -588,11 +590,11 @@ def plan(
         for p0 in range(0, N, ring_group):
             steps = [t for t in range(p0, min(p0 + ring_group, N)) if masks[(rank - t) % N] is not None]
             if not steps:
-                group_masks.append((None, steps))
+                group_masks.append((None, steps, None))
                 continue
             kv = torch.cat([shards[(rank - t) % N] for t in steps])
             ((gm, _, _),) = build_pair_masks(doc_dev, mine, [kv], **dict(mkw, builder="masks"))
-            group_masks.append((gm, steps))
+            group_masks.append((gm, steps, kv.to(dev)))
     mask_build_s = time.perf_counter() - t_masks
     if strategy == "direct":
         t_last = np.zeros(N, dtype=np.int64)  # unused: nothing travels round a ring
