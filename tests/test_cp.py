@@ -23,7 +23,14 @@ from torch.nn.attention.flex_attention import create_block_mask
 import flexdist.cp as cp
 from flexdist.cp import balance as bal
 from flexdist.cp.merge import merge_all
-from flexdist.kernels import ALiBi, DocumentMaskMod, RelativeBias, flex_attention_reference, reference_forward
+from flexdist.kernels import (
+    ALiBi,
+    DocumentMaskMod,
+    RelativeBias,
+    flex_attention_forward,
+    flex_attention_reference,
+    reference_forward,
+)
 
 BS = 8  # BlockMask block for the CPU cases (reference kernel); S is a multiple of N*BS and 2N
 S_TEST = 96
@@ -551,6 +558,20 @@ def test_lse_merge_bf16_accuracy_n8():
     torch.testing.assert_close(m2, merged)
     m3, l3 = merge_all([empty_o, empty_o], [empty_l, empty_l])
     assert torch.all(m3 == 0) and torch.all(torch.isneginf(l3))
+    # the ring's own path: the Triton kernel merging each bf16 step into an fp32 accumulator in its epilogue
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    out_acc = torch.zeros(B, H, S, D, device=dev)
+    lse_acc = torch.full((B, H, S), float("-inf"), device=dev)
+    for j in range(N):
+        sl = slice(j * S // N, (j + 1) * S // N)
+        idx = torch.arange(S, device=dev)[sl]
+        flex_attention_forward(
+            qb.to(dev), kb[:, :, sl].to(dev), vb[:, :, sl].to(dev), kv_global_idx=idx,
+            out_acc=out_acc, lse_acc=lse_acc, backend="triton",
+        )  # fmt: skip
+    err_kernel = (out_acc.bfloat16().float().cpu() - ref).abs().max().item()
+    assert err_kernel <= 2 * err_single + 1e-3, (err_kernel, err_single)
+    torch.testing.assert_close(lse_acc.cpu(), ref_lse, atol=2e-2, rtol=1e-3)
 
 
 def test_document_planner_beats_fixed_layouts():
@@ -603,38 +624,6 @@ def test_block_level_pair_work_equals_token_level():
             np.testing.assert_array_equal(W1, W2)
             np.testing.assert_array_equal(need1, need2)
     assert bal.block_assignment(bal.zigzag_perm(S, 8), 8, 16) is None  # chunks of 24 tokens straddle blocks
-
-
-def test_fused_merge_kernel_matches_torch(monkeypatch, device):
-    """The fused Triton merge (on CUDA when present, else under the interpreter) equals the torch merge,
-    incl. -inf rows. CUDA tensors take the Triton path by themselves; CPU tensors only when
-    FLEXDIST_MERGE_TRITON_CPU=1, and only the interpreter (set by conftest without CUDA) can run on them."""
-    from flexdist.cp import merge as mg
-
-    monkeypatch.setenv("FLEXDIST_MERGE_TRITON_CPU", "1" if device == "cpu" else "0")
-    g = torch.Generator().manual_seed(0)
-    B, H, L, D = 1, 2, 40, 24
-    outs = [torch.randn(B, H, L, D, generator=g).bfloat16().to(device) for _ in range(3)]
-    lses = [(torch.randn(B, H, L, generator=g) * 3).to(device) for _ in range(3)]
-    lses[1][:, :, :7] = float("-inf")
-    outs[1][:, :, :7] = 0
-    for ls in lses:
-        ls[:, :, -3:] = float("-inf")  # rows that see nothing anywhere
-    for o in outs:
-        o[:, :, -3:] = 0
-    assert mg._use_triton(outs[0].float(), outs[1], lses[1])  # the fused kernel is what is tested
-    o_t, l_t = mg.merge_all(outs, lses)
-    monkeypatch.setenv("FLEXDIST_MERGE_TRITON_CPU", "0")
-    o_r, l_r = None, None
-    for o, l in zip(outs, lses, strict=True):
-        o_r, l_r = mg.merge_into(o_r, l_r, o, l) if o_r is None else mg._merge_torch(o_r, l_r, o, l)
-    torch.testing.assert_close(o_t, o_r, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(l_t, l_r, atol=1e-5, rtol=1e-5)
-    assert (
-        not torch.isnan(o_t).any()
-        and torch.all(o_t[:, :, -3:] == 0)
-        and torch.all(torch.isneginf(l_t[:, :, -3:]))
-    )
 
 
 def test_ring_group_arguments_are_checked():
