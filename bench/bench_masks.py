@@ -157,6 +157,12 @@ def main() -> None:
     )
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument(
+        "--compile-max-seq",
+        type=int,
+        default=None,
+        help="time compiled torch only up to this S in part 1 (its 512k compile alone can take minutes)",
+    )
+    ap.add_argument(
         "--plan-baselines",
         choices=["contiguous", "both", "none"],
         default="contiguous",
@@ -251,7 +257,16 @@ def main() -> None:
                 )
             )
             del ref
-        if use_compile:
+        if use_compile and args.compile_max_seq is not None and args.compile_max_seq < S:
+            rows.append(
+                dict(
+                    S=S,
+                    method="torch.compile(create_block_mask)",
+                    ms=None,
+                    skipped=f"S > --compile-max-seq {args.compile_max_seq}",
+                )
+            )
+        elif use_compile:
             torch.compiler.reset()
             compiled_cbm = torch.compile(create_block_mask, dynamic=False)
             call_args = (mm, 1, None, S, S)

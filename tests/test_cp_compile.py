@@ -32,19 +32,25 @@ class Block(torch.nn.Module):
     """Q/K/V projections (GQA) + ``flexdist.ContextParallelAttention`` + output projection."""
 
     def __init__(
-        self, seed: int, dtype: torch.dtype = torch.float64, kernel_backend: str = "reference"
+        self,
+        seed: int,
+        dtype: torch.dtype = torch.float64,
+        kernel_backend: str = "reference",
+        head_dim: int = D,
     ) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.wqkv = torch.nn.Parameter(torch.randn(H * D, (H + 2 * HKV) * D, generator=g, dtype=dtype))
-        self.wo = torch.nn.Parameter(torch.randn(H * D, H * D, generator=g, dtype=dtype) * 0.2)
+        self.d = d = head_dim
+        self.wqkv = torch.nn.Parameter(torch.randn(H * d, (H + 2 * HKV) * d, generator=g, dtype=dtype))
+        self.wo = torch.nn.Parameter(torch.randn(H * d, H * d, generator=g, dtype=dtype) * 0.2)
         self.cpa = flexdist.ContextParallelAttention(kernel_backend=kernel_backend)
 
     def forward(self, x: torch.Tensor, plan=None) -> torch.Tensor:
         b, s, _ = x.shape
-        q, k, v = (x @ self.wqkv).view(b, s, H + 2 * HKV, D).transpose(1, 2).split([H, HKV, HKV], dim=1)
+        d = self.d
+        q, k, v = (x @ self.wqkv).view(b, s, H + 2 * HKV, d).transpose(1, 2).split([H, HKV, HKV], dim=1)
         out, lse = self.cpa(q, k, v, plan, return_lse=True)
-        y = out.transpose(1, 2).reshape(b, s, H * D) @ self.wo
+        y = out.transpose(1, 2).reshape(b, s, H * d) @ self.wo
         return y + 0.01 * torch.where(torch.isinf(lse), 0.0, lse).transpose(1, 2).sum(-1, keepdim=True)
 
 
@@ -81,11 +87,12 @@ def compile_and_check(
     kernel_backend: str = "reference",
     backend: str = "aot_eager",
     tol: dict | None = None,
+    head_dim: int = D,
 ) -> int:
     """Compile a Block once (fullgraph) and run 5 document layouts, each with a new plan: equal to eager every
     time, and no recompile after the first (``fail_on_recompile`` raises; the graph count stays at one).
     Returns the number of graphs dynamo compiled for it."""
-    block = Block(seed=1, dtype=dtype, kernel_backend=kernel_backend).to(device)
+    block = Block(seed=1, dtype=dtype, kernel_backend=kernel_backend, head_dim=head_dim).to(device)
     compiled = torch.compile(block, fullgraph=True, dynamic=False, backend=backend)
     graphs0 = dynamo.utils.counters["stats"]["unique_graphs"]
     for i, doc in enumerate(_layouts()):
@@ -97,7 +104,7 @@ def compile_and_check(
             block_size=BS,
             kernel_backend=kernel_backend,
         )
-        x_full = torch.randn(1, S, H * D, generator=torch.Generator().manual_seed(60 + i), dtype=dtype)
+        x_full = torch.randn(1, S, H * head_dim, generator=torch.Generator().manual_seed(60 + i), dtype=dtype)
         x = plan.shard(x_full.to(device), 1).requires_grad_(True)
         if per_call:
             ops.register_plan(plan)
@@ -139,6 +146,7 @@ def test_block_compiles_inductor_gpu_without_recompiles() -> None:
         kernel_backend="triton",
         backend="inductor",
         tol=dict(rtol=2e-3, atol=2e-3),
+        head_dim=16,  # the Triton kernel's smallest head dim
     )
 
 
