@@ -139,6 +139,7 @@ def _fwd_inner(
     EVEN_N: tl.constexpr,
     PREC: tl.constexpr,
     UPCAST: tl.constexpr,
+    FMA: tl.constexpr,
 ):
     SUBS: tl.constexpr = KBS // BLOCK_N
     offs_d = tl.arange(0, D)
@@ -157,7 +158,10 @@ def _fwd_inner(
             v = tl.load(Vb + offs_n[:, None] * svn + offs_dv[None, :], mask=offs_n[:, None] < Skv, other=0.0)
         qk = _dot(q, tl.trans(k), PREC, UPCAST)
         if SCORE_KIND == 0:
-            s = qk * qk_scale
+            if FMA:
+                s = qk  # scaled below, fused into the exponent's subtraction
+            else:
+                s = qk * qk_scale
         else:
             if HAS_KVIDX:
                 kg = tl.load(KVIDX + offs_n, mask=offs_n < Skv, other=0)
@@ -183,10 +187,17 @@ def _fwd_inner(
                 s = tl.where(vis, s, float("-inf"))
         if not EVEN_N:
             s = tl.where(offs_n[None, :] < Skv, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if FMA and SCORE_KIND == 0:
+            # the tutorial's form: max of the raw scores times the (positive) scale, then one FMA per element
+            # (s·scale − m) instead of a multiply and a subtract
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s * qk_scale - m_safe[:, None])
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, UPCAST)
         m_i = m_new
@@ -267,6 +278,7 @@ def _fwd_kernel(
     PREC: tl.constexpr,
     UPCAST: tl.constexpr,
     ACCUM: tl.constexpr,
+    FMA: tl.constexpr,
 ):
     # grid (slot, batch·head): the slots of one head run together (its K/V stay in L2) and follow the
     # block work order, longest first (H100: putting heads fastest instead cost 7% at 32k causal)
@@ -314,7 +326,7 @@ def _fwd_kernel(
         acc, l_i, m_i, q, qd, qp, qg, offs_m, qb, hq, num, KV_IDX + idx_off, KV_PID + idx_off,
         Kb, Vb, skn, svn, Skv, BITS, KVDOC, KVPOS, KVPRE, KVIDX, SLOPES, TABLE, table_stride, L, softcap,
         window, scale, qk_scale, BLOCK_M, BLOCK_N, D, DV, QBS, KBS, WORDS, True, MASK_KIND, SCORE_KIND,
-        CAUSAL, HAS_WINDOW, HAS_PREFIX, HAS_KVIDX, EVEN_N, PREC, UPCAST,
+        CAUSAL, HAS_WINDOW, HAS_PREFIX, HAS_KVIDX, EVEN_N, PREC, UPCAST, FMA,
     )  # fmt: skip
     if HAS_FULL:
         num = tl.load(FULL_NUM + num_off)
@@ -323,7 +335,7 @@ def _fwd_kernel(
             acc, l_i, m_i, q, qd, qp, qg, offs_m, qb, hq, num, FULL_IDX + idx_off, KV_PID + idx_off,
             Kb, Vb, skn, svn, Skv, BITS, KVDOC, KVPOS, KVPRE, KVIDX, SLOPES, TABLE, table_stride, L, softcap,
             window, scale, qk_scale, BLOCK_M, BLOCK_N, D, DV, QBS, KBS, WORDS, False, MASK_KIND, SCORE_KIND,
-            CAUSAL, HAS_WINDOW, HAS_PREFIX, HAS_KVIDX, EVEN_N, PREC, UPCAST,
+            CAUSAL, HAS_WINDOW, HAS_PREFIX, HAS_KVIDX, EVEN_N, PREC, UPCAST, FMA,
         )  # fmt: skip
     o_ptrs = O + b64 * sob + hq.to(tl.int64) * soh + offs_m[:, None] * som + offs_dv[None, :]
     lse_ptrs = LSE + bh.to(tl.int64) * Sq + offs_m
@@ -446,18 +458,30 @@ FWD_TUNE = [
     (128, 128, 4, 3),
     (128, 64, 4, 4),
     (64, 128, 4, 3),
+    # the two leading tiles again with the FMA softmax (max of raw scores × scale, one FMA per element): not
+    # yet timed on a GPU, so the autotuner decides per shape instead of a changed default
+    (128, 128, 8, 3, True),
+    (128, 64, 4, 3, True),
 ]
 
 
-def tune_configs(cfgs) -> list:
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in cfgs]
+def tune_configs(cfgs, extra: str | None = None) -> list:
+    """``triton.Config`` per ``(BLOCK_M, BLOCK_N, warps, stages[, flag])``; the optional fifth entry sets the
+    boolean constexpr named ``extra`` (False where absent)."""
+    out = []
+    for c in cfgs:
+        kw = {"BLOCK_M": c[0], "BLOCK_N": c[1]}
+        if extra is not None:
+            kw[extra] = bool(c[4]) if len(c) > 4 else False
+        out.append(triton.Config(kw, num_warps=c[2], num_stages=c[3]))
+    return out
 
 
 def use_autotune(q: torch.Tensor, km: KernelMask, Sq: int, Skv: int) -> bool:
     return q.is_cuda and km.QBS % 128 == 0 and km.KBS % 128 == 0 and Sq * Skv >= AUTOTUNE_MIN_PAIRS
 
 
-_fwd_kernel_tuned = triton.autotune(configs=tune_configs(FWD_TUNE), key=TUNE_KEY)(_fwd_kernel)
+_fwd_kernel_tuned = triton.autotune(configs=tune_configs(FWD_TUNE, "FMA"), key=TUNE_KEY)(_fwd_kernel)
 
 
 def tuned_choices() -> dict:
@@ -585,7 +609,7 @@ def triton_forward(
     *,
     q_global_idx: torch.Tensor | None = None,
     kv_global_idx: torch.Tensor | None = None,
-    config: tuple[int, int, int, int] | None = None,
+    config: tuple | None = None,
     out_acc: torch.Tensor | None = None,
     lse_acc: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -593,6 +617,7 @@ def triton_forward(
 
     With ``out_acc`` / ``lse_acc`` (fp32, the running result of earlier calls over other keys; start from
     zeros / −inf), this call's result is merged into them in place by LSE, and they are returned.
+    ``config``: ``(BLOCK_M, BLOCK_N, warps, stages[, fma_softmax])`` instead of the defaults / the autotuner.
     """
     on_gpu = q.is_cuda
     cfg = config or fwd_config(q.shape[-1], on_gpu)
@@ -630,7 +655,8 @@ def triton_forward(
         PREC=lp.prec, UPCAST=lp.upcast, ACCUM=accum,
     )  # fmt: skip
     n_qb = triton.cdiv(sh.Sq, km.QBS)  # query blocks in use (the BlockMask may list more)
-    if config is None and use_autotune(q, km, sh.Sq, sh.Skv):
+    # the FMA softmax scales the row max after taking it, which needs a positive scale
+    if config is None and lp.scale > 0 and use_autotune(q, km, sh.Sq, sh.Skv):
         # every tuned tile divides the 128-multiple blocks, so EVEN_* only depends on the blocks
         grid = lambda meta: (n_qb * (km.QBS // meta["BLOCK_M"]), sh.B * sh.Hq)
         _fwd_kernel_tuned[grid](*args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, **consts)
@@ -638,6 +664,7 @@ def triton_forward(
         grid = (n_qb * (km.QBS // BM), sh.B * sh.Hq)
         _fwd_kernel[grid](
             *args, BLOCK_M=BM, BLOCK_N=BN, EVEN_M=lp.even_m and sh.Sq % BM == 0,
-            EVEN_N=lp.even_n and sh.Skv % BN == 0, num_warps=cfg[2], num_stages=cfg[3], **consts,
+            EVEN_N=lp.even_n and sh.Skv % BN == 0, num_warps=cfg[2], num_stages=cfg[3],
+            FMA=len(cfg) > 4 and bool(cfg[4]) and lp.scale > 0, **consts,
         )  # fmt: skip
     return out, lse

@@ -135,3 +135,51 @@ def test_accumulators_are_checked() -> None:
         flex_attention_backward(q, k, v, out, out, l, enable_gqa=True, dk_out=dk, backend="triton")
     with pytest.raises(ValueError, match="which must be"):
         flex_attention_backward(q, k, v, out, out, l, enable_gqa=True, which="dk", backend="triton")
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_fma_softmax_variant_equals_default(accumulate: bool) -> None:
+    """The forward's FMA softmax (one of the autotuner's choices on a GPU) against the default form and the
+    reference: padding rows that see nothing, rows empty in some chunks, a ragged last kv tile, GQA, and the
+    accumulate epilogue."""
+    from flexdist.kernels import triton_fwd as TF
+    from flexdist.kernels.reference import reference_forward
+
+    doc, q, k, v, _, order = _problem(seed=7)
+    dev = torch.device(DEV)
+    doc, q, k, v, order = (t.to(dev) for t in (doc, q, k, v, order))
+    ((mask, _, _),) = build_pair_masks(doc, order, [order], causal=True, window=None, block_size=BS)
+    ql, kl, vl = q[:, :, order], k[:, :, order], v[:, :, order]
+    want_o, want_l = reference_forward(ql, kl, vl, mask, enable_gqa=True, scale=0.4)
+    fin = torch.isfinite(want_l)
+    assert (~fin).any() and fin.any()
+    res = []
+    for fma in (False, True):
+        cfg = (64, 64, 4, 1, fma)
+        if accumulate:
+            B, Hq, L, D = ql.shape
+            o = torch.zeros(B, Hq, L, D, device=dev)
+            lse = torch.full((B, Hq, L), float("-inf"), device=dev)
+            for idx in _chunks(torch.arange(L, device=dev), 2):
+                ((m, _, _),) = build_pair_masks(
+                    doc, order, [order[idx]], causal=True, window=None, block_size=BS
+                )
+                if m is not None:
+                    TF.triton_forward(
+                        ql, kl[:, :, idx], vl[:, :, idx], m, scale=0.4, enable_gqa=True,
+                        config=cfg, out_acc=o, lse_acc=lse,
+                    )  # fmt: skip
+        else:
+            o, lse = TF.triton_forward(ql, kl, vl, mask, scale=0.4, enable_gqa=True, config=cfg)
+        assert not torch.isnan(o).any() and not torch.isnan(lse).any()
+        assert torch.equal(torch.isfinite(lse), fin) and (o[~fin] == 0).all()
+        torch.testing.assert_close(o.float(), want_o.float(), atol=2e-4, rtol=2e-4, msg=f"out fma={fma}")
+        torch.testing.assert_close(lse[fin], want_l[fin], atol=2e-4, rtol=2e-4, msg=f"lse fma={fma}")
+        res.append((o, lse))
+    torch.testing.assert_close(res[0][0], res[1][0], atol=1e-5, rtol=1e-5)
+    if not accumulate:  # no mask, 85 keys: the last kv tile is ragged (masked loads, EVEN_N off)
+        want_o, want_l = reference_forward(ql, kl[:, :, :85], vl[:, :, :85], None, enable_gqa=True, scale=0.4)
+        o, lse = TF.triton_forward(ql, kl[:, :, :85], vl[:, :, :85], None, scale=0.4, enable_gqa=True,
+                                   config=(64, 64, 4, 1, True))  # fmt: skip
+        torch.testing.assert_close(o.float(), want_o.float(), atol=2e-4, rtol=2e-4)
+        torch.testing.assert_close(lse, want_l, atol=2e-4, rtol=2e-4)

@@ -244,10 +244,10 @@ def test_every_autotune_tile_is_correct():
     q, k, v = _inputs(1, H, H, S, S, D, seed=15)
     ro, rl = reference_forward(q, k, v, bm)
     fin = torch.isfinite(rl)
-    for m, n in sorted({c[:2] for c in TF.FWD_TUNE}):
-        out, lse = TF.triton_forward(q, k, v, bm, config=(m, n, 4, 1))
-        _close(out, ro, 2e-4, f"out with tile {m}x{n}")
-        _close(lse[fin], rl[fin], 2e-4, f"lse with tile {m}x{n}")
+    for m, n, fma in sorted({(*c[:2], len(c) > 4 and c[4]) for c in TF.FWD_TUNE}):
+        out, lse = TF.triton_forward(q, k, v, bm, config=(m, n, 4, 1, fma))
+        _close(out, ro, 2e-4, f"out with tile {m}x{n} fma={fma}")
+        _close(lse[fin], rl[fin], 2e-4, f"lse with tile {m}x{n} fma={fma}")
     dout = torch.randn_like(out)
     want = reference_backward(q, k, v, out, dout, lse, bm)
     d1, d2 = TB.bwd_config(D, False)
