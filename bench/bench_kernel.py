@@ -244,6 +244,7 @@ def sweep(args, dev, dtype) -> list[dict]:
     S = args.sweep_seq
     out = []
     fwd_cfgs = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
+    fwd_cfgs += [(128, 128, 8, 3, True), (128, 64, 4, 3, True)]  # the FMA softmax beside its plain twins
     c1s = [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2)]
     c2s = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 2)]
     means = {"causal": None, "doc4k": 4096, "doc1k": 1024}
