@@ -26,6 +26,7 @@ part_tests()   { run_part pytest_gpu "${T_TESTS:-200}" python3 -m pytest -q -rfE
                    -p no:cacheprovider --timeout 180 ${TEST_FILES:-tests --deselect tests/test_cp_nccl.py}; }
 part_kernel_sweep() { run_part kernel_sweep "${T_SWEEP:-150}" python3 bench/bench_kernel.py --sweep --sweep-seq "${SWEEP_SEQ:-8192}" \
                    --masks "${SWEEP_MASKS:-doc1k,doc4k}" --out "$R/kernel_sweep_h100.json"; }
+part_host()    { run_part host    "${T_HOST:-90}" python3 bench/bench_host.py ${HOST_ARGS:-} --out "$R/host_h100.json"; }
 part_masks()   { run_part masks   "${T_MASKS:-120}" python3 bench/bench_masks.py ${MASKS_ARGS:-} --out "$R/masks_h100.json"; }
 part_cp_sim()  { run_part cp_sim  "${T_CPSIM:-150}" python3 bench/bench_cp_sim.py ${CPSIM_ARGS:-} --out "$R/cp_sim_h100.json"; }
 part_train350m() { run_part train_350m "${T_TRAIN:-280}" python3 bench/bench_train.py --models 350m --seq-lens 16384 \
