@@ -32,6 +32,8 @@ part_cp_sim()  { run_part cp_sim  "${T_CPSIM:-150}" python3 bench/bench_cp_sim.p
 part_train350m() { run_part train_350m "${T_TRAIN:-280}" python3 bench/bench_train.py --models 350m --seq-lens 16384 \
                    --attention flexdist --compile none blocks --ac none selective --out "$R/train_350m_h100.json"; }
 part_train1b() { run_part train_1b "${T_TRAIN:-280}" python3 bench/bench_train.py --models 1b ${TRAIN_ARGS:-} --out "$R/train_1b_h100.json"; }
+part_tests_multi() { run_part pytest_multi "${T_TESTS_MULTI:-200}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider \
+                   tests/test_train_compile.py -k gpu_fsdp2; }  # FSDP2 + cp = 2 + compiled blocks on two GPUs
 part_nccl()    { run_part pytest_nccl "${T_NCCL:-120}" python3 -m pytest -q -s -rfE --tb=short -p no:cacheprovider tests/test_cp_nccl.py; }
 part_cp_multi() { run_part cp_multi "${T_CPMULTI:-150}" torchrun --standalone --nproc-per-node "$NGPU" \
                    bench/bench_cp_multi.py ${CPMULTI_ARGS:-} --out "$R/cp_multi_${NGPU}gpu.json"; }
