@@ -187,15 +187,16 @@ def _fwd_inner(
                 s = tl.where(vis, s, float("-inf"))
         if not EVEN_N:
             s = tl.where(offs_n[None, :] < Skv, s, float("-inf"))
+        # FMA: the tutorial's form, the max of the raw scores times the (positive) scale, then one FMA per
+        # element (s·scale − m) instead of a multiply and a subtract
         if FMA and SCORE_KIND == 0:
-            # the tutorial's form: max of the raw scores times the (positive) scale, then one FMA per element
-            # (s·scale − m) instead of a multiply and a subtract
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s * qk_scale - m_safe[:, None])
         else:
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if FMA and SCORE_KIND == 0:
+            p = tl.exp2(s * qk_scale - m_safe[:, None])
+        else:
             p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
