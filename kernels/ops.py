@@ -1,22 +1,39 @@
-"""Document-masked flex attention as PyTorch custom ops, so ``torch.compile(fullgraph=True)`` sees one opaque op.
+"""Document-masked flex attention as PyTorch ops: ``torch.compile(fullgraph=True)`` traces them without graph
+breaks, and on CUDA inductor sees the Triton kernels themselves.
 
-Why: dynamo cannot trace into the Triton launch / the BlockMask-driven Python dispatch of
-:func:`flex_attention_forward` without graph breaks, and a document layout that changes every step must not
-change the compiled graph. So the op's inputs are *only* tensors and scalars: the BlockMask's block tables
-and the :class:`DocumentMaskMod`'s per-token tensors are ordinary tensor inputs (document structure is data,
-not shape), and the scalars (block sizes, lengths, causal, window, scale, GQA flag, backend) are fixed per
-model. Inside the real implementation the BlockMask is rebuilt with the public ``BlockMask.from_kv_blocks``
-and the kernel entry points are called as in eager mode.
+Why ops: dynamo cannot trace the BlockMask-driven Python dispatch of :func:`flex_attention_forward`, and a
+document layout that changes every step must not change the compiled graph. So the op's inputs are *only*
+tensors and scalars: the BlockMask's block tables and the :class:`DocumentMaskMod`'s per-token tensors are
+ordinary tensor inputs (document structure is data, not shape), and the scalars (block sizes, lengths,
+causal, window, scale, GQA flag, backend) are fixed per model. Inside, the BlockMask is rebuilt with the
+public ``BlockMask`` API and the kernel entry points are called as in eager mode.
 
 Ops (namespace ``flexdist``):
 - ``flexdist::document_attention_fwd(q, k, v, <mask tensors>, <scalars>) -> (out, lse)``
 - ``flexdist::document_attention_bwd(q, k, v, out, dout, lse, dlse, <mask tensors>, <scalars>) -> (dq, dk, dv)``
 
-Both have fake (meta) implementations; the forward has ``register_autograd`` wiring it to the backward op,
-gradients flow into q, k, v from both ``out`` and ``lse``. The backward op itself is not differentiable
-(no double backward). Score mods are not taken (the op is for plain document-masked attention). The
-Triton kernels run inside the op's real implementation, so inductor treats the op as an opaque fallback
-kernel (no ``triton_op`` / ``wrap_triton`` fusion yet). Public entry point: :func:`document_attention`.
+Design (issue #8). Both are ``torch.library.triton_op`` ops. A ``triton_op`` body may only run torch ops and
+Triton kernels launched through ``torch.library.wrap_triton``; torch runs it as the op's eager kernel, as its
+fake (meta) implementation, and, under torch.compile, *decomposes* the op into it while AOTAutograd
+functionalizes the graph, so each launch becomes a ``triton_kernel_wrapper_functional`` node that inductor
+compiles as a user-defined Triton kernel (no opaque fallback call). The body has two branches:
+
+- **compiled Triton kernels on CUDA** (:func:`_compiled_triton`): the mask metadata is computed with torch
+  ops, outputs are allocated with torch ops, and every kernel (forward; delta, dK/dV, dQ) is launched with
+  ``wrap_triton(kernel)[grid](...)`` (``triton_forward`` / ``triton_backward`` with ``traceable=True``:
+  placeholders are allocated per call instead of a module cache, which would keep a tracer's FakeTensor;
+  the ``triton.autotune`` kernels are captured as they are, inductor autotunes their configs). Nothing reads
+  tensor data on the host.
+- **anything else** — the dense reference backend, or the Triton *interpreter* (``TRITON_INTERPRET=1``, the
+  CPU tests): the body calls an opaque ``torch.library.custom_op``, ``flexdist::document_attention_fwd_opaque``
+  / ``_bwd_opaque`` (the same schemas), whose implementation is the eager entry point. Why: interpreted
+  kernels are not ``triton.jit`` functions, so ``wrap_triton`` cannot capture them (torch 2.11 raises, later
+  versions hand them back uncaptured, and they cannot run on FakeTensors); the reference reads the mask
+  densely and is kept out of compiled graphs as before. An opaque op is one a triton_op body may call.
+
+The forward has ``register_autograd`` wiring it to the backward op; gradients flow into q, k, v from both
+``out`` and ``lse``. The backward op itself is not differentiable (no double backward). Score mods are not
+taken (the op is for plain document-masked attention). Public entry point: :func:`document_attention`.
 """
 
 import math
@@ -27,6 +44,11 @@ from torch.nn.attention.flex_attention import BlockMask
 from .block_sparse import block_mask_from_tables
 from .document_mask import DocumentMaskMod
 from .flex import flex_attention_backward, flex_attention_forward, resolve_backend
+
+# Imported by name (not lazily): triton_op reads the op body's source and follows the functions it calls *by
+# name* to find the ``wrap_triton(kernel)`` launches, so the kernels' sources key torch's compile caches.
+from .triton_bwd import triton_backward
+from .triton_fwd import kernels_are_compiled, triton_forward
 
 __all__ = ["document_attention"]
 
@@ -79,8 +101,19 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("flexdist::document_attention_fwd", mutates_args=())
-def _fwd(
+def _compiled_triton(q: torch.Tensor, backend: str) -> bool:
+    """The op body launches the Triton kernels itself, through ``wrap_triton`` (see the module docstring).
+
+    CUDA tensors, the Triton backend, and JIT-compiled kernels (not ``TRITON_INTERPRET=1``'s interpreted ones,
+    which wrap_triton cannot capture). Everything else goes through the opaque op."""
+    return q.is_cuda and kernels_are_compiled() and resolve_backend(backend, q) == "triton"
+
+
+# --- opaque ops: the eager entry points, hidden from the compiler (reference backend, Triton interpreter) ---
+
+
+@torch.library.custom_op("flexdist::document_attention_fwd_opaque", mutates_args=())
+def _fwd_opaque(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -131,7 +164,7 @@ def _fwd(
     return out.contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
 
 
-@_fwd.register_fake
+@_fwd_opaque.register_fake
 def _fwd_fake(q, k, v, *rest):
     B, Hq, Sq, _ = q.shape
     out = q.new_empty((B, Hq, Sq, v.shape[-1]))
@@ -139,8 +172,8 @@ def _fwd_fake(q, k, v, *rest):
     return out, lse
 
 
-@torch.library.custom_op("flexdist::document_attention_bwd", mutates_args=())
-def _bwd(
+@torch.library.custom_op("flexdist::document_attention_bwd_opaque", mutates_args=())
+def _bwd_opaque(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -199,9 +232,180 @@ def _bwd(
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
-@_bwd.register_fake
+@_bwd_opaque.register_fake
 def _bwd_fake(q, k, v, *rest):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+# --- the public ops: triton_ops (their bodies are also their fake implementations) ---
+
+
+@torch.library.triton_op("flexdist::document_attention_fwd", mutates_args=())
+def _fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    full_kv_num_blocks: torch.Tensor | None,
+    full_kv_indices: torch.Tensor | None,
+    q_num_blocks: torch.Tensor | None,
+    q_indices: torch.Tensor | None,
+    full_q_num_blocks: torch.Tensor | None,
+    full_q_indices: torch.Tensor | None,
+    q_doc: torch.Tensor,
+    kv_doc: torch.Tensor,
+    q_pos: torch.Tensor,
+    kv_pos: torch.Tensor,
+    kv_in_prefix: torch.Tensor | None,
+    q_block_size: int,
+    kv_block_size: int,
+    q_len: int,
+    kv_len: int,
+    causal: bool,
+    window: int,
+    scale: float | None,
+    enable_gqa: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if not _compiled_triton(q, backend):
+        return _fwd_opaque(
+            q,
+            k,
+            v,
+            kv_num_blocks,
+            kv_indices,
+            full_kv_num_blocks,
+            full_kv_indices,
+            q_num_blocks,
+            q_indices,
+            full_q_num_blocks,
+            full_q_indices,
+            q_doc,
+            kv_doc,
+            q_pos,
+            kv_pos,
+            kv_in_prefix,
+            q_block_size,
+            kv_block_size,
+            q_len,
+            kv_len,
+            causal,
+            window,
+            scale,
+            enable_gqa,
+            backend,
+        )
+    bm = _rebuild(
+        (
+            kv_num_blocks,
+            kv_indices,
+            full_kv_num_blocks,
+            full_kv_indices,
+            q_num_blocks,
+            q_indices,
+            full_q_num_blocks,
+            full_q_indices,
+        ),
+        (q_doc, kv_doc, q_pos, kv_pos, kv_in_prefix),
+        q_block_size,
+        kv_block_size,
+        q_len,
+        kv_len,
+        causal,
+        window,
+    )
+    # out and lse come fresh from torch.empty (contiguous; lse fp32: the kernel takes no float64)
+    return triton_forward(q, k, v, bm, None, scale, enable_gqa, traceable=True)
+
+
+@torch.library.triton_op("flexdist::document_attention_bwd", mutates_args=())
+def _bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    dout: torch.Tensor,
+    lse: torch.Tensor,
+    dlse: torch.Tensor | None,
+    kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    full_kv_num_blocks: torch.Tensor | None,
+    full_kv_indices: torch.Tensor | None,
+    q_num_blocks: torch.Tensor | None,
+    q_indices: torch.Tensor | None,
+    full_q_num_blocks: torch.Tensor | None,
+    full_q_indices: torch.Tensor | None,
+    q_doc: torch.Tensor,
+    kv_doc: torch.Tensor,
+    q_pos: torch.Tensor,
+    kv_pos: torch.Tensor,
+    kv_in_prefix: torch.Tensor | None,
+    q_block_size: int,
+    kv_block_size: int,
+    q_len: int,
+    kv_len: int,
+    causal: bool,
+    window: int,
+    scale: float | None,
+    enable_gqa: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if not _compiled_triton(q, backend):
+        return _bwd_opaque(
+            q,
+            k,
+            v,
+            out,
+            dout,
+            lse,
+            dlse,
+            kv_num_blocks,
+            kv_indices,
+            full_kv_num_blocks,
+            full_kv_indices,
+            q_num_blocks,
+            q_indices,
+            full_q_num_blocks,
+            full_q_indices,
+            q_doc,
+            kv_doc,
+            q_pos,
+            kv_pos,
+            kv_in_prefix,
+            q_block_size,
+            kv_block_size,
+            q_len,
+            kv_len,
+            causal,
+            window,
+            scale,
+            enable_gqa,
+            backend,
+        )
+    bm = _rebuild(
+        (
+            kv_num_blocks,
+            kv_indices,
+            full_kv_num_blocks,
+            full_kv_indices,
+            q_num_blocks,
+            q_indices,
+            full_q_num_blocks,
+            full_q_indices,
+        ),
+        (q_doc, kv_doc, q_pos, kv_pos, kv_in_prefix),
+        q_block_size,
+        kv_block_size,
+        q_len,
+        kv_len,
+        causal,
+        window,
+    )
+    out, dout = out.contiguous(), dout.contiguous()
+    dlse = None if dlse is None else dlse.contiguous()
+    # dq, dk, dv come fresh from torch.empty in the input dtypes, contiguous (what the opaque op returns)
+    return triton_backward(q, k, v, out, dout, lse, bm, None, scale, enable_gqa, dlse=dlse, traceable=True)
 
 
 _N_MASK = len(_BM_TABLES) + len(_DOC_TENSORS)  # 13 mask tensors after q, k, v

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from .block_sparse import MASK_BITS
 from .triton_fwd import (
@@ -29,9 +30,9 @@ from .triton_fwd import (
     _score_mod,
     _tanh,
     doc_args,
+    kernels_are_compiled,
     meta_args,
     pick_tile,
-    placeholder,
     prepare,
     tune_configs,
     use_autotune,
@@ -510,6 +511,7 @@ def triton_backward(
     dk_out: torch.Tensor | None = None,
     dv_out: torch.Tensor | None = None,
     which: str = "all",
+    traceable: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Block-sparse backward given the global ``lse``: ``(dq, dk, dv)`` in the input dtypes.
 
@@ -517,11 +519,15 @@ def triton_backward(
     ``delta`` so it is not recomputed) — ring attention runs dQ while the travelling dK/dV buffer is in flight.
     ``dq_out`` / ``dk_out`` / ``dv_out`` (any float dtype, fp32 for ring accumulation; dK and dV together):
     the gradients are added into them inside the kernels (tiles with no block are not touched) and returned.
+    ``traceable``: launch through ``torch.library.wrap_triton`` with per-call placeholders (the body of a
+    ``torch.library.triton_op``, traced with FakeTensors under torch.compile); needs compiled (JIT) kernels.
     """
+    if traceable and not kernels_are_compiled():
+        raise ValueError("traceable=True needs compiled Triton kernels, not TRITON_INTERPRET=1's interpreter")
     on_gpu = q.is_cuda
     lp = prepare(
         q, k, v, block_mask, score_mod, scale, enable_gqa, q_global_idx, kv_global_idx,
-        dense_block=128 if on_gpu else 64,
+        dense_block=128 if on_gpu else 64, traceable=traceable,
     )  # fmt: skip
     sh, km = lp.shape, lp.km
     for name, t, want in (
@@ -546,7 +552,8 @@ def triton_backward(
         delta = torch.empty(sh.B, sh.Hq, sh.Sq, dtype=torch.float32, device=dev)
         dl = dlse.to(torch.float32).contiguous() if dlse is not None else delta
         BMd = 64
-        _delta_kernel[(triton.cdiv(sh.Sq, BMd), sh.B * sh.Hq)](
+        delta_kernel = wrap_triton(_delta_kernel) if traceable else _delta_kernel
+        delta_kernel[(triton.cdiv(sh.Sq, BMd), sh.B * sh.Hq)](
             out_c, dout, dl, delta,
             out_c.stride(0), out_c.stride(1), out_c.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
             sh.Hq, sh.Sq, BLOCK_M=BMd, DV=sh.Dv, HAS_DLSE=dlse is not None,
@@ -560,7 +567,7 @@ def triton_backward(
     run_dq, run_dkdv = which in ("all", "dq"), which in ("all", "dkdv")
     if (dk_out is None) != (dv_out is None):
         raise ValueError("dk_out and dv_out must be given together")
-    _, (causal, has_w, has_pre) = doc_args(km, placeholder(dev, torch.int32))
+    _, (causal, has_w, has_pre) = doc_args(km, lp.dummy_i)
     common = dict(
         D=sh.D, DV=sh.Dv, QBS=km.QBS, KBS=km.KBS, WORDS=km.words, MASK_KIND=km.mask_kind,
         SCORE_KIND=lp.score_kind, CAUSAL=causal, HAS_WINDOW=has_w, HAS_PREFIX=has_pre,
@@ -583,17 +590,19 @@ def triton_backward(
                 )
     dq = dk = dv = None
     if run_dkdv:
-        dk, dv = _dkdv(q, k, v, dout, lse, delta, dk_out, dv_out, lp, km, sh, c1, M1, N1, config, common)
+        dk, dv = _dkdv(
+            q, k, v, dout, lse, delta, dk_out, dv_out, lp, km, sh, c1, M1, N1, config, common, traceable
+        )  # fmt: skip
     if run_dq:
         dq = _dq(q, k, v, dout, lse, delta, dq_out, lp, km, sh, c2, M2, N2, config, common, score_mod,
-                 score_mod_grads)  # fmt: skip
+                 score_mod_grads, traceable)  # fmt: skip
     return dq, dk, dv
 
 
-def _dkdv(q, k, v, dout, lse, delta, dk_out, dv_out, lp, km, sh, c1, M1, N1, config, common):
+def _dkdv(q, k, v, dout, lse, delta, dk_out, dv_out, lp, km, sh, c1, M1, N1, config, common, traceable):
     """Launch the dK/dV kernel (into new tensors, or adding into dk_out / dv_out)."""
     dev = q.device
-    dummy_i = placeholder(dev, torch.int32)
+    dummy_i = lp.dummy_i
     docs, _ = doc_args(km, dummy_i)
     bits = km.bits if km.mask_kind == MASK_BITS else dummy_i
     mods = (lp.qidx, lp.kvidx, lp.slopes, lp.table, lp.table_stride, lp.L, lp.softcap)
@@ -615,9 +624,12 @@ def _dkdv(q, k, v, dout, lse, delta, dk_out, dv_out, lp, km, sh, c1, M1, N1, con
     )  # fmt: skip
     if tuned:
         grid = lambda meta: (n_kb * (km.KBS // meta["BLOCK_N"]), sh.B * sh.Hkv)
-        _dkdv_kernel_tuned[grid](*args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, ACCUM=accum, **common)
+        # (``wrap_triton(<module-level kernel name>)`` spelled out: see triton_fwd.triton_forward)
+        kernel = wrap_triton(_dkdv_kernel_tuned) if traceable else _dkdv_kernel_tuned
+        kernel[grid](*args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, ACCUM=accum, **common)
     else:
-        _dkdv_kernel[(n_kb * (km.KBS // N1), sh.B * sh.Hkv)](
+        kernel = wrap_triton(_dkdv_kernel) if traceable else _dkdv_kernel
+        kernel[(n_kb * (km.KBS // N1), sh.B * sh.Hkv)](
             *args, BLOCK_M=M1, BLOCK_N=N1, EVEN_M=lp.even_m and sh.Sq % M1 == 0,
             EVEN_N=lp.even_n and sh.Skv % N1 == 0, num_warps=c1[2], num_stages=c1[3], ACCUM=accum, **common,
         )  # fmt: skip
@@ -625,11 +637,12 @@ def _dkdv(q, k, v, dout, lse, delta, dk_out, dv_out, lp, km, sh, c1, M1, N1, con
 
 
 def _dq(
-    q, k, v, dout, lse, delta, dq_out, lp, km, sh, c2, M2, N2, config, common, score_mod, score_mod_grads
-):
+    q, k, v, dout, lse, delta, dq_out, lp, km, sh, c2, M2, N2, config, common, score_mod, score_mod_grads,
+    traceable,
+):  # fmt: skip
     """Launch the dQ kernel (into a new tensor, or adding into dq_out); also the RelativeBias table gradient."""
     dev = q.device
-    dummy_i = placeholder(dev, torch.int32)
+    dummy_i = lp.dummy_i
     docs, _ = doc_args(km, dummy_i)
     bits = km.bits if km.mask_kind == MASK_BITS else dummy_i
     mods = (lp.qidx, lp.kvidx, lp.slopes, lp.table, lp.table_stride, lp.L, lp.softcap)
@@ -663,11 +676,13 @@ def _dq(
     )  # fmt: skip
     if tuned and not table_grad:  # the table-gradient scratch is sized for the fixed tile
         grid = lambda meta: (n_qb * (km.QBS // meta["BLOCK_M"]), sh.B * sh.Hq)
-        _dq_kernel_tuned[grid](
+        kernel = wrap_triton(_dq_kernel_tuned) if traceable else _dq_kernel_tuned
+        kernel[grid](
             *args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, TABLE_GRAD=False, WP=1, ACCUM=accum, **common
         )  # fmt: skip
     else:
-        _dq_kernel[(n_m, sh.B * sh.Hq)](
+        kernel = wrap_triton(_dq_kernel) if traceable else _dq_kernel
+        kernel[(n_m, sh.B * sh.Hq)](
             *args, BLOCK_M=M2, BLOCK_N=N2, EVEN_M=lp.even_m and sh.Sq % M2 == 0,
             EVEN_N=lp.even_n and sh.Skv % N2 == 0, TABLE_GRAD=table_grad, WP=WP,
             num_warps=c2[2], num_stages=c2[3], ACCUM=accum, **common,

@@ -11,11 +11,13 @@ GQA reads kv head ``hq // groups`` (K/V are never expanded). Query tiles are lau
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
+from triton.runtime.jit import JITFunction
 
 from .block_sparse import MASK_BITS, MASK_DOC, KernelMask, kernel_mask
 from .score_mods import ALiBi, RelativeBias, SoftCap
@@ -406,18 +408,33 @@ class Launch:
     prec: str
     upcast: bool
     dummy: torch.Tensor
+    dummy_i: torch.Tensor  # int32 twin of ``dummy`` (document / bit-tile / partial-id pointers)
 
 
 _PLACEHOLDERS: dict = {}
 
 
-def placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A cached 1-element tensor for pointer arguments a specialisation never reads (no per-call fill)."""
+def placeholder(device: torch.device, dtype: torch.dtype, cached: bool = True) -> torch.Tensor:
+    """A 1-element tensor for pointer arguments a specialisation never reads (no per-call fill).
+
+    ``cached=True`` (eager launches) reuses one per (device, dtype). Inside a traced op (the ``triton_op`` of
+    kernels/ops.py) the tensor is allocated per call instead: a module-level cache would keep the tracer's
+    FakeTensor and hand it to later eager calls."""
+    if not cached:
+        return torch.empty(1, dtype=dtype, device=device)
     key = (str(device), dtype)
     t = _PLACEHOLDERS.get(key)
     if t is None:
         t = _PLACEHOLDERS[key] = torch.zeros(1, dtype=dtype, device=device)
     return t
+
+
+def kernels_are_compiled() -> bool:
+    """True when the kernels are Triton JIT functions (not ``TRITON_INTERPRET=1``'s interpreted ones).
+
+    Only JIT functions can be captured by ``torch.library.wrap_triton`` into a traced graph (torch 2.11 rejects
+    interpreted ones; later versions hand them back uncaptured, which cannot run on FakeTensors)."""
+    return isinstance(_fwd_kernel, JITFunction)
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -500,15 +517,33 @@ def tuned_choices() -> dict:
 
 
 def prepare(
-    q, k, v, block_mask, score_mod, scale, enable_gqa, q_global_idx, kv_global_idx, dense_block: int = 128
+    q,
+    k,
+    v,
+    block_mask,
+    score_mod,
+    scale,
+    enable_gqa,
+    q_global_idx,
+    kv_global_idx,
+    dense_block: int = 128,
+    traceable: bool = False,
 ) -> Launch:
     shape = check_kernel_inputs(q, k, v, enable_gqa, score_mod)
+    if traceable:
+        # Traced with dynamic shapes, the sizes are SymInts; the launch needs them concrete anyway (grids,
+        # EVEN_M/EVEN_N constexprs, tile choice), and the mask metadata cache hashes them. int() specialises
+        # the compiled graph on them (a guard), as dynamic=False would.
+        shape = AttnShape(*(int(x) for x in astuple(shape)))
     check_index_map("q_global_idx", q_global_idx, shape.Sq, q.device)
     check_index_map("kv_global_idx", kv_global_idx, shape.Skv, q.device)
+    if traceable and block_mask is None:
+        # the dense metadata is cached per shape at module level: no place for a tracer's tensors
+        raise ValueError("traceable=True needs a block_mask (the traced op always passes one)")
     dev = q.device
     km = kernel_mask(block_mask, shape, dev, dense_block=dense_block)
     scale = shape.D**-0.5 if scale is None else float(scale)
-    dummy = placeholder(dev, torch.float32)
+    dummy = placeholder(dev, torch.float32, cached=not traceable)
     slopes = table = dummy
     table_stride, L, softcap, kind = 0, 1, 1.0, SCORE_NONE
     if isinstance(score_mod, SoftCap):
@@ -531,6 +566,7 @@ def prepare(
         shape, km, scale, kind, slopes, table, table_stride, L, softcap, qidx, kvidx,
         q_global_idx is not None, kv_global_idx is not None, even_m, even_n, prec,
         q.device.type == "cpu" and q.dtype == torch.bfloat16, dummy,
+        placeholder(dev, torch.int32, cached=not traceable),
     )  # fmt: skip
 
 
@@ -613,18 +649,23 @@ def triton_forward(
     config: tuple | None = None,
     out_acc: torch.Tensor | None = None,
     lse_acc: torch.Tensor | None = None,
+    traceable: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse forward: ``(out [B,Hq,Sq,Dv] q.dtype, lse [B,Hq,Sq] fp32 natural log)``.
 
     With ``out_acc`` / ``lse_acc`` (fp32, the running result of earlier calls over other keys; start from
     zeros / −inf), this call's result is merged into them in place by LSE, and they are returned.
     ``config``: ``(BLOCK_M, BLOCK_N, warps, stages[, fma_softmax])`` instead of the defaults / the autotuner.
+    ``traceable``: launch through ``torch.library.wrap_triton`` with per-call placeholders (the body of a
+    ``torch.library.triton_op``, traced with FakeTensors under torch.compile); needs compiled (JIT) kernels.
     """
+    if traceable and not kernels_are_compiled():
+        raise ValueError("traceable=True needs compiled Triton kernels, not TRITON_INTERPRET=1's interpreter")
     on_gpu = q.is_cuda
     cfg = config or fwd_config(q.shape[-1], on_gpu)
     lp = prepare(
         q, k, v, block_mask, score_mod, scale, enable_gqa, q_global_idx, kv_global_idx,
-        dense_block=128 if on_gpu else 64,
+        dense_block=128 if on_gpu else 64, traceable=traceable,
     )  # fmt: skip
     sh, km = lp.shape, lp.km
     BM = pick_tile(km.QBS, cfg[0], "query")
@@ -637,7 +678,7 @@ def triton_forward(
     else:
         out = torch.empty(sh.B, sh.Hq, sh.Sq, sh.Dv, dtype=q.dtype, device=q.device)
         lse = torch.empty(sh.B, sh.Hq, sh.Sq, dtype=torch.float32, device=q.device)
-    dummy_i = placeholder(q.device, torch.int32)
+    dummy_i = lp.dummy_i
     meta = meta_args(km, False, dummy_i)
     docs, (causal, has_w, has_pre) = doc_args(km, dummy_i)
     bits = km.bits if km.mask_kind == MASK_BITS else dummy_i
@@ -660,10 +701,14 @@ def triton_forward(
     if config is None and lp.scale > 0 and use_autotune(q, km, sh.Sq, sh.Skv):
         # every tuned tile divides the 128-multiple blocks, so EVEN_* only depends on the blocks
         grid = lambda meta: (n_qb * (km.QBS // meta["BLOCK_M"]), sh.B * sh.Hq)
-        _fwd_kernel_tuned[grid](*args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, **consts)
+        # (``wrap_triton(<module-level kernel name>)`` spelled out at each launch: torch.library.triton_op finds
+        # the kernels of an op by reading its source for exactly this form, to key compile caches on them)
+        tuned = wrap_triton(_fwd_kernel_tuned) if traceable else _fwd_kernel_tuned
+        tuned[grid](*args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, **consts)
     else:
         grid = (n_qb * (km.QBS // BM), sh.B * sh.Hq)
-        _fwd_kernel[grid](
+        kernel = wrap_triton(_fwd_kernel) if traceable else _fwd_kernel
+        kernel[grid](
             *args, BLOCK_M=BM, BLOCK_N=BN, EVEN_M=lp.even_m and sh.Sq % BM == 0,
             EVEN_N=lp.even_n and sh.Skv % BN == 0, num_warps=cfg[2], num_stages=cfg[3],
             FMA=len(cfg) > 4 and bool(cfg[4]) and lp.scale > 0, **consts,

@@ -1,8 +1,9 @@
 """The document-attention custom ops (kernels/ops.py): equal to eager flex attention, compile with
 ``fullgraph=True`` (forward and backward), and do not recompile when the document layout changes.
 
-CPU only, ``backend="reference"`` inside the op so the tests are fast; the op path itself (schema, fake
-implementation, autograd wiring, BlockMask rebuild) is the same for the Triton backend.
+CPU only, ``backend="reference"`` inside the op so the tests are fast; the op path itself (schema, autograd
+wiring, BlockMask rebuild) is the same for the Triton backend. On CPU both backends run through the op's opaque
+branch; its traced Triton branch (``triton_op`` + ``wrap_triton``, CUDA) is tested in tests/test_triton_op.py.
 """
 
 from __future__ import annotations
