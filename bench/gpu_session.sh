@@ -7,7 +7,7 @@
 # Every part has its own time limit; results (JSON, logs) go to $OUT/results.tar.gz, a summary to stdout.
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"
-R="$OUT/r"; mkdir -p "$R"
+R="$OUT/r"; rm -rf "$R"; mkdir -p "$R"  # (an output folder left from an earlier call must not mix in)
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 OMP_NUM_THREADS=4
 NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 T0=$(date +%s)
@@ -21,7 +21,7 @@ run_part() {  # name, limit_s, command...
   timeout -s INT -k 15 "$limit" "$@" > "$R/$name.log" 2>&1
   echo "$name rc=$? took $(( $(date +%s) - t ))s (t=$(( $(date +%s) - T0 ))s)" | tee -a "$R/parts.txt"
 }
-part_kernel()  { run_part kernel  "${T_KERNEL:-300}" python3 bench/bench_kernel.py --seqs "${KERNEL_SEQS:-8192,32768,131072}" --out "$R/kernel_h100.json"; }
+part_kernel()  { run_part kernel  "${T_KERNEL:-300}" python3 bench/bench_kernel.py --seqs "${KERNEL_SEQS:-8192,32768,131072}" ${KERNEL_ARGS:-} --out "$R/kernel_h100.json"; }
 part_tests()   { run_part pytest_gpu "${T_TESTS:-200}" python3 -m pytest -q -rfE --tb=short -n 6 --dist loadfile \
                    -p no:cacheprovider --timeout 180 ${TEST_FILES:-tests --deselect tests/test_cp_nccl.py}; }
 part_kernel_sweep() { run_part kernel_sweep "${T_SWEEP:-150}" python3 bench/bench_kernel.py --sweep --sweep-seq "${SWEEP_SEQ:-8192}" \

@@ -438,7 +438,17 @@ def _backward(ctx, dout, dlse):
     return (dq, dk, dv) + (None,) * (_N_MASK + len(_SCALARS))
 
 
+def _backward_opaque(ctx, dout, dlse):
+    q, k, v, out, lse, *mask = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = _bwd_opaque(q, k, v, out, dout, lse, dlse, *mask, *ctx.scalars)
+    return (dq, dk, dv) + (None,) * (_N_MASK + len(_SCALARS))
+
+
 _fwd.register_autograd(_backward, setup_context=_setup_context)
+# the opaque pair is also usable on its own (``document_attention(..., opaque=True)``)
+_fwd_opaque.register_autograd(_backward_opaque, setup_context=_setup_context)
 
 
 def document_attention(
@@ -450,8 +460,14 @@ def document_attention(
     enable_gqa: bool = False,
     backend: str = "auto",
     return_lse: bool = False,
+    opaque: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Document-masked attention through the ``flexdist::document_attention_*`` custom ops.
+
+    ``opaque=True`` calls the ``*_opaque`` custom ops directly, so that even on CUDA the compiler sees one
+    opaque op instead of the Triton kernels (what flexdist did before the ``triton_op``s): kept to compare
+    the two under torch.compile (``bench/bench_train.py --attention flexdist_opaque``) and as a way around a
+    torch version whose user-defined-Triton-kernel support fails on these kernels.
 
     Same result as ``flexdist.kernels.flex_attention(q, k, v, block_mask=block_mask, ...)`` but compiles
     under ``torch.compile(fullgraph=True)`` as one op, and a new document layout (same shapes) reuses the
@@ -487,7 +503,8 @@ def document_attention(
         if not isinstance(scale, int | float) or not math.isfinite(scale):
             raise ValueError(f"scale must be a finite float or None, got {scale!r}")
         scale = float(scale)
-    out, lse = _fwd(
+    op = _fwd_opaque if opaque else _fwd
+    out, lse = op(
         q,
         k,
         v,

@@ -85,10 +85,12 @@ class LocalDocumentAttention:
         backend: str = "auto",
         block_size: int = 128,
         timer: AttentionTimer | None = None,
+        opaque_op: bool = False,
     ) -> None:
         self.block_mask = make_document_block_mask(doc_ids, block_size=block_size)
         self.backend = backend
         self.timer = timer
+        self.opaque_op = opaque_op  # compiled: the opaque custom op instead of the triton_op (benchmarks)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.timer is not None and not torch.compiler.is_compiling():
@@ -98,7 +100,13 @@ class LocalDocumentAttention:
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # the custom op: the BlockMask's tensors are graph inputs
             return kernels.document_attention(
-                q, k, v, self.block_mask, enable_gqa=q.shape[1] != k.shape[1], backend=self.backend
+                q,
+                k,
+                v,
+                self.block_mask,
+                enable_gqa=q.shape[1] != k.shape[1],
+                backend=self.backend,
+                opaque=self.opaque_op,
             )
         return kernels.flex_attention(
             q, k, v, block_mask=self.block_mask, enable_gqa=q.shape[1] != k.shape[1], backend=self.backend
