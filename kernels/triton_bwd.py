@@ -217,6 +217,13 @@ def _dkdv_kernel(
     EVEN_N: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr, ACCUM: tl.constexpr,
 ):  # fmt: skip
+    # torch.compile launches user-defined kernels with Python floats typed fp64 (inductor, torch 2.11), which
+    # would turn the fp32 accumulators fp64: the scalars are cast to fp32 first (a no-op in eager launches)
+    softcap, scale, qk_scale = (
+        tl.cast(softcap, tl.float32),
+        tl.cast(scale, tl.float32),
+        tl.cast(qk_scale, tl.float32),
+    )
     slot = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hkv
@@ -390,6 +397,13 @@ def _dq_kernel(
     EVEN_N: tl.constexpr, TABLE_GRAD: tl.constexpr, WP: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr, ACCUM: tl.constexpr,
 ):  # fmt: skip
+    # torch.compile launches user-defined kernels with Python floats typed fp64 (inductor, torch 2.11), which
+    # would turn the fp32 accumulators fp64: the scalars are cast to fp32 first (a no-op in eager launches)
+    softcap, scale, qk_scale = (
+        tl.cast(softcap, tl.float32),
+        tl.cast(scale, tl.float32),
+        tl.cast(qk_scale, tl.float32),
+    )
     slot = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq

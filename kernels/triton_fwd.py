@@ -283,6 +283,13 @@ def _fwd_kernel(
     ACCUM: tl.constexpr,
     FMA: tl.constexpr,
 ):
+    # torch.compile launches user-defined kernels with Python floats typed fp64 (inductor, torch 2.11), which
+    # would turn the fp32 accumulators fp64: the scalars are cast to fp32 first (a no-op in eager launches)
+    softcap, scale, qk_scale = (
+        tl.cast(softcap, tl.float32),
+        tl.cast(scale, tl.float32),
+        tl.cast(qk_scale, tl.float32),
+    )
     # grid (slot, batch·head): the slots of one head run together (its K/V stay in L2) and follow the
     # block work order, longest first (H100: putting heads fastest instead cost 7% at 32k causal)
     slot = tl.program_id(0)
