@@ -259,10 +259,14 @@ def global_block_work(
     # computed on doc_ids' device (a GPU makes 1M-token packs fast); integer counts, so exact anywhere
     lo, hi = visible_intervals(doc_ids, causal, window, prefix)
     nonempty, full = pair_blocks(lo, hi, torch.arange(S, device=doc_ids.device), block_size)
-    w = (
-        full.sum(0, dtype=torch.int32).double()
-        + partial_weight * (nonempty & ~full).sum(0, dtype=torch.int32).double()
-    )
+    if full.shape[0] == 1:  # one sequence (the usual batch): no batch sums, one float64 pass over the grid
+        z = torch.zeros((), dtype=torch.float64, device=full.device)
+        w = torch.where(full[0], 1.0 + z, torch.where(nonempty[0], partial_weight + z, z))
+    else:
+        w = (
+            full.sum(0, dtype=torch.int32).double()
+            + partial_weight * (nonempty & ~full).sum(0, dtype=torch.int32).double()
+        )
     return w.cpu().numpy()
 
 
@@ -280,9 +284,13 @@ def block_assignment(perm: torch.Tensor, N: int, block_size: int) -> np.ndarray 
     return assign
 
 
-def pair_work_from_blocks(G: np.ndarray, assign: np.ndarray, N: int) -> tuple[np.ndarray, np.ndarray]:
-    """``[N, N]`` pair work and distinct K/V blocks of shard j needed by rank r, from the global block work."""
-    nz = _nonzeros(G)
+def pair_work_from_blocks(
+    G: np.ndarray, assign: np.ndarray, N: int, nz: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``[N, N]`` pair work and distinct K/V blocks of shard j needed by rank r, from the global block work.
+
+    ``nz``: ``nonzeros(G)`` if the caller has it (a plan scores several layouts against one G)."""
+    nz = nz if nz is not None else nonzeros(G)
     _, C, W = _aggregate(G, assign, N, nz)
     needed = C > 0  # [N, nb]: rank r attends to kv block c
     nb = len(assign)
@@ -300,7 +308,7 @@ def _aggregate(
     Computed over G's non-zeros (``nz = (rows, cols, vals)``; document masks are block-diagonal-ish, so
     O(nnz) instead of O(nb²·N)); exact (integer-valued float64 sums)."""
     nb = len(assign)
-    rows, cols, vals = nz if nz is not None else _nonzeros(G)
+    rows, cols, vals = nz if nz is not None else nonzeros(G)
     ar, ac = assign[rows], assign[cols]
     R = np.bincount(rows * N + ac, weights=vals, minlength=nb * N).reshape(nb, N)
     C = np.bincount(ar * nb + cols, weights=vals, minlength=N * nb).reshape(N, nb)
@@ -308,12 +316,15 @@ def _aggregate(
     return R, C, W
 
 
-def _nonzeros(G: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def nonzeros(G: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(rows, cols, values)`` of G's non-zero entries (row-major order): what the aggregates iterate over."""
     rows, cols = np.nonzero(G)
     return rows, cols, G[rows, cols]
 
 
-def _packed_seed(G: np.ndarray, N: int) -> np.ndarray:
+def _packed_seed(
+    G: np.ndarray, N: int, nz: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+) -> np.ndarray:
     """Documents kept whole where possible: runs of blocks linked by attention, packed onto ranks.
 
     Runs are cut where at most two blocks of work cross a block boundary (document edges), then placed
@@ -325,10 +336,19 @@ def _packed_seed(G: np.ndarray, N: int) -> np.ndarray:
     per = nb // N
     # work crossing each block boundary i|i+1 (either direction); a cut costing at most two blocks of work
     # is a document edge (or a short document's), not the inside of a long one
-    P = G.cumsum(axis=0).cumsum(axis=1)
-    i = np.arange(nb - 1)
-    below = P[nb - 1, i] - P[i, i]  # rows > i attending to columns <= i
-    above = P[i, nb - 1] - P[i, i]  # rows <= i attending to columns > i (non-causal masks)
+    # from the non-zeros in O(nnz) (a dense prefix sum of G is O(nb²)): an entry (r, c) with r > c crosses
+    # the boundaries c .. r-1 ("below": rows > i attending to columns <= i), one with c > r the boundaries
+    # r .. c-1 ("above", non-causal masks); difference arrays, summed in one pass (integer-valued: exact)
+    rows, cols, vals = nz if nz is not None else nonzeros(G)
+    lower, upper = rows > cols, cols > rows
+    below = np.cumsum(
+        np.bincount(cols[lower], vals[lower], minlength=nb + 1)
+        - np.bincount(rows[lower], vals[lower], minlength=nb + 1)
+    )[: nb - 1]
+    above = np.cumsum(
+        np.bincount(rows[upper], vals[upper], minlength=nb + 1)
+        - np.bincount(cols[upper], vals[upper], minlength=nb + 1)
+    )[: nb - 1]
     link = (below + above) > 2.0
     starts = np.concatenate([[0], np.nonzero(~link)[0] + 1])
     ends = np.concatenate([starts[1:], [nb]])
@@ -381,7 +401,13 @@ def _seed_layouts(nb: int, N: int) -> dict[str, np.ndarray]:
 
 
 def plan_document(
-    G: np.ndarray, N: int, cost: CostModel, iters: int = 4000, seed: int = 0, patience: int = 300
+    G: np.ndarray,
+    N: int,
+    cost: CostModel,
+    iters: int = 4000,
+    seed: int = 0,
+    patience: int = 300,
+    nz: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Assign the ``nb`` global blocks to N ranks (nb/N each) minimising `predicted_time`.
 
@@ -390,13 +416,13 @@ def plan_document(
     """
     nb = G.shape[0]
     per = nb // N
-    nz = _nonzeros(G)
+    nz = nz if nz is not None else nonzeros(G)
     tau = cost.tile_overhead
     best_name, best_assign, best_cost = None, None, np.inf
     info: dict = {"seeds": {}}
     seeds = _seed_layouts(nb, N)
     if nb % N == 0 and N > 1:
-        seeds["packed"] = _packed_seed(G, N)
+        seeds["packed"] = _packed_seed(G, N, nz)
     for name, a in seeds.items():
         R0, _, W = _aggregate(G, a, N, nz)
         c = predicted_time(W, per, cost, _active_from_rows(R0, a, N) if tau else None)

@@ -388,6 +388,7 @@ def _layout(
     cost: bal.CostModel,
     prefix: int | None = None,
     G: np.ndarray | None = None,
+    nz: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> tuple[torch.Tensor, dict]:
     S = doc_ids.shape[1]
     if balance == "contiguous":
@@ -405,7 +406,7 @@ def _layout(
             if G is not None
             else bal.global_block_work(doc_ids, bs, causal, window, cost.partial_weight, prefix)
         )
-        assign, info = bal.plan_document(G, N, cost)
+        assign, info = bal.plan_document(G, N, cost, nz=nz)
         return bal.blocks_to_perm(assign, N, bs), info
     raise ValueError(f"balance must be one of {(*bal.BALANCES, 'auto')}, got {balance!r}")
 
@@ -498,18 +499,21 @@ def plan(
         G = bal.global_block_work(
             doc_ids.long(), block_size, causal, window, cost.partial_weight, prefix_lengths
         )
+    nz = bal.nonzeros(G) if G is not None else None  # shared by every layout scored against G
 
     def pair_work(perm: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         assign = bal.block_assignment(perm, N, block_size) if G is not None else None
         if assign is not None:
-            return bal.pair_work_from_blocks(G, assign, N)
+            return bal.pair_work_from_blocks(G, assign, N, nz)
         return _pair_work_tokens(perm, N, lo, hi, block_size, cost.partial_weight)
 
     if balance == "auto":
         cands = []
         for name in bal.BALANCES:
             try:
-                perm, info = _layout(name, doc_cpu, N, block_size, causal, window, cost, prefix_lengths, G)
+                perm, info = _layout(
+                    name, doc_cpu, N, block_size, causal, window, cost, prefix_lengths, G, nz
+                )
             except ValueError:
                 continue
             W, need = pair_work(perm)
@@ -522,7 +526,7 @@ def plan(
         _, resolved, perm, info, W, need = min(cands, key=lambda c: (c[0], c[1] != "contiguous"))
         info = dict(info, auto_candidates={c[1]: c[0] for c in cands})
     else:
-        perm, info = _layout(balance, doc_cpu, N, block_size, causal, window, cost, prefix_lengths, G)
+        perm, info = _layout(balance, doc_cpu, N, block_size, causal, window, cost, prefix_lengths, G, nz)
         resolved = balance
         W, need = pair_work(perm)
     inv = torch.empty_like(perm)
