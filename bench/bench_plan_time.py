@@ -44,13 +44,20 @@ def plan_cpu(ids: torch.Tensor, N: int, block_size: int) -> tuple[dict[str, floa
     cost = bal.CostModel()
     t: dict[str, float] = {}
     t0 = time.perf_counter()
-    G = bal.global_block_work(ids, block_size, True, None, cost.partial_weight, None)
-    t["block_work"] = time.perf_counter() - t0
     extra = ()
-    if hasattr(bal, "nonzeros"):  # (older planners recomputed G's non-zeros per call)
+    if hasattr(bal, "global_block_work_sparse"):  # as `plan` does it: sparse non-zeros, then the dense array
+        nb, nz = bal.global_block_work_sparse(ids, block_size, True, None, cost.partial_weight, None)
+        t["block_work"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        extra = (bal.nonzeros(G),)
-        t["nonzeros"] = time.perf_counter() - t0
+        G, extra = bal.dense_block_work(nb, nz), (nz,)
+        t["dense"] = time.perf_counter() - t0
+    else:  # older planners: the dense grid, and (some) its non-zeros once per plan
+        G = bal.global_block_work(ids, block_size, True, None, cost.partial_weight, None)
+        t["block_work"] = time.perf_counter() - t0
+        if hasattr(bal, "nonzeros"):
+            t0 = time.perf_counter()
+            extra = (bal.nonzeros(G),)
+            t["nonzeros"] = time.perf_counter() - t0
     h = hashlib.sha1()
     for name in bal.BALANCES:
         t0 = time.perf_counter()

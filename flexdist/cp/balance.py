@@ -255,19 +255,101 @@ def global_block_work(
     prefix: int | None = None,
 ) -> np.ndarray:
     """``[nb, nb]`` work of every (global q block, global kv block), summed over the batch (float64)."""
-    S = doc_ids.shape[1]
-    # computed on doc_ids' device (a GPU makes 1M-token packs fast); integer counts, so exact anywhere
+    nb, nz = global_block_work_sparse(doc_ids, block_size, causal, window, partial_weight, prefix)
+    return dense_block_work(nb, nz)
+
+
+def dense_block_work(nb: int, nz: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+    """The ``[nb, nb]`` array of a sparse block work (zeros elsewhere; untouched pages cost no memory)."""
+    G = np.zeros((nb, nb))
+    rows, cols, vals = nz
+    G[rows, cols] = vals
+    return G
+
+
+def global_block_work_sparse(
+    doc_ids: torch.Tensor,
+    block_size: int,
+    causal: bool,
+    window: int | None,
+    partial_weight: float = 1.0,
+    prefix: int | None = None,
+) -> tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``(nb, (rows, cols, vals))``: the non-zeros of :func:`global_block_work` in row-major order (what
+    ``nonzeros`` of the dense array gives), in O(S log S + nnz) instead of O(nb²).
+
+    Why: a document mask's block grid is nearly block-diagonal, and the planner runs on the host every step;
+    the dense grid is 67M entries at 1M tokens. Same values as the dense construction of :func:`pair_blocks`
+    with all keys (counts of full and partial blocks summed over the batch, then ``full + w·partial``).
+    """
     lo, hi = visible_intervals(doc_ids, causal, window, prefix)
-    nonempty, full = pair_blocks(lo, hi, torch.arange(S, device=doc_ids.device), block_size)
-    if full.shape[0] == 1:  # one sequence (the usual batch): no batch sums, one float64 pass over the grid
-        z = torch.zeros((), dtype=torch.float64, device=full.device)
-        w = torch.where(full[0], 1.0 + z, torch.where(nonempty[0], partial_weight + z, z))
+    B, S = lo.shape
+    bs = block_size
+    nb = -(-S // bs)
+    keys_all, full_all = [], []
+    for b in range(B):
+        keys, full = _row_block_pairs(lo[b].cpu().numpy(), hi[b].cpu().numpy(), S, bs, nb)
+        keys_all.append(keys)
+        full_all.append(full)
+    keys = np.concatenate(keys_all)
+    full = np.concatenate(full_all)
+    if B == 1:  # already unique and sorted
+        uniq, fc = keys, full.astype(np.float64)
+        pc = 1.0 - fc
     else:
-        w = (
-            full.sum(0, dtype=torch.int32).double()
-            + partial_weight * (nonempty & ~full).sum(0, dtype=torch.int32).double()
-        )
-    return w.cpu().numpy()
+        uniq, inv = np.unique(keys, return_inverse=True)
+        fc = np.bincount(inv, weights=full, minlength=len(uniq))
+        pc = np.bincount(inv, weights=~full, minlength=len(uniq))
+    vals = fc + partial_weight * pc
+    keep = vals != 0
+    uniq, vals = uniq[keep], vals[keep]
+    return nb, (uniq // nb, uniq % nb, vals)
+
+
+def _row_block_pairs(
+    lo: np.ndarray, hi: np.ndarray, S: int, bs: int, nb: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted keys ``qb·nb + kb`` of the non-empty (query block, key block) pairs of one sequence whose token t
+    sees keys ``[lo[t], hi[t]]`` (empty when lo > hi), and whether each pair is full (every query token of the
+    block sees every key of the block)."""
+    t = np.arange(S)
+    qb = t // bs
+    valid = lo <= hi
+    first = lo // bs
+    last1 = hi // bs + 1
+    # union over a block's tokens of their key-block ranges [first, last1): a sweep over +1 / -1 events per
+    # query block; the coverage count returns to zero at each block's end, so segments never cross blocks
+    ev = np.concatenate([qb[valid] * (nb + 1) + first[valid], qb[valid] * (nb + 1) + last1[valid]])
+    dv = np.concatenate([np.ones(int(valid.sum()), np.int64), -np.ones(int(valid.sum()), np.int64)])
+    if ev.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, bool)
+    order = np.argsort(ev, kind="stable")
+    ev, dv = ev[order], dv[order]
+    ukey, start = np.unique(ev, return_index=True)
+    cover = np.cumsum(np.add.reduceat(dv, start))
+    seg = np.nonzero(cover[:-1] > 0)[0]
+    s_key, e_key = ukey[seg], ukey[seg + 1]  # [s, e) in the combined qb·(nb+1) + kb space, one query block
+    seg_qb = s_key // (nb + 1)
+    lengths = e_key - s_key
+    rep_qb = np.repeat(seg_qb, lengths)
+    offs = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    kb = np.repeat(s_key - seg_qb * (nb + 1), lengths) + offs
+    keys = rep_qb * nb + kb
+    # full: kb inside [ceil(max lo / bs), ...) with its last key below every token's hi (the last key block
+    # may be short: it ends at S); a block with any token that sees nothing has no full pairs
+    big = np.iinfo(np.int64).max // 4
+    a_eff = np.where(valid, lo, big)
+    b_eff = np.where(valid, hi + 1, -1)
+    pad = nb * bs - S
+    if pad:  # tokens past the end of the sequence do not constrain the last query block
+        a_eff = np.concatenate([a_eff, np.full(pad, -1)])
+        b_eff = np.concatenate([b_eff, np.full(pad, big)])
+    amax = a_eff.reshape(nb, bs).max(axis=1)
+    bmin = b_eff.reshape(nb, bs).min(axis=1)
+    f0 = -(-amax // bs)
+    f1 = np.where(bmin >= S, nb, bmin // bs)
+    full = (kb >= f0[rep_qb]) & (kb < f1[rep_qb])
+    return keys, full
 
 
 def block_assignment(perm: torch.Tensor, N: int, block_size: int) -> np.ndarray | None:
@@ -352,7 +434,7 @@ def _packed_seed(
     link = (below + above) > 2.0
     starts = np.concatenate([[0], np.nonzero(~link)[0] + 1])
     ends = np.concatenate([starts[1:], [nb]])
-    row_work = G.sum(axis=1)
+    row_work = np.bincount(rows, weights=vals, minlength=nb)
     csum = np.concatenate([[0.0], np.cumsum(row_work)])
     order = sorted(range(len(starts)), key=lambda i: (-(csum[ends[i]] - csum[starts[i]]), starts[i]))
     load = np.zeros(N)
@@ -436,7 +518,10 @@ def plan_document(
     assign = best_assign
     R, C, W = _aggregate(G, assign, N, nz)
     A = _active_from_rows(R, assign, N) if tau else np.zeros((N, N))
-    col_nz = [np.nonzero(G[:, c])[0] for c in range(nb)] if tau else None
+    col_nz = None
+    if tau:  # the query blocks attending to each key block, from the non-zeros (column scans are O(nb²))
+        by_col = np.argsort(nz[1], kind="stable")
+        col_nz = np.split(nz[0][by_col], np.cumsum(np.bincount(nz[1], minlength=nb))[:-1])
     rng = np.random.default_rng(seed)
     members = [list(np.nonzero(assign == k)[0]) for k in range(N)]
     cur = best_cost

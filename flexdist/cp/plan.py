@@ -496,10 +496,14 @@ def plan(
     # global block work (used by the planner, and for the exact pair work of block-aligned layouts)
     G = None
     if S % (N * block_size) == 0 and balance in ("auto", "document"):
-        G = bal.global_block_work(
+        # sparse first (its non-zeros are shared by every layout scored against G), then the dense array
+        # the planner's local search reads rows and columns of
+        nb, nz = bal.global_block_work_sparse(
             doc_ids.long(), block_size, causal, window, cost.partial_weight, prefix_lengths
         )
-    nz = bal.nonzeros(G) if G is not None else None  # shared by every layout scored against G
+        G = bal.dense_block_work(nb, nz)
+    else:
+        nz = None
 
     def pair_work(perm: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         assign = bal.block_assignment(perm, N, block_size) if G is not None else None
