@@ -65,19 +65,14 @@ _BM_TABLES = (
     "full_q_indices",
 )
 _DOC_TENSORS = ("q_doc", "kv_doc", "q_pos", "kv_pos", "kv_in_prefix")
+_N_MASK = len(_BM_TABLES) + len(_DOC_TENSORS)  # 13 mask tensors after q, k, v
 
 
-def _rebuild(
-    tables: tuple[torch.Tensor | None, ...],
-    doc: tuple[torch.Tensor | None, ...],
-    q_block_size: int,
-    kv_block_size: int,
-    q_len: int,
-    kv_len: int,
-    causal: bool,
-    window: int,
-) -> BlockMask:
-    """The BlockMask (with its DocumentMaskMod) the op's tensor inputs describe, via public torch API only."""
+def _rebuild(tail: tuple) -> BlockMask:
+    """The BlockMask (with its DocumentMaskMod) the op's arguments after its q/k/v (and out, dout, lse, dlse)
+    describe: the mask tensors, then the block sizes, lengths, causal and window. Public torch API only."""
+    tables, doc = tail[: len(_BM_TABLES)], tail[len(_BM_TABLES) : _N_MASK]
+    q_block_size, kv_block_size, q_len, kv_len, causal, window = tail[_N_MASK : _N_MASK + 6]
     q_doc, kv_doc, q_pos, kv_pos, kv_in_prefix = doc
     mask_mod = DocumentMaskMod(
         q_doc=q_doc,
@@ -140,25 +135,8 @@ def _fwd_opaque(
     enable_gqa: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    bm = _rebuild(
-        (
-            kv_num_blocks,
-            kv_indices,
-            full_kv_num_blocks,
-            full_kv_indices,
-            q_num_blocks,
-            q_indices,
-            full_q_num_blocks,
-            full_q_indices,
-        ),
-        (q_doc, kv_doc, q_pos, kv_pos, kv_in_prefix),
-        q_block_size,
-        kv_block_size,
-        q_len,
-        kv_len,
-        causal,
-        window,
-    )
+    args = tuple(locals().values())  # first: exactly the op's arguments, in schema order
+    bm = _rebuild(args[3:])
     out, lse = flex_attention_forward(q, k, v, bm, None, scale, enable_gqa, backend=backend)
     # fresh, contiguous outputs: the fake implementation promises exactly that layout
     return out.contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
@@ -204,25 +182,8 @@ def _bwd_opaque(
     enable_gqa: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    bm = _rebuild(
-        (
-            kv_num_blocks,
-            kv_indices,
-            full_kv_num_blocks,
-            full_kv_indices,
-            q_num_blocks,
-            q_indices,
-            full_q_num_blocks,
-            full_q_indices,
-        ),
-        (q_doc, kv_doc, q_pos, kv_pos, kv_in_prefix),
-        q_block_size,
-        kv_block_size,
-        q_len,
-        kv_len,
-        causal,
-        window,
-    )
+    args = tuple(locals().values())  # first: exactly the op's arguments, in schema order
+    bm = _rebuild(args[7:])
     out, dout = out.contiguous(), dout.contiguous()
     dlse = None if dlse is None else dlse.contiguous()
     # (the reference backend's backward is autograd-free without a score mod, so it runs inside the op too)
@@ -268,53 +229,10 @@ def _fwd(
     enable_gqa: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    args = tuple(locals().values())  # first: exactly the op's arguments, in schema order
     if not _compiled_triton(q, backend):
-        return _fwd_opaque(
-            q,
-            k,
-            v,
-            kv_num_blocks,
-            kv_indices,
-            full_kv_num_blocks,
-            full_kv_indices,
-            q_num_blocks,
-            q_indices,
-            full_q_num_blocks,
-            full_q_indices,
-            q_doc,
-            kv_doc,
-            q_pos,
-            kv_pos,
-            kv_in_prefix,
-            q_block_size,
-            kv_block_size,
-            q_len,
-            kv_len,
-            causal,
-            window,
-            scale,
-            enable_gqa,
-            backend,
-        )
-    bm = _rebuild(
-        (
-            kv_num_blocks,
-            kv_indices,
-            full_kv_num_blocks,
-            full_kv_indices,
-            q_num_blocks,
-            q_indices,
-            full_q_num_blocks,
-            full_q_indices,
-        ),
-        (q_doc, kv_doc, q_pos, kv_pos, kv_in_prefix),
-        q_block_size,
-        kv_block_size,
-        q_len,
-        kv_len,
-        causal,
-        window,
-    )
+        return _fwd_opaque(*args)
+    bm = _rebuild(args[3:])
     # out and lse come fresh from torch.empty (contiguous; lse fp32: the kernel takes no float64)
     return triton_forward(q, k, v, bm, None, scale, enable_gqa, traceable=True)
 
@@ -351,64 +269,16 @@ def _bwd(
     enable_gqa: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = tuple(locals().values())  # first: exactly the op's arguments, in schema order
     if not _compiled_triton(q, backend):
-        return _bwd_opaque(
-            q,
-            k,
-            v,
-            out,
-            dout,
-            lse,
-            dlse,
-            kv_num_blocks,
-            kv_indices,
-            full_kv_num_blocks,
-            full_kv_indices,
-            q_num_blocks,
-            q_indices,
-            full_q_num_blocks,
-            full_q_indices,
-            q_doc,
-            kv_doc,
-            q_pos,
-            kv_pos,
-            kv_in_prefix,
-            q_block_size,
-            kv_block_size,
-            q_len,
-            kv_len,
-            causal,
-            window,
-            scale,
-            enable_gqa,
-            backend,
-        )
-    bm = _rebuild(
-        (
-            kv_num_blocks,
-            kv_indices,
-            full_kv_num_blocks,
-            full_kv_indices,
-            q_num_blocks,
-            q_indices,
-            full_q_num_blocks,
-            full_q_indices,
-        ),
-        (q_doc, kv_doc, q_pos, kv_pos, kv_in_prefix),
-        q_block_size,
-        kv_block_size,
-        q_len,
-        kv_len,
-        causal,
-        window,
-    )
+        return _bwd_opaque(*args)
+    bm = _rebuild(args[7:])
     out, dout = out.contiguous(), dout.contiguous()
     dlse = None if dlse is None else dlse.contiguous()
     # dq, dk, dv come fresh from torch.empty in the input dtypes, contiguous (what the opaque op returns)
     return triton_backward(q, k, v, out, dout, lse, bm, None, scale, enable_gqa, dlse=dlse, traceable=True)
 
 
-_N_MASK = len(_BM_TABLES) + len(_DOC_TENSORS)  # 13 mask tensors after q, k, v
 _SCALARS = (
     "q_block_size",
     "kv_block_size",
@@ -430,25 +300,22 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.scalars = tuple(inputs[3 + _N_MASK :])
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, *mask = ctx.saved_tensors
-    if dout is None:
-        dout = torch.zeros_like(out)
-    dq, dk, dv = _bwd(q, k, v, out, dout, lse, dlse, *mask, *ctx.scalars)
-    return (dq, dk, dv) + (None,) * (_N_MASK + len(_SCALARS))
+def _make_backward(bwd_op):
+    """The autograd formula of a forward op: its backward op on the saved inputs, outputs and mask."""
+
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, *mask = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = bwd_op(q, k, v, out, dout, lse, dlse, *mask, *ctx.scalars)
+        return (dq, dk, dv) + (None,) * (_N_MASK + len(_SCALARS))
+
+    return backward
 
 
-def _backward_opaque(ctx, dout, dlse):
-    q, k, v, out, lse, *mask = ctx.saved_tensors
-    if dout is None:
-        dout = torch.zeros_like(out)
-    dq, dk, dv = _bwd_opaque(q, k, v, out, dout, lse, dlse, *mask, *ctx.scalars)
-    return (dq, dk, dv) + (None,) * (_N_MASK + len(_SCALARS))
-
-
-_fwd.register_autograd(_backward, setup_context=_setup_context)
+_fwd.register_autograd(_make_backward(_bwd), setup_context=_setup_context)
 # the opaque pair is also usable on its own (``document_attention(..., opaque=True)``)
-_fwd_opaque.register_autograd(_backward_opaque, setup_context=_setup_context)
+_fwd_opaque.register_autograd(_make_backward(_bwd_opaque), setup_context=_setup_context)
 
 
 def document_attention(

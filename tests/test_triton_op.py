@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_compile import _doc_ids as packed_doc_ids
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 
@@ -101,14 +102,7 @@ def traced_body(monkeypatch: pytest.MonkeyPatch):
 
 
 def _doc_ids(seed: int, n_docs: int = 3, length: int = S, pad: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    cuts = torch.sort(torch.randperm(length - pad - 1, generator=g)[: n_docs - 1] + 1).values
-    ids = torch.zeros(1, length, dtype=torch.long)
-    for c in cuts:
-        ids[0, c:] += 1
-    if pad:
-        ids[0, length - pad :] = -1
-    return ids
+    return packed_doc_ids(seed, n_docs, length, pad)
 
 
 def _qkv(hq: int, hkv: int, seed: int, s: int = S, d: int = D, dtype=torch.float32, device="cpu"):

@@ -283,6 +283,13 @@ def global_block_work_sparse(
     with all keys (counts of full and partial blocks summed over the batch, then ``full + w·partial``).
     """
     lo, hi = visible_intervals(doc_ids, causal, window, prefix)
+    return block_work_from_intervals(lo, hi, block_size, partial_weight)
+
+
+def block_work_from_intervals(
+    lo: torch.Tensor, hi: torch.Tensor, block_size: int, partial_weight: float = 1.0
+) -> tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """:func:`global_block_work_sparse` from the tokens' visible key intervals (``visible_intervals``)."""
     B, S = lo.shape
     bs = block_size
     nb = -(-S // bs)

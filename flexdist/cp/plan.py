@@ -498,9 +498,7 @@ def plan(
     if S % (N * block_size) == 0 and balance in ("auto", "document"):
         # sparse first (its non-zeros are shared by every layout scored against G), then the dense array
         # the planner's local search reads rows and columns of
-        nb, nz = bal.global_block_work_sparse(
-            doc_ids.long(), block_size, causal, window, cost.partial_weight, prefix_lengths
-        )
+        nb, nz = bal.block_work_from_intervals(lo, hi, block_size, cost.partial_weight)
         G = bal.dense_block_work(nb, nz)
     else:
         nz = None
