@@ -145,6 +145,49 @@ class Results:
         os.replace(tmp, self.path)
 
 
+def profile_row(root: str, tag: str, rank: int, device: torch.device, calls: dict) -> dict:
+    """One profiled call of each of ``calls`` (after the timed ones, so nothing compiles or autotunes here):
+    a gzipped chrome trace per rank and pass, and the timeline summary (trace_timeline.summarize) of every
+    rank, gathered (a collective: every rank calls it)."""
+    import gzip
+    import shutil
+
+    from trace_timeline import format_summary, load, summarize
+
+    os.makedirs(root, exist_ok=True)
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    mine = {}
+    for name, fn in calls.items():
+        dist.barrier()
+        with torch.profiler.profile(activities=acts) as prof:
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        path = os.path.join(root, f"trace_{tag}_{name}_rank{rank}.json")
+        prof.export_chrome_trace(path)
+        mine[name] = summarize(load(path))
+        with open(path, "rb") as src, gzip.open(path + ".gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.remove(path)
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    if rank == 0:
+        for r, s in enumerate(every):
+            for name, summ in s.items():
+                print(format_summary(f"profile {tag} {name} rank {r}", summ), flush=True)
+        out = os.path.join(root, "profile_summary.json")
+        allp = {}
+        if os.path.exists(out):
+            with open(out) as f:
+                allp = json.load(f)
+        allp[tag] = every
+        with open(out, "w") as f:
+            json.dump(allp, f, indent=1)
+    return {name: {k: v for k, v in every[0][name].items() if k != "kernels"} for name in calls}
+
+
 def say(rank: int, msg: str) -> None:
     if rank == 0:
         print(msg, flush=True)
@@ -195,6 +238,18 @@ def main() -> None:
         help="no one-GPU torch flex baseline (one compile less per config; torch CP eff vs flexdist's kernel)",
     )
     ap.add_argument("--no-torch-sdpa", dest="torch_sdpa", action="store_false", help="no SDPA causal row")
+    ap.add_argument(
+        "--profile-dir",
+        default=None,
+        help="torch.profiler trace of one forward and one backward of each --profile-rows row, per rank "
+        "(gzipped chrome traces and a compute / NCCL timeline summary, profile_summary.json)",
+    )
+    ap.add_argument(
+        "--profile-rows",
+        nargs="*",
+        default=["document/ring"],
+        help="balance/strategy rows to profile (the balance as asked, e.g. document/ring, zigzag/allgather)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.quick:
@@ -331,6 +386,12 @@ def config(args, res, base, mask_kind, S, N, rank, device, dtype, kb, tm, mesh, 
                     torch.autograd.grad(out_keep, (ql, kl, vl), dl, retain_graph=True)
 
                 row["bwd_s"] = tm(bw)
+                if args.profile_dir and f"{balance}/{strategy}" in args.profile_rows:
+                    tag = f"{base['mask']}_L{base['tokens_per_gpu']}_{balance}_{strategy.replace('/', '-')}"
+                    row["profile"] = profile_row(
+                        args.profile_dir, tag, rank, device,
+                        {"fwd": lambda p=p, ql=ql, kl=kl, vl=vl: cp.attention(ql, kl, vl, p), "bwd": bw},
+                    )  # fmt: skip
                 out = out_keep.detach()
                 del out_keep, bw
                 peak = peak_gib(device, b0)

@@ -26,6 +26,12 @@ part_tests()   { run_part pytest_gpu "${T_TESTS:-200}" python3 -m pytest -q -rfE
                    -p no:cacheprovider --timeout 180 ${TEST_FILES:-tests --deselect tests/test_cp_nccl.py}; }
 part_kernel_sweep() { run_part kernel_sweep "${T_SWEEP:-150}" python3 bench/bench_kernel.py --sweep --sweep-seq "${SWEEP_SEQ:-8192}" \
                    --masks "${SWEEP_MASKS:-doc1k,doc4k}" --out "$R/kernel_sweep_h100.json"; }
+part_kprof()   { run_part kprof   "${T_KPROF:-120}" python3 bench/profile_kernel.py --mode torch ${KPROF_ARGS:-} --out "$R/kernel_profile_h100.json"; }
+part_ncu() {  # Nsight Compute counters of one fwd+bwd per implementation (flexdist's kernels, torch flex's)
+  local ncu; ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  run_part ncu "${T_NCU:-240}" "${ncu:-ncu}" --clock-control none --profile-from-start off --csv --page details \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    --section ComputeWorkloadAnalysis python3 bench/profile_kernel.py --mode ncu ${NCU_ARGS:---masks doc4k}; }
 part_host()    { run_part host    "${T_HOST:-90}" python3 bench/bench_host.py ${HOST_ARGS:-} --out "$R/host_h100.json"; }
 part_masks()   { run_part masks   "${T_MASKS:-120}" python3 bench/bench_masks.py ${MASKS_ARGS:-} --out "$R/masks_h100.json"; }
 part_cp_sim()  { run_part cp_sim  "${T_CPSIM:-150}" python3 bench/bench_cp_sim.py ${CPSIM_ARGS:-} --out "$R/cp_sim_h100.json"; }
@@ -36,7 +42,8 @@ part_tests_multi() { run_part pytest_multi "${T_TESTS_MULTI:-200}" python3 -m py
                    tests/test_train_compile.py -k gpu_fsdp2; }  # FSDP2 + cp = 2 + compiled blocks on two GPUs
 part_nccl()    { run_part pytest_nccl "${T_NCCL:-120}" python3 -m pytest -q -s -rfE --tb=short -p no:cacheprovider tests/test_cp_nccl.py; }
 part_cp_multi() { run_part cp_multi "${T_CPMULTI:-150}" torchrun --standalone --nproc-per-node "$NGPU" \
-                   bench/bench_cp_multi.py ${CPMULTI_ARGS:-} --out "$R/cp_multi_${NGPU}gpu.json"; }
+                   bench/bench_cp_multi.py ${CPMULTI_ARGS:-} \
+                   ${CPMULTI_PROFILE:+--profile-dir $R/cp_profile --profile-rows $CPMULTI_PROFILE} --out "$R/cp_multi_${NGPU}gpu.json"; }
 part_train_cp() { FLEXDIST_RUN_DIR="$R/train_1b_cp${NGPU}" run_part train_1b_cp "${T_TRAINCP:-180}" \
                    torchrun --standalone --nproc-per-node "$NGPU" -m train model=1b parallel=cp parallel.cp="$NGPU" \
                    optim=adamw trainer.seq_len=131072 trainer.steps="${TRAINCP_STEPS:-12}" \

@@ -1,0 +1,46 @@
+"""bench/trace_timeline.py: compute / NCCL busy time and their overlap from a chrome trace (synthetic here)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+from test_train import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from trace_timeline import format_summary, summarize
+
+
+def _k(name: str, ts: float, dur: float, cat: str = "kernel") -> dict:
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+
+def test_summarize_busy_overlap_and_idle() -> None:
+    trace = {
+        "traceEvents": [
+            _k("_dkdv_kernel", 0, 100),
+            _k("_dq_kernel", 50, 100),  # overlaps the first: compute union 0..150
+            _k("ncclDevKernel_SendRecv", 120, 80),  # 120..200: overlaps compute for 30
+            _k("_dq_kernel", 250, 50),  # idle 150..250 on compute
+            _k("Memcpy DtoD", 300, 10, cat="gpu_memcpy"),
+            {"ph": "X", "cat": "cpu_op", "name": "aten::add", "ts": 0, "dur": 1000},  # host: ignored
+        ]
+    }
+    s = summarize(trace)
+    assert s["span_us"] == pytest.approx(310)
+    assert s["compute_busy_us"] == pytest.approx(150 + 50 + 10)
+    assert s["comm_busy_us"] == pytest.approx(80)
+    assert s["overlap_us"] == pytest.approx(30)
+    assert s["compute_idle_us"] == pytest.approx(100)
+    dq = s["kernels"]["_dq_kernel"]
+    assert dq["calls"] == 2 and dq["us"] == pytest.approx(150) and dq["us_beside_nccl"] == pytest.approx(30)
+    assert s["kernels"]["_dkdv_kernel"]["us_beside_nccl"] == pytest.approx(0)
+    assert next(iter(s["kernels"])) == "_dq_kernel"  # longest first
+    assert "overlap 30" in format_summary("bwd", s)
+
+
+def test_summarize_empty_trace() -> None:
+    s = summarize({"traceEvents": []})
+    assert s["span_us"] == 0 and s["compute_busy_us"] == 0 and s["kernels"] == {}
