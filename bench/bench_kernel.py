@@ -298,6 +298,46 @@ def sweep(args, dev, dtype) -> list[dict]:
     return out
 
 
+def head_group_sweep(args, dev, dtype) -> list[dict]:
+    """Time the forward and the backward kernels for each launch head grouping (``head_group``; None: the
+    shipped rule) at every --seqs size and --masks mask, with the shipped (autotuned) tiles."""
+    means = {"causal": None, "doc4k": 4096, "doc1k": 1024}
+    groups = [None, *(int(x) for x in args.head_groups.split(","))]
+    out = []
+    for name in args.masks.split(","):
+        for S in (int(x) for x in args.seqs.split(",")):
+            mean = means[name]
+            doc = document_ids(S, mean, 0)
+            fl = 4 * args.heads * args.dim * pair_count(doc)
+            g = torch.Generator(device=dev).manual_seed(0)
+            q, k, v = (
+                torch.randn(1, args.heads, S, args.dim, device=dev, dtype=dtype, generator=g)
+                for _ in range(3)
+            )
+            if mean is None:
+                mm = lambda b, h, qi, ki: qi >= ki
+            else:
+                dd = doc.to(dev)
+                pos = torch.arange(S, device=dev)[None]
+                mm = DocumentMaskMod(dd[None], dd[None], pos, pos)
+            bm = block_mask_from_docs(doc, 128, mm, dev)
+            o, lse = triton_forward(q, k, v, bm)
+            do = torch.randn_like(o)
+            for hg in groups:
+                row = {"mask": name, "S": S, "head_group": hg}
+                try:
+                    tf = _bench(lambda hg=hg: triton_forward(q, k, v, bm, head_group=hg), False)
+                    tb = _bench(lambda hg=hg: triton_backward(q, k, v, o, do, lse, bm, head_group=hg), False)
+                    row.update(fwd_ms=tf, bwd_ms=tb, fwd_tflops=fl / tf / 1e9, bwd_tflops=2.5 * fl / tb / 1e9)
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+                out.append(row)
+                print(row, flush=True)
+            q = k = v = o = lse = do = None  # free before the next size
+            torch.cuda.empty_cache()
+    return out
+
+
 def _write(path: str, obj: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -317,6 +357,11 @@ def main() -> None:
     ap.add_argument("--no-torch", action="store_true", help="skip the torch flex baseline")
     ap.add_argument("--sweep", action="store_true", help="time tile configs of the kernel instead")
     ap.add_argument("--sweep-seq", type=int, default=32768)
+    ap.add_argument(
+        "--head-groups",
+        default=None,
+        help="time these launch head groupings (e.g. 1,2,4,16) beside the shipped rule instead (GPU)",
+    )
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
@@ -340,6 +385,11 @@ def main() -> None:
         "timing": "triton.testing.do_bench (median ms)" if cuda else "wall clock, one call",
     }
     print(json.dumps(meta))
+    if args.head_groups:
+        res = head_group_sweep(args, dev, dtype)
+        if args.out:
+            _write(args.out, {"meta": meta, "head_group_sweep": res})
+        return
     if args.sweep:
         res = sweep(args, dev, dtype)
         if args.out:

@@ -32,6 +32,8 @@ part_ncu() {  # Nsight Compute counters of one fwd+bwd per implementation (flexd
   run_part ncu "${T_NCU:-240}" "${ncu:-ncu}" --clock-control none --profile-from-start off --csv --page details \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section ComputeWorkloadAnalysis python3 bench/profile_kernel.py --mode ncu ${NCU_ARGS:---masks doc4k}; }
+part_hgroups() { run_part hgroups "${T_HGROUPS:-150}" python3 bench/bench_kernel.py --head-groups "${HGROUPS:-1,2,4,16}" \
+                   --seqs "${HG_SEQS:-8192,32768}" --masks "${HG_MASKS:-causal,doc4k,doc1k}" --out "$R/head_groups_h100.json"; }
 part_host()    { run_part host    "${T_HOST:-90}" python3 bench/bench_host.py ${HOST_ARGS:-} --out "$R/host_h100.json"; }
 part_masks()   { run_part masks   "${T_MASKS:-120}" python3 bench/bench_masks.py ${MASKS_ARGS:-} --out "$R/masks_h100.json"; }
 part_cp_sim()  { run_part cp_sim  "${T_CPSIM:-150}" python3 bench/bench_cp_sim.py ${CPSIM_ARGS:-} --out "$R/cp_sim_h100.json"; }

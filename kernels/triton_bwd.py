@@ -27,10 +27,13 @@ from .triton_fwd import (
     _bits_visible,
     _doc_visible,
     _dot,
+    _launch_coords,
     _score_mod,
     _tanh,
+    check_head_group,
     doc_args,
     kernels_are_compiled,
+    launch_head_group,
     meta_args,
     pick_tile,
     prepare,
@@ -209,7 +212,7 @@ def _dkdv_kernel(
     Q_NUM, Q_IDX, FULLQ_NUM, FULLQ_IDX, Q_PID, snb, snh, sib, sih, sik, ORDER, sor_b, sor_h,
     BITS, QDOC, KVDOC, QPOS, KVPOS, KVPRE, sdq, sdk, window,
     QIDX, KVIDX, SLOPES, TABLE, table_stride, L, softcap,
-    Hq, Hkv, G, Sq, Skv, scale, qk_scale,
+    Hq, Hkv, G, Sq, Skv, scale, qk_scale, NB, BH, HG,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     QBS: tl.constexpr, KBS: tl.constexpr, WORDS: tl.constexpr, MASK_KIND: tl.constexpr,
     SCORE_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr,
@@ -224,12 +227,11 @@ def _dkdv_kernel(
         tl.cast(scale, tl.float32),
         tl.cast(qk_scale, tl.float32),
     )
-    slot = tl.program_id(0)
-    bh = tl.program_id(1)
+    SUBS_N: tl.constexpr = KBS // BLOCK_N
+    slot, bh = _launch_coords(NB, BH, HG, SUBS_N)
     b = bh // Hkv
     hk = bh % Hkv
     b64 = b.to(tl.int64)
-    SUBS_N: tl.constexpr = KBS // BLOCK_N
     # launch order: kv blocks with the most work first (order of the group's first query head)
     kb = tl.load(ORDER + b * sor_b + (hk * G) * sor_h + slot // SUBS_N)
     start_n = kb * KBS + (slot % SUBS_N) * BLOCK_N
@@ -389,7 +391,7 @@ def _dq_kernel(
     KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, KV_PID, snb, snh, sib, sih, siq, ORDER, sor_b, sor_h,
     BITS, QDOC, KVDOC, QPOS, KVPOS, KVPRE, sdq, sdk, window,
     QIDX, KVIDX, SLOPES, TABLE, table_stride, L, softcap,
-    Hq, G, Sq, Skv, scale, qk_scale,
+    Hq, G, Sq, Skv, scale, qk_scale, NB, BH, HG,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     QBS: tl.constexpr, KBS: tl.constexpr, WORDS: tl.constexpr, MASK_KIND: tl.constexpr,
     SCORE_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr,
@@ -404,14 +406,13 @@ def _dq_kernel(
         tl.cast(scale, tl.float32),
         tl.cast(qk_scale, tl.float32),
     )
-    slot = tl.program_id(0)
-    bh = tl.program_id(1)
+    SUBS_M: tl.constexpr = QBS // BLOCK_M
+    slot, bh = _launch_coords(NB, BH, HG, SUBS_M)
     b = bh // Hq
     hq = bh % Hq
     hk = hq // G
     b64 = b.to(tl.int64)
     hq64 = hq.to(tl.int64)
-    SUBS_M: tl.constexpr = QBS // BLOCK_M
     qb = tl.load(ORDER + b * sor_b + hq * sor_h + slot // SUBS_M)
     start_m = qb * QBS + (slot % SUBS_M) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -474,7 +475,7 @@ def _dq_kernel(
         _store_tile(dq_ptrs, dq, offs_m, Sq, EVEN_M, False)
     if TABLE_GRAD:
         # one private row per program: [B, Hq, n_tiles, WP]; summed on the host in a fixed order
-        row = (bh.to(tl.int64) * tl.num_programs(0) + slot) * WP
+        row = (bh.to(tl.int64) * (NB * SUBS_M) + slot) * WP
         tl.store(TGRAD + row + tl.arange(0, WP), tgrad)
 
 
@@ -526,6 +527,7 @@ def triton_backward(
     dv_out: torch.Tensor | None = None,
     which: str = "all",
     traceable: bool = False,
+    head_group: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Block-sparse backward given the global ``lse``: ``(dq, dk, dv)`` in the input dtypes.
 
@@ -535,9 +537,12 @@ def triton_backward(
     the gradients are added into them inside the kernels (tiles with no block are not touched) and returned.
     ``traceable``: launch through ``torch.library.wrap_triton`` with per-call placeholders (the body of a
     ``torch.library.triton_op``, traced with FakeTensors under torch.compile); needs compiled (JIT) kernels.
+    ``head_group``: heads per launch group of the dK/dV and dQ kernels (``triton_fwd.launch_head_group``; None:
+    its choice).
     """
     if traceable and not kernels_are_compiled():
         raise ValueError("traceable=True needs compiled Triton kernels, not TRITON_INTERPRET=1's interpreter")
+    check_head_group(head_group)
     on_gpu = q.is_cuda
     lp = prepare(
         q, k, v, block_mask, score_mod, scale, enable_gqa, q_global_idx, kv_global_idx,
@@ -605,15 +610,18 @@ def triton_backward(
     dq = dk = dv = None
     if run_dkdv:
         dk, dv = _dkdv(
-            q, k, v, dout, lse, delta, dk_out, dv_out, lp, km, sh, c1, M1, N1, config, common, traceable
+            q, k, v, dout, lse, delta, dk_out, dv_out, lp, km, sh, c1, M1, N1, config, common, traceable,
+            head_group,
         )  # fmt: skip
     if run_dq:
         dq = _dq(q, k, v, dout, lse, delta, dq_out, lp, km, sh, c2, M2, N2, config, common, score_mod,
-                 score_mod_grads, traceable)  # fmt: skip
+                 score_mod_grads, traceable, head_group)  # fmt: skip
     return dq, dk, dv
 
 
-def _dkdv(q, k, v, dout, lse, delta, dk_out, dv_out, lp, km, sh, c1, M1, N1, config, common, traceable):
+def _dkdv(
+    q, k, v, dout, lse, delta, dk_out, dv_out, lp, km, sh, c1, M1, N1, config, common, traceable, head_group
+):  # fmt: skip
     """Launch the dK/dV kernel (into new tensors, or adding into dk_out / dv_out)."""
     dev = q.device
     dummy_i = lp.dummy_i
@@ -635,15 +643,18 @@ def _dkdv(q, k, v, dout, lse, delta, dk_out, dv_out, lp, km, sh, c1, M1, N1, con
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         *meta_args(km, True, dummy_i), bits, *docs, *mods,
         sh.Hq, sh.Hkv, sh.groups, sh.Sq, sh.Skv, lp.scale, lp.scale * LOG2E,
+        n_kb, sh.B * sh.Hkv, head_group or launch_head_group(
+            sh.Sq * (sh.D + sh.Dv) * q.element_size() * sh.groups, sh.B * sh.Hkv
+        ),
     )  # fmt: skip
     if tuned:
-        grid = lambda meta: (n_kb * (km.KBS // meta["BLOCK_N"]), sh.B * sh.Hkv)
+        grid = lambda meta: (n_kb * (km.KBS // meta["BLOCK_N"]) * sh.B * sh.Hkv,)
         # (``wrap_triton(<module-level kernel name>)`` spelled out: see triton_fwd.triton_forward)
         kernel = wrap_triton(_dkdv_kernel_tuned) if traceable else _dkdv_kernel_tuned
         kernel[grid](*args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, ACCUM=accum, **common)
     else:
         kernel = wrap_triton(_dkdv_kernel) if traceable else _dkdv_kernel
-        kernel[(n_kb * (km.KBS // N1), sh.B * sh.Hkv)](
+        kernel[(n_kb * (km.KBS // N1) * sh.B * sh.Hkv,)](
             *args, BLOCK_M=M1, BLOCK_N=N1, EVEN_M=lp.even_m and sh.Sq % M1 == 0,
             EVEN_N=lp.even_n and sh.Skv % N1 == 0, num_warps=c1[2], num_stages=c1[3], ACCUM=accum, **common,
         )  # fmt: skip
@@ -652,7 +663,7 @@ def _dkdv(q, k, v, dout, lse, delta, dk_out, dv_out, lp, km, sh, c1, M1, N1, con
 
 def _dq(
     q, k, v, dout, lse, delta, dq_out, lp, km, sh, c2, M2, N2, config, common, score_mod, score_mod_grads,
-    traceable,
+    traceable, head_group,
 ):  # fmt: skip
     """Launch the dQ kernel (into a new tensor, or adding into dq_out); also the RelativeBias table gradient."""
     dev = q.device
@@ -687,16 +698,19 @@ def _dq(
         dq.stride(0), dq.stride(1), dq.stride(2),
         *meta_args(km, False, dummy_i), bits, *docs, *mods,
         sh.Hq, sh.groups, sh.Sq, sh.Skv, lp.scale, lp.scale * LOG2E,
+        n_qb, sh.B * sh.Hq, head_group or launch_head_group(
+            sh.Skv * (sh.D + sh.Dv) * k.element_size() // sh.groups, sh.B * sh.Hq
+        ),
     )  # fmt: skip
     if tuned and not table_grad:  # the table-gradient scratch is sized for the fixed tile
-        grid = lambda meta: (n_qb * (km.QBS // meta["BLOCK_M"]), sh.B * sh.Hq)
+        grid = lambda meta: (n_qb * (km.QBS // meta["BLOCK_M"]) * sh.B * sh.Hq,)
         kernel = wrap_triton(_dq_kernel_tuned) if traceable else _dq_kernel_tuned
         kernel[grid](
             *args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, TABLE_GRAD=False, WP=1, ACCUM=accum, **common
         )  # fmt: skip
     else:
         kernel = wrap_triton(_dq_kernel) if traceable else _dq_kernel
-        kernel[(n_m, sh.B * sh.Hq)](
+        kernel[(n_m * sh.B * sh.Hq,)](
             *args, BLOCK_M=M2, BLOCK_N=N2, EVEN_M=lp.even_m and sh.Sq % M2 == 0,
             EVEN_N=lp.even_n and sh.Skv % N2 == 0, TABLE_GRAD=table_grad, WP=WP,
             num_warps=c2[2], num_stages=c2[3], ACCUM=accum, **common,

@@ -46,6 +46,23 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _launch_coords(NB, BH, HG, SUBS: tl.constexpr):
+    """(slot, batch·head) of this program in the 1-D grid of ``NB · SUBS`` slots × ``BH`` heads.
+
+    Heads are walked in groups of ``HG``; inside a group the slot varies slowest, so the group's tiles start
+    in block-work order (longest first) across all its heads. ``HG = 1`` runs one head after the other (its
+    K/V stay in L2); a larger group trades that locality for a short tail: with one head at a time the last
+    head's longest tiles only start in the last wave.
+    """
+    pid = tl.program_id(0)
+    per_group = HG * (NB * SUBS)
+    g = pid // per_group
+    r = pid - g * per_group
+    hg = tl.minimum(HG, BH - g * HG)  # the last group may hold fewer heads
+    return r // hg, g * HG + r % hg
+
+
+@triton.jit
 def _score_mod(s, hq, qg, kg, SLOPES, TABLE, table_stride, L, softcap, SCORE_KIND: tl.constexpr):
     """Natural-units score (already × scale) -> modded score. qg [M], kg [N] are global positions."""
     if SCORE_KIND == 1:
@@ -261,6 +278,9 @@ def _fwd_kernel(
     Skv,
     scale,
     qk_scale,
+    NB,
+    BH,
+    HG,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     D: tl.constexpr,
@@ -290,15 +310,12 @@ def _fwd_kernel(
         tl.cast(scale, tl.float32),
         tl.cast(qk_scale, tl.float32),
     )
-    # grid (slot, batch·head): the slots of one head run together (its K/V stay in L2) and follow the
-    # block work order, longest first (H100: putting heads fastest instead cost 7% at 32k causal)
-    slot = tl.program_id(0)
-    bh = tl.program_id(1)
+    SUBS_M: tl.constexpr = QBS // BLOCK_M
+    slot, bh = _launch_coords(NB, BH, HG, SUBS_M)
     b = bh // Hq
     hq = bh % Hq
     hk = hq // G
     b64 = b.to(tl.int64)
-    SUBS_M: tl.constexpr = QBS // BLOCK_M
     qb = tl.load(ORDER + b * sor_b + hq * sor_h + slot // SUBS_M)
     start_m = qb * QBS + (slot % SUBS_M) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -502,6 +519,23 @@ def tune_configs(cfgs, extra: str | None = None) -> list:
     return out
 
 
+# L2 bytes the heads of one launch group may stream between them (H100 / H200: 50 MB of L2)
+HEAD_GROUP_L2_BYTES = 32 << 20
+
+
+def launch_head_group(streamed_bytes_per_head: int, n_heads: int) -> int:
+    """Heads per launch group (``_launch_coords``): as many as fit their streamed operand (K and V of the whole
+    key range for the forward and dQ, Q and dO of the whole query range for dK/dV) in ``HEAD_GROUP_L2_BYTES``
+    together, at least one. Shape-only, so it is known without reading the mask (no device sync, traceable).
+    """
+    return max(1, min(n_heads, HEAD_GROUP_L2_BYTES // max(1, streamed_bytes_per_head)))
+
+
+def check_head_group(head_group: int | None) -> None:
+    if head_group is not None and (not isinstance(head_group, int) or head_group < 1):
+        raise ValueError(f"head_group must be a positive int or None, got {head_group!r}")
+
+
 def use_autotune(q: torch.Tensor, km: KernelMask, Sq: int, Skv: int) -> bool:
     return q.is_cuda and km.QBS % 128 == 0 and km.KBS % 128 == 0 and Sq * Skv >= AUTOTUNE_MIN_PAIRS
 
@@ -657,6 +691,7 @@ def triton_forward(
     out_acc: torch.Tensor | None = None,
     lse_acc: torch.Tensor | None = None,
     traceable: bool = False,
+    head_group: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse forward: ``(out [B,Hq,Sq,Dv] q.dtype, lse [B,Hq,Sq] fp32 natural log)``.
 
@@ -665,9 +700,11 @@ def triton_forward(
     ``config``: ``(BLOCK_M, BLOCK_N, warps, stages[, fma_softmax])`` instead of the defaults / the autotuner.
     ``traceable``: launch through ``torch.library.wrap_triton`` with per-call placeholders (the body of a
     ``torch.library.triton_op``, traced with FakeTensors under torch.compile); needs compiled (JIT) kernels.
+    ``head_group``: heads per launch group (see ``launch_head_group``; None: its choice).
     """
     if traceable and not kernels_are_compiled():
         raise ValueError("traceable=True needs compiled Triton kernels, not TRITON_INTERPRET=1's interpreter")
+    check_head_group(head_group)
     on_gpu = q.is_cuda
     cfg = config or fwd_config(q.shape[-1], on_gpu)
     lp = prepare(
@@ -686,6 +723,7 @@ def triton_forward(
         out = torch.empty(sh.B, sh.Hq, sh.Sq, sh.Dv, dtype=q.dtype, device=q.device)
         lse = torch.empty(sh.B, sh.Hq, sh.Sq, dtype=torch.float32, device=q.device)
     dummy_i = lp.dummy_i
+    n_qb = triton.cdiv(sh.Sq, km.QBS)  # query blocks in use (the BlockMask may list more)
     meta = meta_args(km, False, dummy_i)
     docs, (causal, has_w, has_pre) = doc_args(km, dummy_i)
     bits = km.bits if km.mask_kind == MASK_BITS else dummy_i
@@ -696,6 +734,9 @@ def triton_forward(
         *meta, bits, *docs,
         lp.qidx, lp.kvidx, lp.slopes, lp.table, lp.table_stride, lp.L, lp.softcap,
         sh.Hq, sh.groups, sh.Sq, sh.Skv, lp.scale, lp.scale * LOG2E,
+        n_qb, sh.B * sh.Hq, head_group or launch_head_group(
+            sh.Skv * (sh.D + sh.Dv) * k.element_size() // sh.groups, sh.B * sh.Hq
+        ),
     )  # fmt: skip
     consts = dict(
         D=sh.D, DV=sh.Dv, QBS=km.QBS, KBS=km.KBS, WORDS=km.words,
@@ -703,17 +744,16 @@ def triton_forward(
         HAS_PREFIX=has_pre, HAS_QIDX=lp.has_qidx, HAS_KVIDX=lp.has_kvidx, HAS_FULL=km.has_full,
         PREC=lp.prec, UPCAST=lp.upcast, ACCUM=accum,
     )  # fmt: skip
-    n_qb = triton.cdiv(sh.Sq, km.QBS)  # query blocks in use (the BlockMask may list more)
     # the FMA softmax scales the row max after taking it, which needs a positive scale
     if config is None and lp.scale > 0 and use_autotune(q, km, sh.Sq, sh.Skv):
         # every tuned tile divides the 128-multiple blocks, so EVEN_* only depends on the blocks
-        grid = lambda meta: (n_qb * (km.QBS // meta["BLOCK_M"]), sh.B * sh.Hq)
+        grid = lambda meta: (n_qb * (km.QBS // meta["BLOCK_M"]) * sh.B * sh.Hq,)
         # (``wrap_triton(<module-level kernel name>)`` spelled out at each launch: torch.library.triton_op finds
         # the kernels of an op by reading its source for exactly this form, to key compile caches on them)
         tuned = wrap_triton(_fwd_kernel_tuned) if traceable else _fwd_kernel_tuned
         tuned[grid](*args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, **consts)
     else:
-        grid = (n_qb * (km.QBS // BM), sh.B * sh.Hq)
+        grid = (n_qb * (km.QBS // BM) * sh.B * sh.Hq,)
         kernel = wrap_triton(_fwd_kernel) if traceable else _fwd_kernel
         kernel[grid](
             *args, BLOCK_M=BM, BLOCK_N=BN, EVEN_M=lp.even_m and sh.Sq % BM == 0,
