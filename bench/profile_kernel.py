@@ -6,6 +6,8 @@ per implementation after a warm-up that runs autotuning and torch.compile):
 
 - ``--mode torch``: ``torch.profiler`` (CUPTI) around ``--iters`` forward+backward calls of each
   implementation; prints and writes every GPU kernel's mean duration and its TFLOP/s share.
+- ``--mode host``: ``cProfile`` of ``--iters`` flexdist forward+backward calls through autograd (host time
+  only: where a launch-bound call spends its CPU time);
 - ``--mode ncu``: brackets one forward+backward of each implementation with ``cudaProfilerStart/Stop`` and
   nothing else, for Nsight Compute's hardware counters (tensor-pipe use, occupancy, registers, stall
   reasons), e.g.
@@ -82,7 +84,7 @@ def kernel_table(prof, iters: int) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=["torch", "ncu"], default="torch")
+    ap.add_argument("--mode", choices=["torch", "ncu", "host"], default="torch")
     ap.add_argument("--masks", default="doc4k,causal")
     ap.add_argument("--seq", type=int, default=32768)
     ap.add_argument("--heads", type=int, default=16)
@@ -120,6 +122,24 @@ def main() -> None:
             for _ in range(3):  # autotuning, compilation, caches
                 fn()
             torch.cuda.synchronize()
+            if args.mode == "host":
+                if impl != "flexdist":
+                    continue
+                import cProfile
+                import io
+                import pstats
+
+                pr = cProfile.Profile()
+                pr.enable()
+                for _ in range(args.iters):
+                    fn()
+                pr.disable()
+                torch.cuda.synchronize()
+                buf = io.StringIO()
+                pstats.Stats(pr, stream=buf).sort_stats("cumulative").print_stats(45)
+                print(f"== host profile {name} S={args.seq} flexdist, {args.iters} fwd+bwd calls", flush=True)
+                print(buf.getvalue(), flush=True)
+                continue
             if args.mode == "ncu":
                 torch.cuda.profiler.start()
                 fn()
