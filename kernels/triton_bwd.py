@@ -479,6 +479,39 @@ def _dq_kernel(
         tl.store(TGRAD + row + tl.arange(0, WP), tgrad)
 
 
+def triton_delta(
+    out: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None = None, *, traceable: bool = False
+) -> torch.Tensor:
+    """``delta = rowsum(dO · O) − dLSE`` in fp32, ``[B, H, S]``, in one pass over ``out`` and ``dout``.
+
+    The backward's per-row constant; context parallelism computes it once from the merged output and hands
+    it to every step (torch's ``(dO.float() * O.float()).sum(-1)`` would write two fp32 copies of both).
+    """
+    if out.shape != dout.shape or out.dim() != 4:
+        raise ValueError(
+            f"out and dout must both be [B, H, S, D], got {tuple(out.shape)} and {tuple(dout.shape)}"
+        )
+    if out.device != dout.device:
+        raise ValueError(f"out is on {out.device} but dout is on {dout.device}")
+    B, H, S, Dv = out.shape
+    if dlse is not None and tuple(dlse.shape) != (B, H, S):
+        raise ValueError(f"dlse must have shape {(B, H, S)}, got {tuple(dlse.shape)}")
+    if Dv & (Dv - 1):
+        raise ValueError(f"the head dim of out must be a power of two for the delta kernel, got {Dv}")
+    out_c = out if out.stride(-1) == 1 else out.contiguous()
+    dout_c = dout if dout.stride(-1) == 1 else dout.contiguous()
+    delta = torch.empty(B, H, S, dtype=torch.float32, device=out.device)
+    dl = dlse.to(torch.float32).contiguous() if dlse is not None else delta
+    BMd = 64
+    delta_kernel = wrap_triton(_delta_kernel) if traceable else _delta_kernel
+    delta_kernel[(triton.cdiv(S, BMd), B * H)](
+        out_c, dout_c, dl, delta,
+        out_c.stride(0), out_c.stride(1), out_c.stride(2), dout_c.stride(0), dout_c.stride(1), dout_c.stride(2),
+        H, S, BLOCK_M=BMd, DV=Dv, HAS_DLSE=dlse is not None,
+    )  # fmt: skip
+    return delta
+
+
 def bwd_config(D: int, on_gpu: bool) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
     """((M1, N1, warps, stages) for dK/dV, (M2, N2, warps, stages) for dQ) before fitting to the BlockMask."""
     if not on_gpu:
@@ -567,16 +600,7 @@ def triton_backward(
     lse = lse.to(torch.float32).contiguous()
     dev = q.device
     if delta is None:
-        out_c = out if out.stride(-1) == 1 else out.contiguous()
-        delta = torch.empty(sh.B, sh.Hq, sh.Sq, dtype=torch.float32, device=dev)
-        dl = dlse.to(torch.float32).contiguous() if dlse is not None else delta
-        BMd = 64
-        delta_kernel = wrap_triton(_delta_kernel) if traceable else _delta_kernel
-        delta_kernel[(triton.cdiv(sh.Sq, BMd), sh.B * sh.Hq)](
-            out_c, dout, dl, delta,
-            out_c.stride(0), out_c.stride(1), out_c.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-            sh.Hq, sh.Sq, BLOCK_M=BMd, DV=sh.Dv, HAS_DLSE=dlse is not None,
-        )  # fmt: skip
+        delta = triton_delta(out, dout, dlse, traceable=traceable)
     else:
         delta = delta.to(device=dev, dtype=torch.float32).contiguous()
         if tuple(delta.shape) != (sh.B, sh.Hq, sh.Sq):

@@ -267,7 +267,7 @@ def test_head_groups_change_launch_order_not_results():
     from flexdist.kernels import triton_fwd as TF
 
     B, Hq, Hkv, S, D = 2, 6, 3, 150, 16
-    doc = _docs(B, S, seed=21)
+    doc = _docs(B, S, seed=21).to(DEV)
     pos = _doc_positions(doc)
     bm = create_block_mask(DocumentMaskMod(doc, doc, pos, pos), B, None, S, S, device=DEV, BLOCK_SIZE=32)
     q, k, v = _inputs(B, Hq, Hkv, S, S, D, seed=22)
@@ -288,6 +288,31 @@ def test_head_groups_change_launch_order_not_results():
             assert torch.equal(a, b), f"{name} differs between head_group={hg} and head_group=1"
     with pytest.raises(ValueError, match="head_group must be a positive int"):
         TF.triton_forward(q, k, v, bm, enable_gqa=True, head_group=0)
+
+
+def test_triton_delta_matches_torch_rowsum():
+    """The fused delta (what CP computes once per backward) equals rowsum(dO·O) − dLSE, with an odd length,
+    a non-contiguous dout, and dLSE; bad shapes name the argument."""
+    from flexdist.kernels.triton_bwd import triton_delta
+
+    B, H, S, D = 2, 3, 77, 32
+    g = torch.Generator().manual_seed(31)
+    out = torch.randn(B, H, S, D, generator=g).to(DEV)
+    dout = torch.randn(B, S, H, D, generator=g).to(DEV).transpose(1, 2)  # strided heads
+    dlse = torch.randn(B, H, S, generator=g).to(DEV)
+    want = (dout.double() * out.double()).sum(-1)
+    _close(triton_delta(out, dout), want, 1e-5, "delta")
+    _close(triton_delta(out, dout, dlse), want - dlse.double(), 1e-5, "delta with dlse")
+    _close(
+        triton_delta(out.half(), dout.half()),
+        (dout.half().double() * out.half().double()).sum(-1),
+        1e-3,
+        "fp16",
+    )
+    with pytest.raises(ValueError, match="out and dout must both be"):
+        triton_delta(out, dout[:, :, :-1])
+    with pytest.raises(ValueError, match="dlse must have shape"):
+        triton_delta(out, dout, dlse[:, :1])
 
 
 def test_fully_masked_rows_no_nan():
