@@ -596,6 +596,10 @@ def prepare(
         kind = SCORE_RELBIAS
         table = score_mod.table.detach().to(device=dev, dtype=torch.float32).contiguous()
         table_stride, L = table.shape[1], score_mod.max_distance
+    if kind == SCORE_NONE:
+        # the kernels read global token indices only inside score mods: without one the maps are not
+        # converted or passed (a CP ring step would pay two int32 copies per call for nothing)
+        q_global_idx = kv_global_idx = None
     qidx = q_global_idx.to(device=dev, dtype=torch.int32).contiguous() if q_global_idx is not None else dummy
     kvidx = (
         kv_global_idx.to(device=dev, dtype=torch.int32).contiguous() if kv_global_idx is not None else dummy

@@ -210,6 +210,16 @@ def test_global_index_maps_under_cp():
         RelativeBias(torch.randn(H, 2 * 40 - 1, device=DEV, requires_grad=True)),
     ):
         _check_against_reference(q, k, v, bm, sm, qidx=qidx, kvidx=kvidx)
+    # without a score mod the maps are still validated, but neither converted nor passed to the kernels
+    # (nothing reads them), and the result equals the call without maps
+    _check_against_reference(q, k, v, bm, None, qidx=qidx, kvidx=kvidx)
+    from flexdist.kernels.triton_fwd import prepare
+
+    assert not prepare(q, k, v, bm, None, None, False, qidx, kvidx).has_qidx
+    lp = prepare(q, k, v, bm, ALiBi(ALiBi.default_slopes(H, DEV)), None, False, qidx, kvidx)
+    assert lp.has_qidx and lp.has_kvidx
+    with pytest.raises(ValueError, match="q_global_idx must be"):
+        prepare(q, k, v, bm, None, None, False, qidx[:-1], kvidx)
 
 
 def test_odd_lengths_sq_ne_skv_gqa():
