@@ -44,3 +44,23 @@ def test_summarize_busy_overlap_and_idle() -> None:
 def test_summarize_empty_trace() -> None:
     s = summarize({"traceEvents": []})
     assert s["span_us"] == 0 and s["compute_busy_us"] == 0 and s["kernels"] == {}
+
+
+def test_tail_model_list_scheduling() -> None:
+    """bench/model_tail.py: greedy list scheduling in launch order, and the head-group launch order."""
+    import torch
+    from model_tail import busy_fraction, makespan
+
+    assert makespan([3, 1, 1, 1], 2) == 3  # 3 | 1+1+1
+    assert makespan([1, 1, 1, 3], 2) == 4  # the long one started last
+    tiles = torch.tensor([3, 1])
+    # two heads, two slots: one head at a time runs 3,1 then 3,1 -> slots end at 3+1 and 1+3: makespan 4;
+    # both heads together start the two 3s first -> 3+1, 3+1: also 4, busy 1.0
+    assert busy_fraction(tiles, 2, 2, 2) == (1.0, 3, 4.0)
+    # tiles 6,1,1 of two heads on three slots: by head the second 6 starts after a 1 (makespan 7); together
+    # both 6s start first (makespan 6); the work per slot is 16 / 3 either way
+    tiles = torch.tensor([6, 1, 1])
+    f1, mx, per = busy_fraction(tiles, 2, 3, 1)
+    f2, _, _ = busy_fraction(tiles, 2, 3, 2)
+    assert mx == 6 and per == pytest.approx(16 / 3)
+    assert f1 == pytest.approx(16 / 3 / 7) and f2 == pytest.approx(16 / 3 / 6)
