@@ -606,6 +606,14 @@ def test_cp_exact_gloo(world):
     spawn_world(world, timeout=170.0)
 
 
+@pytest.mark.distributed
+@pytest.mark.parametrize("world", [2, 3])
+def test_cp_exact_gloo_bf16(world):
+    """Every case in bf16 (fp32 accumulation; the ring's last dK/dV hop travels in bf16) against the fp64
+    single-device reference, at bf16 tolerance."""
+    spawn_world(world, dtype_name="bfloat16", timeout=170.0)
+
+
 def test_block_level_pair_work_equals_token_level():
     """For block-aligned layouts the planner's block-aggregated pair work equals the exact token-level count."""
     from flexdist.cp.plan import _pair_work_tokens

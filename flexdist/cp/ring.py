@@ -150,7 +150,11 @@ def ring_backward(
         torch.zeros(n_kv, dtype=acc, device=dev),
         torch.empty(n_kv, dtype=acc, device=dev) if N > 1 else None,
     ]
-    dkv_home = torch.empty(n_kv, dtype=acc, device=dev) if t_last[r] > 0 else None
+    # a shard's gradient comes home complete (every rank's share added on the way), so it travels its last hop
+    # in the output dtype: the home rank would round it to that dtype anyway (same numbers, half the bytes
+    # of the one transfer nothing is left to overlap with)
+    dkv_home = torch.empty(n_kv, dtype=k.dtype, device=dev) if t_last[r] > 0 else None
+    keep: list = []  # converted send buffers, alive until their sends are waited
     dq = torch.zeros(q.shape, dtype=acc, device=dev)
     prev_b: list = []
     for t in range(N):
@@ -177,8 +181,9 @@ def ring_backward(
                 )  # fmt: skip
             if t < t_last[j]:
                 ops_b.append(("send", buf, (r + 1) % N))
-            elif t > 0:
-                ops_b.append(("send", buf, j))  # last rank that needed shard j: send its gradient home
+            elif t > 0:  # last rank that needed shard j: send its (complete) gradient home
+                keep.append(buf.to(k.dtype))
+                ops_b.append(("send", keep[-1], j))
             else:
                 dkv_home = buf.clone()  # only this rank needs its own shard (buf is reused by recvs)
         if t + 1 < N and t + 1 <= t_last[(r - 1 - t) % N]:
@@ -188,5 +193,6 @@ def ring_backward(
         prev_b = comm.post(ops_b) if comm else []
         plan.record_wait(works_a, dev)
     plan.record_wait(prev_b, dev)
+    keep.clear()
     dk, dv = unpack(dkv_home, k.shape, v.shape)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
