@@ -99,6 +99,8 @@ def visible_pairs(doc: torch.Tensor) -> int:
 
 def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dict]:
     L, Hq, Hkv, D, bs = args.tokens_per_rank, args.hq, args.hkv, args.d, args.block_size
+    # the per-rank calls' launch grouping of heads (None: the kernels' rule); the one-GPU baseline keeps the rule
+    hg = {} if args.head_group is None else {"head_group": args.head_group}
     S = N * L
     doc = make_pack(S, args.mean_doc, args.dist, args.seed).to(device)
     pairs = visible_pairs(doc)
@@ -204,7 +206,7 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
                     m, kj, vj, kv_idx = pair(r, j)
                     if m is None:
                         continue
-                    kw = dict(enable_gqa=gqa, q_global_idx=shards[r], kv_global_idx=kv_idx, backend=kb)
+                    kw = dict(enable_gqa=gqa, q_global_idx=shards[r], kv_global_idx=kv_idx, backend=kb, **hg)
                     # as flexdist.cp.ring: the kernel merges into the running fp32 (out, lse) in place,
                     # and the backward adds into dq and the travelling fp32 dK/dV buffers
                     acc_o = outs[r].float().contiguous()
@@ -293,7 +295,7 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
                         continue
                     kj = torch.cat([ks[j] for j in js], dim=2)
                     vj = torch.cat([vs[j] for j in js], dim=2)
-                    kw = dict(enable_gqa=gqa, q_global_idx=shards[r], kv_global_idx=kv_idx, backend=kb)
+                    kw = dict(enable_gqa=gqa, q_global_idx=shards[r], kv_global_idx=kv_idx, backend=kb, **hg)
                     acc_o, acc_l = outs[r].float().contiguous(), lses[r].clone()
                     dq_b = torch.zeros(qs[r].shape, device=device)
                     dk_b, dv_b = torch.zeros(kj.shape, device=device), torch.zeros(vj.shape, device=device)
@@ -360,7 +362,7 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
             )
             if m is None:
                 continue
-            kw = dict(enable_gqa=gqa, q_global_idx=shards[r], kv_global_idx=None, backend=kb)
+            kw = dict(enable_gqa=gqa, q_global_idx=shards[r], kv_global_idx=None, backend=kb, **hg)
             ag_f.append(tm(lambda r=r, m=m, kw=kw: flex_attention_forward(qs[r], k, v, m, **kw)))
             ag_b.append(
                 tm(
@@ -463,6 +465,12 @@ def main() -> None:
         nargs="*",
         default=[],
         help="also time a ring with g steps per kernel call for these g (design study rows ring/g<g>)",
+    )
+    ap.add_argument(
+        "--head-group",
+        type=int,
+        default=None,
+        help="launch heads in groups of this size in every rank's kernel calls (default: the kernels' rule)",
     )
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--backend", default="auto", help="flexdist.kernels backend")

@@ -76,6 +76,7 @@ def flex_attention_forward(
     backend: str = "auto",
     out_acc: torch.Tensor | None = None,
     lse_acc: torch.Tensor | None = None,
+    head_group: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One attention call: ``(out [B,Hq,Sq,Dv] in q.dtype, lse [B,Hq,Sq] fp32 natural log)``.
 
@@ -83,7 +84,12 @@ def flex_attention_forward(
     ``out_acc`` / ``lse_acc``: fp32 running result of earlier calls over *other* keys (start from zeros and
     −inf); this call's result is merged into them in place by LSE and they are returned (ring attention:
     the Triton kernel merges in its epilogue and leaves tiles that see no key this call untouched).
+    ``head_group``: the Triton kernel's launch grouping of heads (``triton_fwd.launch_head_group``; None:
+    its rule); it changes the order programs start in, never the result, and the reference ignores it.
     """
+    from .triton_fwd import check_head_group
+
+    check_head_group(head_group)
     if resolve_backend(backend, q, score_mod) == "reference":
         out, lse = reference_forward(
             q,
@@ -121,6 +127,7 @@ def flex_attention_forward(
         kv_global_idx=kv_global_idx,
         out_acc=out_acc,
         lse_acc=lse_acc,
+        head_group=head_group,
     )
 
 
@@ -146,6 +153,7 @@ def flex_attention_backward(
     dk_out: torch.Tensor | None = None,
     dv_out: torch.Tensor | None = None,
     which: str = "all",
+    head_group: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of one attention call given the *global* (merged) ``lse`` and ``out``.
 
@@ -154,7 +162,11 @@ def flex_attention_backward(
     gradients are added into them and those buffers are returned (ring attention accumulates dQ, and dK/dV
     as they travel); the Triton kernels add in place, touching only tiles this call has work for.
     ``which="dq"`` / ``"dkdv"`` computes only dq or only (dk, dv) (the others are returned as None).
+    ``head_group``: as in ``flex_attention_forward`` (the dK/dV and dQ kernels' launch grouping).
     """
+    from .triton_fwd import check_head_group
+
+    check_head_group(head_group)
     kw = dict(
         delta=delta,
         dlse=dlse,
@@ -182,7 +194,7 @@ def flex_attention_backward(
 
     return triton_backward(
         q, k, v, out, dout, lse, block_mask, score_mod, scale, enable_gqa,
-        dq_out=dq_out, dk_out=dk_out, dv_out=dv_out, which=which, **kw,
+        dq_out=dq_out, dk_out=dk_out, dv_out=dv_out, which=which, head_group=head_group, **kw,
     )  # fmt: skip
 
 

@@ -298,6 +298,13 @@ def test_head_groups_change_launch_order_not_results():
             assert torch.equal(a, b), f"{name} differs between head_group={hg} and head_group=1"
     with pytest.raises(ValueError, match="head_group must be a positive int"):
         TF.triton_forward(q, k, v, bm, enable_gqa=True, head_group=0)
+    # the public entry points pass it through (and check it for the reference backend too)
+    out, lse = flex_attention_forward(q, k, v, bm, mod, enable_gqa=True, backend="triton", head_group=5)
+    assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
+    with pytest.raises(ValueError, match="head_group must be a positive int"):
+        flex_attention_backward(
+            q, k, v, out, out, lse, bm, enable_gqa=True, backend="reference", head_group=-1
+        )
 
 
 def test_triton_delta_matches_torch_rowsum():
