@@ -237,6 +237,30 @@ def _fmt(r) -> str:
     )
 
 
+MASK_MEANS = {"causal": None, "doc4k": 4096, "doc1k": 1024}  # mean document length per --masks name
+
+
+def kernel_inputs(name: str, S: int, args, dev, dtype):
+    """One sweep shape: q, k, v, the flexdist BlockMask, a forward's (out, lse), a dout and the fwd FLOPs."""
+    if name not in MASK_MEANS:
+        raise ValueError(f"--masks must be among {sorted(MASK_MEANS)}, got {name!r}")
+    mean = MASK_MEANS[name]
+    doc = document_ids(S, mean, 0)
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (
+        torch.randn(1, args.heads, S, args.dim, device=dev, dtype=dtype, generator=g) for _ in range(3)
+    )
+    if mean is None:
+        mm = lambda b, h, qi, ki: qi >= ki
+    else:
+        dd = doc.to(dev)
+        pos = torch.arange(S, device=dev)[None]
+        mm = DocumentMaskMod(dd[None], dd[None], pos, pos)
+    bm = block_mask_from_docs(doc, 128, mm, dev)
+    o, lse = triton_forward(q, k, v, bm)
+    return q, k, v, bm, o, lse, torch.randn_like(o), 4 * args.heads * args.dim * pair_count(doc)
+
+
 def sweep(args, dev, dtype) -> list[dict]:
     """Time the kernel's tile configs (forward; dK/dV and dQ separately) at one shape per mask."""
     from flexdist.kernels.triton_bwd import bwd_config
@@ -247,26 +271,8 @@ def sweep(args, dev, dtype) -> list[dict]:
     fwd_cfgs += [(128, 128, 8, 3, True), (128, 64, 4, 3, True)]  # the FMA softmax beside its plain twins
     c1s = [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2)]
     c2s = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 2)]
-    means = {"causal": None, "doc4k": 4096, "doc1k": 1024}
     for name in args.masks.split(","):
-        if name not in means:
-            raise ValueError(f"--masks for --sweep must be among {sorted(means)}, got {name!r}")
-        mean = means[name]
-        doc = document_ids(S, mean, 0)
-        fl = 4 * args.heads * args.dim * pair_count(doc)
-        g = torch.Generator(device=dev).manual_seed(0)
-        q, k, v = (
-            torch.randn(1, args.heads, S, args.dim, device=dev, dtype=dtype, generator=g) for _ in range(3)
-        )
-        if mean is None:
-            mm = lambda b, h, qi, ki: qi >= ki
-        else:
-            dd = doc.to(dev)
-            pos = torch.arange(S, device=dev)[None]
-            mm = DocumentMaskMod(dd[None], dd[None], pos, pos)
-        bm = block_mask_from_docs(doc, 128, mm, dev)
-        o, lse = triton_forward(q, k, v, bm)
-        do = torch.randn_like(o)
+        q, k, v, bm, o, lse, do, fl = kernel_inputs(name, S, args, dev, dtype)
         for c in [None, *fwd_cfgs]:  # None: the shipped path (autotuned on GPU for these shapes)
             try:
                 t = _bench(lambda c=c: triton_forward(q, k, v, bm, config=c), True)
@@ -301,28 +307,11 @@ def sweep(args, dev, dtype) -> list[dict]:
 def head_group_sweep(args, dev, dtype) -> list[dict]:
     """Time the forward and the backward kernels for each launch head grouping (``head_group``; None: the
     shipped rule) at every --seqs size and --masks mask, with the shipped (autotuned) tiles."""
-    means = {"causal": None, "doc4k": 4096, "doc1k": 1024}
     groups = [None, *(int(x) for x in args.head_groups.split(","))]
     out = []
     for name in args.masks.split(","):
         for S in (int(x) for x in args.seqs.split(",")):
-            mean = means[name]
-            doc = document_ids(S, mean, 0)
-            fl = 4 * args.heads * args.dim * pair_count(doc)
-            g = torch.Generator(device=dev).manual_seed(0)
-            q, k, v = (
-                torch.randn(1, args.heads, S, args.dim, device=dev, dtype=dtype, generator=g)
-                for _ in range(3)
-            )
-            if mean is None:
-                mm = lambda b, h, qi, ki: qi >= ki
-            else:
-                dd = doc.to(dev)
-                pos = torch.arange(S, device=dev)[None]
-                mm = DocumentMaskMod(dd[None], dd[None], pos, pos)
-            bm = block_mask_from_docs(doc, 128, mm, dev)
-            o, lse = triton_forward(q, k, v, bm)
-            do = torch.randn_like(o)
+            q, k, v, bm, o, lse, do, fl = kernel_inputs(name, S, args, dev, dtype)
             for hg in groups:
                 row = {"mask": name, "S": S, "head_group": hg}
                 try:
@@ -403,7 +392,7 @@ def main() -> None:
         def make_compiled():
             return torch.compile(torch_flex, dynamic=False)
 
-    masks = {"causal": None, "doc4k": 4096, "doc1k": 1024}
+    masks = dict(MASK_MEANS)
     if args.quick and not cuda:
         masks = {"causal": None, "doc64": 64}
     print(

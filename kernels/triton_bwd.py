@@ -27,6 +27,7 @@ from .triton_fwd import (
     _bits_visible,
     _doc_visible,
     _dot,
+    _fp32_scalars,
     _launch_coords,
     _score_mod,
     _tanh,
@@ -58,14 +59,18 @@ def _delta_kernel(
     Sq,
     BLOCK_M: tl.constexpr,
     DV: tl.constexpr,
+    DVP: tl.constexpr,
     HAS_DLSE: tl.constexpr,
 ):
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, DV)
-    msk = offs_m[:, None] < Sq
+    offs_d = tl.arange(0, DVP)  # DV padded to a power of two; the padding columns load as 0
+    if DVP == DV:
+        msk = offs_m[:, None] < Sq
+    else:
+        msk = (offs_m[:, None] < Sq) & (offs_d[None, :] < DV)
     o = tl.load(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], mask=msk, other=0.0)
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :], mask=msk, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -220,13 +225,7 @@ def _dkdv_kernel(
     EVEN_N: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr, ACCUM: tl.constexpr,
 ):  # fmt: skip
-    # torch.compile launches user-defined kernels with Python floats typed fp64 (inductor, torch 2.11), which
-    # would turn the fp32 accumulators fp64: the scalars are cast to fp32 first (a no-op in eager launches)
-    softcap, scale, qk_scale = (
-        tl.cast(softcap, tl.float32),
-        tl.cast(scale, tl.float32),
-        tl.cast(qk_scale, tl.float32),
-    )
+    softcap, scale, qk_scale = _fp32_scalars(softcap, scale, qk_scale)
     SUBS_N: tl.constexpr = KBS // BLOCK_N
     slot, bh = _launch_coords(NB, BH, HG, SUBS_N)
     b = bh // Hkv
@@ -399,13 +398,7 @@ def _dq_kernel(
     EVEN_N: tl.constexpr, TABLE_GRAD: tl.constexpr, WP: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr, ACCUM: tl.constexpr,
 ):  # fmt: skip
-    # torch.compile launches user-defined kernels with Python floats typed fp64 (inductor, torch 2.11), which
-    # would turn the fp32 accumulators fp64: the scalars are cast to fp32 first (a no-op in eager launches)
-    softcap, scale, qk_scale = (
-        tl.cast(softcap, tl.float32),
-        tl.cast(scale, tl.float32),
-        tl.cast(qk_scale, tl.float32),
-    )
+    softcap, scale, qk_scale = _fp32_scalars(softcap, scale, qk_scale)
     SUBS_M: tl.constexpr = QBS // BLOCK_M
     slot, bh = _launch_coords(NB, BH, HG, SUBS_M)
     b = bh // Hq
@@ -496,8 +489,6 @@ def triton_delta(
     B, H, S, Dv = out.shape
     if dlse is not None and tuple(dlse.shape) != (B, H, S):
         raise ValueError(f"dlse must have shape {(B, H, S)}, got {tuple(dlse.shape)}")
-    if Dv & (Dv - 1):
-        raise ValueError(f"the head dim of out must be a power of two for the delta kernel, got {Dv}")
     out_c = out if out.stride(-1) == 1 else out.contiguous()
     dout_c = dout if dout.stride(-1) == 1 else dout.contiguous()
     delta = torch.empty(B, H, S, dtype=torch.float32, device=out.device)
@@ -507,7 +498,7 @@ def triton_delta(
     delta_kernel[(triton.cdiv(S, BMd), B * H)](
         out_c, dout_c, dl, delta,
         out_c.stride(0), out_c.stride(1), out_c.stride(2), dout_c.stride(0), dout_c.stride(1), dout_c.stride(2),
-        H, S, BLOCK_M=BMd, DV=Dv, HAS_DLSE=dlse is not None,
+        H, S, BLOCK_M=BMd, DV=Dv, DVP=triton.next_power_of_2(Dv), HAS_DLSE=dlse is not None,
     )  # fmt: skip
     return delta
 
@@ -667,9 +658,7 @@ def _dkdv(
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         *meta_args(km, True, dummy_i), bits, *docs, *mods,
         sh.Hq, sh.Hkv, sh.groups, sh.Sq, sh.Skv, lp.scale, lp.scale * LOG2E,
-        n_kb, sh.B * sh.Hkv, head_group or launch_head_group(
-            sh.Sq * (sh.D + sh.Dv) * q.element_size() * sh.groups, sh.B * sh.Hkv
-        ),
+        n_kb, sh.B * sh.Hkv, head_group or launch_head_group(sh, q.element_size(), kv_programs=True),
     )  # fmt: skip
     if tuned:
         grid = lambda meta: (n_kb * (km.KBS // meta["BLOCK_N"]) * sh.B * sh.Hkv,)
@@ -722,9 +711,7 @@ def _dq(
         dq.stride(0), dq.stride(1), dq.stride(2),
         *meta_args(km, False, dummy_i), bits, *docs, *mods,
         sh.Hq, sh.groups, sh.Sq, sh.Skv, lp.scale, lp.scale * LOG2E,
-        n_qb, sh.B * sh.Hq, head_group or launch_head_group(
-            sh.Skv * (sh.D + sh.Dv) * k.element_size() // sh.groups, sh.B * sh.Hq
-        ),
+        n_qb, sh.B * sh.Hq, head_group or launch_head_group(sh, k.element_size(), kv_programs=False),
     )  # fmt: skip
     if tuned and not table_grad:  # the table-gradient scratch is sized for the fixed tile
         grid = lambda meta: (n_qb * (km.QBS // meta["BLOCK_M"]) * sh.B * sh.Hq,)

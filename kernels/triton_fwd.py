@@ -46,6 +46,13 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _fp32_scalars(softcap, scale, qk_scale):
+    """The kernels' float scalars as fp32. torch.compile launches user-defined kernels with Python floats
+    typed fp64 (inductor, torch 2.11), which would turn the fp32 accumulators fp64 (a no-op in eager)."""
+    return tl.cast(softcap, tl.float32), tl.cast(scale, tl.float32), tl.cast(qk_scale, tl.float32)
+
+
+@triton.jit
 def _launch_coords(NB, BH, HG, SUBS: tl.constexpr):
     """(slot, batch·head) of this program in the 1-D grid of ``NB · SUBS`` slots × ``BH`` heads.
 
@@ -303,13 +310,7 @@ def _fwd_kernel(
     ACCUM: tl.constexpr,
     FMA: tl.constexpr,
 ):
-    # torch.compile launches user-defined kernels with Python floats typed fp64 (inductor, torch 2.11), which
-    # would turn the fp32 accumulators fp64: the scalars are cast to fp32 first (a no-op in eager launches)
-    softcap, scale, qk_scale = (
-        tl.cast(softcap, tl.float32),
-        tl.cast(scale, tl.float32),
-        tl.cast(qk_scale, tl.float32),
-    )
+    softcap, scale, qk_scale = _fp32_scalars(softcap, scale, qk_scale)
     SUBS_M: tl.constexpr = QBS // BLOCK_M
     slot, bh = _launch_coords(NB, BH, HG, SUBS_M)
     b = bh // Hq
@@ -523,12 +524,18 @@ def tune_configs(cfgs, extra: str | None = None) -> list:
 HEAD_GROUP_L2_BYTES = 32 << 20
 
 
-def launch_head_group(streamed_bytes_per_head: int, n_heads: int) -> int:
-    """Heads per launch group (``_launch_coords``): as many as fit their streamed operand (K and V of the whole
-    key range for the forward and dQ, Q and dO of the whole query range for dK/dV) in ``HEAD_GROUP_L2_BYTES``
-    together, at least one. Shape-only, so it is known without reading the mask (no device sync, traceable).
+def launch_head_group(sh: AttnShape, element_size: int, kv_programs: bool) -> int:
+    """Heads per launch group (``_launch_coords``): as many as fit their streamed operand in
+    ``HEAD_GROUP_L2_BYTES`` together, at least one. Query-tile programs (forward, dQ) stream the whole key
+    range's K and V, shared by the ``groups`` query heads of a kv head; key-tile programs (dK/dV,
+    ``kv_programs``) stream the whole query range's Q and dO of their GQA group. Shape-only, so it is known
+    without reading the mask (no device sync, traceable).
     """
-    return max(1, min(n_heads, HEAD_GROUP_L2_BYTES // max(1, streamed_bytes_per_head)))
+    if kv_programs:
+        per_head, n_heads = sh.Sq * (sh.D + sh.Dv) * element_size * sh.groups, sh.B * sh.Hkv
+    else:
+        per_head, n_heads = sh.Skv * (sh.D + sh.Dv) * element_size // sh.groups, sh.B * sh.Hq
+    return max(1, min(n_heads, HEAD_GROUP_L2_BYTES // max(1, per_head)))
 
 
 def check_head_group(head_group: int | None) -> None:
@@ -738,9 +745,7 @@ def triton_forward(
         *meta, bits, *docs,
         lp.qidx, lp.kvidx, lp.slopes, lp.table, lp.table_stride, lp.L, lp.softcap,
         sh.Hq, sh.groups, sh.Sq, sh.Skv, lp.scale, lp.scale * LOG2E,
-        n_qb, sh.B * sh.Hq, head_group or launch_head_group(
-            sh.Skv * (sh.D + sh.Dv) * k.element_size() // sh.groups, sh.B * sh.Hq
-        ),
+        n_qb, sh.B * sh.Hq, head_group or launch_head_group(sh, k.element_size(), kv_programs=False),
     )  # fmt: skip
     consts = dict(
         D=sh.D, DV=sh.Dv, QBS=km.QBS, KBS=km.KBS, WORDS=km.words,

@@ -90,20 +90,33 @@ def test_op_gradcheck_float64() -> None:
     assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-6, fast_mode=True)
 
 
-def _block_module(seed: int, attn_backend: str = "reference") -> torch.nn.Module:
-    """q/k/v projections + document_attention + output projection: the unit users compile."""
+def _block_module(
+    seed: int,
+    attn_backend: str = "reference",
+    *,
+    heads: int = H,
+    dim: int = D,
+    opaque: bool = False,
+    with_lse: bool = False,
+) -> torch.nn.Module:
+    """q/k/v projections + document_attention + output projection: the unit users compile. ``with_lse``
+    adds the mean LSE to the output (fully masked rows, lse = -inf, left out), so LSE gradients flow too."""
 
     class Block(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.qkv = torch.nn.Linear(H * D, 3 * H * D)
-            self.proj = torch.nn.Linear(H * D, H * D)
+            self.qkv = torch.nn.Linear(heads * dim, 3 * heads * dim)
+            self.proj = torch.nn.Linear(heads * dim, heads * dim)
 
         def forward(self, x: torch.Tensor, block_mask) -> torch.Tensor:
             b, s, _ = x.shape
-            q, k, v = self.qkv(x).view(b, s, 3, H, D).permute(2, 0, 3, 1, 4)
-            o = document_attention(q, k, v, block_mask, backend=attn_backend)
-            return self.proj(o.transpose(1, 2).reshape(b, s, H * D))
+            q, k, v = self.qkv(x).view(b, s, 3, heads, dim).permute(2, 0, 3, 1, 4)
+            res = document_attention(
+                q, k, v, block_mask, backend=attn_backend, return_lse=with_lse, opaque=opaque
+            )
+            o, lse = res if with_lse else (res, None)
+            y = self.proj(o.transpose(1, 2).reshape(b, s, heads * dim))
+            return y + torch.where(torch.isinf(lse), 0.0, lse).mean() if with_lse else y
 
     torch.manual_seed(seed)
     return Block()

@@ -326,10 +326,29 @@ def test_triton_delta_matches_torch_rowsum():
         1e-3,
         "fp16",
     )
+    odd = torch.randn(B, H, S, 24, generator=g).to(DEV)  # head dim not a power of two: masked columns
+    _close(triton_delta(odd, 2 * odd), 2 * (odd.double() ** 2).sum(-1), 1e-5, "delta, head dim 24")
     with pytest.raises(ValueError, match="out and dout must both be"):
         triton_delta(out, dout[:, :, :-1])
     with pytest.raises(ValueError, match="dlse must have shape"):
         triton_delta(out, dout, dlse[:, :1])
+
+
+def test_launch_head_group_rule():
+    """The shipped grouping: as many heads as fit their streamed operand in 32 MiB (bf16, D = Dv = 128: a
+    head's K/V is 16 MiB at 32k keys, shared by its GQA group; dK/dV streams Q/dO of the whole group)."""
+    from flexdist.kernels.triton_fwd import launch_head_group
+    from flexdist.kernels.validation import AttnShape
+
+    def shape(S, Hq, Hkv):
+        return AttnShape(B=1, Hq=Hq, Hkv=Hkv, Sq=S, Skv=S, D=128, Dv=128)
+
+    assert launch_head_group(shape(32768, 16, 16), 2, kv_programs=False) == 2
+    assert launch_head_group(shape(8192, 16, 16), 2, kv_programs=False) == 8
+    assert launch_head_group(shape(131072, 16, 16), 2, kv_programs=False) == 1  # never fewer than one
+    assert launch_head_group(shape(8192, 64, 8), 2, kv_programs=False) == 64  # capped at the heads there are
+    assert launch_head_group(shape(8192, 64, 8), 2, kv_programs=True) == 1  # 8 query heads' Q/dO: 32 MiB
+    assert launch_head_group(shape(8192, 16, 16), 2, kv_programs=True) == 8
 
 
 def test_fully_masked_rows_no_nan():

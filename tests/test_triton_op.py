@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_compile import _block_module, _step
 from test_compile import _doc_ids as packed_doc_ids
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
@@ -154,29 +155,8 @@ def test_eager_triton_body_matches_flex_and_reference(traced_body, name: str, gq
 
 
 def _block(seed: int, opaque: bool = False) -> torch.nn.Module:
-    class Block(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.qkv = torch.nn.Linear(H * D, 3 * H * D)
-            self.proj = torch.nn.Linear(H * D, H * D)
-
-        def forward(self, x: torch.Tensor, block_mask) -> torch.Tensor:
-            b, s, _ = x.shape
-            q, k, v = self.qkv(x).view(b, s, 3, H, D).permute(2, 0, 3, 1, 4)
-            o, lse = document_attention(q, k, v, block_mask, backend="triton", return_lse=True, opaque=opaque)
-            # (fully masked rows have lse = -inf: left out of the sum)
-            return (
-                self.proj(o.transpose(1, 2).reshape(b, s, H * D))
-                + torch.where(torch.isinf(lse), 0.0, lse).mean()
-            )
-
-    torch.manual_seed(seed)
-    return Block()
-
-
-def _step(fn, mod: torch.nn.Module, x: torch.Tensor, bm) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    y = fn(x, bm)
-    return y.detach(), list(torch.autograd.grad(y.pow(2).mean(), [x, *mod.parameters()]))
+    """test_compile's block at this file's sizes, on the Triton backend, with the LSE in its output."""
+    return _block_module(seed, "triton", heads=H, dim=D, opaque=opaque, with_lse=True)
 
 
 class _GraphCapture:

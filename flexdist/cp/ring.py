@@ -154,7 +154,7 @@ def ring_backward(
     # in the output dtype: the home rank would round it to that dtype anyway (same numbers, half the bytes
     # of the one transfer nothing is left to overlap with)
     dkv_home = torch.empty(n_kv, dtype=k.dtype, device=dev) if t_last[r] > 0 else None
-    keep: list = []  # converted send buffers, alive until their sends are waited
+    keep: list = []  # converted send buffers: alive until their sends are waited (the end of this call)
     dq = torch.zeros(q.shape, dtype=acc, device=dev)
     prev_b: list = []
     for t in range(N):
@@ -193,6 +193,5 @@ def ring_backward(
         prev_b = comm.post(ops_b) if comm else []
         plan.record_wait(works_a, dev)
     plan.record_wait(prev_b, dev)
-    keep.clear()
     dk, dv = unpack(dkv_home, k.shape, v.shape)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

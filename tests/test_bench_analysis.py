@@ -1,4 +1,5 @@
-"""bench/trace_timeline.py: compute / NCCL busy time and their overlap from a chrome trace (synthetic here)."""
+"""The analysis helpers behind the profiles: bench/trace_timeline.py (compute / NCCL busy time and their
+overlap from a chrome trace) and bench/model_tail.py (the forward grid's tail under a launch order)."""
 
 from __future__ import annotations
 
