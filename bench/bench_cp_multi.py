@@ -207,6 +207,13 @@ def main() -> None:
     ap.add_argument(
         "--ring-groups", type=int, nargs="*", default=[], help="also the ring with g steps per kernel call"
     )
+    ap.add_argument(
+        "--head-chunks",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also the all-gather pipelined over this many chunks of K/V heads (rows allgather/hc<c>)",
+    )
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument(
         "--back-to-back",
@@ -351,8 +358,10 @@ def config(args, res, base, mask_kind, S, N, rank, device, dtype, kb, tm, mesh, 
     o1 = l1 = None  # free before the CP rows
     ref_out, ref_from = None, None
     for balance in args.balances:
-        # "ring/g<g>": the ring with g steps per kernel call (plan(ring_group=g))
-        for strategy in args.strategies + [f"ring/g{g}" for g in args.ring_groups]:
+        # "ring/g<g>": the ring with g steps per kernel call (plan(ring_group=g)); "allgather/hc<c>": the
+        # all-gather pipelined over c chunks of K/V heads (plan(head_chunks=c))
+        extra = [f"ring/g{g}" for g in args.ring_groups] + [f"allgather/hc{c}" for c in args.head_chunks]
+        for strategy in args.strategies + extra:
             row = dict(base, impl="flexdist", balance=balance, strategy=strategy)
             peak, out = 0.0, None
             try:
@@ -364,6 +373,7 @@ def config(args, res, base, mask_kind, S, N, rank, device, dtype, kb, tm, mesh, 
                     block_size=args.block_size,
                     kernel_backend=kb,
                     ring_group=int(strategy.split("/g")[1]) if "/g" in strategy else 1,
+                    head_chunks=int(strategy.split("/hc")[1]) if "/hc" in strategy else 1,
                 )
             except ValueError as e:  # this balance/strategy does not apply here (e.g. heads not divisible)
                 say(rank, f"skip {balance}/{strategy}: {e}")

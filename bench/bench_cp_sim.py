@@ -97,10 +97,164 @@ def visible_pairs(doc: torch.Tensor) -> int:
     return int(((pos + 1) * (doc.cpu() >= 0)).sum())
 
 
+def parse_chunks(spec: str) -> int | tuple[int, ...]:
+    """``--head-chunks`` entry: "2" (two near-equal chunks) or "3,5" (K/V heads per chunk)."""
+    parts = [int(x) for x in spec.split(",")]
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def replay_forward(C: list[list[float]], G: list[float], pack: float) -> float:
+    """Makespan of the pipelined all-gather forward from per-chunk, per-rank kernel times ``C[c][r]``.
+
+    As ``flexdist.cp.allgather`` issues it: every rank packs its chunks, then posts gather 0; at chunk c it
+    waits for gather c, posts gather c+1 and launches chunk c's kernel. NCCL runs the collectives in post
+    order on its own stream, each once every rank's compute enqueued before its post (chunk c-1's kernel) is
+    done: what bounds the gathered buffers to two chunks.
+    """
+    N = len(C[0])
+    done = [pack + G[0]]
+    prev = [pack] * N
+    for c in range(len(G)):
+        start = [max(prev[r], done[c]) for r in range(N)]
+        if c + 1 < len(G):
+            done.append(max(done[c], max(prev)) + G[c + 1])
+        prev = [start[r] + C[c][r] for r in range(N)]
+    return max(prev)
+
+
+def replay_backward(
+    K: list[list[float]], Q: list[list[float]], G: list[float], R: list[float], pack: float, unpack: float
+) -> float:
+    """Makespan of the pipelined backward: per chunk wait gather c, post gather c+1, dK/dV kernel (fp32 into
+    the reduce-scatter buffer), post reduce-scatter c, dQ kernel; at the end wait for every reduce-scatter and
+    unpack. NCCL order G0, G1, RS0, G2, RS1, ..., each after the compute enqueued before its post."""
+    N = len(K[0])
+    nccl = pack + G[0]
+    done = [nccl]
+    prev = [pack] * N
+    for c in range(len(G)):
+        start = [max(prev[r], done[c]) for r in range(N)]
+        if c + 1 < len(G):
+            nccl = max(nccl, max(prev)) + G[c + 1]
+            done.append(nccl)
+        kend = [start[r] + K[c][r] for r in range(N)]
+        nccl = max(nccl, max(kend)) + R[c]
+        prev = [kend[r] + Q[c][r] for r in range(N)]
+    return max(max(prev), nccl) + unpack
+
+
+def allgather_pipeline(
+    spec: str, doc, perm, shards, k, v, qs, douts, outs, lses, deltas, bs, kb, gqa, hg, tm, link
+) -> tuple[float, float, dict]:
+    """(forward s, backward s, JSON extras) of ``strategy="allgather", head_chunks=spec`` at N = len(shards).
+
+    Every rank's kernel calls run and are timed as `flexdist.cp.allgather` makes them: the chunk's query heads
+    against the whole sequence's K/V of its heads (token-major strided views in plan order), outputs into
+    head slices, fp32 dK/dV written into the reduce-scatter layout. Transfers cost bytes / link: the gather
+    moves (N-1) shards' K/V of the chunk, the reduce-scatter (N-1) shards' fp32 dK/dV. The pipeline is then
+    replayed as issued (`replay_forward`, `replay_backward`).
+    """
+    from flexdist.cp.allgather import _pack, _seq_view
+    from flexdist.cp.plan import chunk_sizes
+
+    N = len(shards)
+    _, Hq, L, D = qs[0].shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    g = Hq // Hkv
+    dev = k.device
+    sizes = chunk_sizes(parse_chunks(spec), Hkv)
+    perm_dev = perm.to(dev)
+    masks = [
+        build_pair_masks(doc, shards[r], [perm_dev], causal=True, window=None, block_size=bs)[0][0]
+        for r in range(N)
+    ]
+    ks = [k[:, :, s] for s in shards]
+    vs = [v[:, :, s] for s in shards]
+    elem = k.element_size()
+    C, K, Q, G, R = [], [], [], [], []
+    h0 = 0
+    for hc in sizes:
+        h1, q0, q1 = h0 + hc, h0 * g, (h0 + hc) * g
+        # the gathered buffer of this chunk, as every rank would hold it: [N, B, L, hc, D+Dv] in plan order
+        buf = torch.stack([_pack(ks[r], vs[r], h0, h1) for r in range(N)])
+        kv = _seq_view(buf)
+        kc, vc = kv[..., :D], kv[..., D:]
+        grad = torch.empty(buf.shape, dtype=torch.float32, device=dev)
+        gseq = _seq_view(grad)
+        kw = dict(enable_gqa=gqa, kv_global_idx=perm_dev, backend=kb, **hg)
+        cf, ck, cq = [], [], []
+        for r in range(N):
+            out_buf = torch.empty_like(outs[r])
+            dq_buf = torch.empty_like(qs[r])
+            a = (qs[r][:, q0:q1], kc, vc)
+            b = (outs[r][:, q0:q1], douts[r][:, q0:q1], lses[r][:, q0:q1], masks[r])
+            rkw = dict(kw, q_global_idx=shards[r])
+            cf.append(
+                tm(
+                    lambda a=a, r=r, rkw=rkw, o=out_buf: flex_attention_forward(
+                        *a, masks[r], out=o[:, q0:q1], **rkw
+                    )
+                )
+            )
+            bkw = dict(rkw, delta=deltas[r][:, q0:q1], accumulate=False)
+            ck.append(
+                tm(
+                    lambda a=a, b=b, bkw=bkw: flex_attention_backward(
+                        *a, *b, dk_out=gseq[..., :D], dv_out=gseq[..., D:], which="dkdv", **bkw
+                    )
+                )
+            )
+            cq.append(
+                tm(
+                    lambda a=a, b=b, bkw=bkw, d=dq_buf: flex_attention_backward(
+                        *a, *b, dq_out=d[:, q0:q1], which="dq", **bkw
+                    )
+                )
+            )
+        C.append(cf)
+        K.append(ck)
+        Q.append(cq)
+        G.append((N - 1) * L * hc * (D + Dv) * elem / link)
+        R.append((N - 1) * L * hc * (D + Dv) * 4 / link)
+        h0 = h1
+    # the copies around the kernels, on one rank (every rank's are the same size)
+    bounds = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(sizes))]
+    pack = tm(lambda: [_pack(ks[0], vs[0], a, b) for a, b in bounds])
+    mine = [torch.empty(1, L, b - a, D + Dv, dtype=torch.float32, device=dev) for a, b in bounds]
+    dk, dv = torch.empty_like(ks[0]), torch.empty_like(vs[0])
+
+    def unpack_all():
+        for (a, b), m in zip(bounds, mine, strict=True):
+            dk[:, a:b] = m[..., :D].transpose(1, 2)
+            dv[:, a:b] = m[..., D:].transpose(1, 2)
+
+    unpack = tm(unpack_all)
+    T_f = replay_forward(C, G, pack)
+    T_b = replay_backward(K, Q, G, R, pack, unpack)
+    ms = lambda xs: [round(x * 1e3, 4) for x in xs]
+    extra = dict(
+        head_chunks=sizes,
+        chunk_fwd_ms=[ms(c) for c in C],
+        chunk_dkdv_ms=[ms(c) for c in K],
+        chunk_dq_ms=[ms(c) for c in Q],
+        gather_ms=ms(G),
+        reduce_scatter_ms=ms(R),
+        pack_ms=round(pack * 1e3, 4),
+        unpack_ms=round(unpack * 1e3, 4),
+        kv_tokens_moved=N * (N - 1) * L,
+    )
+    return T_f, T_b, extra
+
+
 def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dict]:
     L, Hq, Hkv, D, bs = args.tokens_per_rank, args.hq, args.hkv, args.d, args.block_size
-    # the per-rank calls' launch grouping of heads (None: the kernels' rule); the one-GPU baseline keeps the rule
-    hg = {} if args.head_group is None else {"head_group": args.head_group}
+    # the per-rank calls' launch grouping of heads (None: the kernels' rule; "all": every head of a call in one
+    # group, i.e. Hq, which covers the dK/dV kernel's Hkv too)
+    hg = (
+        {}
+        if args.head_group is None
+        else {"head_group": Hq if args.head_group == "all" else int(args.head_group)}
+    )
     S = N * L
     doc = make_pack(S, args.mean_doc, args.dist, args.seed).to(device)
     pairs = visible_pairs(doc)
@@ -129,6 +283,19 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
             q, k, v, out_full, dout, lse_full, full_mask, enable_gqa=gqa, backend=kb
         )
     )
+    single_rule = (t1_fwd, t1_bwd)
+    if hg:  # the one-GPU baseline is the faster of the kernels' rule and the grouping the ranks use
+        t1_fwd = min(
+            t1_fwd, tm(lambda: flex_attention_forward(q, k, v, full_mask, enable_gqa=gqa, backend=kb, **hg))
+        )
+        t1_bwd = min(
+            t1_bwd,
+            tm(
+                lambda: flex_attention_backward(
+                    q, k, v, out_full, dout, lse_full, full_mask, enable_gqa=gqa, backend=kb, **hg
+                )
+            ),
+        )
     rows = []
     base = dict(
         N=N,
@@ -146,6 +313,8 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
         single_bwd_s=t1_bwd,
         single_fwd_tflops=fwd_flops / t1_fwd / 1e12,
         single_bwd_tflops=bwd_flops / t1_bwd / 1e12,
+        single_rule_fwd_s=single_rule[0],
+        single_rule_bwd_s=single_rule[1],
     )
     print(
         f"N={N} S={S}: single-GPU fwd {t1_fwd * 1e3:.2f} ms ({fwd_flops / t1_fwd / 1e12:.0f} TFLOP/s), "
@@ -256,24 +425,25 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
         def ring_more(t):
             return t + 1 < N and bool((t_last >= t + 1).any())
 
-        T_f, T_b = run_steps(
-            lambda r, j: (masks[r][j], ks[j], vs[j], shards[j]),
-            lambda t: kv_bytes / link if ring_more(t) else 0.0,
-            # K/V for the next step plus this step's travelling dK/dV (fp32)
-            lambda t: (
-                (kv_bytes / link if ring_more(t) else 0.0)
-                + (dkv_bytes / link if t > 0 or ring_more(t) else 0.0)
-            ),
-        )
         skipped = int(sum(m is None for r in range(N) for j, m in enumerate(masks[r]) if j != r))
-        add_row(
-            "ring",
-            T_f,
-            T_b,
-            steps_skipped=skipped,
-            kv_tokens_moved=int(sum(ring_more(t) for t in range(N))) * N * L,
-            steps=list(step_detail),
-        )
+        if "ring" in args.strategies:
+            T_f, T_b = run_steps(
+                lambda r, j: (masks[r][j], ks[j], vs[j], shards[j]),
+                lambda t: kv_bytes / link if ring_more(t) else 0.0,
+                # K/V for the next step plus this step's travelling dK/dV (fp32)
+                lambda t: (
+                    (kv_bytes / link if ring_more(t) else 0.0)
+                    + (dkv_bytes / link if t > 0 or ring_more(t) else 0.0)
+                ),
+            )
+            add_row(
+                "ring",
+                T_f,
+                T_b,
+                steps_skipped=skipped,
+                kv_tokens_moved=int(sum(ring_more(t) for t in range(N))) * N * L,
+                steps=list(step_detail),
+            )
         # ring with g steps per kernel call (a design study, not a flexdist strategy yet): each rank runs one
         # call per group of g ring steps over the concatenated K/V of the group's shards that it has work with;
         # the group's g hops overlap the previous group's call. Forward and dQ as the ring would; dK/dV of the
@@ -319,7 +489,15 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
                 gf.append(max(max(cf), hops * kv_bytes / link))
                 gb.append(max(max(cb), hops * (kv_bytes + dkv_bytes) / link))
             add_row(
-                f"ring/g{g}", sum(gf), sum(gb), group=g, note="design study: g ring steps per kernel call"
+                f"ring/g{g}",
+                sum(gf),
+                sum(gb),
+                group=g,
+                note=(
+                    "upper bound of g ring steps per kernel call: the group's hops all overlap the previous "
+                    "call (the first group's hops are not charged) and dK/dV run once per group; flexdist's "
+                    "ring_group exposes g-1 of each group's g hops and runs dK/dV per step"
+                ),
             )
 
         # direct: only the needed K/V blocks, shift-by-t exchange, dK/dV straight home
@@ -353,31 +531,17 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
             )
             moved = sum(x or 0 for row in need for x in row)
             add_row("direct", T_f, T_b, steps_skipped=skipped, kv_tokens_moved=moved, steps=list(step_detail))
-        # allgather: one call per rank against all keys, exposed gather / reduce-scatter
-        ag_f, ag_b = [], []
-        all_idx = torch.arange(S, device=device)
-        for r in range(N):
-            ((m, _, _),) = build_pair_masks(
-                doc, shards[r], [all_idx], causal=True, window=None, block_size=bs
-            )
-            if m is None:
-                continue
-            kw = dict(enable_gqa=gqa, q_global_idx=shards[r], kv_global_idx=None, backend=kb, **hg)
-            ag_f.append(tm(lambda r=r, m=m, kw=kw: flex_attention_forward(qs[r], k, v, m, **kw)))
-            ag_b.append(
-                tm(
-                    lambda r=r, m=m, kw=kw: flex_attention_backward(
-                        qs[r], k, v, outs[r], douts[r], lses[r], m, delta=deltas[r], **kw
-                    )
+        # allgather as flexdist.cp.allgather runs it: keys in plan order, per chunk of K/V heads one call per
+        # rank; the pipeline (gathers, reduce-scatters, kernels) replayed on the measured kernel times
+        if "allgather" in args.strategies:
+            for spec in args.head_chunks:
+                T_f, T_b, extra = allgather_pipeline(
+                    spec, doc, perm, shards, k, v, qs, douts, outs, lses, deltas, bs, kb, gqa, hg, tm, link
                 )
-            )
-        gather = (N - 1) * kv_bytes / link
-        rs = (N - 1) * dkv_bytes / link
-        A_f, A_b = max(ag_f) + gather, max(ag_b) + gather + rs
-        add_row("allgather", A_f, A_b, kv_tokens_moved=N * (N - 1) * L)
+                add_row("allgather" if spec == "1" else f"allgather/hc{spec}", T_f, T_b, **extra)
         for rr in rows[n_before:]:
             print(
-                f"  {balance:11} {rr['strategy']:9} fwd {rr['pred_fwd_s'] * 1e3:8.2f} ms {rr['tflops_fwd']:6.0f} TFLOP/s "
+                f"  {balance:11} {rr['strategy']:15} fwd {rr['pred_fwd_s'] * 1e3:8.2f} ms {rr['tflops_fwd']:6.0f} TFLOP/s "
                 f"eff {rr['eff_fwd']:.2f} | bwd {rr['pred_bwd_s'] * 1e3:8.2f} ms {rr['tflops_bwd']:6.0f} TFLOP/s "
                 f"eff {rr['eff_bwd']:.2f}",
                 flush=True,
@@ -402,7 +566,7 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
             )
             for rr in rows[-1:]:
                 print(
-                    f"  {'(any)':11} {rr['strategy']:9} fwd {rr['pred_fwd_s'] * 1e3:8.2f} ms {rr['tflops_fwd']:6.0f} TFLOP/s "
+                    f"  {'(any)':11} {rr['strategy']:15} fwd {rr['pred_fwd_s'] * 1e3:8.2f} ms {rr['tflops_fwd']:6.0f} TFLOP/s "
                     f"eff {rr['eff_fwd']:.2f} | bwd {rr['pred_bwd_s'] * 1e3:8.2f} ms {rr['tflops_bwd']:6.0f} TFLOP/s "
                     f"eff {rr['eff_bwd']:.2f}",
                     flush=True,
@@ -468,9 +632,16 @@ def main() -> None:
     )
     ap.add_argument(
         "--head-group",
-        type=int,
         default=None,
-        help="launch heads in groups of this size in every rank's kernel calls (default: the kernels' rule)",
+        help="launch heads in groups of this size in every rank's kernel calls, or 'all' (every head of a call "
+        "in one group; default: the kernels' rule); the one-GPU baseline is the faster of the rule and this",
+    )
+    ap.add_argument(
+        "--head-chunks",
+        nargs="+",
+        default=["1"],
+        help="allgather rows for these plan head_chunks: '1' (unpipelined), '2' (two chunks), '3,5' (K/V heads "
+        "per chunk)",
     )
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--backend", default="auto", help="flexdist.kernels backend")
@@ -491,11 +662,11 @@ def main() -> None:
     for N in args.ns:
         rows.extend(simulate(args, N, device, dtype))
     print(
-        f"\n{'N':>3} {'balance':11} {'strategy':9} {'fwd TF/s':>9} {'bwd TF/s':>9} {'eff fwd':>8} {'eff bwd':>8} {'skipped':>8}"
+        f"\n{'N':>3} {'balance':11} {'strategy':15} {'fwd TF/s':>9} {'bwd TF/s':>9} {'eff fwd':>8} {'eff bwd':>8} {'skipped':>8}"
     )
     for r in rows:
         print(
-            f"{r['N']:>3} {r['balance']:11} {r['strategy']:9} {r['tflops_fwd']:>9.1f} {r['tflops_bwd']:>9.1f} "
+            f"{r['N']:>3} {r['balance']:11} {r['strategy']:15} {r['tflops_fwd']:>9.1f} {r['tflops_bwd']:>9.1f} "
             f"{r['eff_fwd']:>8.2f} {r['eff_bwd']:>8.2f} {r.get('steps_skipped', '-')!s:>8}"
         )
     if args.out:

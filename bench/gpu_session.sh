@@ -38,6 +38,7 @@ part_hgroups() { run_part hgroups "${T_HGROUPS:-150}" python3 bench/bench_kernel
 part_host()    { run_part host    "${T_HOST:-90}" python3 bench/bench_host.py ${HOST_ARGS:-} --out "$R/host_h100.json"; }
 part_masks()   { run_part masks   "${T_MASKS:-120}" python3 bench/bench_masks.py ${MASKS_ARGS:-} --out "$R/masks_h100.json"; }
 part_cp_sim()  { run_part cp_sim  "${T_CPSIM:-150}" python3 bench/bench_cp_sim.py ${CPSIM_ARGS:-} --out "$R/cp_sim_h100.json"; }
+part_cp_sim_b() { run_part cp_sim_b "${T_CPSIM:-150}" python3 bench/bench_cp_sim.py ${CPSIM_B_ARGS:-} --out "$R/cp_sim_b_h100.json"; }
 part_train350m() { run_part train_350m "${T_TRAIN:-280}" python3 bench/bench_train.py --models 350m --seq-lens 16384 \
                    --attention flexdist --compile none blocks --ac none selective --out "$R/train_350m_h100.json"; }
 part_train1b() { run_part train_1b "${T_TRAIN:-280}" python3 bench/bench_train.py --models 1b ${TRAIN_ARGS:-} --out "$R/train_1b_h100.json"; }

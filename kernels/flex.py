@@ -20,6 +20,7 @@ import torch
 
 from .reference import flex_attention_reference, merge_by_lse, reference_backward, reference_forward
 from .score_mods import ALiBi, RelativeBias, SoftCap
+from .validation import check_qkv
 
 ScoreMod = Callable[..., torch.Tensor]
 
@@ -53,12 +54,15 @@ def resolve_backend(backend: str, q: torch.Tensor, score_mod=None) -> str:
     return backend
 
 
-def _add_into(buf: torch.Tensor | None, g: torch.Tensor, name: str) -> torch.Tensor:
+def _add_into(buf: torch.Tensor | None, g: torch.Tensor, name: str, accumulate: bool = True) -> torch.Tensor:
     if buf is None:
         return g
     if buf.shape != g.shape:
         raise ValueError(f"{name} has shape {tuple(buf.shape)}, expected {tuple(g.shape)}")
-    buf.add_(g.to(buf.dtype))
+    if accumulate:
+        buf.add_(g.to(buf.dtype))
+    else:
+        buf.copy_(g)
     return buf
 
 
@@ -77,6 +81,7 @@ def flex_attention_forward(
     out_acc: torch.Tensor | None = None,
     lse_acc: torch.Tensor | None = None,
     head_group: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One attention call: ``(out [B,Hq,Sq,Dv] in q.dtype, lse [B,Hq,Sq] fp32 natural log)``.
 
@@ -84,14 +89,24 @@ def flex_attention_forward(
     ``out_acc`` / ``lse_acc``: fp32 running result of earlier calls over *other* keys (start from zeros and
     −inf); this call's result is merged into them in place by LSE and they are returned (ring attention:
     the Triton kernel merges in its epilogue and leaves tiles that see no key this call untouched).
+    ``out``: write target for the output instead of a new tensor, returned as the first result (``lse`` is
+    still new): shape ``[B,Hq,Sq,Dv]``, any float dtype, on q's device, unit last-dim stride, other strides
+    free — context parallelism calls the kernel per chunk of heads and has each result land in its head
+    slice ``big[:, h0:h1]`` of one tensor, with no copy afterwards. Every element is overwritten (rows that
+    see nothing get 0), so it needs no zero-fill. The Triton kernel stores its fp32 accumulator straight in
+    ``out``'s dtype; the reference copies its ``q.dtype`` result in. Excludes ``out_acc`` / ``lse_acc``;
+    must not overlap q, k or v.
     ``head_group``: the Triton kernel's launch grouping of heads (``triton_fwd.launch_head_group``; None:
     its rule); it changes the order programs start in, never the result, and the reference ignores it.
     """
-    from .triton_fwd import check_head_group
+    from .triton_fwd import check_head_group, check_out, check_out_exclusive
 
     check_head_group(head_group)
+    check_out_exclusive(out, out_acc, lse_acc)
     if resolve_backend(backend, q, score_mod) == "reference":
-        out, lse = reference_forward(
+        if out is not None:
+            check_out(out, check_qkv(q, k, v, enable_gqa), q.device)
+        res, lse = reference_forward(
             q,
             k,
             v,
@@ -102,14 +117,16 @@ def flex_attention_forward(
             q_global_idx=q_global_idx,
             kv_global_idx=kv_global_idx,
         )
-        if out_acc is None and lse_acc is None:
+        if out is not None:
+            out.copy_(res)
             return out, lse
+        if out_acc is None and lse_acc is None:
+            return res, lse
         from .triton_fwd import check_accumulators
-        from .validation import check_qkv
 
         acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         check_accumulators(out_acc, lse_acc, check_qkv(q, k, v, enable_gqa), q.device, acc_dtype)
-        merged, new_lse = merge_by_lse(out_acc, lse_acc, out, lse)
+        merged, new_lse = merge_by_lse(out_acc, lse_acc, res, lse)
         out_acc.copy_(merged)
         lse_acc.copy_(new_lse)
         return out_acc, lse_acc
@@ -128,6 +145,7 @@ def flex_attention_forward(
         out_acc=out_acc,
         lse_acc=lse_acc,
         head_group=head_group,
+        out=out,
     )
 
 
@@ -154,19 +172,28 @@ def flex_attention_backward(
     dv_out: torch.Tensor | None = None,
     which: str = "all",
     head_group: int | None = None,
+    accumulate: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of one attention call given the *global* (merged) ``lse`` and ``out``.
 
     ``delta = rowsum(dout · out) − dlse`` unless given. Learnable score-mod tensors get their gradients
-    *added* into ``score_mod_grads``. If ``dq_out`` / ``dk_out`` / ``dv_out`` are given (all three), the
-    gradients are added into them and those buffers are returned (ring attention accumulates dQ, and dK/dV
-    as they travel); the Triton kernels add in place, touching only tiles this call has work for.
+    *added* into ``score_mod_grads``. If ``dq_out`` and / or ``dk_out`` with ``dv_out`` (those two together)
+    are given, the gradients are added into them and those buffers are returned (ring attention accumulates
+    dQ, and dK/dV as they travel); the Triton kernels add in place, touching only tiles this call has work
+    for.
+    ``accumulate=False``: the given buffers are *overwritten* instead (every element, zeros where this call
+    has no work: no zero-fill needed), in the buffer's own dtype, unit last-dim stride, other strides free —
+    context parallelism's per-head-chunk calls write dQ into head slices of one tensor, and dK/dV in fp32
+    straight into the reduce-scatter buffer (no zero-fill, no dtype conversion pass). The Triton kernels
+    store their fp32 accumulators directly; the reference copies its input-dtype result in.
     ``which="dq"`` / ``"dkdv"`` computes only dq or only (dk, dv) (the others are returned as None).
     ``head_group``: as in ``flex_attention_forward`` (the dK/dV and dQ kernels' launch grouping).
     """
     from .triton_fwd import check_head_group
 
     check_head_group(head_group)
+    if not isinstance(accumulate, bool):
+        raise ValueError(f"accumulate must be a bool, got {accumulate!r}")
     kw = dict(
         delta=delta,
         dlse=dlse,
@@ -186,15 +213,16 @@ def flex_attention_backward(
         )
         want_q, want_kv = which in ("all", "dq"), which in ("all", "dkdv")
         return (
-            _add_into(dq_out, dq, "dq_out") if want_q else None,
-            _add_into(dk_out, dk, "dk_out") if want_kv else None,
-            _add_into(dv_out, dv, "dv_out") if want_kv else None,
+            _add_into(dq_out, dq, "dq_out", accumulate) if want_q else None,
+            _add_into(dk_out, dk, "dk_out", accumulate) if want_kv else None,
+            _add_into(dv_out, dv, "dv_out", accumulate) if want_kv else None,
         )
     from .triton_bwd import triton_backward
 
     return triton_backward(
         q, k, v, out, dout, lse, block_mask, score_mod, scale, enable_gqa,
-        dq_out=dq_out, dk_out=dk_out, dv_out=dv_out, which=which, head_group=head_group, **kw,
+        dq_out=dq_out, dk_out=dk_out, dv_out=dv_out, which=which, head_group=head_group,
+        accumulate=accumulate, **kw,
     )  # fmt: skip
 
 

@@ -552,6 +552,7 @@ def triton_backward(
     which: str = "all",
     traceable: bool = False,
     head_group: int | None = None,
+    accumulate: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Block-sparse backward given the global ``lse``: ``(dq, dk, dv)`` in the input dtypes.
 
@@ -559,6 +560,10 @@ def triton_backward(
     ``delta`` so it is not recomputed) — ring attention runs dQ while the travelling dK/dV buffer is in flight.
     ``dq_out`` / ``dk_out`` / ``dv_out`` (any float dtype, fp32 for ring accumulation; dK and dV together):
     the gradients are added into them inside the kernels (tiles with no block are not touched) and returned.
+    ``accumulate=False``: those buffers are overwritten instead (the kernels' ACCUM=False path: every tile
+    stored, zeros where there is no block), in the buffer's dtype from the fp32 accumulators, through the
+    buffer's strides (unit last-dim stride; e.g. head slices of one tensor, or fp32 dK/dV views of a
+    token-major reduce-scatter buffer): no zero-fill, copy or dtype-conversion pass for the caller.
     ``traceable``: launch through ``torch.library.wrap_triton`` with per-call placeholders (the body of a
     ``torch.library.triton_op``, traced with FakeTensors under torch.compile); needs compiled (JIT) kernels.
     ``head_group``: heads per launch group of the dK/dV and dQ kernels (``triton_fwd.launch_head_group``; None:
@@ -567,6 +572,8 @@ def triton_backward(
     if traceable and not kernels_are_compiled():
         raise ValueError("traceable=True needs compiled Triton kernels, not TRITON_INTERPRET=1's interpreter")
     check_head_group(head_group)
+    if not isinstance(accumulate, bool):
+        raise ValueError(f"accumulate must be a bool, got {accumulate!r}")
     on_gpu = q.is_cuda
     lp = prepare(
         q, k, v, block_mask, score_mod, scale, enable_gqa, q_global_idx, kv_global_idx,
@@ -626,25 +633,26 @@ def triton_backward(
     if run_dkdv:
         dk, dv = _dkdv(
             q, k, v, dout, lse, delta, dk_out, dv_out, lp, km, sh, c1, M1, N1, config, common, traceable,
-            head_group,
+            head_group, accumulate,
         )  # fmt: skip
     if run_dq:
         dq = _dq(q, k, v, dout, lse, delta, dq_out, lp, km, sh, c2, M2, N2, config, common, score_mod,
-                 score_mod_grads, traceable, head_group)  # fmt: skip
+                 score_mod_grads, traceable, head_group, accumulate)  # fmt: skip
     return dq, dk, dv
 
 
 def _dkdv(
-    q, k, v, dout, lse, delta, dk_out, dv_out, lp, km, sh, c1, M1, N1, config, common, traceable, head_group
+    q, k, v, dout, lse, delta, dk_out, dv_out, lp, km, sh, c1, M1, N1, config, common, traceable, head_group,
+    accumulate,
 ):  # fmt: skip
-    """Launch the dK/dV kernel (into new tensors, or adding into dk_out / dv_out)."""
+    """Launch the dK/dV kernel (into new tensors, or adding into / overwriting dk_out / dv_out)."""
     dev = q.device
     dummy_i = lp.dummy_i
     docs, _ = doc_args(km, dummy_i)
     bits = km.bits if km.mask_kind == MASK_BITS else dummy_i
     mods = (lp.qidx, lp.kvidx, lp.slopes, lp.table, lp.table_stride, lp.L, lp.softcap)
-    accum = dk_out is not None
-    if accum:
+    accum = dk_out is not None and accumulate
+    if dk_out is not None:
         dk, dv = dk_out, dv_out
     else:
         dk = torch.empty(sh.B, sh.Hkv, sh.Skv, sh.D, dtype=k.dtype, device=dev)
@@ -676,9 +684,10 @@ def _dkdv(
 
 def _dq(
     q, k, v, dout, lse, delta, dq_out, lp, km, sh, c2, M2, N2, config, common, score_mod, score_mod_grads,
-    traceable, head_group,
+    traceable, head_group, accumulate,
 ):  # fmt: skip
-    """Launch the dQ kernel (into a new tensor, or adding into dq_out); also the RelativeBias table gradient."""
+    """Launch the dQ kernel (into a new tensor, or adding into / overwriting dq_out); also the RelativeBias
+    table gradient."""
     dev = q.device
     dummy_i = lp.dummy_i
     docs, _ = doc_args(km, dummy_i)
@@ -686,7 +695,7 @@ def _dq(
     mods = (lp.qidx, lp.kvidx, lp.slopes, lp.table, lp.table_stride, lp.L, lp.softcap)
     tuned = config is None and use_autotune(q, km, sh.Sq, sh.Skv)
     n_qb = triton.cdiv(sh.Sq, km.QBS)
-    accum = dq_out is not None
+    accum = dq_out is not None and accumulate
 
     table_grad = (
         lp.score_kind == SCORE_RELBIAS and score_mod_grads is not None and score_mod.table.requires_grad
@@ -703,7 +712,7 @@ def _dq(
                 f"(at most {MAX_TABLE_GRAD_WIDTH}); use backend='reference'"
             )
         tg = torch.zeros(sh.B, sh.Hq, n_m, WP, dtype=torch.float32, device=dev)
-    dq = dq_out if accum else torch.empty_like(q, memory_format=torch.contiguous_format)
+    dq = dq_out if dq_out is not None else torch.empty_like(q, memory_format=torch.contiguous_format)
     args = (
         q, k, v, dout, lse, delta, dq, tg,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

@@ -645,6 +645,31 @@ def check_accumulators(
         raise ValueError("out_acc needs a unit last-dim stride and lse_acc must be contiguous")
 
 
+def check_out(out: torch.Tensor, sh: AttnShape, device: torch.device) -> None:
+    """The ``out=`` write target: this call's output shape ``[B, Hq, Sq, Dv]``, a floating dtype, q's device
+    and a unit last-dim stride; its other strides are free (a head slice ``big[:, h0:h1]`` of a larger
+    tensor is written in place)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    want = (sh.B, sh.Hq, sh.Sq, sh.Dv)
+    if tuple(out.shape) != want:
+        raise ValueError(f"out must have shape {want} ([B, Hq, Sq, Dv]), got {tuple(out.shape)}")
+    if not out.dtype.is_floating_point:
+        raise ValueError(f"out must have a floating dtype, got {out.dtype}")
+    if out.device != device:
+        raise ValueError(f"out is on {out.device} but q is on {device}")
+    if out.stride(-1) != 1:
+        raise ValueError(f"out needs a unit last-dim stride, got strides {out.stride()}")
+
+
+def check_out_exclusive(out, out_acc, lse_acc) -> None:
+    if out is not None and (out_acc is not None or lse_acc is not None):
+        raise ValueError(
+            "out and out_acc/lse_acc are mutually exclusive: out= overwrites a target with this call's "
+            "result, out_acc=/lse_acc= merge it into a running result"
+        )
+
+
 def meta_args(km: KernelMask, transposed: bool, dummy_i: torch.Tensor):
     """(NUM, IDX, FULL_NUM, FULL_IDX, PID, num strides (b, h), idx strides (b, h, row))."""
     if transposed:
@@ -703,11 +728,16 @@ def triton_forward(
     lse_acc: torch.Tensor | None = None,
     traceable: bool = False,
     head_group: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse forward: ``(out [B,Hq,Sq,Dv] q.dtype, lse [B,Hq,Sq] fp32 natural log)``.
 
     With ``out_acc`` / ``lse_acc`` (fp32, the running result of earlier calls over other keys; start from
     zeros / −inf), this call's result is merged into them in place by LSE, and they are returned.
+    ``out``: write target instead of a new tensor (``[B,Hq,Sq,Dv]``, any float dtype, unit last-dim stride,
+    other strides free, e.g. a head slice of a larger tensor); the kernel stores every row of it (0 for a
+    row that sees nothing), from its fp32 accumulator straight in ``out``'s dtype, and returns it with a new
+    ``lse``. Excludes ``out_acc`` / ``lse_acc``. It must not overlap q, k or v.
     ``config``: ``(BLOCK_M, BLOCK_N, warps, stages[, fma_softmax])`` instead of the defaults / the autotuner.
     ``traceable``: launch through ``torch.library.wrap_triton`` with per-call placeholders (the body of a
     ``torch.library.triton_op``, traced with FakeTensors under torch.compile); needs compiled (JIT) kernels.
@@ -726,12 +756,18 @@ def triton_forward(
     BM = pick_tile(km.QBS, cfg[0], "query")
     BN = pick_tile(km.KBS, cfg[1], "kv")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    check_out_exclusive(out, out_acc, lse_acc)
     accum = out_acc is not None or lse_acc is not None
     if accum:
         check_accumulators(out_acc, lse_acc, sh, q.device)
         out, lse = out_acc, lse_acc
     else:
-        out = torch.empty(sh.B, sh.Hq, sh.Sq, sh.Dv, dtype=q.dtype, device=q.device)
+        # (non-accumulate epilogue: every program stores its whole tile through out's strides, zeros for
+        # rows that see nothing, and the launch order covers every query block in use: no pre-fill needed)
+        if out is None:
+            out = torch.empty(sh.B, sh.Hq, sh.Sq, sh.Dv, dtype=q.dtype, device=q.device)
+        else:
+            check_out(out, sh, q.device)
         lse = torch.empty(sh.B, sh.Hq, sh.Sq, dtype=torch.float32, device=q.device)
     dummy_i = lp.dummy_i
     n_qb = triton.cdiv(sh.Sq, km.QBS)  # query blocks in use (the BlockMask may list more)

@@ -65,3 +65,27 @@ def test_tail_model_list_scheduling() -> None:
     f2, _, _ = busy_fraction(tiles, 2, 3, 2)
     assert mx == 6 and per == pytest.approx(16 / 3)
     assert f1 == pytest.approx(16 / 3 / 7) and f2 == pytest.approx(16 / 3 / 6)
+
+
+def test_allgather_pipeline_replay() -> None:
+    """bench/bench_cp_sim.py replays the pipelined all-gather as flexdist.cp.allgather issues it."""
+    from bench_cp_sim import replay_backward, replay_forward
+
+    # one chunk: pack, the exposed gather, then the slowest rank's kernel
+    assert replay_forward([[1.0, 2.0]], [0.5], 0.1) == pytest.approx(2.6)
+    # two chunks, the second gather hidden behind the first chunk's kernel
+    assert replay_forward([[1.0, 1.0], [1.0, 1.0]], [0.2, 0.5], 0.0) == pytest.approx(2.2)
+    # ... and not hidden: the second chunk waits for its gather
+    assert replay_forward([[1.0, 1.0], [1.0, 1.0]], [0.2, 3.0], 0.0) == pytest.approx(4.2)
+    # ranks only meet at the collectives: 1+2 and 2+1 end together at 3 (a per-chunk barrier would give 4)
+    assert replay_forward([[1.0, 2.0], [2.0, 1.0]], [0.0, 0.0], 0.0) == pytest.approx(3.0)
+    # a gather waits for the kernel enqueued before its post on every rank (chunk c-1): with a 5 s first
+    # chunk on one rank, gather 2 cannot start before 5 even though the link is free
+    assert replay_forward([[5.0, 0.1], [0.1, 0.1], [0.1, 0.1]], [0.0, 0.0, 1.0], 0.0) == pytest.approx(6.1)
+    # backward, one chunk: the reduce-scatter starts after dK/dV and runs beside dQ
+    assert replay_backward([[1.0]], [[2.0]], [0.5], [1.5], 0.0, 0.1) == pytest.approx(3.6)
+    assert replay_backward([[1.0]], [[2.0]], [0.5], [3.0], 0.0, 0.1) == pytest.approx(4.6)
+    # two chunks: G0 0.5 | dkdv0 0.5..1.5, RS0 after G1 (0.5..0.7) and dkdv0: 1.5..2.5 | dq0 1.5..3.5 |
+    # dkdv1 3.5..4.5, RS1 4.5..5.5 | dq1 4.5..6.5
+    got = replay_backward([[1.0], [1.0]], [[2.0], [2.0]], [0.5, 0.2], [1.0, 1.0], 0.0, 0.0)
+    assert got == pytest.approx(6.5)

@@ -128,6 +128,17 @@ def test_unknown_key_in_a_yaml_option_is_an_error(tmp_path) -> None:
             2,
             "parallel.cp_ring_group=2 groups ring steps: it needs parallel.cp_strategy=ring, got allgather",
         ),
+        (["parallel=cp", "parallel.cp_head_chunks=0"], 2, "parallel.cp_head_chunks=0 must be >= 1"),
+        (
+            ["parallel=cp", "parallel.cp_head_chunks=2"],
+            2,
+            "parallel.cp_head_chunks=2 pipelines the all-gather: it needs parallel.cp_strategy=allgather, got ring",
+        ),
+        (
+            ["parallel=cp", "parallel.cp_strategy=allgather", "parallel.cp_head_chunks=3"],
+            2,
+            r"parallel.cp_head_chunks=3 is more than model.n_kv_heads=2",
+        ),
         (["data=jsonl", "data.path=null"], 1, "data.source=jsonl needs data.path"),
     ],
 )

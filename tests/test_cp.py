@@ -207,6 +207,24 @@ def cases():
     out.append(
         dict(balance="auto", strategy="ring", kind="pad", causal=False, window=None, gqa=True, ring_group=4)
     )
+    # all-gather pipelined over chunks of K/V heads (B = 1 takes the no-copy views of the gathered buffer,
+    # B = 2 the batch-major copies); score mods sliced per chunk, RelativeBias gradients through the slices
+    out.append(
+        dict(balance="document", strategy="allgather", kind="doc", causal=True, window=None, gqa=True,
+             head_chunks=2, batch=1)
+    )  # fmt: skip
+    out.append(
+        dict(balance="zigzag", strategy="allgather", kind="long", causal=True, window=20, gqa=False,
+             head_chunks=(1, 3), sm="alibi")
+    )  # fmt: skip
+    out.append(
+        dict(balance="contiguous", strategy="allgather", kind="doc", causal=True, window=None, gqa=False,
+             head_chunks=3, sm="relbias", batch=1)
+    )  # fmt: skip
+    out.append(
+        dict(balance="auto", strategy="allgather", kind="pad", causal=False, window=None, gqa=True,
+             head_chunks=2, prefix=3)
+    )  # fmt: skip
     return out
 
 
@@ -216,7 +234,9 @@ AUTO_CASES = [
     dict(balance="document", strategy="ulysses", kind="doc", causal=True, window=None, gqa=True),
     dict(balance="zigzag", strategy="allgather", kind="long", causal=True, window=20, gqa=False, sm="alibi"),
     dict(balance="document", strategy="ring", kind="doc", causal=True, window=None, gqa=True, ring_group=2),
-]
+    dict(balance="document", strategy="allgather", kind="doc", causal=True, window=None, gqa=True,
+         head_chunks=2, batch=1),
+]  # fmt: skip
 
 
 def run_case(
@@ -231,7 +251,7 @@ def run_case(
     D: int = 8,
 ):
     """One exactness case on the calling rank; raises AssertionError with the case in the message."""
-    B, Hq = 2, 4
+    B, Hq = c.get("batch", 2), 4
     Hkv = 2 if c["gqa"] else Hq
     g = torch.Generator().manual_seed(seed)
     doc = make_doc_ids(c["kind"], B, S, seed)
@@ -267,6 +287,7 @@ def run_case(
         kernel_backend=kernel_backend,
         mask_builder=c.get("builder", "masks"),
         ring_group=c.get("ring_group", 1),
+        head_chunks=c.get("head_chunks", 1),
     )
     if sm_kind == "alibi" and (device != "cpu" or dtype != torch.float64):
         sm_cp = ALiBi(ALiBi.default_slopes(Hq).to(device))
@@ -421,10 +442,17 @@ def _worker(
             sizes = [int(b) for b in os.environ.get("FLEXDIST_CP_NCCL_BS", "32,64").split(",")]
             # FLEXDIST_CP_NCCL_CASES="a-b": only cases a..b (a cold Triton cache costs 7-25 s per case; split
             # the run over device calls)
-            lo, _, hi = os.environ.get("FLEXDIST_CP_NCCL_CASES", "0-9999").partition("-")
+            # (or a comma-separated list of cases and ranges, e.g. "36,38,47-50")
+            spans = [
+                (int(lo), int(hi or lo))
+                for lo, _, hi in (
+                    part.partition("-")
+                    for part in os.environ.get("FLEXDIST_CP_NCCL_CASES", "0-9999").split(",")
+                )
+            ]
             t0 = time.monotonic()
             for i, c in enumerate(cases()):
-                if not int(lo) <= i <= int(hi or lo):
+                if not any(lo <= i <= hi for lo, hi in spans):
                     continue
                 for bs in sizes:
                     S = 4 * world * bs
@@ -642,3 +670,29 @@ def test_ring_group_arguments_are_checked():
         cp.plan(doc, None, strategy="allgather", ring_group=2)
     p = cp.plan(doc, None, strategy="ring", ring_group=3, block_size=BS)
     assert p.ring_group == 3 and len(p.group_masks) == 1  # one rank: one group holding step 0
+
+
+def test_head_chunks_arguments_are_checked():
+    from flexdist.cp.plan import chunk_sizes
+
+    doc = make_doc_ids("doc", 1, S_TEST, 0)
+    with pytest.raises(ValueError, match="head_chunks must be >= 1, got 0"):
+        cp.plan(doc, None, strategy="allgather", head_chunks=0)
+    with pytest.raises(ValueError, match="head_chunks=2 needs strategy='allgather', got strategy='ring'"):
+        cp.plan(doc, None, strategy="ring", head_chunks=2)
+    with pytest.raises(ValueError, match=r"positive ints .* got \(2, 0\)"):
+        cp.plan(doc, None, strategy="allgather", head_chunks=(2, 0))
+    with pytest.raises(ValueError, match="head_chunks must be a positive int"):
+        cp.plan(doc, None, strategy="allgather", head_chunks=True)
+    assert chunk_sizes(3, 8) == [2, 3, 3]  # the larger chunks last: the first one's gather is exposed
+    assert chunk_sizes(2, 8) == [4, 4] and chunk_sizes(1, 5) == [5] and chunk_sizes((3, 5), 8) == [3, 5]
+    with pytest.raises(ValueError, match="head_chunks=4 is more chunks than the 2 key/value heads"):
+        chunk_sizes(4, 2)
+    with pytest.raises(ValueError, match=r"head_chunks=\(3, 3\) sums to 6, not the 8 key/value heads"):
+        chunk_sizes((3, 3), 8)
+    # the error reaches the caller of attention (the head count is only known there)
+    p = cp.plan(doc, None, strategy="allgather", head_chunks=3, block_size=BS, kernel_backend="reference")
+    q = torch.randn(1, 4, S_TEST, 8)
+    kv = torch.randn(1, 2, S_TEST, 8)
+    with pytest.raises(ValueError, match="head_chunks=3 is more chunks than the 2 key/value heads"):
+        cp.attention(q, kv, kv, p)

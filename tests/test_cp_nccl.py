@@ -6,7 +6,7 @@ reference on the full sequence, plus the bad-input checks. Environment for the w
 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 (no NVLink multicast). Choose world sizes with FLEXDIST_CP_NCCL_WORLDS
 (e.g. ``2,4``; default all of 2..ngpu), the dtype with FLEXDIST_CP_NCCL_DTYPE (float32 or bfloat16), the
 BlockMask block sizes with FLEXDIST_CP_NCCL_BS (default ``32,64``) and a range of cases with
-FLEXDIST_CP_NCCL_CASES (e.g. ``0-23``; each case compiles new kernel variants on a cold cache):
+FLEXDIST_CP_NCCL_CASES (e.g. ``0-23`` or ``36,38,47-50``; each case compiles new kernel variants on a cold cache):
 
     python -m pytest tests/test_cp_nccl.py -q
 """

@@ -124,6 +124,10 @@ class ParallelConfig:
     # cp_strategy=ring only: forward / dQ kernel calls per group of this many ring steps (1 = plain ring;
     # experimental, see flexdist.cp.plan(ring_group=...))
     cp_ring_group: int = 1
+    # cp_strategy=allgather only: gather K/V and run the kernels in this many chunks of K/V heads, each
+    # chunk's all-gather overlapping the previous chunk's kernels (1 = unpipelined; see
+    # flexdist.cp.plan(head_chunks=...))
+    cp_head_chunks: int = 1
     fsdp: bool = True  # shard parameters, gradients and optimizer state over all dp×cp ranks (FSDP2)
 
 
@@ -325,6 +329,16 @@ def validate(cfg: Any, world_size: int) -> Resolved:
             f"parallel.cp_ring_group={rg} groups ring steps: it needs parallel.cp_strategy=ring, "
             f"got {g('parallel.cp_strategy')}"
         )
+    hc = g("parallel.cp_head_chunks")
+    if hc < 1:
+        errors.append(f"parallel.cp_head_chunks={hc} must be >= 1")
+    elif hc > 1 and g("parallel.cp_strategy") != "allgather":
+        errors.append(
+            f"parallel.cp_head_chunks={hc} pipelines the all-gather: it needs parallel.cp_strategy=allgather, "
+            f"got {g('parallel.cp_strategy')}"
+        )
+    elif hc > 1 and nkv >= 1 and hc > nkv:
+        errors.append(f"parallel.cp_head_chunks={hc} is more than model.n_kv_heads={nkv}")
     for key in ("trainer.steps", "trainer.micro_batch", "trainer.grad_accum", "trainer.log_interval"):
         if g(key) < 1:
             errors.append(f"{key}={g(key)} must be >= 1")

@@ -1,9 +1,22 @@
-"""All-gather baseline (what torch's CP does for FlexAttention): gather K/V, one kernel call, reduce-scatter dK/dV.
+"""All-gather of K/V and one kernel call per chunk of heads, pipelined over ``plan.head_chunks`` chunks.
 
-Every rank holds the whole sequence's K/V (O(S) memory) during the call; communication is not overlapped.
-K/V are gathered at Hkv heads, reordered to global token order, and attended with the rank's full mask
-(its query shard against all S keys). Backward re-gathers K/V (nothing of size S is kept between forward
-and backward) and reduce-scatters fp32 dK/dV back to the owning ranks.
+``head_chunks=1`` is what torch's CP does for FlexAttention: gather all K/V, one call, reduce-scatter dK/dV,
+nothing overlapped. With c > 1 chunks of key/value heads (and their GQA query heads):
+
+- forward: chunk i+1's all-gather runs while chunk i's kernel does; only the first gather is exposed;
+- backward: K/V are gathered again the same way; chunk i's dK/dV kernel writes fp32 gradients straight into
+  the reduce-scatter buffer, whose reduce-scatter then runs while chunk i's dQ kernel and the later chunks
+  do; only the first gather and what is left of the last reduce-scatter are exposed.
+
+Every call sees all keys of its heads, so no partial results are merged (unlike the ring: each query tile
+loads Q and writes its output once). Memory: a rank holds the whole sequence's K/V for two chunks at a time
+(all of it for ``head_chunks=1``), O(S·Hkv), never O(S²).
+
+Layout: each rank packs its chunk token-major, ``[B, L, hc, D + Dv]``, so for B = 1 the gathered buffer
+``[N, L, hc, D + Dv]`` is the whole sequence in plan order and K and V are strided views ``[1, hc, S, D]`` of
+it: no reorder, no copy (the rank's mask is built against keys in plan order, ``kv_global_idx = plan.perm``).
+The dK/dV kernel writes the same layout in fp32, which is the reduce-scatter's rank-major input. For B > 1
+one copy moves the batch in front of the ranks (and back for dK/dV).
 """
 
 from __future__ import annotations
@@ -13,53 +26,138 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from .head_slice import slice_score_mod
 from .merge import _acc_dtype
-from .ring import pack
+from .plan import chunk_sizes
 
 
-def _gather_kv(k: torch.Tensor, v: torch.Tensor, plan) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunks(plan, k: torch.Tensor) -> list[tuple[int, int]]:
+    """(first, last + 1) K/V head of every chunk."""
+    bounds, h = [], 0
+    for c in chunk_sizes(plan.head_chunks, k.shape[1]):
+        bounds.append((h, h + c))
+        h += c
+    return bounds
+
+
+def _pack(k: torch.Tensor, v: torch.Tensor, h0: int, h1: int) -> torch.Tensor:
+    """This rank's K|V of heads h0:h1, token-major ``[B, L, hc, D + Dv]`` (the all-gather's input)."""
+    B, _, L, D = k.shape
+    buf = torch.empty(B, L, h1 - h0, D + v.shape[-1], dtype=k.dtype, device=k.device)
+    buf[..., :D].copy_(k[:, h0:h1].transpose(1, 2))
+    buf[..., D:].copy_(v[:, h0:h1].transpose(1, 2))
+    return buf
+
+
+def _start_gather(local: torch.Tensor, plan) -> tuple[torch.Tensor, list]:
+    """Post the all-gather of one chunk: ``([N, B, L, hc, E] buffer, [work])`` (nothing to wait for if N = 1)."""
     N = plan.world_size
-    B, Hkv, L, D = k.shape
-    Dv = v.shape[-1]
-    kv = pack(k, v)
-    if N > 1:
-        gathered = torch.empty(N * kv.numel(), dtype=kv.dtype, device=kv.device)
-        dist.all_gather_into_tensor(gathered, kv, group=plan.group)
-    else:
-        gathered = kv
-    parts = gathered.view(N, -1)
-    nk = k.numel()
-    inv = plan.inv_perm.to(k.device)
-    k_all = parts[:, :nk].reshape(N, B, Hkv, L, D).permute(1, 2, 0, 3, 4).reshape(B, Hkv, N * L, D)
-    v_all = parts[:, nk:].reshape(N, B, Hkv, L, Dv).permute(1, 2, 0, 3, 4).reshape(B, Hkv, N * L, Dv)
-    return k_all.index_select(2, inv), v_all.index_select(2, inv)
+    if N == 1:
+        return local.unsqueeze(0), []
+    out = local.new_empty((N, *local.shape))
+    # flat 1-D buffers: the shape every backend accepts (gloo checks the leading dim against N)
+    work = dist.all_gather_into_tensor(out.view(-1), local.view(-1), group=plan.group, async_op=True)
+    return out, [work]
+
+
+def _seq_view(buf: torch.Tensor) -> torch.Tensor:
+    """``[N, B, L, hc, E]`` rank-major buffer → ``[B, hc, N·L, E]``: a view for B = 1, else a copy."""
+    N, B, L, hc, E = buf.shape
+    if B == 1:
+        return buf.view(N * L, hc, E).permute(1, 0, 2).unsqueeze(0)
+    return buf.permute(1, 3, 0, 2, 4).reshape(B, hc, N * L, E)
+
+
+def _chunk_kw(kw: dict, q0: int, q1: int, whole: bool) -> dict:
+    """Kernel keywords for query heads q0:q1: the score mod (and its gradients) of those heads only."""
+    if whole:
+        return kw
+    grads = kw.get("score_mod_grads")
+    out = dict(
+        kw, score_mod=slice_score_mod(kw.get("score_mod"), q0, q1, "allgather", leaf=grads is not None)
+    )
+    if grads is not None:  # views: each chunk adds its heads' rows
+        out["score_mod_grads"] = [g[q0:q1] for g in grads]
+    return out
 
 
 def allgather_forward(q, k, v, plan, full_mask, fwd: Callable, kw: dict):
-    k_g, v_g = _gather_kv(k, v, plan)
-    q_idx = plan.index_on(q.device, plan.rank)
-    out, lse = fwd(q, k_g, v_g, full_mask, q_global_idx=q_idx, kv_global_idx=None, **kw)
-    return out.to(q.dtype), lse
+    """This rank's output (q.dtype) and LSE (fp32) against every key, chunk by chunk of heads."""
+    dev = q.device
+    B, Hq, L, _ = q.shape
+    D, g = k.shape[-1], Hq // k.shape[1]
+    chunks = _chunks(plan, k)
+    q_idx, kv_idx = plan.index_on(dev, plan.rank), plan.perm_on(dev)
+    out = torch.empty(B, Hq, L, v.shape[-1], dtype=q.dtype, device=dev)
+    lses = []
+    locals_ = [_pack(k, v, h0, h1) for h0, h1 in chunks]  # all before the first gather: no stall between
+    pending = _start_gather(locals_[0], plan)
+    for i, (h0, h1) in enumerate(chunks):
+        buf, works = pending
+        plan.record_wait(works, dev)
+        if i + 1 < len(chunks):  # posted before this chunk's kernel: the transfer overlaps it
+            pending = _start_gather(locals_[i + 1], plan)
+        kv = _seq_view(buf)
+        q0, q1 = h0 * g, h1 * g
+        _, lse = fwd(
+            q[:, q0:q1], kv[..., :D], kv[..., D:], full_mask, q_global_idx=q_idx, kv_global_idx=kv_idx,
+            out=out[:, q0:q1], **_chunk_kw(kw, q0, q1, len(chunks) == 1),
+        )  # fmt: skip
+        lses.append(lse)
+    return out, torch.cat(lses, dim=1) if len(lses) > 1 else lses[0]
 
 
 def allgather_backward(q, k, v, out, dout, lse, delta, plan, full_mask, bwd: Callable, kw: dict):
+    """dq, dk, dv of this rank's shards; dK/dV are summed over ranks in fp32 by reduce-scatters."""
+    dev = q.device
     N = plan.world_size
-    k_g, v_g = _gather_kv(k, v, plan)
-    q_idx = plan.index_on(q.device, plan.rank)
-    dq, dk_g, dv_g = bwd(
-        q, k_g, v_g, out, dout, lse, full_mask, delta=delta, q_global_idx=q_idx, kv_global_idx=None, **kw
-    )
+    B, Hq, L, _ = q.shape
+    D, Dv, g = k.shape[-1], v.shape[-1], Hq // k.shape[1]
     acc = _acc_dtype(q.dtype)
-    B, Hkv, L, D = k.shape
-    Dv = v.shape[-1]
-    perm = plan.perm.to(q.device)
-    dk_p = dk_g.index_select(2, perm).to(acc).reshape(B, Hkv, N, L, D).permute(2, 0, 1, 3, 4).reshape(N, -1)
-    dv_p = dv_g.index_select(2, perm).to(acc).reshape(B, Hkv, N, L, Dv).permute(2, 0, 1, 3, 4).reshape(N, -1)
-    send = torch.cat([dk_p, dv_p], dim=1).contiguous()
-    if N > 1:
-        mine = torch.empty(send.shape[1], dtype=acc, device=q.device)
-        dist.reduce_scatter_tensor(mine, send.view(-1), group=plan.group)
-    else:
-        mine = send.view(-1)
-    nk = k.numel()
-    return dq, mine[:nk].view(k.shape).to(k.dtype), mine[nk:].view(v.shape).to(v.dtype)
+    chunks = _chunks(plan, k)
+    q_idx, kv_idx = plan.index_on(dev, plan.rank), plan.perm_on(dev)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
+    locals_ = [_pack(k, v, h0, h1) for h0, h1 in chunks]
+    pending = _start_gather(locals_[0], plan)
+    scattered = []  # (heads, this rank's summed dK|dV, the reduce-scatter's work, its input kept alive)
+    for i, (h0, h1) in enumerate(chunks):
+        buf, works = pending
+        plan.record_wait(works, dev)
+        if i + 1 < len(chunks):
+            pending = _start_gather(locals_[i + 1], plan)
+        kv = _seq_view(buf)
+        q0, q1 = h0 * g, h1 * g
+        args = (
+            q[:, q0:q1],
+            kv[..., :D],
+            kv[..., D:],
+            out[:, q0:q1],
+            dout[:, q0:q1],
+            lse[:, q0:q1],
+            full_mask,
+        )
+        ckw = dict(
+            _chunk_kw(kw, q0, q1, len(chunks) == 1),
+            delta=delta[:, q0:q1], q_global_idx=q_idx, kv_global_idx=kv_idx, accumulate=False,
+        )  # fmt: skip
+        # dK/dV first, in fp32 into the reduce-scatter's buffer (rank-major, as the gather delivered K/V)
+        hc = h1 - h0
+        grad = torch.empty(N, B, L, hc, D + Dv, dtype=acc, device=dev)
+        gseq = _seq_view(grad) if B == 1 else torch.empty(B, hc, N * L, D + Dv, dtype=acc, device=dev)
+        bwd(*args, dk_out=gseq[..., :D], dv_out=gseq[..., D:], which="dkdv", **ckw)
+        if B > 1:
+            grad.copy_(gseq.view(B, hc, N, L, D + Dv).permute(2, 0, 3, 1, 4))
+        mine = grad.new_empty(grad.shape[1:])
+        if N > 1:  # runs while this chunk's dQ kernel (and the next chunks) do
+            work = dist.reduce_scatter_tensor(mine.view(-1), grad.view(-1), group=plan.group, async_op=True)
+            scattered.append((h0, h1, mine, [work], grad))
+        else:
+            scattered.append((h0, h1, grad[0], [], None))
+        bwd(*args, dq_out=dq[:, q0:q1], which="dq", **ckw)
+    for h0, h1, mine, works, _ in scattered:
+        plan.record_wait(works, dev)
+        dk[:, h0:h1] = mine[..., :D].transpose(1, 2)
+        dv[:, h0:h1] = mine[..., D:].transpose(1, 2)
+    return dq, dk, dv

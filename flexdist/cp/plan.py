@@ -4,7 +4,8 @@
 from the global ``doc_ids`` (no communication except an optional consistency check), shared by every layer
 and by backward. It holds only this rank's masks: its query shard against each visiting K/V shard
 (``plan.masks[j]`` for the shard of rank j, None where the mask is empty, so the ring skips that step), and
-for ``strategy="allgather"`` its query shard against the whole sequence.
+for ``strategy="allgather"`` its query shard against the whole sequence, with the keys in plan order (the
+order an all-gather of the shards delivers them in, so they are never reordered).
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ class Plan:
     # ring_group > 1: per group of steps, (mask over the concatenated keys of the steps with work, those steps,
     # their global key indices)
     group_masks: list = field(default_factory=list)
+    head_chunks: int | tuple[int, ...] = 1  # strategy="allgather": K/V heads per pipelined chunk (see `plan`)
     timing: bool = False  # record CUDA events around the ring's waits (see comm_wait_seconds)
     _wait_events: list = field(default_factory=list, repr=False)
 
@@ -243,6 +245,13 @@ class Plan:
         key = ("idx", str(device), rank)
         if key not in self._device_cache:
             self._device_cache[key] = self.shard_indices(rank).to(device)
+        return self._device_cache[key]
+
+    def perm_on(self, device: torch.device) -> torch.Tensor:
+        """``perm`` on ``device`` (cached): the global index of each key of the all-gathered K/V."""
+        key = ("perm", str(device))
+        if key not in self._device_cache:
+            self._device_cache[key] = self.perm.to(device)
         return self._device_cache[key]
 
     def kv_index_on(self, device: torch.device, j: int) -> torch.Tensor:
@@ -411,6 +420,37 @@ def _layout(
     raise ValueError(f"balance must be one of {(*bal.BALANCES, 'auto')}, got {balance!r}")
 
 
+def check_head_chunks(head_chunks: Any) -> int | tuple[int, ...]:
+    """``head_chunks`` as an int >= 1 or a tuple of positive ints (checked against the head count later)."""
+    if isinstance(head_chunks, bool) or not isinstance(head_chunks, (int, tuple, list)):
+        raise ValueError(f"head_chunks must be a positive int or a sequence of them, got {head_chunks!r}")
+    if isinstance(head_chunks, int):
+        if head_chunks < 1:
+            raise ValueError(f"head_chunks must be >= 1, got {head_chunks}")
+        return head_chunks
+    sizes = tuple(head_chunks)
+    if not sizes or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in sizes):
+        raise ValueError(f"head_chunks must list positive ints (K/V heads per chunk), got {head_chunks!r}")
+    return sizes if len(sizes) > 1 else 1
+
+
+def chunk_sizes(head_chunks: int | tuple[int, ...], num_kv_heads: int) -> list[int]:
+    """K/V heads of each pipelined chunk: an int n splits ``num_kv_heads`` into n near-equal chunks with the
+    larger ones last (the first chunk's gather is the exposed one); a tuple is taken as given."""
+    if isinstance(head_chunks, int):
+        if head_chunks > num_kv_heads:
+            raise ValueError(
+                f"head_chunks={head_chunks} is more chunks than the {num_kv_heads} key/value heads"
+            )
+        base, extra = divmod(num_kv_heads, head_chunks)
+        return [base + (i >= head_chunks - extra) for i in range(head_chunks)]
+    if sum(head_chunks) != num_kv_heads:
+        raise ValueError(
+            f"head_chunks={head_chunks} sums to {sum(head_chunks)}, not the {num_kv_heads} key/value heads"
+        )
+    return list(head_chunks)
+
+
 def plan(
     doc_ids: torch.Tensor,
     group: Any = None,
@@ -426,6 +466,7 @@ def plan(
     comm_weight: float = 1.0,
     tile_overhead: float = 0.0,
     ring_group: int = 1,
+    head_chunks: int | tuple[int, ...] | list[int] = 1,
     check: bool | None = None,
     debug: bool | None = None,
 ) -> Plan:
@@ -456,6 +497,12 @@ def plan(
             per group instead of once per step. Holds up to ``ring_group + 1`` visiting shards (plus a
             concatenated copy) instead of two. 1 (default) is the plain ring. Experimental: exact on CPU,
             not yet measured on GPUs.
+        head_chunks: with ``strategy="allgather"``, gather K/V and run the kernels in this many chunks of
+            key/value heads (an int: near-equal chunks, the larger ones last; a sequence: the chunk sizes,
+            summing to the K/V head count), pipelined: chunk c+1's all-gather runs while chunk c's kernels
+            do, and in backward chunk c's dK/dV reduce-scatter runs while its dQ kernel and the next chunks
+            do. Only the first chunk's gather is exposed. 1 (default) is the unpipelined all-gather (what
+            torch's CP does). Score mods must be head-independent or one of the built-in ones.
         check: all-reduce a hash of doc_ids to catch ranks passing different batches (default: on the
             first plan of each group, and always in debug mode).
         debug: check on every call (default: environment FLEXDIST_CP_DEBUG=1).
@@ -472,6 +519,9 @@ def plan(
         raise ValueError(f"ring_group must be a positive int, got {ring_group!r}")
     if ring_group > 1 and strategy != "ring":
         raise ValueError(f"ring_group={ring_group} needs strategy='ring', got strategy={strategy!r}")
+    head_chunks = check_head_chunks(head_chunks)
+    if head_chunks != 1 and strategy != "allgather":
+        raise ValueError(f"head_chunks={head_chunks} needs strategy='allgather', got strategy={strategy!r}")
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     if prefix_lengths is not None and (not isinstance(prefix_lengths, int) or prefix_lengths < 0):
@@ -486,7 +536,11 @@ def plan(
     if check is None:
         check = debug or (grp is not None and id(grp) not in _CHECKED_GROUPS)
     if check and grp is not None:
-        check_consistent(doc_ids, grp, (balance, strategy, causal, window, block_size, prefix_lengths))
+        check_consistent(
+            doc_ids,
+            grp,
+            (balance, strategy, causal, window, block_size, prefix_lengths, ring_group, head_chunks),
+        )
         _CHECKED_GROUPS.add(id(grp))
 
     cost = bal.CostModel(comm_weight=comm_weight, direct=strategy == "direct", tile_overhead=tile_overhead)
@@ -586,8 +640,8 @@ def plan(
         if W[rank, j] == 0:
             masks[j] = None
     full_mask = None
-    if strategy == "allgather":
-        ((full_mask, _, _),) = build_pair_masks(doc_dev, mine, [torch.arange(S)], **mkw)
+    if strategy == "allgather":  # keys in plan order: as the all-gather delivers them (no reorder)
+        ((full_mask, _, _),) = build_pair_masks(doc_dev, mine, [perm], **mkw)
     elif strategy == "ulysses":  # every rank attends the whole sequence (its heads) in global order
         ((full_mask, _, _),) = build_pair_masks(doc_dev, torch.arange(S), [torch.arange(S)], **mkw)
     t_last = bal.last_needed_step(W)
@@ -630,6 +684,7 @@ def plan(
         kv_sets=[x.to(dev) for x in kv_sets],
         ring_group=ring_group,
         group_masks=group_masks,
+        head_chunks=head_chunks,
     )
     p.stats = plan_stats(W, need, bal.last_needed_step(W), L, block_size, cost, info, strategy)
     # host wall time of this rank's BlockMask construction and of the whole plan (layout search included);

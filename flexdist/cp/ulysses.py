@@ -15,8 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from flexdist.kernels import ALiBi, RelativeBias, SoftCap
-
+from .head_slice import slice_score_mod
 from .merge import _acc_dtype
 
 
@@ -99,19 +98,6 @@ class _LocalAttention(torch.autograd.Function):
         return (dq, dk, dv, None, None, None, None, *pg)
 
 
-def _slice_score_mod(score_mod, h0: int, h1: int):
-    if score_mod is None or isinstance(score_mod, SoftCap):
-        return score_mod
-    if isinstance(score_mod, ALiBi):
-        return ALiBi(score_mod.slopes[h0:h1])
-    if isinstance(score_mod, RelativeBias):
-        return RelativeBias(score_mod.table[h0:h1])
-    raise ValueError(
-        f"strategy='ulysses' splits heads across ranks and can only slice the built-in score mods (SoftCap, "
-        f"ALiBi, RelativeBias); got {type(score_mod).__name__} — use strategy='ring' or 'direct'"
-    )
-
-
 def ulysses_attention(q, k, v, plan, score_mod, scale, fns: tuple[Callable, Callable, dict]):
     N, r = plan.world_size, plan.rank
     Hq, Hkv = q.shape[1], k.shape[1]
@@ -122,7 +108,7 @@ def ulysses_attention(q, k, v, plan, score_mod, scale, fns: tuple[Callable, Call
         )
     dev = q.device
     _, full_mask = plan.masks_on(dev)
-    sm = _slice_score_mod(score_mod, r * Hq // N, (r + 1) * Hq // N)
+    sm = slice_score_mod(score_mod, r * Hq // N, (r + 1) * Hq // N, "ulysses")
     inv, perm = plan.inv_perm.to(dev), plan.perm.to(dev)
     if N > 1:
         qh, kh, vh = (_HeadsToSeq.apply(t, plan.group, N) for t in (q, k, v))

@@ -141,6 +141,7 @@ def make_cp_plan(
     block_size: int = 128,
     backend: str = "auto",
     ring_group: int = 1,
+    head_chunks: int = 1,
 ) -> Any:
     """The batch's document-causal context-parallel plan over process ``group`` (``flexdist.cp.plan``).
 
@@ -160,6 +161,7 @@ def make_cp_plan(
         block_size=block_size,
         kernel_backend=backend,
         ring_group=ring_group,
+        head_chunks=head_chunks,
     )
     if op_supported(plan):
         register_plan(plan)
