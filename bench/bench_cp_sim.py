@@ -103,17 +103,18 @@ def parse_chunks(spec: str) -> int | tuple[int, ...]:
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 
-def replay_forward(C: list[list[float]], G: list[float], pack: float) -> float:
+def replay_forward(C: list[list[float]], G: list[float], pack: float, pack_rest: float = 0.0) -> float:
     """Makespan of the pipelined all-gather forward from per-chunk, per-rank kernel times ``C[c][r]``.
 
-    As ``flexdist.cp.allgather`` issues it: every rank packs its chunks, then posts gather 0; at chunk c it
-    waits for gather c, posts gather c+1 and launches chunk c's kernel. NCCL runs the collectives in post
-    order on its own stream, each once every rank's compute enqueued before its post (chunk c-1's kernel) is
-    done: what bounds the gathered buffers to two chunks.
+    As ``flexdist.cp.allgather`` issues it: every rank packs chunk 0 (``pack``) and posts its gather, packs the
+    other chunks (``pack_rest``, beside that gather); at chunk c it waits for gather c, posts gather c+1 and
+    launches chunk c's kernel. NCCL runs the collectives in post order on its own stream, each once every
+    rank's compute enqueued before its post (chunk c-1's kernel) is done: what bounds the gathered buffers
+    to two chunks.
     """
     N = len(C[0])
     done = [pack + G[0]]
-    prev = [pack] * N
+    prev = [pack + pack_rest] * N
     for c in range(len(G)):
         start = [max(prev[r], done[c]) for r in range(N)]
         if c + 1 < len(G):
@@ -123,7 +124,13 @@ def replay_forward(C: list[list[float]], G: list[float], pack: float) -> float:
 
 
 def replay_backward(
-    K: list[list[float]], Q: list[list[float]], G: list[float], R: list[float], pack: float, unpack: float
+    K: list[list[float]],
+    Q: list[list[float]],
+    G: list[float],
+    R: list[float],
+    pack: float,
+    unpack: float,
+    pack_rest: float = 0.0,
 ) -> float:
     """Makespan of the pipelined backward: per chunk wait gather c, post gather c+1, dK/dV kernel (fp32 into
     the reduce-scatter buffer), post reduce-scatter c, dQ kernel; at the end wait for every reduce-scatter and
@@ -131,7 +138,7 @@ def replay_backward(
     N = len(K[0])
     nccl = pack + G[0]
     done = [nccl]
-    prev = [pack] * N
+    prev = [pack + pack_rest] * N
     for c in range(len(G)):
         start = [max(prev[r], done[c]) for r in range(N)]
         if c + 1 < len(G):
@@ -144,7 +151,7 @@ def replay_backward(
 
 
 def allgather_pipeline(
-    spec: str, doc, perm, shards, k, v, qs, douts, outs, lses, deltas, bs, kb, gqa, hg, tm, link
+    spec: str, doc, perm, shards, k, v, qs, douts, outs, lses, deltas, bs, kb, gqa, hg, fwd_hg, tm, link
 ) -> tuple[float, float, dict]:
     """(forward s, backward s, JSON extras) of ``strategy="allgather", head_chunks=spec`` at N = len(shards).
 
@@ -152,7 +159,8 @@ def allgather_pipeline(
     against the whole sequence's K/V of its heads (token-major strided views in plan order), outputs into
     head slices, fp32 dK/dV written into the reduce-scatter layout. Transfers cost bytes / link: the gather
     moves (N-1) shards' K/V of the chunk, the reduce-scatter (N-1) shards' fp32 dK/dV. The pipeline is then
-    replayed as issued (`replay_forward`, `replay_backward`).
+    replayed as issued (`replay_forward`, `replay_backward`). Forward calls launch all their heads in one
+    group as the strategy does (``fwd_hg`` overrides), backward calls use ``hg`` (default: the kernels' rule).
     """
     from flexdist.cp.allgather import _pack, _seq_view
     from flexdist.cp.plan import chunk_sizes
@@ -189,10 +197,11 @@ def allgather_pipeline(
             a = (qs[r][:, q0:q1], kc, vc)
             b = (outs[r][:, q0:q1], douts[r][:, q0:q1], lses[r][:, q0:q1], masks[r])
             rkw = dict(kw, q_global_idx=shards[r])
+            fkw = dict(rkw, head_group=fwd_hg or (q1 - q0))
             cf.append(
                 tm(
-                    lambda a=a, r=r, rkw=rkw, o=out_buf: flex_attention_forward(
-                        *a, masks[r], out=o[:, q0:q1], **rkw
+                    lambda a=a, r=r, fkw=fkw, o=out_buf: flex_attention_forward(
+                        *a, masks[r], out=o[:, q0:q1], **fkw
                     )
                 )
             )
@@ -219,7 +228,8 @@ def allgather_pipeline(
         h0 = h1
     # the copies around the kernels, on one rank (every rank's are the same size)
     bounds = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(sizes))]
-    pack = tm(lambda: [_pack(ks[0], vs[0], a, b) for a, b in bounds])
+    pack = tm(lambda: _pack(ks[0], vs[0], *bounds[0]))
+    pack_rest = tm(lambda: [_pack(ks[0], vs[0], a, b) for a, b in bounds[1:]]) if len(bounds) > 1 else 0.0
     mine = [torch.empty(1, L, b - a, D + Dv, dtype=torch.float32, device=dev) for a, b in bounds]
     dk, dv = torch.empty_like(ks[0]), torch.empty_like(vs[0])
 
@@ -229,8 +239,8 @@ def allgather_pipeline(
             dv[:, a:b] = m[..., D:].transpose(1, 2)
 
     unpack = tm(unpack_all)
-    T_f = replay_forward(C, G, pack)
-    T_b = replay_backward(K, Q, G, R, pack, unpack)
+    T_f = replay_forward(C, G, pack, pack_rest)
+    T_b = replay_backward(K, Q, G, R, pack, unpack, pack_rest)
     ms = lambda xs: [round(x * 1e3, 4) for x in xs]
     extra = dict(
         head_chunks=sizes,
@@ -240,6 +250,8 @@ def allgather_pipeline(
         gather_ms=ms(G),
         reduce_scatter_ms=ms(R),
         pack_ms=round(pack * 1e3, 4),
+        pack_rest_ms=round(pack_rest * 1e3, 4),
+        fwd_head_group=fwd_hg or "heads of the call",
         unpack_ms=round(unpack * 1e3, 4),
         kv_tokens_moved=N * (N - 1) * L,
     )
@@ -536,8 +548,9 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
         if "allgather" in args.strategies:
             for spec in args.head_chunks:
                 T_f, T_b, extra = allgather_pipeline(
-                    spec, doc, perm, shards, k, v, qs, douts, outs, lses, deltas, bs, kb, gqa, hg, tm, link
-                )
+                    spec, doc, perm, shards, k, v, qs, douts, outs, lses, deltas, bs, kb, gqa, hg,
+                    args.fwd_head_group, tm, link,
+                )  # fmt: skip
                 add_row("allgather" if spec == "1" else f"allgather/hc{spec}", T_f, T_b, **extra)
         for rr in rows[n_before:]:
             print(
@@ -635,6 +648,13 @@ def main() -> None:
         default=None,
         help="launch heads in groups of this size in every rank's kernel calls, or 'all' (every head of a call "
         "in one group; default: the kernels' rule); the one-GPU baseline is the faster of the rule and this",
+    )
+    ap.add_argument(
+        "--fwd-head-group",
+        type=int,
+        default=None,
+        help="allgather rows: the forward calls' head group (default: every head of the call, as flexdist.cp "
+        "does)",
     )
     ap.add_argument(
         "--head-chunks",

@@ -89,3 +89,6 @@ def test_allgather_pipeline_replay() -> None:
     # dkdv1 3.5..4.5, RS1 4.5..5.5 | dq1 4.5..6.5
     got = replay_backward([[1.0], [1.0]], [[2.0], [2.0]], [0.5, 0.2], [1.0, 1.0], 0.0, 0.0)
     assert got == pytest.approx(6.5)
+    # the other chunks are packed beside gather 0: hidden while shorter than it, exposed past it
+    assert replay_forward([[1.0]], [0.5], 0.1, pack_rest=0.2) == pytest.approx(1.6)
+    assert replay_forward([[1.0]], [0.5], 0.1, pack_rest=1.0) == pytest.approx(2.1)
