@@ -52,6 +52,16 @@ part_train_cp() { FLEXDIST_RUN_DIR="$R/train_1b_cp${NGPU}" run_part train_1b_cp 
                    torchrun --standalone --nproc-per-node "$NGPU" -m train model=1b parallel=cp parallel.cp="$NGPU" \
                    optim=adamw trainer.seq_len=131072 trainer.steps="${TRAINCP_STEPS:-12}" \
                    trainer.activation_checkpointing=true trainer.ckpt_interval=0 trainer.log_interval=1 ${TRAINCP_ARGS:-}; }
+part_train_cp_ab() {  # the same 1b cp run (same data and steps) per CP strategy: TRAINAB="ring allgather:2" (strategy[:head_chunks])
+  local s st hc
+  for s in ${TRAINAB:-ring allgather:2}; do
+    st=${s%%:*}; hc=1; [[ $s == *:* ]] && hc=${s#*:}
+    FLEXDIST_RUN_DIR="$R/train_1b_cp${NGPU}_${st}_hc${hc}" run_part "train_1b_cp_${st}_hc${hc}" "${T_TRAINCP:-180}" \
+      torchrun --standalone --nproc-per-node "$NGPU" -m train model=1b parallel=cp parallel.cp="$NGPU" \
+      parallel.cp_strategy="$st" parallel.cp_head_chunks="$hc" optim=adamw trainer.seq_len="${TRAINAB_SEQ:-131072}" \
+      trainer.steps="${TRAINCP_STEPS:-12}" trainer.activation_checkpointing=true trainer.ckpt_interval=0 \
+      trainer.log_interval=1 ${TRAINCP_ARGS:-}
+  done; }
 lane() { for p in $1; do "part_$p"; done; }
 
 if [ "$NGPU" -ge 2 ]; then
