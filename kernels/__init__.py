@@ -6,10 +6,13 @@ This folder is installed as ``flexdist.kernels`` (pyproject ``package-dir``), ne
 Public API (semantics of ``torch.nn.attention.flex_attention``; layout ``[B, H, S, D]``):
 - ``flex_attention(q, k, v, score_mod=None, block_mask=None, scale=None, enable_gqa=False, return_lse=False)``
 - ``flex_attention_forward(q, k, v, block_mask=None, score_mod=None, scale=None, enable_gqa=False, *,
-  q_global_idx=None, kv_global_idx=None, backend="auto") -> (out, lse)``
+  q_global_idx=None, kv_global_idx=None, backend="auto", out_acc=None, lse_acc=None, head_group=None,
+  out=None) -> (out, lse)``
 - ``flex_attention_backward(q, k, v, out, dout, lse, block_mask=None, score_mod=None, scale=None,
   enable_gqa=False, *, delta=None, dlse=None, q_global_idx=None, kv_global_idx=None, score_mod_grads=None,
-  backend="auto", dq_out=None, dk_out=None, dv_out=None) -> (dq, dk, dv)`` where ``lse`` is the global (merged) natural-log LSE.
+  backend="auto", dq_out=None, dk_out=None, dv_out=None, which="all", head_group=None, accumulate=True)
+  -> (dq, dk, dv)`` where ``lse`` is the global (merged) natural-log LSE; ``*_out`` are added into
+  (``accumulate=True``) or overwritten (``accumulate=False``).
 - ``backend="auto"``: Triton on CUDA (or on CPU with ``TRITON_INTERPRET=1``), else the reference;
   ``"triton"`` / ``"reference"`` force one. Built-in score mods (SoftCap, ALiBi, RelativeBias) run in the
   kernel; another Python score_mod falls back to the reference with a warning. See kernels/README.md.
