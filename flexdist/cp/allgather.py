@@ -9,8 +9,10 @@ nothing overlapped. With c > 1 chunks of key/value heads (and their GQA query he
   do; only the first gather and what is left of the last reduce-scatter are exposed.
 
 Every call sees all keys of its heads, so no partial results are merged (unlike the ring: each query tile
-loads Q and writes its output once). Memory: a rank holds the whole sequence's K/V for two chunks at a time
-(all of it for ``head_chunks=1``), O(S·Hkv), never O(S²).
+loads Q and writes its output once). Memory: a rank holds the whole sequence's K/V for at most two chunks at a
+time (all of it for ``head_chunks=1``), and in backward the fp32 dK/dV reduce-scatter buffers of the chunks
+until the end: O(S·Hkv), never O(S²). (At 32k tokens per GPU on 2 GPUs the measured peak was 2.08 GiB per
+rank with two chunks, 2.39 with one, 3.02 for the ring: ``bench/results/2026-11-26-s7/call2``.)
 
 Layout: each rank packs its chunk token-major, ``[B, L, hc, D + Dv]``, so for B = 1 the gathered buffer
 ``[N, L, hc, D + Dv]`` is the whole sequence in plan order and K and V are strided views ``[1, hc, S, D]`` of
