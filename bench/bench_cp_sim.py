@@ -151,7 +151,7 @@ def replay_backward(
 
 
 def allgather_pipeline(
-    spec: str, doc, perm, shards, k, v, qs, douts, outs, lses, deltas, bs, kb, gqa, hg, fwd_hg, tm, link
+    spec: str, perm, shards, masks, ks, vs, qs, douts, outs, lses, deltas, kb, gqa, hg, fwd_hg, tm, link
 ) -> tuple[float, float, dict]:
     """(forward s, backward s, JSON extras) of ``strategy="allgather", head_chunks=spec`` at N = len(shards).
 
@@ -161,24 +161,19 @@ def allgather_pipeline(
     moves (N-1) shards' K/V of the chunk, the reduce-scatter (N-1) shards' fp32 dK/dV. The pipeline is then
     replayed as issued (`replay_forward`, `replay_backward`). Forward calls launch all their heads in one
     group as the strategy does (``fwd_hg`` overrides), backward calls use ``hg`` (default: the kernels' rule).
+    ``masks[r]``: rank r's queries against every key in plan order; ``ks`` / ``vs``: every rank's shard.
     """
     from flexdist.cp.allgather import _pack, _seq_view
     from flexdist.cp.plan import chunk_sizes
 
     N = len(shards)
     _, Hq, L, D = qs[0].shape
-    Hkv, Dv = k.shape[1], v.shape[-1]
+    Hkv, Dv = ks[0].shape[1], vs[0].shape[-1]
     g = Hq // Hkv
-    dev = k.device
+    dev = ks[0].device
     sizes = chunk_sizes(parse_chunks(spec), Hkv)
     perm_dev = perm.to(dev)
-    masks = [
-        build_pair_masks(doc, shards[r], [perm_dev], causal=True, window=None, block_size=bs)[0][0]
-        for r in range(N)
-    ]
-    ks = [k[:, :, s] for s in shards]
-    vs = [v[:, :, s] for s in shards]
-    elem = k.element_size()
+    elem = ks[0].element_size()
     C, K, Q, G, R = [], [], [], [], []
     h0 = 0
     for hc in sizes:
@@ -546,9 +541,14 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
         # allgather as flexdist.cp.allgather runs it: keys in plan order, per chunk of K/V heads one call per
         # rank; the pipeline (gathers, reduce-scatters, kernels) replayed on the measured kernel times
         if "allgather" in args.strategies:
+            perm_dev = perm.to(device)
+            ag_masks = [  # built once, shared by every chunking
+                build_pair_masks(doc, shards[r], [perm_dev], causal=True, window=None, block_size=bs)[0][0]
+                for r in range(N)
+            ]
             for spec in args.head_chunks:
                 T_f, T_b, extra = allgather_pipeline(
-                    spec, doc, perm, shards, k, v, qs, douts, outs, lses, deltas, bs, kb, gqa, hg,
+                    spec, perm, shards, ag_masks, ks, vs, qs, douts, outs, lses, deltas, kb, gqa, hg,
                     args.fwd_head_group, tm, link,
                 )  # fmt: skip
                 add_row("allgather" if spec == "1" else f"allgather/hc{spec}", T_f, T_b, **extra)

@@ -321,23 +321,20 @@ def validate(cfg: Any, world_size: int) -> Resolved:
             f"parallel.cp_strategy=ulysses splits heads over the cp ranks: model.n_heads={nh} and "
             f"model.n_kv_heads={nkv} must both be divisible by parallel.cp={cp}"
         )
-    rg = g("parallel.cp_ring_group")
-    if rg < 1:
-        errors.append(f"parallel.cp_ring_group={rg} must be >= 1")
-    elif rg > 1 and g("parallel.cp_strategy") != "ring":
-        errors.append(
-            f"parallel.cp_ring_group={rg} groups ring steps: it needs parallel.cp_strategy=ring, "
-            f"got {g('parallel.cp_strategy')}"
-        )
+    # strategy-specific knobs: >= 1, and above 1 only with their strategy
+    for key, strategy, what in (
+        ("parallel.cp_ring_group", "ring", "groups ring steps"),
+        ("parallel.cp_head_chunks", "allgather", "pipelines the all-gather"),
+    ):
+        n = g(key)
+        if n < 1:
+            errors.append(f"{key}={n} must be >= 1")
+        elif n > 1 and g("parallel.cp_strategy") != strategy:
+            errors.append(
+                f"{key}={n} {what}: it needs parallel.cp_strategy={strategy}, got {g('parallel.cp_strategy')}"
+            )
     hc = g("parallel.cp_head_chunks")
-    if hc < 1:
-        errors.append(f"parallel.cp_head_chunks={hc} must be >= 1")
-    elif hc > 1 and g("parallel.cp_strategy") != "allgather":
-        errors.append(
-            f"parallel.cp_head_chunks={hc} pipelines the all-gather: it needs parallel.cp_strategy=allgather, "
-            f"got {g('parallel.cp_strategy')}"
-        )
-    elif hc > 1 and nkv >= 1 and hc > nkv:
+    if hc > 1 and nkv >= 1 and hc > nkv:
         errors.append(f"parallel.cp_head_chunks={hc} is more than model.n_kv_heads={nkv}")
     for key in ("trainer.steps", "trainer.micro_batch", "trainer.grad_accum", "trainer.log_interval"):
         if g(key) < 1:

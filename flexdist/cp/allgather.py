@@ -62,11 +62,11 @@ def _start_gather(local: torch.Tensor, plan) -> tuple[torch.Tensor, list]:
     return out, [work]
 
 
-def _pack_all(k: torch.Tensor, v: torch.Tensor, chunks: list, plan) -> list:
+def _pack_all(k: torch.Tensor, v: torch.Tensor, chunks: list, plan) -> tuple[tuple, list[torch.Tensor]]:
     """Chunk 0 packed and its gather posted (the one exposed transfer starts as early as it can), then the
-    other chunks packed while it runs: ``[(buffer, works) of chunk 0, local pack of chunk 1, ...]``."""
+    other chunks packed while it runs: ``((buffer, works) of chunk 0, [local pack of chunks 1, 2, ...])``."""
     first = _start_gather(_pack(k, v, *chunks[0]), plan)
-    return [first] + [_pack(k, v, h0, h1) for h0, h1 in chunks[1:]]
+    return first, [_pack(k, v, h0, h1) for h0, h1 in chunks[1:]]
 
 
 def _seq_view(buf: torch.Tensor) -> torch.Tensor:
@@ -99,13 +99,12 @@ def allgather_forward(q, k, v, plan, full_mask, fwd: Callable, kw: dict):
     q_idx, kv_idx = plan.index_on(dev, plan.rank), plan.perm_on(dev)
     out = torch.empty(B, Hq, L, v.shape[-1], dtype=q.dtype, device=dev)
     lses = []
-    locals_ = _pack_all(k, v, chunks, plan)
-    pending = locals_.pop(0)
+    pending, rest = _pack_all(k, v, chunks, plan)
     for i, (h0, h1) in enumerate(chunks):
         buf, works = pending
         plan.record_wait(works, dev)
         if i + 1 < len(chunks):  # posted before this chunk's kernel: the transfer overlaps it
-            pending = _start_gather(locals_[i], plan)
+            pending = _start_gather(rest[i], plan)
         kv = _seq_view(buf)
         q0, q1 = h0 * g, h1 * g
         # all the call's heads in one launch group: a rank's call has 1/N of the query tiles but rows as long
@@ -131,14 +130,13 @@ def allgather_backward(q, k, v, out, dout, lse, delta, plan, full_mask, bwd: Cal
     dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
     dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
     dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
-    locals_ = _pack_all(k, v, chunks, plan)
-    pending = locals_.pop(0)
+    pending, rest = _pack_all(k, v, chunks, plan)
     scattered = []  # (heads, this rank's summed dK|dV, the reduce-scatter's work, its input kept alive)
     for i, (h0, h1) in enumerate(chunks):
         buf, works = pending
         plan.record_wait(works, dev)
         if i + 1 < len(chunks):
-            pending = _start_gather(locals_[i], plan)
+            pending = _start_gather(rest[i], plan)
         kv = _seq_view(buf)
         q0, q1 = h0 * g, h1 * g
         args = (
