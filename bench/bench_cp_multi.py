@@ -214,6 +214,13 @@ def main() -> None:
         default=[],
         help="also the all-gather pipelined over this many chunks of K/V heads (rows allgather/hc<c>)",
     )
+    ap.add_argument(
+        "--local-first",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also the pipelined all-gather with local_first=True over this many chunks (rows allgather/hc<c>+lf)",
+    )
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument(
         "--back-to-back",
@@ -360,7 +367,9 @@ def config(args, res, base, mask_kind, S, N, rank, device, dtype, kb, tm, mesh, 
     for balance in args.balances:
         # "ring/g<g>": the ring with g steps per kernel call (plan(ring_group=g)); "allgather/hc<c>": the
         # all-gather pipelined over c chunks of K/V heads (plan(head_chunks=c))
+        # ("+lf": plan(local_first=True), the own shard's call during the first gather)
         extra = [f"ring/g{g}" for g in args.ring_groups] + [f"allgather/hc{c}" for c in args.head_chunks]
+        extra += [f"allgather/hc{c}+lf" for c in args.local_first]
         for strategy in args.strategies + extra:
             row = dict(base, impl="flexdist", balance=balance, strategy=strategy)
             peak, out = 0.0, None
@@ -373,7 +382,8 @@ def config(args, res, base, mask_kind, S, N, rank, device, dtype, kb, tm, mesh, 
                     block_size=args.block_size,
                     kernel_backend=kb,
                     ring_group=int(strategy.split("/g")[1]) if "/g" in strategy else 1,
-                    head_chunks=int(strategy.split("/hc")[1]) if "/hc" in strategy else 1,
+                    head_chunks=int(strategy.split("/hc")[1].split("+")[0]) if "/hc" in strategy else 1,
+                    local_first=strategy.endswith("+lf"),
                 )
             except ValueError as e:  # this balance/strategy does not apply here (e.g. heads not divisible)
                 say(rank, f"skip {balance}/{strategy}: {e}")

@@ -103,18 +103,25 @@ def parse_chunks(spec: str) -> int | tuple[int, ...]:
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 
-def replay_forward(C: list[list[float]], G: list[float], pack: float, pack_rest: float = 0.0) -> float:
+def replay_forward(
+    C: list[list[float]],
+    G: list[float],
+    pack: float,
+    pack_rest: float = 0.0,
+    local: list[float] | None = None,
+) -> float:
     """Makespan of the pipelined all-gather forward from per-chunk, per-rank kernel times ``C[c][r]``.
 
     As ``flexdist.cp.allgather`` issues it: every rank packs chunk 0 (``pack``) and posts its gather, packs the
     other chunks (``pack_rest``, beside that gather); at chunk c it waits for gather c, posts gather c+1 and
     launches chunk c's kernel. NCCL runs the collectives in post order on its own stream, each once every
     rank's compute enqueued before its post (chunk c-1's kernel) is done: what bounds the gathered buffers
-    to two chunks.
+    to two chunks. ``local[r]``: rank r's own-shard call (``local_first``), issued after the packs, before
+    the first wait: gather 0 runs beside it, gather 1 only after it.
     """
     N = len(C[0])
     done = [pack + G[0]]
-    prev = [pack + pack_rest] * N
+    prev = [pack + pack_rest + (local[r] if local else 0.0) for r in range(N)]
     for c in range(len(G)):
         start = [max(prev[r], done[c]) for r in range(N)]
         if c + 1 < len(G):
@@ -251,6 +258,83 @@ def allgather_pipeline(
         kv_tokens_moved=N * (N - 1) * L,
     )
     return T_f, T_b, extra
+
+
+def local_first_forward(
+    spec: str, perm, shards, local_masks, remote_masks, ks, vs, qs, kb, gqa, tm, link
+) -> tuple[float, dict]:
+    """(forward s, JSON extras) of ``strategy="allgather", head_chunks=spec, local_first=True``: every rank's
+    own-shard call (all heads, fp32 running result) and its per-chunk calls over the other ranks' keys
+    (``remote_masks[r]``: its all-gather mask without its own key blocks), merged in the epilogue and written
+    in bf16, timed as `flexdist.cp.allgather` makes them, then replayed with the local call ahead of the
+    first wait (`replay_forward`)."""
+    from flexdist.cp.allgather import _pack, _seq_view
+    from flexdist.cp.plan import chunk_sizes
+
+    N = len(shards)
+    _, Hq, L, D = qs[0].shape
+    Hkv, Dv = ks[0].shape[1], vs[0].shape[-1]
+    g = Hq // Hkv
+    dev = ks[0].device
+    sizes = chunk_sizes(parse_chunks(spec), Hkv)
+    perm_dev = perm.to(dev)
+    elem = ks[0].element_size()
+    kw = dict(enable_gqa=gqa, backend=kb)
+    local, accs = [], []
+    for r in range(N):
+        o32 = torch.zeros(1, Hq, L, Dv, dtype=torch.float32, device=dev)
+        if local_masks[r] is None:  # nothing visible in the own shard: the running result starts empty
+            accs.append((o32, torch.full((1, Hq, L), float("-inf"), device=dev)))
+            local.append(0.0)
+            continue
+        lkw = dict(kw, q_global_idx=shards[r], kv_global_idx=shards[r], head_group=Hq, out=o32)
+        _, l32 = flex_attention_forward(qs[r], ks[r], vs[r], local_masks[r], **lkw)
+        accs.append((o32, l32))
+        local.append(
+            tm(lambda r=r, lkw=lkw: flex_attention_forward(qs[r], ks[r], vs[r], local_masks[r], **lkw))
+        )
+    C, G, h0 = [], [], 0
+    for hc in sizes:
+        h1, q0, q1 = h0 + hc, h0 * g, (h0 + hc) * g
+        buf = torch.stack([_pack(ks[r], vs[r], h0, h1) for r in range(N)])
+        kv = _seq_view(buf)
+        kc, vc = kv[..., :D], kv[..., D:]
+        cf = []
+        for r in range(N):
+            if remote_masks[r] is None:  # the code copies the running result: charged as nothing
+                cf.append(0.0)
+                continue
+            out_buf = torch.empty(1, q1 - q0, L, Dv, dtype=qs[r].dtype, device=dev)
+            o32, l32 = accs[r]
+            rkw = dict(
+                kw, q_global_idx=shards[r], kv_global_idx=perm_dev, head_group=q1 - q0, out=out_buf,
+                out_acc=o32[:, q0:q1], lse_acc=l32[:, q0:q1],
+            )  # fmt: skip
+            cf.append(
+                tm(
+                    lambda r=r, rkw=rkw: flex_attention_forward(
+                        qs[r][:, q0:q1], kc, vc, remote_masks[r], **rkw
+                    )
+                )
+            )
+        C.append(cf)
+        G.append((N - 1) * L * hc * (D + Dv) * elem / link)
+        h0 = h1
+    bounds = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(sizes))]
+    pack = tm(lambda: _pack(ks[0], vs[0], *bounds[0]))
+    pack_rest = tm(lambda: [_pack(ks[0], vs[0], a, b) for a, b in bounds[1:]]) if len(bounds) > 1 else 0.0
+    T_f = replay_forward(C, G, pack, pack_rest, local)
+    ms = lambda xs: [round(x * 1e3, 4) for x in xs]
+    extra = dict(
+        head_chunks=sizes,
+        local_first=True,
+        local_fwd_ms=ms(local),
+        chunk_fwd_ms=[ms(c) for c in C],
+        gather_ms=ms(G),
+        pack_ms=round(pack * 1e3, 4),
+        pack_rest_ms=round(pack_rest * 1e3, 4),
+    )
+    return T_f, extra
 
 
 def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dict]:
@@ -551,7 +635,19 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
                     spec, perm, shards, ag_masks, ks, vs, qs, douts, outs, lses, deltas, kb, gqa, hg,
                     args.fwd_head_group, tm, link,
                 )  # fmt: skip
-                add_row("allgather" if spec == "1" else f"allgather/hc{spec}", T_f, T_b, **extra)
+                name = "allgather" if spec == "1" else f"allgather/hc{spec}"
+                add_row(name, T_f, T_b, **extra)
+                if args.local_first:
+                    from flexdist.cp.plan import drop_key_blocks
+
+                    nb = L // bs
+                    remote = [drop_key_blocks(ag_masks[r], r * nb, (r + 1) * nb) for r in range(N)]
+                    T_lf, extra_lf = local_first_forward(
+                        spec, perm, shards, [masks[r][r] for r in range(N)], remote, ks, vs, qs, kb, gqa,
+                        tm, link,
+                    )  # fmt: skip
+                    # the backward is the same as without local_first (it runs the whole mask per chunk)
+                    add_row(f"{name}+lf", T_lf, T_b, backward_of=name, **extra_lf)
         for rr in rows[n_before:]:
             print(
                 f"  {balance:11} {rr['strategy']:15} fwd {rr['pred_fwd_s'] * 1e3:8.2f} ms {rr['tflops_fwd']:6.0f} TFLOP/s "
@@ -662,6 +758,12 @@ def main() -> None:
         default=["1"],
         help="allgather rows for these plan head_chunks: '1' (unpipelined), '2' (two chunks), '3,5' (K/V heads "
         "per chunk)",
+    )
+    ap.add_argument(
+        "--local-first",
+        action="store_true",
+        help="allgather rows also with plan(local_first=True) (rows '+lf': the own shard's call during the first "
+        "gather; the backward is the same as without)",
     )
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--backend", default="auto", help="flexdist.kernels backend")

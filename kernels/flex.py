@@ -94,15 +94,18 @@ def flex_attention_forward(
     free — context parallelism calls the kernel per chunk of heads and has each result land in its head
     slice ``big[:, h0:h1]`` of one tensor, with no copy afterwards. Every element is overwritten (rows that
     see nothing get 0), so it needs no zero-fill. The Triton kernel stores its fp32 accumulator straight in
-    ``out``'s dtype; the reference copies its ``q.dtype`` result in. Excludes ``out_acc`` / ``lse_acc``;
-    must not overlap q, k or v.
+    ``out``'s dtype; the reference copies its ``q.dtype`` result in. Must not overlap q, k or v.
+    ``out`` with ``out_acc`` / ``lse_acc``: the merged result is written to ``out`` (in its dtype) instead of
+    back into ``out_acc``, which is only read; ``lse_acc`` is updated in place; ``(out, lse_acc)`` is
+    returned. Every row of ``out`` is written, rows this call sees nothing of get ``out_acc``'s. For the last
+    of several merges (context parallelism's local-keys-first forward): no fp32 → output dtype pass after.
+    ``out`` must not overlap ``out_acc`` either.
     ``head_group``: the Triton kernel's launch grouping of heads (``triton_fwd.launch_head_group``; None:
     its rule); it changes the order programs start in, never the result, and the reference ignores it.
     """
-    from .triton_fwd import check_head_group, check_out, check_out_exclusive
+    from .triton_fwd import check_head_group, check_out
 
     check_head_group(head_group)
-    check_out_exclusive(out, out_acc, lse_acc)
     if resolve_backend(backend, q, score_mod) == "reference":
         if out is not None:
             check_out(out, check_qkv(q, k, v, enable_gqa), q.device)
@@ -117,18 +120,21 @@ def flex_attention_forward(
             q_global_idx=q_global_idx,
             kv_global_idx=kv_global_idx,
         )
-        if out is not None:
-            out.copy_(res)
-            return out, lse
         if out_acc is None and lse_acc is None:
+            if out is not None:
+                out.copy_(res)
+                return out, lse
             return res, lse
         from .triton_fwd import check_accumulators
 
         acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         check_accumulators(out_acc, lse_acc, check_qkv(q, k, v, enable_gqa), q.device, acc_dtype)
         merged, new_lse = merge_by_lse(out_acc, lse_acc, res, lse)
-        out_acc.copy_(merged)
         lse_acc.copy_(new_lse)
+        if out is not None:
+            out.copy_(merged)
+            return out, lse_acc
+        out_acc.copy_(merged)
         return out_acc, lse_acc
     from .triton_fwd import triton_forward
 

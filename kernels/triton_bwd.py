@@ -522,6 +522,13 @@ DKDV_TUNE = [
 DQ_TUNE = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3)]
 _dkdv_kernel_tuned = triton.autotune(configs=tune_configs(DKDV_TUNE), key=TUNE_KEY)(_dkdv_kernel)
 _dq_kernel_tuned = triton.autotune(configs=tune_configs(DQ_TUNE), key=TUNE_KEY)(_dq_kernel)
+# Adding calls (ACCUM) tune with their buffers restored after each run (see triton_fwd._fwd_kernel_tuned_accum)
+_dkdv_kernel_tuned_accum = triton.autotune(
+    configs=tune_configs(DKDV_TUNE), key=TUNE_KEY, restore_value=["DK", "DV_"]
+)(_dkdv_kernel)
+_dq_kernel_tuned_accum = triton.autotune(configs=tune_configs(DQ_TUNE), key=TUNE_KEY, restore_value=["DQ"])(
+    _dq_kernel
+)
 
 
 # The RelativeBias table gradient keeps one register row of the (padded) table width per program.
@@ -671,7 +678,10 @@ def _dkdv(
     if tuned:
         grid = lambda meta: (n_kb * (km.KBS // meta["BLOCK_N"]) * sh.B * sh.Hkv,)
         # (``wrap_triton(<module-level kernel name>)`` spelled out: see triton_fwd.triton_forward)
-        kernel = wrap_triton(_dkdv_kernel_tuned) if traceable else _dkdv_kernel_tuned
+        if traceable:
+            kernel = wrap_triton(_dkdv_kernel_tuned)
+        else:
+            kernel = _dkdv_kernel_tuned_accum if accum else _dkdv_kernel_tuned
         kernel[grid](*args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, ACCUM=accum, **common)
     else:
         kernel = wrap_triton(_dkdv_kernel) if traceable else _dkdv_kernel
@@ -724,7 +734,10 @@ def _dq(
     )  # fmt: skip
     if tuned and not table_grad:  # the table-gradient scratch is sized for the fixed tile
         grid = lambda meta: (n_qb * (km.QBS // meta["BLOCK_M"]) * sh.B * sh.Hq,)
-        kernel = wrap_triton(_dq_kernel_tuned) if traceable else _dq_kernel_tuned
+        if traceable:
+            kernel = wrap_triton(_dq_kernel_tuned)
+        else:
+            kernel = _dq_kernel_tuned_accum if accum else _dq_kernel_tuned
         kernel[grid](
             *args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, TABLE_GRAD=False, WP=1, ACCUM=accum, **common
         )  # fmt: skip

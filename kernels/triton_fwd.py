@@ -250,6 +250,10 @@ def _fwd_kernel(
     sob,
     soh,
     som,
+    OP,
+    sopb,
+    soph,
+    sopm,
     KV_NUM,
     KV_IDX,
     FULL_NUM,
@@ -309,6 +313,7 @@ def _fwd_kernel(
     UPCAST: tl.constexpr,
     ACCUM: tl.constexpr,
     FMA: tl.constexpr,
+    ACC_TO_OUT: tl.constexpr = False,
 ):
     softcap, scale, qk_scale = _fp32_scalars(softcap, scale, qk_scale)
     SUBS_M: tl.constexpr = QBS // BLOCK_M
@@ -368,16 +373,23 @@ def _fwd_kernel(
     o_ptrs = O + b64 * sob + hq.to(tl.int64) * soh + offs_m[:, None] * som + offs_dv[None, :]
     lse_ptrs = LSE + bh.to(tl.int64) * Sq + offs_m
     if ACCUM:
-        # Merge into the running result of earlier calls held in O / LSE (fp32; ring attention's steps), in
-        # the same pass: no separate merge kernel re-reading the whole accumulator every step. A tile that
-        # visited no block leaves the accumulator untouched (on a sparse ring step, most tiles).
-        if n_visited > 0:
+        # Merge with the running result of earlier calls (ring attention's steps), in the same pass: no
+        # separate merge kernel re-reading the whole accumulator every step. The running output is read
+        # through OP: O itself (merge in place, fp32; a tile that visited no block leaves it untouched, on a
+        # sparse ring step most tiles) or, with ACC_TO_OUT, an fp32 buffer whose merged result every tile
+        # stores into O in O's dtype (the last merge of a row written straight as the output). LSE is
+        # read and written in place either way.
+        visit = n_visited > 0
+        if ACC_TO_OUT:
+            visit = n_visited >= 0
+        if visit:
+            op_ptrs = OP + b64 * sopb + hq.to(tl.int64) * soph + offs_m[:, None] * sopm + offs_dv[None, :]
             if EVEN_M:
                 prev_lse = tl.load(lse_ptrs)
-                prev = tl.load(o_ptrs)
+                prev = tl.load(op_ptrs)
             else:
                 prev_lse = tl.load(lse_ptrs, mask=offs_m < Sq, other=float("-inf"))
-                prev = tl.load(o_ptrs, mask=offs_m[:, None] < Sq, other=0.0)
+                prev = tl.load(op_ptrs, mask=offs_m[:, None] < Sq, other=0.0)
             p2 = prev_lse * 1.4426950408889634  # log2 domain, like m_i
             mx = tl.maximum(p2, m_i)
             mx = tl.where(mx == float("-inf"), 0.0, mx)  # both sides empty: weights 0, no -inf - -inf
@@ -548,6 +560,13 @@ def use_autotune(q: torch.Tensor, km: KernelMask, Sq: int, Skv: int) -> bool:
 
 
 _fwd_kernel_tuned = triton.autotune(configs=tune_configs(FWD_TUNE, "FMA"), key=TUNE_KEY)(_fwd_kernel)
+# Tuning runs the kernel on the call's own arguments, once per config and benchmark repeat. A merging call
+# (ACCUM) would fold its result into the running output / LSE that many times, so its tuner restores them
+# after each run. (Eager only: torch.compile captures the plain tuner, and inductor benchmarks user kernels on copies of
+# the arguments they mutate.)
+_fwd_kernel_tuned_accum = triton.autotune(
+    configs=tune_configs(FWD_TUNE, "FMA"), key=TUNE_KEY, restore_value=["O", "LSE"]
+)(_fwd_kernel)
 
 
 def tuned_choices() -> dict:
@@ -559,6 +578,9 @@ def tuned_choices() -> dict:
         ("fwd", _fwd_kernel_tuned),
         ("dkdv", triton_bwd._dkdv_kernel_tuned),
         ("dq", triton_bwd._dq_kernel_tuned),
+        ("fwd_accum", _fwd_kernel_tuned_accum),
+        ("dkdv_accum", triton_bwd._dkdv_kernel_tuned_accum),
+        ("dq_accum", triton_bwd._dq_kernel_tuned_accum),
     ):
         out[name] = {str(k[:10]): str(v) for k, v in getattr(tuner, "cache", {}).items()}
     return out
@@ -662,14 +684,6 @@ def check_out(out: torch.Tensor, sh: AttnShape, device: torch.device) -> None:
         raise ValueError(f"out needs a unit last-dim stride, got strides {out.stride()}")
 
 
-def check_out_exclusive(out, out_acc, lse_acc) -> None:
-    if out is not None and (out_acc is not None or lse_acc is not None):
-        raise ValueError(
-            "out and out_acc/lse_acc are mutually exclusive: out= overwrites a target with this call's "
-            "result, out_acc=/lse_acc= merge it into a running result"
-        )
-
-
 def meta_args(km: KernelMask, transposed: bool, dummy_i: torch.Tensor):
     """(NUM, IDX, FULL_NUM, FULL_IDX, PID, num strides (b, h), idx strides (b, h, row))."""
     if transposed:
@@ -737,7 +751,10 @@ def triton_forward(
     ``out``: write target instead of a new tensor (``[B,Hq,Sq,Dv]``, any float dtype, unit last-dim stride,
     other strides free, e.g. a head slice of a larger tensor); the kernel stores every row of it (0 for a
     row that sees nothing), from its fp32 accumulator straight in ``out``'s dtype, and returns it with a new
-    ``lse``. Excludes ``out_acc`` / ``lse_acc``. It must not overlap q, k or v.
+    ``lse``. With ``out_acc`` / ``lse_acc`` as well, the merged result goes to ``out`` instead of back into
+    ``out_acc`` (which is only read; ``lse_acc`` is updated in place) and ``(out, lse_acc)`` is returned: the
+    last merge of a running result written straight as the output, with no fp32 → ``out`` dtype pass.
+    It must not overlap q, k, v or ``out_acc``.
     ``config``: ``(BLOCK_M, BLOCK_N, warps, stages[, fma_softmax])`` instead of the defaults / the autotuner.
     ``traceable``: launch through ``torch.library.wrap_triton`` with per-call placeholders (the body of a
     ``torch.library.triton_op``, traced with FakeTensors under torch.compile); needs compiled (JIT) kernels.
@@ -756,11 +773,15 @@ def triton_forward(
     BM = pick_tile(km.QBS, cfg[0], "query")
     BN = pick_tile(km.KBS, cfg[1], "kv")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    check_out_exclusive(out, out_acc, lse_acc)
     accum = out_acc is not None or lse_acc is not None
+    to_out = accum and out is not None
     if accum:
         check_accumulators(out_acc, lse_acc, sh, q.device)
-        out, lse = out_acc, lse_acc
+        if to_out:
+            check_out(out, sh, q.device)
+        else:
+            out = out_acc
+        lse, prev = lse_acc, out_acc
     else:
         # (non-accumulate epilogue: every program stores its whole tile through out's strides, zeros for
         # rows that see nothing, and the launch order covers every query block in use: no pre-fill needed)
@@ -769,6 +790,7 @@ def triton_forward(
         else:
             check_out(out, sh, q.device)
         lse = torch.empty(sh.B, sh.Hq, sh.Sq, dtype=torch.float32, device=q.device)
+        prev = out  # not read without ACCUM
     dummy_i = lp.dummy_i
     n_qb = triton.cdiv(sh.Sq, km.QBS)  # query blocks in use (the BlockMask may list more)
     meta = meta_args(km, False, dummy_i)
@@ -778,6 +800,7 @@ def triton_forward(
         q, k, v, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        prev, prev.stride(0), prev.stride(1), prev.stride(2),
         *meta, bits, *docs,
         lp.qidx, lp.kvidx, lp.slopes, lp.table, lp.table_stride, lp.L, lp.softcap,
         sh.Hq, sh.groups, sh.Sq, sh.Skv, lp.scale, lp.scale * LOG2E,
@@ -787,7 +810,7 @@ def triton_forward(
         D=sh.D, DV=sh.Dv, QBS=km.QBS, KBS=km.KBS, WORDS=km.words,
         MASK_KIND=km.mask_kind, SCORE_KIND=lp.score_kind, CAUSAL=causal, HAS_WINDOW=has_w,
         HAS_PREFIX=has_pre, HAS_QIDX=lp.has_qidx, HAS_KVIDX=lp.has_kvidx, HAS_FULL=km.has_full,
-        PREC=lp.prec, UPCAST=lp.upcast, ACCUM=accum,
+        PREC=lp.prec, UPCAST=lp.upcast, ACCUM=accum, ACC_TO_OUT=to_out,
     )  # fmt: skip
     # the FMA softmax scales the row max after taking it, which needs a positive scale
     if config is None and lp.scale > 0 and use_autotune(q, km, sh.Sq, sh.Skv):
@@ -795,7 +818,10 @@ def triton_forward(
         grid = lambda meta: (n_qb * (km.QBS // meta["BLOCK_M"]) * sh.B * sh.Hq,)
         # (``wrap_triton(<module-level kernel name>)`` spelled out at each launch: torch.library.triton_op finds
         # the kernels of an op by reading its source for exactly this form, to key compile caches on them)
-        tuned = wrap_triton(_fwd_kernel_tuned) if traceable else _fwd_kernel_tuned
+        if traceable:
+            tuned = wrap_triton(_fwd_kernel_tuned)
+        else:
+            tuned = _fwd_kernel_tuned_accum if accum else _fwd_kernel_tuned
         tuned[grid](*args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, **consts)
     else:
         grid = (n_qb * (km.QBS // BM) * sh.B * sh.Hq,)

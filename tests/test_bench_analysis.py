@@ -92,3 +92,10 @@ def test_allgather_pipeline_replay() -> None:
     # the other chunks are packed beside gather 0: hidden while shorter than it, exposed past it
     assert replay_forward([[1.0]], [0.5], 0.1, pack_rest=0.2) == pytest.approx(1.6)
     assert replay_forward([[1.0]], [0.5], 0.1, pack_rest=1.0) == pytest.approx(2.1)
+    # local_first: the own-shard call runs beside gather 0 and hides it (0.1 + max(0.8, 0.5) + 1.0) ...
+    assert replay_forward([[1.0, 1.0]], [0.5], 0.1, local=[0.8, 0.8]) == pytest.approx(1.9)
+    # ... or part of it (0.1 + 0.5, local 0.2 shorter than the gather)
+    assert replay_forward([[1.0, 1.0]], [0.5], 0.1, local=[0.2, 0.2]) == pytest.approx(1.6)
+    # gather 1 is posted after the local call: it cannot start before the slowest rank's local call ends
+    # (2.0), so chunk 1 waits until 2.0 + 1.5 = 3.5 although chunk 0 ended at 3.0 on every rank
+    assert replay_forward([[1.0, 1.0], [1.0, 1.0]], [0.1, 1.5], 0.0, local=[2.0, 0.1]) == pytest.approx(4.5)

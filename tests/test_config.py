@@ -139,6 +139,11 @@ def test_unknown_key_in_a_yaml_option_is_an_error(tmp_path) -> None:
             2,
             r"parallel.cp_head_chunks=3 is more than model.n_kv_heads=2",
         ),
+        (
+            ["parallel=cp", "parallel.cp_local_first=true"],
+            2,
+            "parallel.cp_local_first=true overlaps the all-gather: it needs parallel.cp_strategy=allgather, got ring",
+        ),
         (["data=jsonl", "data.path=null"], 1, "data.source=jsonl needs data.path"),
     ],
 )

@@ -225,6 +225,24 @@ def cases():
         dict(balance="auto", strategy="allgather", kind="pad", causal=False, window=None, gqa=True,
              head_chunks=2, prefix=3)
     )  # fmt: skip
+    # local keys first: the own shard's call during the first gather, the other ranks' keys merged into it
+    # (padding shards: ranks whose own or other keys hold nothing visible)
+    out.append(
+        dict(balance="document", strategy="allgather", kind="doc", causal=True, window=None, gqa=True,
+             head_chunks=2, batch=1, local_first=True)
+    )  # fmt: skip
+    out.append(
+        dict(balance="zigzag", strategy="allgather", kind="long", causal=True, window=20, gqa=False,
+             head_chunks=(1, 3), sm="alibi", local_first=True)
+    )  # fmt: skip
+    out.append(
+        dict(balance="contiguous", strategy="allgather", kind="pad", causal=True, window=None, gqa=False,
+             sm="relbias", local_first=True)
+    )  # fmt: skip
+    out.append(
+        dict(balance="auto", strategy="allgather", kind="pad", causal=False, window=None, gqa=True,
+             head_chunks=2, prefix=3, local_first=True)
+    )  # fmt: skip
     return out
 
 
@@ -236,6 +254,8 @@ AUTO_CASES = [
     dict(balance="document", strategy="ring", kind="doc", causal=True, window=None, gqa=True, ring_group=2),
     dict(balance="document", strategy="allgather", kind="doc", causal=True, window=None, gqa=True,
          head_chunks=2, batch=1),
+    dict(balance="document", strategy="allgather", kind="doc", causal=True, window=None, gqa=True,
+         head_chunks=2, batch=1, local_first=True),
 ]  # fmt: skip
 
 
@@ -288,6 +308,7 @@ def run_case(
         mask_builder=c.get("builder", "masks"),
         ring_group=c.get("ring_group", 1),
         head_chunks=c.get("head_chunks", 1),
+        local_first=c.get("local_first", False),
     )
     if sm_kind == "alibi" and (device != "cpu" or dtype != torch.float64):
         sm_cp = ALiBi(ALiBi.default_slopes(Hq).to(device))
@@ -696,3 +717,31 @@ def test_head_chunks_arguments_are_checked():
     kv = torch.randn(1, 2, S_TEST, 8)
     with pytest.raises(ValueError, match="head_chunks=3 is more chunks than the 2 key/value heads"):
         cp.attention(q, kv, kv, p)
+
+
+def test_local_first_arguments_are_checked():
+    from flexdist.cp.plan import build_pair_masks, drop_key_blocks
+
+    doc = make_doc_ids("doc", 1, S_TEST, 0)
+    with pytest.raises(ValueError, match="local_first=True needs strategy='allgather', got strategy='ring'"):
+        cp.plan(doc, None, strategy="ring", local_first=True)
+    with pytest.raises(ValueError, match="local_first must be a bool, got 1"):
+        cp.plan(doc, None, strategy="allgather", local_first=1)
+    with pytest.raises(ValueError, match=r"shard length S/N=96/1=96 to be a multiple of block_size=64"):
+        cp.plan(doc, None, strategy="allgather", local_first=True, block_size=64)
+    # one rank: nothing to gather, the plain path runs
+    p = cp.plan(doc, None, strategy="allgather", local_first=True, block_size=BS)
+    assert not p.local_first and p.remote_mask is None
+    # the remote mask is the whole one without the own key blocks; both parts cover it exactly
+    perm = torch.randperm(S_TEST // BS)
+    perm = (perm[:, None] * BS + torch.arange(BS)).reshape(-1)
+    mine = perm[32:64]
+    ((whole, _, _), (own, _, _)) = build_pair_masks(
+        doc, mine, [perm, mine], causal=True, window=None, block_size=BS
+    )
+    rest = drop_key_blocks(whole, 4, 8)
+    dw, do, dr = whole.to_dense()[0, 0], own.to_dense()[0, 0], rest.to_dense()[0, 0]
+    assert torch.equal(dw[:, 4:8], do) and not dr[:, 4:8].any()
+    assert torch.equal(dr[:, :4], dw[:, :4]) and torch.equal(dr[:, 8:], dw[:, 8:])
+    assert rest.mask_mod is whole.mask_mod
+    assert drop_key_blocks(whole, 0, S_TEST // BS) is None

@@ -116,6 +116,87 @@ def test_chunked_accumulation_equals_one_call(backend: str, score: str | None) -
     assert (dq[pad_rows] == 0).all(), "padding queries must get exactly zero gradient"
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_last_merge_written_to_out(backend: str, out_dtype: torch.dtype) -> None:
+    """``out=`` with ``out_acc`` / ``lse_acc``: the last chunk's merge lands in ``out`` (a head slice of a
+    garbage-filled tensor, in its own dtype) and equals the in-place merge; ``out_acc`` is only read. Rows
+    the last chunk sees nothing of carry the running result over, padding rows get 0 and -inf."""
+    doc, q, k, v, _, order = _problem(seed=8)
+    dev = torch.device(DEV)
+    doc, q, k, v, order = (t.to(dev) for t in (doc, q, k, v, order))
+    ql = q[:, :, order]
+    chunks = _chunks(order.flip(0), 3)
+    masks = [m for m, _, _ in build_pair_masks(doc, order, chunks, causal=True, window=None, block_size=BS)]
+    assert masks[-1] is not None
+    kw = dict(enable_gqa=True, q_global_idx=order, backend=backend)
+    B, Hq, L, D = ql.shape
+    o_acc = torch.zeros(B, Hq, L, D, device=dev)
+    l_acc = torch.full((B, Hq, L), float("-inf"), device=dev)
+    for idx, m in zip(chunks[:-1], masks[:-1], strict=True):
+        if m is not None:
+            flex_attention_forward(ql, k[:, :, idx], v[:, :, idx], m, kv_global_idx=idx, out_acc=o_acc,
+                                   lse_acc=l_acc, **kw)  # fmt: skip
+    # rows that the last chunk sees nothing of, but earlier chunks do: their result must be carried over
+    idx = chunks[-1]
+    want_o, want_l = o_acc.clone(), l_acc.clone()
+    flex_attention_forward(ql, k[:, :, idx], v[:, :, idx], masks[-1], kv_global_idx=idx, out_acc=want_o,
+                           lse_acc=want_l, **kw)  # fmt: skip
+    carried = torch.isfinite(l_acc) & torch.isclose(want_l, l_acc)
+    assert carried.any(), "the case must hold rows the last chunk adds nothing to"
+    prev_o = o_acc.clone()
+    big = torch.full((B, Hq + 2, L, D), 123.0, dtype=out_dtype, device=dev)
+    out = big[:, 1 : 1 + Hq]
+    got_o, got_l = flex_attention_forward(ql, k[:, :, idx], v[:, :, idx], masks[-1], kv_global_idx=idx,
+                                          out=out, out_acc=o_acc, lse_acc=l_acc, **kw)  # fmt: skip
+    assert got_o is out and got_l is l_acc
+    assert torch.equal(o_acc, prev_o), "out_acc must only be read"
+    assert (big[:, 0] == 123.0).all() and (big[:, -1] == 123.0).all()
+    assert torch.equal(torch.isfinite(got_l), torch.isfinite(want_l))
+    fin = torch.isfinite(want_l)
+    torch.testing.assert_close(got_l[fin], want_l[fin], atol=0, rtol=0)
+    if out_dtype == torch.float32:
+        torch.testing.assert_close(got_o, want_o, atol=0, rtol=0)
+    else:  # the same fp32 value rounded (the interpreter truncates, a GPU rounds to nearest)
+        torch.testing.assert_close(got_o.float(), want_o, rtol=2**-7, atol=0)
+    assert (got_o[~fin] == 0).all()
+
+
+@pytest.mark.gpu
+def test_autotuned_accumulating_calls_merge_once() -> None:
+    """On a GPU, calls at 128-token blocks above ``AUTOTUNE_MIN_PAIRS`` go through Triton's autotuner, which
+    benchmarks every config on the call's own arguments. A merging / adding call must still merge its result
+    once: here the first call of a fresh tuning key accumulates into zeros and must equal the plain call."""
+    from flexdist.kernels import triton_bwd as TB
+    from flexdist.kernels import triton_fwd as TF
+    from flexdist.masks import document_block_mask
+
+    for tuner in (TF._fwd_kernel_tuned_accum, TB._dkdv_kernel_tuned_accum, TB._dq_kernel_tuned_accum):
+        tuner.cache.clear()  # a fresh key: this process's first accumulating call tunes
+    S, Hq, Hkv, D = 4224, 4, 2, 64  # 33 blocks of 128; 4224² > AUTOTUNE_MIN_PAIRS
+    assert S * S >= TF.AUTOTUNE_MIN_PAIRS
+    g = torch.Generator().manual_seed(0)
+    q, dout = (torch.randn(1, Hq, S, D, generator=g).cuda().bfloat16() for _ in range(2))
+    k, v = (torch.randn(1, Hkv, S, D, generator=g).cuda().bfloat16() for _ in range(2))
+    doc = (torch.arange(S) // 1000).view(1, S).cuda()
+    bm = document_block_mask(doc, block_size=128)
+    kw = dict(enable_gqa=True, backend="triton")
+    want_o, want_l = flex_attention_forward(q, k, v, bm, **kw)
+    o = torch.zeros(1, Hq, S, D, device="cuda")
+    lse = torch.full((1, Hq, S), float("-inf"), device="cuda")
+    flex_attention_forward(q, k, v, bm, out_acc=o, lse_acc=lse, **kw)
+    assert TF._fwd_kernel_tuned_accum.cache, "the accumulating call did not go through the autotuner"
+    torch.testing.assert_close(lse, want_l, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(o, want_o.float(), atol=1e-2, rtol=1e-2)
+    dq_w, dk_w, dv_w = flex_attention_backward(q, k, v, want_o, dout, want_l, bm, **kw)
+    dq = torch.zeros(q.shape, device="cuda")
+    dk, dv = torch.zeros(k.shape, device="cuda"), torch.zeros(v.shape, device="cuda")
+    flex_attention_backward(q, k, v, want_o, dout, want_l, bm, dq_out=dq, dk_out=dk, dv_out=dv, **kw)
+    assert TB._dkdv_kernel_tuned_accum.cache and TB._dq_kernel_tuned_accum.cache
+    for got, want, name in ((dq, dq_w, "dq"), (dk, dk_w, "dk"), (dv, dv_w, "dv")):
+        torch.testing.assert_close(got, want.float(), atol=2e-2, rtol=2e-2, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_accumulators_are_checked() -> None:
     _, q, k, v, _, _ = _problem(seed=5)
     dev = torch.device(DEV)

@@ -199,8 +199,10 @@ def test_write_target_errors_name_the_argument(backend: str) -> None:
         flex_attention_forward(q, k, v, out=torch.empty(1, Hq, Dv, S, device=DEV).transpose(2, 3), **kw)
     o_acc = torch.zeros(1, Hq, S, Dv, device=DEV)
     l_acc = torch.full((1, Hq, S), float("-inf"), device=DEV)
-    with pytest.raises(ValueError, match="out and out_acc/lse_acc are mutually exclusive"):
-        flex_attention_forward(q, k, v, out=torch.empty_like(o_acc), out_acc=o_acc, lse_acc=l_acc, **kw)
+    with pytest.raises(ValueError, match=r"out must have shape \(1, 4, 64, 32\).*got \(1, 4, 64, 16\)"):
+        flex_attention_forward(
+            q, k, v, out=torch.empty(1, Hq, S, D, device=DEV), out_acc=o_acc, lse_acc=l_acc, **kw
+        )
     out, lse = flex_attention_forward(q, k, v, **kw)
     for bad in (1, None, "no"):
         with pytest.raises(ValueError, match=f"accumulate must be a bool, got {bad!r}"):

@@ -128,6 +128,10 @@ class ParallelConfig:
     # chunk's all-gather overlapping the previous chunk's kernels (1 = unpipelined; see
     # flexdist.cp.plan(head_chunks=...))
     cp_head_chunks: int = 1
+    # cp_strategy=allgather only: the forward attends to the rank's own K/V shard while the first gather runs,
+    # then merges the other ranks' keys into it (hides the one exposed gather; see
+    # flexdist.cp.plan(local_first=...)). Needs seq_len / cp to be a multiple of block_size.
+    cp_local_first: bool = False
     fsdp: bool = True  # shard parameters, gradients and optimizer state over all dp×cp ranks (FSDP2)
 
 
@@ -333,6 +337,11 @@ def validate(cfg: Any, world_size: int) -> Resolved:
             errors.append(
                 f"{key}={n} {what}: it needs parallel.cp_strategy={strategy}, got {g('parallel.cp_strategy')}"
             )
+    if g("parallel.cp_local_first") and g("parallel.cp_strategy") != "allgather":
+        errors.append(
+            "parallel.cp_local_first=true overlaps the all-gather: it needs parallel.cp_strategy=allgather, "
+            f"got {g('parallel.cp_strategy')}"
+        )
     hc = g("parallel.cp_head_chunks")
     if hc > 1 and nkv >= 1 and hc > nkv:
         errors.append(f"parallel.cp_head_chunks={hc} is more than model.n_kv_heads={nkv}")

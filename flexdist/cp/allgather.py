@@ -92,6 +92,8 @@ def _chunk_kw(kw: dict, q0: int, q1: int, whole: bool) -> dict:
 
 def allgather_forward(q, k, v, plan, full_mask, fwd: Callable, kw: dict):
     """This rank's output (q.dtype) and LSE (fp32) against every key, chunk by chunk of heads."""
+    if plan.local_first:
+        return _local_first_forward(q, k, v, plan, fwd, kw)
     dev = q.device
     B, Hq, L, _ = q.shape
     D, g = k.shape[-1], Hq // k.shape[1]
@@ -116,6 +118,50 @@ def allgather_forward(q, k, v, plan, full_mask, fwd: Callable, kw: dict):
         )  # fmt: skip
         lses.append(lse)
     return out, torch.cat(lses, dim=1) if len(lses) > 1 else lses[0]
+
+
+def _local_first_forward(q, k, v, plan, fwd: Callable, kw: dict):
+    """``plan.local_first``: the rank's own keys first, all heads in one call, while chunk 0's gather runs,
+    into an fp32 running result; then per chunk the other ranks' keys (``plan.remote_mask``), merged by LSE
+    in the kernel's epilogue and written straight to the output in q's dtype. Nothing waits for a transfer
+    before the first kernel starts."""
+    dev = q.device
+    B, Hq, L, _ = q.shape
+    D, Dv, g = k.shape[-1], v.shape[-1], Hq // k.shape[1]
+    chunks = _chunks(plan, k)
+    q_idx, kv_idx = plan.index_on(dev, plan.rank), plan.perm_on(dev)
+    masks, _ = plan.masks_on(dev)
+    local, remote = masks[plan.rank], plan.remote_mask_on(dev)
+    pending, rest = _pack_all(k, v, chunks, plan)
+    o_acc = torch.empty(B, Hq, L, Dv, dtype=_acc_dtype(q.dtype), device=dev)
+    if local is not None:
+        _, l_acc = fwd(
+            q, k, v, local, q_global_idx=q_idx, kv_global_idx=q_idx, out=o_acc, head_group=Hq, **kw
+        )  # fmt: skip
+    else:  # every row of this shard sees nothing of its own keys
+        o_acc.zero_()
+        l_acc = torch.full((B, Hq, L), float("-inf"), dtype=o_acc.dtype, device=dev)
+    out = torch.empty(B, Hq, L, Dv, dtype=q.dtype, device=dev)
+    lses = []
+    for i, (h0, h1) in enumerate(chunks):
+        buf, works = pending
+        plan.record_wait(works, dev)
+        if i + 1 < len(chunks):
+            pending = _start_gather(rest[i], plan)
+        q0, q1 = h0 * g, h1 * g
+        # the running LSE is updated in place: a view for B = 1, else a contiguous copy of the head slice
+        lse_c = l_acc[:, q0:q1] if B == 1 else l_acc[:, q0:q1].contiguous()
+        lses.append(lse_c)
+        if remote is None:  # nothing visible outside the own shard
+            out[:, q0:q1] = o_acc[:, q0:q1]
+            continue
+        kv = _seq_view(buf)
+        fwd(
+            q[:, q0:q1], kv[..., :D], kv[..., D:], remote, q_global_idx=q_idx, kv_global_idx=kv_idx,
+            out=out[:, q0:q1], out_acc=o_acc[:, q0:q1], lse_acc=lse_c, head_group=q1 - q0,
+            **_chunk_kw(kw, q0, q1, len(chunks) == 1),
+        )  # fmt: skip
+    return out, l_acc if B == 1 else torch.cat(lses, dim=1)
 
 
 def allgather_backward(q, k, v, out, dout, lse, delta, plan, full_mask, bwd: Callable, kw: dict):

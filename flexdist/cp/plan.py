@@ -130,6 +130,10 @@ class Plan:
     # their global key indices)
     group_masks: list = field(default_factory=list)
     head_chunks: int | tuple[int, ...] = 1  # strategy="allgather": K/V heads per pipelined chunk (see `plan`)
+    local_first: bool = (
+        False  # strategy="allgather": the forward attends to the local shard during the gather
+    )
+    remote_mask: BlockMask | None = None  # local_first: full_mask without this rank's own key blocks
     timing: bool = False  # record CUDA events around the ring's waits (see comm_wait_seconds)
     _wait_events: list = field(default_factory=list, repr=False)
 
@@ -227,6 +231,17 @@ class Plan:
             self._device_cache[key] = (ms, fm)
         return self._device_cache[key]
 
+    def remote_mask_on(self, device: torch.device) -> BlockMask | None:
+        """``remote_mask`` moved to ``device`` (cached), as `masks_on`."""
+        device = torch.device(device)
+        src = self.doc_ids.device
+        if self.remote_mask is None or device == src or (device.type == src.type and device.index is None):
+            return self.remote_mask
+        key = ("remote", str(device))
+        if key not in self._device_cache:
+            self._device_cache[key] = _mask_to(self.remote_mask, device)
+        return self._device_cache[key]
+
     def group_masks_on(self, device: torch.device) -> list[tuple]:
         """``group_masks`` moved to ``device`` (cached), as `masks_on`."""
         device = torch.device(device)
@@ -291,6 +306,37 @@ def _mask_from_blocks(nonempty: torch.Tensor, full: torch.Tensor, mask_mod, Lq: 
     """BlockMask from block occupancy ``[B, Qb, Kb]`` (partial = nonempty and not full)."""
     tables = block_tables(torch.stack([nonempty & ~full, full]))
     return block_mask_from_tables(*tables, block_size=(bs, bs), mask_mod=mask_mod, seq_lengths=(Lq, Lk))
+
+
+def drop_key_blocks(mask: BlockMask, first: int, last: int) -> BlockMask | None:
+    """``mask`` without its key blocks ``first:last`` (None if nothing is left): the all-gather's mask of the
+    keys other ranks hold, for the local-keys-first forward. The rest of the mask, mask_mod included, is
+    unchanged, so the two parts' results merge by LSE into exactly the whole mask's."""
+    Lq, Lk = mask.seq_lengths
+    bq, bk = mask.BLOCK_SIZE
+    if bq != bk:
+        raise ValueError(f"drop_key_blocks needs square blocks, got {mask.BLOCK_SIZE}")
+    nkv = -(-Lk // bk)
+
+    def dense(num, idx):
+        B, _, nq = num.shape
+        out = torch.zeros(B, nq, nkv + 1, dtype=torch.bool, device=num.device)
+        if idx.shape[-1]:
+            valid = torch.arange(idx.shape[-1], device=num.device) < num[:, 0, :, None]
+            out.scatter_(-1, torch.where(valid, idx[:, 0].long(), nkv), True)
+        return out[..., :nkv]
+
+    part = dense(mask.kv_num_blocks, mask.kv_indices)
+    full = (
+        dense(mask.full_kv_num_blocks, mask.full_kv_indices)
+        if mask.full_kv_num_blocks is not None
+        else torch.zeros_like(part)
+    )
+    part[..., first:last] = False
+    full[..., first:last] = False
+    if not (part.any() or full.any()):
+        return None
+    return _mask_from_blocks(part | full, full, mask.mask_mod, Lq, Lk, bq)
 
 
 def build_pair_masks(
@@ -467,6 +513,7 @@ def plan(
     tile_overhead: float = 0.0,
     ring_group: int = 1,
     head_chunks: int | tuple[int, ...] | list[int] = 1,
+    local_first: bool = False,
     check: bool | None = None,
     debug: bool | None = None,
 ) -> Plan:
@@ -505,6 +552,12 @@ def plan(
             do, and in backward chunk c's dK/dV reduce-scatter runs while its dQ kernel and the next chunks
             do. Only the first chunk's gather is exposed. 1 (default) is the unpipelined all-gather (what
             torch's CP does). Score mods must be head-independent or one of the built-in ones.
+        local_first: with ``strategy="allgather"``, the forward first attends to the rank's own K/V shard
+            (every head, one call) while the first chunk's gather runs, then each chunk's call covers the
+            other ranks' keys and merges by LSE, writing the final output. That hides the first gather, the
+            one transfer the pipeline otherwise exposes, at the cost of one more call. Needs the shard length
+            ``S / N`` to be a multiple of ``block_size`` (the own keys are then whole key blocks of the
+            gathered sequence). The backward is unchanged.
         check: all-reduce a hash of doc_ids to catch ranks passing different batches (default: on the
             first plan of each group, and always in debug mode).
         debug: check on every call (default: environment FLEXDIST_CP_DEBUG=1).
@@ -524,6 +577,10 @@ def plan(
     head_chunks = check_head_chunks(head_chunks)
     if head_chunks != 1 and strategy != "allgather":
         raise ValueError(f"head_chunks={head_chunks} needs strategy='allgather', got strategy={strategy!r}")
+    if not isinstance(local_first, bool):
+        raise ValueError(f"local_first must be a bool, got {local_first!r}")
+    if local_first and strategy != "allgather":
+        raise ValueError(f"local_first=True needs strategy='allgather', got strategy={strategy!r}")
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     if prefix_lengths is not None and (not isinstance(prefix_lengths, int) or prefix_lengths < 0):
@@ -533,6 +590,11 @@ def plan(
     S = doc_ids.shape[1]
     if S % N:
         raise ValueError(f"sequence length S={S} is not divisible by the CP world size N={N}")
+    if local_first and (S // N) % block_size:
+        raise ValueError(
+            f"local_first=True needs the shard length S/N={S}/{N}={S // N} to be a multiple of "
+            f"block_size={block_size} (the rank's own keys must be whole key blocks)"
+        )
     if debug is None:
         debug = os.environ.get("FLEXDIST_CP_DEBUG", "0") not in ("", "0")
     if check is None:
@@ -541,7 +603,17 @@ def plan(
         check_consistent(
             doc_ids,
             grp,
-            (balance, strategy, causal, window, block_size, prefix_lengths, ring_group, head_chunks),
+            (
+                balance,
+                strategy,
+                causal,
+                window,
+                block_size,
+                prefix_lengths,
+                ring_group,
+                head_chunks,
+                local_first,
+            ),
         )
         _CHECKED_GROUPS.add(id(grp))
 
@@ -641,9 +713,12 @@ def plan(
         # nothing when blocks straddle non-consecutive positions). Skip the step if either says empty.
         if W[rank, j] == 0:
             masks[j] = None
-    full_mask = None
+    full_mask = remote_mask = None
     if strategy == "allgather":  # keys in plan order: as the all-gather delivers them (no reorder)
         ((full_mask, _, _),) = build_pair_masks(doc_dev, mine, [perm], **mkw)
+        if local_first and N > 1 and full_mask is not None:
+            nb = L // block_size  # the own keys: block columns rank·nb … (rank+1)·nb of the gathered sequence
+            remote_mask = drop_key_blocks(full_mask, rank * nb, (rank + 1) * nb)
     elif strategy == "ulysses":  # every rank attends the whole sequence (its heads) in global order
         ((full_mask, _, _),) = build_pair_masks(doc_dev, torch.arange(S), [torch.arange(S)], **mkw)
     t_last = bal.last_needed_step(W)
@@ -687,6 +762,8 @@ def plan(
         ring_group=ring_group,
         group_masks=group_masks,
         head_chunks=head_chunks,
+        local_first=local_first and N > 1,
+        remote_mask=remote_mask,
     )
     p.stats = plan_stats(W, need, bal.last_needed_step(W), L, block_size, cost, info, strategy)
     # host wall time of this rank's BlockMask construction and of the whole plan (layout search included);

@@ -142,6 +142,7 @@ def make_cp_plan(
     backend: str = "auto",
     ring_group: int = 1,
     head_chunks: int = 1,
+    local_first: bool = False,
 ) -> Any:
     """The batch's document-causal context-parallel plan over process ``group`` (``flexdist.cp.plan``).
 
@@ -162,6 +163,7 @@ def make_cp_plan(
         kernel_backend=backend,
         ring_group=ring_group,
         head_chunks=head_chunks,
+        local_first=local_first,
     )
     if op_supported(plan):
         register_plan(plan)
