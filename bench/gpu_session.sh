@@ -38,6 +38,7 @@ part_hgroups() { run_part hgroups "${T_HGROUPS:-150}" python3 bench/bench_kernel
 part_host()    { run_part host    "${T_HOST:-90}" python3 bench/bench_host.py ${HOST_ARGS:-} --out "$R/host_h100.json"; }
 part_masks()   { run_part masks   "${T_MASKS:-120}" python3 bench/bench_masks.py ${MASKS_ARGS:-} --out "$R/masks_h100.json"; }
 part_cp_sim()  { run_part cp_sim  "${T_CPSIM:-150}" python3 bench/bench_cp_sim.py ${CPSIM_ARGS:-} --out "$R/cp_sim_h100.json"; }
+part_diag()    { run_part diag_rank_calls "${T_DIAG:-150}" python3 bench/diag_rank_calls.py ${DIAG_ARGS:-} --out "$R/diag_rank_calls_h100.json"; }
 part_cp_sim_b() { run_part cp_sim_b "${T_CPSIM:-150}" python3 bench/bench_cp_sim.py ${CPSIM_B_ARGS:-} --out "$R/cp_sim_b_h100.json"; }
 part_train350m() { run_part train_350m "${T_TRAIN:-280}" python3 bench/bench_train.py --models 350m --seq-lens 16384 \
                    --attention flexdist --compile none blocks --ac none selective --out "$R/train_350m_h100.json"; }
@@ -52,13 +53,13 @@ part_train_cp() { FLEXDIST_RUN_DIR="$R/train_1b_cp${NGPU}" run_part train_1b_cp 
                    torchrun --standalone --nproc-per-node "$NGPU" -m train model=1b parallel=cp parallel.cp="$NGPU" \
                    optim=adamw trainer.seq_len=131072 trainer.steps="${TRAINCP_STEPS:-12}" \
                    trainer.activation_checkpointing=true trainer.ckpt_interval=0 trainer.log_interval=1 ${TRAINCP_ARGS:-}; }
-part_train_cp_ab() {  # the same 1b cp run (same data and steps) per CP strategy: TRAINAB="ring allgather:2" (strategy[:head_chunks])
-  local s st hc
+part_train_cp_ab() {  # the same 1b cp run (same data and steps) per CP strategy: TRAINAB="ring allgather:2 allgather:2:lf"
+  local s st hc rest lf                                   # (strategy[:head_chunks[:lf]], lf = cp_local_first)
   for s in ${TRAINAB:-ring allgather:2}; do
-    st=${s%%:*}; hc=1; [[ $s == *:* ]] && hc=${s#*:}
-    FLEXDIST_RUN_DIR="$R/train_1b_cp${NGPU}_${st}_hc${hc}" run_part "train_1b_cp_${st}_hc${hc}" "${T_TRAINCP:-180}" \
+    IFS=: read -r st hc rest <<< "$s"; hc=${hc:-1}; lf=false; [ "$rest" = lf ] && lf=true
+    FLEXDIST_RUN_DIR="$R/train_1b_cp${NGPU}_${st}_hc${hc}${rest:+_$rest}" run_part "train_1b_cp_${st}_hc${hc}${rest:+_$rest}" "${T_TRAINCP:-180}" \
       torchrun --standalone --nproc-per-node "$NGPU" -m train model=1b parallel=cp parallel.cp="$NGPU" \
-      parallel.cp_strategy="$st" parallel.cp_head_chunks="$hc" optim=adamw trainer.seq_len="${TRAINAB_SEQ:-131072}" \
+      parallel.cp_strategy="$st" parallel.cp_head_chunks="$hc" parallel.cp_local_first="$lf" optim=adamw trainer.seq_len="${TRAINAB_SEQ:-131072}" \
       trainer.steps="${TRAINCP_STEPS:-12}" trainer.activation_checkpointing=true trainer.ckpt_interval=0 \
       trainer.log_interval=1 ${TRAINCP_ARGS:-}
   done; }
