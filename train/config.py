@@ -128,8 +128,8 @@ class ParallelConfig:
     # chunk's all-gather overlapping the previous chunk's kernels (1 = unpipelined; see
     # flexdist.cp.plan(head_chunks=...))
     cp_head_chunks: int = 1
-    # cp_strategy=allgather only: the forward attends to the rank's own K/V shard while the first gather runs,
-    # then merges the other ranks' keys into it (hides the one exposed gather; see
+    # cp_strategy=allgather only: the first chunk's heads attend to the rank's own K/V shard while that chunk's
+    # gather runs, then merge the other ranks' keys into it (hides the one exposed gather; see
     # flexdist.cp.plan(local_first=...)). Needs seq_len / cp to be a multiple of block_size.
     cp_local_first: bool = False
     fsdp: bool = True  # shard parameters, gradients and optimizer state over all dp×cp ranks (FSDP2)

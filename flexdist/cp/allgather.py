@@ -3,7 +3,8 @@
 ``head_chunks=1`` is what torch's CP does for FlexAttention: gather all K/V, one call, reduce-scatter dK/dV,
 nothing overlapped. With c > 1 chunks of key/value heads (and their GQA query heads):
 
-- forward: chunk i+1's all-gather runs while chunk i's kernel does; only the first gather is exposed;
+- forward: chunk i+1's all-gather runs while chunk i's kernel does; only the first gather is exposed, and
+  with ``local_first`` not even that: chunk 0's heads first attend to the rank's own keys during it;
 - backward: K/V are gathered again the same way; chunk i's dK/dV kernel writes fp32 gradients straight into
   the reduce-scatter buffer, whose reduce-scatter then runs while chunk i's dQ kernel and the later chunks
   do; only the first gather and what is left of the last reduce-scatter are exposed.
@@ -91,17 +92,36 @@ def _chunk_kw(kw: dict, q0: int, q1: int, whole: bool) -> dict:
 
 
 def allgather_forward(q, k, v, plan, full_mask, fwd: Callable, kw: dict):
-    """This rank's output (q.dtype) and LSE (fp32) against every key, chunk by chunk of heads."""
-    if plan.local_first:
-        return _local_first_forward(q, k, v, plan, fwd, kw)
+    """This rank's output (q.dtype) and LSE (fp32) against every key, chunk by chunk of heads.
+
+    With ``plan.local_first`` the first chunk's heads first attend to the rank's own K/V (in the shard it
+    already holds) while that chunk's gather runs, into an fp32 running result; the chunk's call over the
+    gathered keys then covers the other ranks' keys only (``plan.remote_mask``), merges by LSE in the
+    kernel's epilogue and writes the output. Only the first chunk is split: it is the one whose gather
+    nothing else hides, and a split costs one more call and an fp32 round trip of that chunk's output.
+    """
     dev = q.device
     B, Hq, L, _ = q.shape
     D, g = k.shape[-1], Hq // k.shape[1]
     chunks = _chunks(plan, k)
+    whole = len(chunks) == 1
     q_idx, kv_idx = plan.index_on(dev, plan.rank), plan.perm_on(dev)
     out = torch.empty(B, Hq, L, v.shape[-1], dtype=q.dtype, device=dev)
     lses = []
     pending, rest = _pack_all(k, v, chunks, plan)
+    if plan.local_first:
+        h1 = chunks[0][1]
+        n0 = h1 * g
+        own = plan.masks_on(dev)[0][plan.rank]
+        o_acc = torch.empty(B, n0, L, v.shape[-1], dtype=_acc_dtype(q.dtype), device=dev)
+        if own is not None:  # (chunk 0's gather is in flight)
+            _, l_acc = fwd(
+                q[:, :n0], k[:, :h1], v[:, :h1], own, q_global_idx=q_idx, kv_global_idx=q_idx, out=o_acc,
+                head_group=n0, **_chunk_kw(kw, 0, n0, whole),
+            )  # fmt: skip
+        else:  # no row of this shard sees any of its own keys
+            o_acc.zero_()
+            l_acc = torch.full((B, n0, L), float("-inf"), dtype=o_acc.dtype, device=dev)
     for i, (h0, h1) in enumerate(chunks):
         buf, works = pending
         plan.record_wait(works, dev)
@@ -109,59 +129,22 @@ def allgather_forward(q, k, v, plan, full_mask, fwd: Callable, kw: dict):
             pending = _start_gather(rest[i], plan)
         kv = _seq_view(buf)
         q0, q1 = h0 * g, h1 * g
-        # all the call's heads in one launch group: a rank's call has 1/N of the query tiles but rows as long
-        # as on one GPU, so with the kernels' L2-sized groups the last group's longest rows start in the last
-        # waves (bench_cp_sim at N = 8: forward 3% faster; the backward keeps the rule, which measured faster)
-        _, lse = fwd(
-            q[:, q0:q1], kv[..., :D], kv[..., D:], full_mask, q_global_idx=q_idx, kv_global_idx=kv_idx,
-            out=out[:, q0:q1], head_group=q1 - q0, **_chunk_kw(kw, q0, q1, len(chunks) == 1),
-        )  # fmt: skip
+        ckw = dict(_chunk_kw(kw, q0, q1, whole), q_global_idx=q_idx, kv_global_idx=kv_idx, head_group=q1 - q0)
+        # (head_group: all the call's heads in one launch group. A rank's call has 1/N of the query tiles but
+        # rows as long as on one GPU, so with the kernels' L2-sized groups the last group's longest rows
+        # start in the last waves; bench_cp_sim at N = 8: forward 3% faster. The backward keeps the rule.)
+        if i == 0 and plan.local_first:
+            remote = plan.remote_mask_on(dev)
+            if remote is None:  # nothing visible outside the own shard
+                out[:, q0:q1] = o_acc
+            else:
+                fwd(q[:, q0:q1], kv[..., :D], kv[..., D:], remote, out=out[:, q0:q1], out_acc=o_acc,
+                    lse_acc=l_acc, **ckw)  # fmt: skip
+            lses.append(l_acc)
+            continue
+        _, lse = fwd(q[:, q0:q1], kv[..., :D], kv[..., D:], full_mask, out=out[:, q0:q1], **ckw)
         lses.append(lse)
     return out, torch.cat(lses, dim=1) if len(lses) > 1 else lses[0]
-
-
-def _local_first_forward(q, k, v, plan, fwd: Callable, kw: dict):
-    """``plan.local_first``: the rank's own keys first, all heads in one call, while chunk 0's gather runs,
-    into an fp32 running result; then per chunk the other ranks' keys (``plan.remote_mask``), merged by LSE
-    in the kernel's epilogue and written straight to the output in q's dtype. Nothing waits for a transfer
-    before the first kernel starts."""
-    dev = q.device
-    B, Hq, L, _ = q.shape
-    D, Dv, g = k.shape[-1], v.shape[-1], Hq // k.shape[1]
-    chunks = _chunks(plan, k)
-    q_idx, kv_idx = plan.index_on(dev, plan.rank), plan.perm_on(dev)
-    masks, _ = plan.masks_on(dev)
-    local, remote = masks[plan.rank], plan.remote_mask_on(dev)
-    pending, rest = _pack_all(k, v, chunks, plan)
-    o_acc = torch.empty(B, Hq, L, Dv, dtype=_acc_dtype(q.dtype), device=dev)
-    if local is not None:
-        _, l_acc = fwd(
-            q, k, v, local, q_global_idx=q_idx, kv_global_idx=q_idx, out=o_acc, head_group=Hq, **kw
-        )  # fmt: skip
-    else:  # every row of this shard sees nothing of its own keys
-        o_acc.zero_()
-        l_acc = torch.full((B, Hq, L), float("-inf"), dtype=o_acc.dtype, device=dev)
-    out = torch.empty(B, Hq, L, Dv, dtype=q.dtype, device=dev)
-    lses = []
-    for i, (h0, h1) in enumerate(chunks):
-        buf, works = pending
-        plan.record_wait(works, dev)
-        if i + 1 < len(chunks):
-            pending = _start_gather(rest[i], plan)
-        q0, q1 = h0 * g, h1 * g
-        # the running LSE is updated in place: a view for B = 1, else a contiguous copy of the head slice
-        lse_c = l_acc[:, q0:q1] if B == 1 else l_acc[:, q0:q1].contiguous()
-        lses.append(lse_c)
-        if remote is None:  # nothing visible outside the own shard
-            out[:, q0:q1] = o_acc[:, q0:q1]
-            continue
-        kv = _seq_view(buf)
-        fwd(
-            q[:, q0:q1], kv[..., :D], kv[..., D:], remote, q_global_idx=q_idx, kv_global_idx=kv_idx,
-            out=out[:, q0:q1], out_acc=o_acc[:, q0:q1], lse_acc=lse_c, head_group=q1 - q0,
-            **_chunk_kw(kw, q0, q1, len(chunks) == 1),
-        )  # fmt: skip
-    return out, l_acc if B == 1 else torch.cat(lses, dim=1)
 
 
 def allgather_backward(q, k, v, out, dout, lse, delta, plan, full_mask, bwd: Callable, kw: dict):

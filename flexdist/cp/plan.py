@@ -130,9 +130,7 @@ class Plan:
     # their global key indices)
     group_masks: list = field(default_factory=list)
     head_chunks: int | tuple[int, ...] = 1  # strategy="allgather": K/V heads per pipelined chunk (see `plan`)
-    local_first: bool = (
-        False  # strategy="allgather": the forward attends to the local shard during the gather
-    )
+    local_first: bool = False  # strategy="allgather": chunk 0 attends to the own shard during its gather
     remote_mask: BlockMask | None = None  # local_first: full_mask without this rank's own key blocks
     timing: bool = False  # record CUDA events around the ring's waits (see comm_wait_seconds)
     _wait_events: list = field(default_factory=list, repr=False)
@@ -552,12 +550,13 @@ def plan(
             do, and in backward chunk c's dK/dV reduce-scatter runs while its dQ kernel and the next chunks
             do. Only the first chunk's gather is exposed. 1 (default) is the unpipelined all-gather (what
             torch's CP does). Score mods must be head-independent or one of the built-in ones.
-        local_first: with ``strategy="allgather"``, the forward first attends to the rank's own K/V shard
-            (every head, one call) while the first chunk's gather runs, then each chunk's call covers the
-            other ranks' keys and merges by LSE, writing the final output. That hides the first gather, the
-            one transfer the pipeline otherwise exposes, at the cost of one more call. Needs the shard length
-            ``S / N`` to be a multiple of ``block_size`` (the own keys are then whole key blocks of the
-            gathered sequence). The backward is unchanged.
+        local_first: with ``strategy="allgather"``, the first chunk's heads first attend to the rank's own
+            K/V shard while that chunk's gather runs (into an fp32 running result); the chunk's call over the
+            gathered keys then covers the other ranks' keys only and merges by LSE, writing the output. That
+            hides the first gather, the one transfer the pipeline otherwise exposes, at the cost of one more
+            call and an fp32 round trip of the first chunk's output. Needs the shard length ``S / N`` to be a
+            multiple of ``block_size`` (the own keys are then whole key blocks of the gathered sequence).
+            The backward is unchanged.
         check: all-reduce a hash of doc_ids to catch ranks passing different batches (default: on the
             first plan of each group, and always in debug mode).
         debug: check on every call (default: environment FLEXDIST_CP_DEBUG=1).
