@@ -813,7 +813,9 @@ def main() -> None:
             anchor="MagiAttention H100 8 GPUs doc-causal: ~459 fwd / ~360 bwd TFLOP/s",
             timing="per call: one warm-up, then the fastest of 3 rounds of --reps calls back to back (CUDA events)",
         )
-        if device.type == "cuda":  # the tile the autotuner picked per shape key (the rank calls have their own)
+        if (
+            device.type == "cuda"
+        ):  # the tile the autotuner picked per shape key (the rank calls have their own)
             from flexdist.kernels.triton_fwd import tuned_choices
 
             meta["tuned"] = tuned_choices()
