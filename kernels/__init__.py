@@ -7,7 +7,8 @@ Public API (semantics of ``torch.nn.attention.flex_attention``; layout ``[B, H, 
 - ``flex_attention(q, k, v, score_mod=None, block_mask=None, scale=None, enable_gqa=False, return_lse=False)``
 - ``flex_attention_forward(q, k, v, block_mask=None, score_mod=None, scale=None, enable_gqa=False, *,
   q_global_idx=None, kv_global_idx=None, backend="auto", out_acc=None, lse_acc=None, head_group=None,
-  out=None) -> (out, lse)``
+  out=None) -> (out, lse)``; ``out_acc`` / ``lse_acc``: a running fp32 result merged into in place, or,
+  with ``out`` too, merged into ``out`` (``out_acc`` only read)
 - ``flex_attention_backward(q, k, v, out, dout, lse, block_mask=None, score_mod=None, scale=None,
   enable_gqa=False, *, delta=None, dlse=None, q_global_idx=None, kv_global_idx=None, score_mod_grads=None,
   backend="auto", dq_out=None, dk_out=None, dv_out=None, which="all", head_group=None, accumulate=True)

@@ -4,7 +4,8 @@
   per-(rank, ring step) BlockMasks and the ring schedule, built once per batch;
 - `attention(q, k, v, plan)`: differentiable ring / all-gather / direct / Ulysses attention on local shards
   (``strategy="allgather", head_chunks=2``, the all-gather pipelined over chunks of K/V heads, measured
-  fastest: see the README's Measured section);
+  fastest; ``local_first=True`` also hides the first chunk's gather behind the rank's own keys, a gain at
+  8 ranks and a loss at 2 and 4: see the README's Measured section);
 - `ContextParallelAttention`: the same as an ``nn.Module``; inside ``torch.compile`` it runs the custom op
   ``flexdist::cp_attention_*`` (`flexdist.cp.ops`: `cp_attention`, `register_plan`), so a block holding it
   compiles with ``fullgraph=True`` and a new plan per batch does not recompile.
