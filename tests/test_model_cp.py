@@ -16,8 +16,10 @@ import torch
 from spawn import init_group, run_ranks
 
 # every sharding with the ring, and every exchange strategy with the planner's choice of sharding
-CASES = [(b, "ring") for b in ("contiguous", "zigzag", "document", "auto")]
-CASES += [("auto", s) for s in ("allgather", "direct", "ulysses")]
+CASES = [(b, "ring", {}) for b in ("contiguous", "zigzag", "document", "auto")]
+CASES += [("auto", s, {}) for s in ("allgather", "direct", "ulysses")]
+# the pipelined all-gather with the first chunk's own keys first (the trainer's cp_head_chunks / cp_local_first)
+CASES += [("document", "allgather", {"head_chunks": 2, "local_first": True})]
 
 
 def _worker(rank: int, world: int, init_method: str, results) -> None:
@@ -56,7 +58,7 @@ def _worker(rank: int, world: int, init_method: str, results) -> None:
         ref_loss = loss_sum(model(batch["tokens"], batch["positions"], ref_attn), batch["labels"]) / n_valid
         ref_grads = torch.autograd.grad(ref_loss, list(model.parameters()))
 
-        for balance, strategy in CASES:
+        for balance, strategy, extra in CASES:
             plan = make_cp_plan(
                 batch["doc_ids"],
                 dist.group.WORLD,
@@ -64,6 +66,7 @@ def _worker(rank: int, world: int, init_method: str, results) -> None:
                 strategy=strategy,
                 block_size=64,
                 backend="reference",
+                **extra,
             )
             tokens, labels = plan.shard(batch["tokens"], 1), plan.shard(batch["labels"], 1)
             assert tokens.shape == (2, 512 // world)
@@ -83,7 +86,7 @@ def _worker(rank: int, world: int, init_method: str, results) -> None:
                     rg,
                     rtol=1e-8,
                     atol=1e-10,
-                    msg=lambda m, n=name, b=balance, st=strategy: f"{b}/{st} {n}: {m}",
+                    msg=lambda m, n=name, b=balance, st=strategy, x=extra: f"{b}/{st} {x} {n}: {m}",
                 )
         results.put((rank, "ok", ""))
     except BaseException:
