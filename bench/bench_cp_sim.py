@@ -157,6 +157,15 @@ def replay_backward(
     return max(max(prev), nccl) + unpack
 
 
+def _chunk_shapes(spec: str, qs, ks, vs) -> tuple:
+    """(N, L, D, Dv, GQA group, device, K/V heads per chunk) of the per-rank shards and a chunk spec."""
+    from flexdist.cp.plan import chunk_sizes
+
+    _, Hq, L, D = qs[0].shape
+    Hkv, Dv = ks[0].shape[1], vs[0].shape[-1]
+    return len(qs), L, D, Dv, Hq // Hkv, ks[0].device, chunk_sizes(parse_chunks(spec), Hkv)
+
+
 def allgather_pipeline(
     spec: str, perm, shards, masks, ks, vs, qs, douts, outs, lses, deltas, kb, gqa, hg, fwd_hg, tm, link
 ) -> tuple[float, float, dict]:
@@ -171,14 +180,8 @@ def allgather_pipeline(
     ``masks[r]``: rank r's queries against every key in plan order; ``ks`` / ``vs``: every rank's shard.
     """
     from flexdist.cp.allgather import _pack, _seq_view
-    from flexdist.cp.plan import chunk_sizes
 
-    N = len(shards)
-    _, Hq, L, D = qs[0].shape
-    Hkv, Dv = ks[0].shape[1], vs[0].shape[-1]
-    g = Hq // Hkv
-    dev = ks[0].device
-    sizes = chunk_sizes(parse_chunks(spec), Hkv)
+    N, L, D, Dv, g, dev, sizes = _chunk_shapes(spec, qs, ks, vs)
     perm_dev = perm.to(dev)
     elem = ks[0].element_size()
     C, K, Q, G, R = [], [], [], [], []
@@ -270,14 +273,8 @@ def local_first_forward(
     without local_first (``C_rest``, seconds per chunk and rank). Replayed with the own-shard call ahead of the
     first wait (`replay_forward`)."""
     from flexdist.cp.allgather import _pack, _seq_view
-    from flexdist.cp.plan import chunk_sizes
 
-    N = len(shards)
-    _, Hq, L, D = qs[0].shape
-    Hkv, Dv = ks[0].shape[1], vs[0].shape[-1]
-    g = Hq // Hkv
-    dev = ks[0].device
-    sizes = chunk_sizes(parse_chunks(spec), Hkv)
+    N, L, D, Dv, g, dev, sizes = _chunk_shapes(spec, qs, ks, vs)
     h1 = sizes[0]
     n0 = h1 * g
     kw = dict(enable_gqa=gqa, backend=kb)
