@@ -109,7 +109,6 @@ def replay_forward(
     pack: float,
     pack_rest: float = 0.0,
     local: list[float] | None = None,
-    packs_beside: bool = False,
 ) -> float:
     """Makespan of the pipelined all-gather forward from per-chunk, per-rank kernel times ``C[c][r]``.
 
@@ -118,16 +117,11 @@ def replay_forward(
     launches chunk c's kernel. NCCL runs the collectives in post order on its own stream, each once every
     rank's compute enqueued before its post (chunk c-1's kernel) is done: what bounds the gathered buffers
     to two chunks. ``local[r]``: rank r's own-shard call (``local_first``), issued after the packs, before
-    the first wait: gather 0 runs beside it, gather 1 only after it. ``packs_beside``: the packs run on a
-    side stream beside the local call (as ``local_first`` does on CUDA): gather 0 starts after ``pack``,
-    and ``local[r]`` is the measured time of the local call and all packs together.
+    the first wait: gather 0 runs beside it, gather 1 only after it.
     """
     N = len(C[0])
     done = [pack + G[0]]
-    if packs_beside:
-        prev = list(local)
-    else:
-        prev = [pack + pack_rest + (local[r] if local else 0.0) for r in range(N)]
+    prev = [pack + pack_rest + (local[r] if local else 0.0) for r in range(N)]
     for c in range(len(G)):
         start = [max(prev[r], done[c]) for r in range(N)]
         if c + 1 < len(G):
@@ -288,31 +282,23 @@ def local_first_forward(
     kv = _seq_view(buf)
     kc, vc = kv[..., :D], kv[..., D:]
     local, remote = [], []
-    bounds = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(sizes))]
-    beside = dev.type == "cuda"
     for r in range(N):
         q0 = qs[r][:, :n0]
         o32 = torch.zeros(1, n0, L, Dv, dtype=torch.float32, device=dev)
         l32 = torch.full((1, n0, L), float("-inf"), device=dev)
-        lk, lv = ks[r][:, :h1], vs[r][:, :h1]
-        lkw = dict(kw, q_global_idx=shards[r], kv_global_idx=shards[r], head_group=n0, out=o32)
         if local_masks[r] is not None:
+            lkw = dict(kw, q_global_idx=shards[r], kv_global_idx=shards[r], head_group=n0, out=o32)
+            lk, lv = ks[r][:, :h1], vs[r][:, :h1]
             _, l32 = flex_attention_forward(q0, lk, lv, local_masks[r], **lkw)
-
-        def phase(r=r, q0=q0, lk=lk, lv=lv, lkw=lkw):
-            # as flexdist.cp.allgather on CUDA: every chunk packed on a side stream beside the local call
-            if beside:
-                side = torch.cuda.Stream(dev)
-                side.wait_stream(torch.cuda.current_stream(dev))
-                with torch.cuda.stream(side):
-                    for a, b in bounds:
-                        _pack(ks[r], vs[r], a, b)
-            if local_masks[r] is not None:
-                flex_attention_forward(q0, lk, lv, local_masks[r], **lkw)
-            if beside:
-                torch.cuda.current_stream(dev).wait_stream(side)
-
-        local.append(tm(phase))
+            local.append(
+                tm(
+                    lambda q0=q0, lk=lk, lv=lv, m=local_masks[r], lkw=lkw: flex_attention_forward(
+                        q0, lk, lv, m, **lkw
+                    )
+                )
+            )
+        else:  # nothing visible in the own shard: the running result starts empty
+            local.append(0.0)
         if remote_masks[r] is None:  # the code copies the running result: charged as nothing
             remote.append(0.0)
             continue
@@ -326,15 +312,12 @@ def local_first_forward(
         )
     elem = ks[0].element_size()
     G = [(N - 1) * L * hc * (D + Dv) * elem / link for hc in sizes]
-    T_f = replay_forward([remote, *C_rest], G, pack, pack_rest, local, packs_beside=beside)
+    T_f = replay_forward([remote, *C_rest], G, pack, pack_rest, local)
     ms = lambda xs: [round(x * 1e3, 4) for x in xs]
     extra = dict(
         head_chunks=sizes,
         local_first=True,
         local_fwd_ms=ms(local),
-        local_fwd_note="the local call with every chunk's pack beside it on a side stream (CUDA)"
-        if beside
-        else "",
         chunk_fwd_ms=[ms(remote)] + [ms(c) for c in C_rest],
         gather_ms=ms(G),
         pack_ms=round(pack * 1e3, 4),
