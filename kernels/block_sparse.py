@@ -155,7 +155,7 @@ def _i32(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device=device, dtype=torch.int32).contiguous()
 
 
-def _dense_blocks(num: torch.Tensor, idx: torch.Tensor, ncols: int) -> torch.Tensor:
+def dense_blocks(num: torch.Tensor, idx: torch.Tensor, ncols: int) -> torch.Tensor:
     """(num [..., R], idx [..., R, K]) -> bool [..., R, ncols] occupancy."""
     K = idx.shape[-1]
     valid = torch.arange(K, device=idx.device) < num[..., None].long()
@@ -338,11 +338,11 @@ def kernel_mask(block_mask, shape: AttnShape, device: torch.device, dense_block:
                 f"block_mask.full_kv_indices {tuple(full_idx.shape)} must match kv_indices {tuple(kv_idx.shape)}"
             )
     # transposed lists, for the dK/dV pass (recomputed from the kv lists: robust to masks built without them)
-    p_dense = _dense_blocks(kv_num, kv_idx, KVb)
+    p_dense = dense_blocks(kv_num, kv_idx, KVb)
     q_num, q_idx = _lists(p_dense.transpose(-1, -2))
     fq_num = fq_idx = None
     if full_num is not None:
-        fq_num, fq_idx = _lists(_dense_blocks(full_num, full_idx, KVb).transpose(-1, -2))
+        fq_num, fq_idx = _lists(dense_blocks(full_num, full_idx, KVb).transpose(-1, -2))
         fq_num, fq_idx = _i32(fq_num, device), _i32(fq_idx, device)
     km = KernelMask(
         QBS,

@@ -310,6 +310,8 @@ def run_case(
         head_chunks=c.get("head_chunks", 1),
         local_first=c.get("local_first", False),
     )
+    if c.get("local_first") and p.world_size > 1:  # the own-keys-first path runs (not the plain one)
+        assert p.local_first, c
     if sm_kind == "alibi" and (device != "cpu" or dtype != torch.float64):
         sm_cp = ALiBi(ALiBi.default_slopes(Hq).to(device))
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.nn.attention.flex_attention import BlockMask
 
 from flexdist.kernels import DocumentMaskMod
-from flexdist.kernels.block_sparse import block_mask_from_tables
+from flexdist.kernels.block_sparse import block_mask_from_tables, dense_blocks
 from flexdist.masks.block_mask import block_tables
 
 from . import balance as bal
@@ -315,18 +315,10 @@ def drop_key_blocks(mask: BlockMask, first: int, last: int) -> BlockMask | None:
     if bq != bk:
         raise ValueError(f"drop_key_blocks needs square blocks, got {mask.BLOCK_SIZE}")
     nkv = -(-Lk // bk)
-
-    def dense(num, idx):
-        B, _, nq = num.shape
-        out = torch.zeros(B, nq, nkv + 1, dtype=torch.bool, device=num.device)
-        if idx.shape[-1]:
-            valid = torch.arange(idx.shape[-1], device=num.device) < num[:, 0, :, None]
-            out.scatter_(-1, torch.where(valid, idx[:, 0].long(), nkv), True)
-        return out[..., :nkv]
-
-    part = dense(mask.kv_num_blocks, mask.kv_indices)
+    # [B, Qb, Kb] occupancy of the head-independent (head dim 1) partial and full block lists
+    part = dense_blocks(mask.kv_num_blocks[:, 0], mask.kv_indices[:, 0], nkv)
     full = (
-        dense(mask.full_kv_num_blocks, mask.full_kv_indices)
+        dense_blocks(mask.full_kv_num_blocks[:, 0], mask.full_kv_indices[:, 0], nkv)
         if mask.full_kv_num_blocks is not None
         else torch.zeros_like(part)
     )
