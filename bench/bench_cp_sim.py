@@ -46,7 +46,7 @@ from flexdist.cp.plan import _needed_tokens, _pair_work_tokens, build_pair_masks
 from flexdist.kernels import flex_attention_backward, flex_attention_forward
 
 
-def timer(device: torch.device, reps: int, rounds: int = 3):
+class timer:
     """Seconds per call of fn(): one warm-up, then ``rounds`` times ``reps`` calls back to back between two
     CUDA events; the fastest round counts.
 
@@ -54,30 +54,51 @@ def timer(device: torch.device, reps: int, rounds: int = 3):
     only shows where the host cannot keep the GPU busy (then it is real: the ring would stall the same way).
     The best of several rounds keeps a moment of contention for the host's CPUs (another benchmark lane, a
     compile) from being charged to one configuration.
+
+    ``many(fns)`` times calls that stand for *different ranks* (whose maximum the simulation takes): with
+    ``interleaved`` (the default, ``--timing interleaved``) round i of every call runs before round i + 1 of
+    any, so a slow stretch of the GPU (clocks, a busy neighbour) falls on every rank alike instead of on the
+    ranks timed during it. Timed one after another (``--timing sequential``, how sessions up to s8 timed), the
+    chunk-0 and chunk-1 calls of one rank, which have the same mask and shapes, differed by up to 8%
+    (``bench/results/2026-11-26-s8/call4``), and the maximum over ranks picks up such noise.
     """
 
-    def run(fn):
-        fn()
-        if device.type == "cuda":
-            best = float("inf")
-            for _ in range(rounds):
-                torch.cuda.synchronize()
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                for _ in range(reps):
-                    fn()
-                b.record()
-                b.synchronize()
-                best = min(best, a.elapsed_time(b) / 1e3 / reps)
-            return best
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
+    def __init__(self, device: torch.device, reps: int, rounds: int = 3, interleaved: bool = True):
+        self.device, self.reps, self.rounds, self.interleaved = device, reps, rounds, interleaved
 
-    return run
+    def _round(self, fn) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(self.reps):
+                fn()
+            b.record()
+            b.synchronize()
+            return a.elapsed_time(b) / 1e3 / self.reps
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    def __call__(self, fn) -> float:
+        return self.many([fn])[0]
+
+    def many(self, fns: list) -> list[float]:
+        if not self.interleaved and len(fns) > 1:
+            return [self.many([f])[0] for f in fns]
+        for f in fns:
+            f()
+        if self.device.type == "cuda":
+            best = [float("inf")] * len(fns)
+            for _ in range(self.rounds):
+                for i, f in enumerate(fns):
+                    best[i] = min(best[i], self._round(f))
+            return best
+        ts = [[] for _ in fns]
+        for _ in range(self.reps):
+            for i, f in enumerate(fns):
+                ts[i].append(self._round(f))
+        return [statistics.median(t) for t in ts]
 
 
 def layout(balance: str, doc: torch.Tensor, N: int, bs: int, cost: bal.CostModel) -> torch.Tensor:
@@ -179,7 +200,8 @@ def allgather_pipeline(
     group as the strategy does (``fwd_hg`` overrides), backward calls use ``hg`` (default: the kernels' rule).
     ``masks[r]``: rank r's queries against every key in plan order; ``ks`` / ``vs``: every rank's shard.
     """
-    from flexdist.cp.allgather import _pack, _seq_view
+    from flexdist.cp.allgather import _seq_view
+    from flexdist.cp.kv_pack import pack_kv, unpack_dkv
 
     N, L, D, Dv, g, dev, sizes = _chunk_shapes(spec, qs, ks, vs)
     perm_dev = perm.to(dev)
@@ -189,13 +211,13 @@ def allgather_pipeline(
     for hc in sizes:
         h1, q0, q1 = h0 + hc, h0 * g, (h0 + hc) * g
         # the gathered buffer of this chunk, as every rank would hold it: [N, B, L, hc, D+Dv] in plan order
-        buf = torch.stack([_pack(ks[r], vs[r], h0, h1) for r in range(N)])
+        buf = torch.stack([pack_kv(ks[r], vs[r], h0, h1) for r in range(N)])
         kv = _seq_view(buf)
         kc, vc = kv[..., :D], kv[..., D:]
         grad = torch.empty(buf.shape, dtype=torch.float32, device=dev)
         gseq = _seq_view(grad)
         kw = dict(enable_gqa=gqa, kv_global_idx=perm_dev, backend=kb, **hg)
-        cf, ck, cq = [], [], []
+        ff, fk, fq = [], [], []
         for r in range(N):
             out_buf = torch.empty_like(outs[r])
             dq_buf = torch.empty_like(qs[r])
@@ -203,49 +225,51 @@ def allgather_pipeline(
             b = (outs[r][:, q0:q1], douts[r][:, q0:q1], lses[r][:, q0:q1], masks[r])
             rkw = dict(kw, q_global_idx=shards[r])
             fkw = dict(rkw, head_group=fwd_hg or (q1 - q0))
-            cf.append(
-                tm(
-                    lambda a=a, r=r, fkw=fkw, o=out_buf: flex_attention_forward(
-                        *a, masks[r], out=o[:, q0:q1], **fkw
-                    )
+            ff.append(
+                lambda a=a, r=r, fkw=fkw, o=out_buf: flex_attention_forward(
+                    *a, masks[r], out=o[:, q0:q1], **fkw
                 )
             )
             bkw = dict(rkw, delta=deltas[r][:, q0:q1], accumulate=False)
-            ck.append(
-                tm(
-                    lambda a=a, b=b, bkw=bkw: flex_attention_backward(
-                        *a, *b, dk_out=gseq[..., :D], dv_out=gseq[..., D:], which="dkdv", **bkw
-                    )
+            fk.append(
+                lambda a=a, b=b, bkw=bkw: flex_attention_backward(
+                    *a, *b, dk_out=gseq[..., :D], dv_out=gseq[..., D:], which="dkdv", **bkw
                 )
             )
-            cq.append(
-                tm(
-                    lambda a=a, b=b, bkw=bkw, d=dq_buf: flex_attention_backward(
-                        *a, *b, dq_out=d[:, q0:q1], which="dq", **bkw
-                    )
+            fq.append(
+                lambda a=a, b=b, bkw=bkw, d=dq_buf: flex_attention_backward(
+                    *a, *b, dq_out=d[:, q0:q1], which="dq", **bkw
                 )
             )
-        C.append(cf)
-        K.append(ck)
-        Q.append(cq)
+        C.append(tm.many(ff))
+        K.append(tm.many(fk))
+        Q.append(tm.many(fq))
         G.append((N - 1) * L * hc * (D + Dv) * elem / link)
         R.append((N - 1) * L * hc * (D + Dv) * 4 / link)
         h0 = h1
-    # the copies around the kernels, on one rank (every rank's are the same size)
+    # the copies around the kernels, on one rank (every rank's are the same size), with the strategy's
+    # copies (`flexdist.cp.kv_pack`: Triton on CUDA) and with the torch copies it used up to session 8
     bounds = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(sizes))]
-    pack = tm(lambda: _pack(ks[0], vs[0], *bounds[0]))
-    pack_rest = tm(lambda: [_pack(ks[0], vs[0], a, b) for a, b in bounds[1:]]) if len(bounds) > 1 else 0.0
     mine = [torch.empty(1, L, b - a, D + Dv, dtype=torch.float32, device=dev) for a, b in bounds]
     dk, dv = torch.empty_like(ks[0]), torch.empty_like(vs[0])
-
-    def unpack_all():
-        for (a, b), m in zip(bounds, mine, strict=True):
-            dk[:, a:b] = m[..., :D].transpose(1, 2)
-            dv[:, a:b] = m[..., D:].transpose(1, 2)
-
-    unpack = tm(unpack_all)
+    copies = {}
+    for be in ("auto", "torch"):
+        p0 = tm(lambda be=be: pack_kv(ks[0], vs[0], *bounds[0], backend=be))
+        p1 = (
+            tm(lambda be=be: [pack_kv(ks[0], vs[0], a, b, backend=be) for a, b in bounds[1:]])
+            if len(bounds) > 1
+            else 0.0
+        )
+        u = tm(
+            lambda be=be: [
+                unpack_dkv(m, dk, dv, a, backend=be) for (a, _), m in zip(bounds, mine, strict=True)
+            ]
+        )
+        copies[be] = (p0, p1, u)
+    pack, pack_rest, unpack = copies["auto"]
     T_f = replay_forward(C, G, pack, pack_rest)
     T_b = replay_backward(K, Q, G, R, pack, unpack, pack_rest)
+    tp, tpr, tu = copies["torch"]
     ms = lambda xs: [round(x * 1e3, 4) for x in xs]
     extra = dict(
         head_chunks=sizes,
@@ -259,29 +283,39 @@ def allgather_pipeline(
         fwd_head_group=fwd_hg or "heads of the call",
         unpack_ms=round(unpack * 1e3, 4),
         kv_tokens_moved=N * (N - 1) * L,
+        # the same replay with the torch copies (the baseline of the Triton copies, same process)
+        torch_copies=dict(
+            pack_ms=round(tp * 1e3, 4),
+            pack_rest_ms=round(tpr * 1e3, 4),
+            unpack_ms=round(tu * 1e3, 4),
+            pred_fwd_s=replay_forward(C, G, tp, tpr),
+            pred_bwd_s=replay_backward(K, Q, G, R, tp, tu, tpr),
+        ),
     )
     return T_f, T_b, extra
 
 
 def local_first_forward(
-    spec: str, perm, shards, local_masks, remote_masks, ks, vs, qs, kb, gqa, tm, link, C_rest, pack, pack_rest
+    spec: str, perm, shards, local_masks, remote_masks, ks, vs, qs, kb, gqa, tm, link, C_rest, copies
 ) -> tuple[float, dict]:
     """(forward s, JSON extras) of ``strategy="allgather", head_chunks=spec, local_first=True``: every rank's
     call of chunk 0's heads against its own shard (fp32 running result) and chunk 0's call over the other
     ranks' keys (``remote_masks[r]``: its all-gather mask without its own key blocks), merged in the epilogue
     and written in bf16, timed as `flexdist.cp.allgather` makes them; the later chunks' calls are the same as
     without local_first (``C_rest``, seconds per chunk and rank). Replayed with the own-shard call ahead of the
-    first wait (`replay_forward`)."""
-    from flexdist.cp.allgather import _pack, _seq_view
+    first wait (`replay_forward`). ``copies``: ``{"auto": (pack, pack_rest), "torch": (...)}`` seconds, the
+    strategy's layout copies and the torch ones (the latter replayed as the baseline, in the JSON)."""
+    from flexdist.cp.allgather import _seq_view
+    from flexdist.cp.kv_pack import pack_kv
 
     N, L, D, Dv, g, dev, sizes = _chunk_shapes(spec, qs, ks, vs)
     h1 = sizes[0]
     n0 = h1 * g
     kw = dict(enable_gqa=gqa, backend=kb)
-    buf = torch.stack([_pack(ks[r], vs[r], 0, h1) for r in range(N)])
+    buf = torch.stack([pack_kv(ks[r], vs[r], 0, h1) for r in range(N)])
     kv = _seq_view(buf)
     kc, vc = kv[..., :D], kv[..., D:]
-    local, remote = [], []
+    fl, fr = [], []  # per rank: the own-shard call, the call over the other ranks' keys (None: no call)
     for r in range(N):
         q0 = qs[r][:, :n0]
         o32 = torch.zeros(1, n0, L, Dv, dtype=torch.float32, device=dev)
@@ -290,29 +324,33 @@ def local_first_forward(
             lkw = dict(kw, q_global_idx=shards[r], kv_global_idx=shards[r], head_group=n0, out=o32)
             lk, lv = ks[r][:, :h1], vs[r][:, :h1]
             _, l32 = flex_attention_forward(q0, lk, lv, local_masks[r], **lkw)
-            local.append(
-                tm(
-                    lambda q0=q0, lk=lk, lv=lv, m=local_masks[r], lkw=lkw: flex_attention_forward(
-                        q0, lk, lv, m, **lkw
-                    )
+            fl.append(
+                lambda q0=q0, lk=lk, lv=lv, m=local_masks[r], lkw=lkw: flex_attention_forward(
+                    q0, lk, lv, m, **lkw
                 )
             )
         else:  # nothing visible in the own shard: the running result starts empty
-            local.append(0.0)
+            fl.append(None)
         if remote_masks[r] is None:  # the code copies the running result: charged as nothing
-            remote.append(0.0)
+            fr.append(None)
             continue
         out_buf = torch.empty(1, n0, L, Dv, dtype=qs[r].dtype, device=dev)
         rkw = dict(
             kw, q_global_idx=shards[r], kv_global_idx=perm.to(dev), head_group=n0, out=out_buf, out_acc=o32,
             lse_acc=l32,
         )  # fmt: skip
-        remote.append(
-            tm(lambda q0=q0, m=remote_masks[r], rkw=rkw: flex_attention_forward(q0, kc, vc, m, **rkw))
-        )
+        fr.append(lambda q0=q0, m=remote_masks[r], rkw=rkw: flex_attention_forward(q0, kc, vc, m, **rkw))
+
+    def timed(fns):
+        t = iter(tm.many([f for f in fns if f is not None]))
+        return [0.0 if f is None else next(t) for f in fns]
+
+    local, remote = timed(fl), timed(fr)
     elem = ks[0].element_size()
     G = [(N - 1) * L * hc * (D + Dv) * elem / link for hc in sizes]
+    pack, pack_rest = copies["auto"]
     T_f = replay_forward([remote, *C_rest], G, pack, pack_rest, local)
+    tp, tpr = copies["torch"]
     ms = lambda xs: [round(x * 1e3, 4) for x in xs]
     extra = dict(
         head_chunks=sizes,
@@ -322,6 +360,11 @@ def local_first_forward(
         gather_ms=ms(G),
         pack_ms=round(pack * 1e3, 4),
         pack_rest_ms=round(pack_rest * 1e3, 4),
+        torch_copies=dict(
+            pack_ms=round(tp * 1e3, 4),
+            pack_rest_ms=round(tpr * 1e3, 4),
+            pred_fwd_s=replay_forward([remote, *C_rest], G, tp, tpr, local),
+        ),
     )
     return T_f, extra
 
@@ -346,7 +389,7 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
     v = torch.randn(1, Hkv, S, D, generator=g).to(device, dtype)
     dout = torch.randn(1, Hq, S, D, generator=g).to(device, dtype)
     kb = args.backend
-    tm = timer(device, args.reps)
+    tm = timer(device, args.reps, interleaved=args.timing == "interleaved")
     gqa = Hq != Hkv
     kv_bytes = 2 * Hkv * L * D * torch.finfo(dtype).bits // 8
     dkv_bytes = 2 * Hkv * L * D * 4
@@ -450,6 +493,7 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
             fwd_steps, bwd_steps = [], []
             for t in range(N):
                 cf, cb = [0.0], [0.0]
+                fs, bs_ = [], []  # this step's calls of every rank, timed together (`timer.many`)
                 for r in range(N):
                     j = (r - t) % N
                     m, kj, vj, kv_idx = pair(r, j)
@@ -474,8 +518,10 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
                             *a, delta=deltas[r], dk_out=dk_b, dv_out=dv_b, which="dkdv", **kw
                         )
 
-                    cf.append(tm(f))
-                    cb.append(tm(b))
+                    fs.append(f)
+                    bs_.append(b)
+                cf += tm.many(fs)
+                cb += tm.many(bs_)
                 step_detail.append(
                     dict(
                         fwd_ms=[round(x * 1e3, 4) for x in cf[1:]], bwd_ms=[round(x * 1e3, 4) for x in cb[1:]]
@@ -626,6 +672,14 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
                 )  # fmt: skip
                 name = "allgather" if spec == "1" else f"allgather/hc{spec}"
                 add_row(name, T_f, T_b, **extra)
+                tc = extra["torch_copies"]
+                print(
+                    f"  {name}: layout copies pack {extra['pack_ms'] + extra['pack_rest_ms']:.4f} ms, unpack "
+                    f"{extra['unpack_ms']:.4f} ms; with the torch copies ({tc['pack_ms'] + tc['pack_rest_ms']:.4f} / "
+                    f"{tc['unpack_ms']:.4f} ms) eff {t1_fwd / (N * tc['pred_fwd_s']):.3f} / "
+                    f"{t1_bwd / (N * tc['pred_bwd_s']):.3f} against {t1_fwd / (N * T_f):.3f} / {t1_bwd / (N * T_b):.3f}",
+                    flush=True,
+                )
                 if args.local_first:
                     from flexdist.cp.plan import drop_key_blocks
 
@@ -634,10 +688,19 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
                     C_rest = [[t / 1e3 for t in c] for c in extra["chunk_fwd_ms"][1:]]
                     T_lf, extra_lf = local_first_forward(
                         spec, perm, shards, [masks[r][r] for r in range(N)], remote, ks, vs, qs, kb, gqa,
-                        tm, link, C_rest, extra["pack_ms"] / 1e3, extra["pack_rest_ms"] / 1e3,
+                        tm, link, C_rest,
+                        {
+                            "auto": (extra["pack_ms"] / 1e3, extra["pack_rest_ms"] / 1e3),
+                            "torch": (extra["torch_copies"]["pack_ms"] / 1e3, extra["torch_copies"]["pack_rest_ms"] / 1e3),
+                        },
                     )  # fmt: skip
                     # the backward is the same as without local_first (it runs the whole mask per chunk)
                     add_row(f"{name}+lf", T_lf, T_b, backward_of=name, **extra_lf)
+                    print(
+                        f"  {name}+lf: eff fwd {t1_fwd / (N * T_lf):.3f}, with the torch copies "
+                        f"{t1_fwd / (N * extra_lf['torch_copies']['pred_fwd_s']):.3f}",
+                        flush=True,
+                    )
         for rr in rows[n_before:]:
             print(
                 f"  {balance:11} {rr['strategy']:15} fwd {rr['pred_fwd_s'] * 1e3:8.2f} ms {rr['tflops_fwd']:6.0f} TFLOP/s "
@@ -772,6 +835,13 @@ def main() -> None:
         "gather; the backward is the same as without)",
     )
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument(
+        "--timing",
+        choices=["interleaved", "sequential"],
+        default="interleaved",
+        help="time the ranks' calls round by round across ranks (default) or each rank's rounds in a row "
+        "(how sessions up to s8 timed them); see `timer`",
+    )
     ap.add_argument("--backend", default="auto", help="flexdist.kernels backend")
     ap.add_argument("--balances", nargs="+", default=["contiguous", "zigzag", "document"])
     ap.add_argument("--strategies", nargs="+", default=["ring", "direct", "allgather", "ulysses"])
@@ -808,7 +878,9 @@ def main() -> None:
             python=platform.python_version(),
             args=vars(args),
             anchor="MagiAttention H100 8 GPUs doc-causal: ~459 fwd / ~360 bwd TFLOP/s",
-            timing="per call: one warm-up, then the fastest of 3 rounds of --reps calls back to back (CUDA events)",
+            timing="per call: one warm-up, then the fastest of 3 rounds of --reps calls back to back (CUDA events); "
+            f"{args.timing}: the ranks of one step or chunk timed round by round together (interleaved) or one "
+            "after another (sequential)",
         )
         if (
             device.type == "cuda"
