@@ -4,6 +4,8 @@
 # need every GPU; on one GPU the lanes run one after the other.
 #   LANE0 / LANE1 / MULTI: space-separated part names (see `part_*` below), e.g.
 #   LANE0="kernel" LANE1="tests masks cp_sim" MULTI="nccl cp_multi train_cp" bash bench/gpu_session.sh
+#   LANE1_GPUS: the GPUs of the second lane (default 1), e.g. LANE1_GPUS=1,2,3 LANE1=nccl with
+#   FLEXDIST_CP_NCCL_WORLDS=3 runs the NCCL suite at world size 3 beside a timing lane on GPU 0 (4-GPU machines)
 # Every part has its own time limit; results (JSON, logs) go to $OUT/results.tar.gz, a summary to stdout.
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"
@@ -67,7 +69,7 @@ lane() { for p in $1; do "part_$p"; done; }
 
 if [ "$NGPU" -ge 2 ]; then
   CUDA_VISIBLE_DEVICES=0 lane "${LANE0:-}" & a=$!
-  CUDA_VISIBLE_DEVICES=1 lane "${LANE1:-}" & b=$!
+  CUDA_VISIBLE_DEVICES="${LANE1_GPUS:-1}" lane "${LANE1:-}" & b=$!
   wait $a $b
 else
   lane "${LANE0:-} ${LANE1:-}"
