@@ -107,7 +107,7 @@ def layout(balance: str, doc: torch.Tensor, N: int, bs: int, cost: bal.CostModel
         return bal.contiguous_perm(S, N)
     if balance == "zigzag":
         return bal.zigzag_perm(S, N)
-    G = bal.global_block_work(doc.cpu(), bs, True, None)
+    G = bal.global_block_work(doc.cpu(), bs, True, None, cost.partial_weight)
     assign, _ = bal.plan_document(G, N, cost)
     return bal.blocks_to_perm(assign, N, bs)
 
@@ -200,8 +200,7 @@ def allgather_pipeline(
     group as the strategy does (``fwd_hg`` overrides), backward calls use ``hg`` (default: the kernels' rule).
     ``masks[r]``: rank r's queries against every key in plan order; ``ks`` / ``vs``: every rank's shard.
     """
-    from flexdist.cp.allgather import _seq_view
-    from flexdist.cp.kv_pack import pack_kv, unpack_dkv
+    from flexdist.cp.allgather import _pack, _seq_view
 
     N, L, D, Dv, g, dev, sizes = _chunk_shapes(spec, qs, ks, vs)
     perm_dev = perm.to(dev)
@@ -211,7 +210,7 @@ def allgather_pipeline(
     for hc in sizes:
         h1, q0, q1 = h0 + hc, h0 * g, (h0 + hc) * g
         # the gathered buffer of this chunk, as every rank would hold it: [N, B, L, hc, D+Dv] in plan order
-        buf = torch.stack([pack_kv(ks[r], vs[r], h0, h1) for r in range(N)])
+        buf = torch.stack([_pack(ks[r], vs[r], h0, h1) for r in range(N)])
         kv = _seq_view(buf)
         kc, vc = kv[..., :D], kv[..., D:]
         grad = torch.empty(buf.shape, dtype=torch.float32, device=dev)
@@ -247,29 +246,21 @@ def allgather_pipeline(
         G.append((N - 1) * L * hc * (D + Dv) * elem / link)
         R.append((N - 1) * L * hc * (D + Dv) * 4 / link)
         h0 = h1
-    # the copies around the kernels, on one rank (every rank's are the same size), with the strategy's
-    # copies (`flexdist.cp.kv_pack`: Triton on CUDA) and with the torch copies it used up to session 8
+    # the copies around the kernels, on one rank (every rank's are the same size)
     bounds = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(sizes))]
+    pack = tm(lambda: _pack(ks[0], vs[0], *bounds[0]))
+    pack_rest = tm(lambda: [_pack(ks[0], vs[0], a, b) for a, b in bounds[1:]]) if len(bounds) > 1 else 0.0
     mine = [torch.empty(1, L, b - a, D + Dv, dtype=torch.float32, device=dev) for a, b in bounds]
     dk, dv = torch.empty_like(ks[0]), torch.empty_like(vs[0])
-    copies = {}
-    for be in ("auto", "torch"):
-        p0 = tm(lambda be=be: pack_kv(ks[0], vs[0], *bounds[0], backend=be))
-        p1 = (
-            tm(lambda be=be: [pack_kv(ks[0], vs[0], a, b, backend=be) for a, b in bounds[1:]])
-            if len(bounds) > 1
-            else 0.0
-        )
-        u = tm(
-            lambda be=be: [
-                unpack_dkv(m, dk, dv, a, backend=be) for (a, _), m in zip(bounds, mine, strict=True)
-            ]
-        )
-        copies[be] = (p0, p1, u)
-    pack, pack_rest, unpack = copies["auto"]
+
+    def unpack_all():
+        for (a, b), m in zip(bounds, mine, strict=True):
+            dk[:, a:b] = m[..., :D].transpose(1, 2)
+            dv[:, a:b] = m[..., D:].transpose(1, 2)
+
+    unpack = tm(unpack_all)
     T_f = replay_forward(C, G, pack, pack_rest)
     T_b = replay_backward(K, Q, G, R, pack, unpack, pack_rest)
-    tp, tpr, tu = copies["torch"]
     ms = lambda xs: [round(x * 1e3, 4) for x in xs]
     extra = dict(
         head_chunks=sizes,
@@ -283,36 +274,26 @@ def allgather_pipeline(
         fwd_head_group=fwd_hg or "heads of the call",
         unpack_ms=round(unpack * 1e3, 4),
         kv_tokens_moved=N * (N - 1) * L,
-        # the same replay with the torch copies (the baseline of the Triton copies, same process)
-        torch_copies=dict(
-            pack_ms=round(tp * 1e3, 4),
-            pack_rest_ms=round(tpr * 1e3, 4),
-            unpack_ms=round(tu * 1e3, 4),
-            pred_fwd_s=replay_forward(C, G, tp, tpr),
-            pred_bwd_s=replay_backward(K, Q, G, R, tp, tu, tpr),
-        ),
     )
     return T_f, T_b, extra
 
 
 def local_first_forward(
-    spec: str, perm, shards, local_masks, remote_masks, ks, vs, qs, kb, gqa, tm, link, C_rest, copies
+    spec: str, perm, shards, local_masks, remote_masks, ks, vs, qs, kb, gqa, tm, link, C_rest, pack, pack_rest
 ) -> tuple[float, dict]:
     """(forward s, JSON extras) of ``strategy="allgather", head_chunks=spec, local_first=True``: every rank's
     call of chunk 0's heads against its own shard (fp32 running result) and chunk 0's call over the other
     ranks' keys (``remote_masks[r]``: its all-gather mask without its own key blocks), merged in the epilogue
     and written in bf16, timed as `flexdist.cp.allgather` makes them; the later chunks' calls are the same as
     without local_first (``C_rest``, seconds per chunk and rank). Replayed with the own-shard call ahead of the
-    first wait (`replay_forward`). ``copies``: ``{"auto": (pack, pack_rest), "torch": (...)}`` seconds, the
-    strategy's layout copies and the torch ones (the latter replayed as the baseline, in the JSON)."""
-    from flexdist.cp.allgather import _seq_view
-    from flexdist.cp.kv_pack import pack_kv
+    first wait (`replay_forward`)."""
+    from flexdist.cp.allgather import _pack, _seq_view
 
     N, L, D, Dv, g, dev, sizes = _chunk_shapes(spec, qs, ks, vs)
     h1 = sizes[0]
     n0 = h1 * g
     kw = dict(enable_gqa=gqa, backend=kb)
-    buf = torch.stack([pack_kv(ks[r], vs[r], 0, h1) for r in range(N)])
+    buf = torch.stack([_pack(ks[r], vs[r], 0, h1) for r in range(N)])
     kv = _seq_view(buf)
     kc, vc = kv[..., :D], kv[..., D:]
     fl, fr = [], []  # per rank: the own-shard call, the call over the other ranks' keys (None: no call)
@@ -348,9 +329,7 @@ def local_first_forward(
     local, remote = timed(fl), timed(fr)
     elem = ks[0].element_size()
     G = [(N - 1) * L * hc * (D + Dv) * elem / link for hc in sizes]
-    pack, pack_rest = copies["auto"]
     T_f = replay_forward([remote, *C_rest], G, pack, pack_rest, local)
-    tp, tpr = copies["torch"]
     ms = lambda xs: [round(x * 1e3, 4) for x in xs]
     extra = dict(
         head_chunks=sizes,
@@ -360,11 +339,6 @@ def local_first_forward(
         gather_ms=ms(G),
         pack_ms=round(pack * 1e3, 4),
         pack_rest_ms=round(pack_rest * 1e3, 4),
-        torch_copies=dict(
-            pack_ms=round(tp * 1e3, 4),
-            pack_rest_ms=round(tpr * 1e3, 4),
-            pred_fwd_s=replay_forward([remote, *C_rest], G, tp, tpr, local),
-        ),
     )
     return T_f, extra
 
@@ -456,6 +430,10 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
         if balance.startswith("document@tau"):
             cost_b = bal.CostModel(
                 comm_weight=cost.comm_weight, tile_overhead=float(balance[len("document@tau") :])
+            )
+        elif balance == "document@gather":  # what plan(strategy="allgather") plans: per-rank totals
+            cost_b = bal.CostModel(
+                comm_weight=cost.comm_weight, gather=True, partial_weight=bal.ALLGATHER_PARTIAL_WEIGHT
             )
         else:
             cost_b = cost
@@ -672,14 +650,6 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
                 )  # fmt: skip
                 name = "allgather" if spec == "1" else f"allgather/hc{spec}"
                 add_row(name, T_f, T_b, **extra)
-                tc = extra["torch_copies"]
-                print(
-                    f"  {name}: layout copies pack {extra['pack_ms'] + extra['pack_rest_ms']:.4f} ms, unpack "
-                    f"{extra['unpack_ms']:.4f} ms; with the torch copies ({tc['pack_ms'] + tc['pack_rest_ms']:.4f} / "
-                    f"{tc['unpack_ms']:.4f} ms) eff {t1_fwd / (N * tc['pred_fwd_s']):.3f} / "
-                    f"{t1_bwd / (N * tc['pred_bwd_s']):.3f} against {t1_fwd / (N * T_f):.3f} / {t1_bwd / (N * T_b):.3f}",
-                    flush=True,
-                )
                 if args.local_first:
                     from flexdist.cp.plan import drop_key_blocks
 
@@ -689,18 +659,10 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
                     T_lf, extra_lf = local_first_forward(
                         spec, perm, shards, [masks[r][r] for r in range(N)], remote, ks, vs, qs, kb, gqa,
                         tm, link, C_rest,
-                        {
-                            "auto": (extra["pack_ms"] / 1e3, extra["pack_rest_ms"] / 1e3),
-                            "torch": (extra["torch_copies"]["pack_ms"] / 1e3, extra["torch_copies"]["pack_rest_ms"] / 1e3),
-                        },
+                        extra["pack_ms"] / 1e3, extra["pack_rest_ms"] / 1e3,
                     )  # fmt: skip
                     # the backward is the same as without local_first (it runs the whole mask per chunk)
                     add_row(f"{name}+lf", T_lf, T_b, backward_of=name, **extra_lf)
-                    print(
-                        f"  {name}+lf: eff fwd {t1_fwd / (N * T_lf):.3f}, with the torch copies "
-                        f"{t1_fwd / (N * extra_lf['torch_copies']['pred_fwd_s']):.3f}",
-                        flush=True,
-                    )
         for rr in rows[n_before:]:
             print(
                 f"  {balance:11} {rr['strategy']:15} fwd {rr['pred_fwd_s'] * 1e3:8.2f} ms {rr['tflops_fwd']:6.0f} TFLOP/s "
@@ -843,7 +805,13 @@ def main() -> None:
         "(how sessions up to s8 timed them); see `timer`",
     )
     ap.add_argument("--backend", default="auto", help="flexdist.kernels backend")
-    ap.add_argument("--balances", nargs="+", default=["contiguous", "zigzag", "document"])
+    ap.add_argument(
+        "--balances",
+        nargs="+",
+        default=["contiguous", "zigzag", "document"],
+        help="also 'document@gather': the planner's all-gather objective (what plan(strategy='allgather') "
+        "uses: the largest per-rank total, partial blocks weighted balance.ALLGATHER_PARTIAL_WEIGHT)",
+    )
     ap.add_argument("--strategies", nargs="+", default=["ring", "direct", "allgather", "ulysses"])
     ap.add_argument("--no-torch-flex", dest="torch_flex", action="store_false")
     ap.add_argument("--out", default=None)

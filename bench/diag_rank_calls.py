@@ -32,8 +32,7 @@ from bench_cp_sim import layout, timer, visible_pairs
 from bench_planner import make_pack
 
 from flexdist.cp import balance as bal
-from flexdist.cp.allgather import _seq_view
-from flexdist.cp.kv_pack import pack_kv as _pack
+from flexdist.cp.allgather import _pack, _seq_view
 from flexdist.cp.plan import build_pair_masks
 from flexdist.kernels import flex_attention_forward
 from flexdist.kernels.triton_fwd import triton_forward, tuned_choices

@@ -15,7 +15,7 @@ time (all of it for ``head_chunks=1``), and in backward the fp32 dK/dV reduce-sc
 until the end: O(S·Hkv), never O(S²). (At 32k tokens per GPU on 2 GPUs the measured peak was 2.08 GiB per
 rank with two chunks, 2.39 with one, 3.02 for the ring: ``bench/results/2026-11-26-s7/call2``.)
 
-Layout: each rank packs its chunk token-major, ``[B, L, hc, D + Dv]`` (`kv_pack`), so for B = 1 the gathered buffer
+Layout: each rank packs its chunk token-major, ``[B, L, hc, D + Dv]``, so for B = 1 the gathered buffer
 ``[N, L, hc, D + Dv]`` is the whole sequence in plan order and K and V are strided views ``[1, hc, S, D]`` of
 it: no reorder, no copy (the rank's mask is built against keys in plan order, ``kv_global_idx = plan.perm``).
 The dK/dV kernel writes the same layout in fp32, which is the reduce-scatter's rank-major input. For B > 1
@@ -30,7 +30,6 @@ import torch
 import torch.distributed as dist
 
 from .head_slice import slice_score_mod
-from .kv_pack import pack_kv, unpack_dkv
 from .merge import _acc_dtype
 from .plan import chunk_sizes
 
@@ -42,6 +41,15 @@ def _chunks(plan, k: torch.Tensor) -> list[tuple[int, int]]:
         bounds.append((h, h + c))
         h += c
     return bounds
+
+
+def _pack(k: torch.Tensor, v: torch.Tensor, h0: int, h1: int) -> torch.Tensor:
+    """This rank's K|V of heads h0:h1, token-major ``[B, L, hc, D + Dv]`` (the all-gather's input)."""
+    B, _, L, D = k.shape
+    buf = torch.empty(B, L, h1 - h0, D + v.shape[-1], dtype=k.dtype, device=k.device)
+    buf[..., :D].copy_(k[:, h0:h1].transpose(1, 2))
+    buf[..., D:].copy_(v[:, h0:h1].transpose(1, 2))
+    return buf
 
 
 def _start_gather(local: torch.Tensor, plan) -> tuple[torch.Tensor, list]:
@@ -58,8 +66,8 @@ def _start_gather(local: torch.Tensor, plan) -> tuple[torch.Tensor, list]:
 def _pack_all(k: torch.Tensor, v: torch.Tensor, chunks: list, plan) -> tuple[tuple, list[torch.Tensor]]:
     """Chunk 0 packed and its gather posted (the one exposed transfer starts as early as it can), then the
     other chunks packed while it runs: ``((buffer, works) of chunk 0, [local pack of chunks 1, 2, ...])``."""
-    first = _start_gather(pack_kv(k, v, *chunks[0]), plan)
-    return first, [pack_kv(k, v, h0, h1) for h0, h1 in chunks[1:]]
+    first = _start_gather(_pack(k, v, *chunks[0]), plan)
+    return first, [_pack(k, v, h0, h1) for h0, h1 in chunks[1:]]
 
 
 def _seq_view(buf: torch.Tensor) -> torch.Tensor:
@@ -187,7 +195,8 @@ def allgather_backward(q, k, v, out, dout, lse, delta, plan, full_mask, bwd: Cal
         else:
             scattered.append((h0, h1, grad[0], [], None))
         bwd(*args, dq_out=dq[:, q0:q1], which="dq", **ckw)
-    for h0, _, mine, works, _ in scattered:
+    for h0, h1, mine, works, _ in scattered:
         plan.record_wait(works, dev)
-        unpack_dkv(mine, dk, dv, h0)
+        dk[:, h0:h1] = mine[..., :D].transpose(1, 2)
+        dv[:, h0:h1] = mine[..., D:].transpose(1, 2)
     return dq, dk, dv

@@ -189,6 +189,17 @@ class CostModel:
     # ran 1.85× (fwd) / 1.45× (bwd) the single-call time per block: ≈3.4 / ≈1.8 blocks per active tile.
     # 0 ignores it (then spreading a rank's work over every step looks as good as keeping it local).
     tile_overhead: float = 0.0
+    # strategy="allgather": every rank runs its queries against the whole gathered sequence, with no ring
+    # steps and the same transfers whatever the layout, so the time to balance is each rank's total work
+    # (the row sums of W); `predicted_time` is then the largest of them.
+    gather: bool = False
+
+
+# Partial blocks cost more than full ones in a rank's all-gather calls: fitting per-rank kernel times to
+# (full, partial) block counts at N = 8 (bench_cp_sim, 8k tokens per rank, H200, four runs in
+# bench/results/2026-11-26-s8 and -s9) gave 1.05-1.49 for forward + backward together (dQ alone 1.5-2.1).
+# 11/8 is exact in binary: every cost stays exact in float64, so every rank computes the same plan.
+ALLGATHER_PARTIAL_WEIGHT = 1.375
 
 
 def step_matrix(work: np.ndarray) -> np.ndarray:
@@ -224,12 +235,15 @@ def _active_from_rows(R: np.ndarray, assign: np.ndarray, N: int) -> np.ndarray:
 def predicted_time(
     work: np.ndarray, shard_blocks: int, cost: CostModel, active: np.ndarray | None = None
 ) -> float:
-    """Critical path of the ring with per-step synchronisation and next-step transfers overlapped.
+    """Critical path of the ring with per-step synchronisation and next-step transfers overlapped
+    (``cost.gather``: the largest per-rank total work instead).
 
     ``active`` (from `active_tiles`) adds ``cost.tile_overhead`` per query block working at a step.
     """
     N = work.shape[0]
     eff = work if active is None or cost.tile_overhead == 0 else work + cost.tile_overhead * active
+    if cost.gather:
+        return float(eff.sum(axis=1).max())
     steps = step_matrix(eff)
     sm = steps.max(axis=1).astype(np.float64)
     if cost.direct:
@@ -541,12 +555,15 @@ def plan_document(
         if stale >= patience or cur <= ideal * 1.002:
             break  # deterministic stop: no improvement for `patience` tries, or at the lower bound
         stale += 1
-        sm = step_matrix(W + tau * A)
-        t = int(np.argmax(sm.max(axis=1)))
-        p = int(np.argmax(sm[t]))  # critical rank at the critical step
-        jp = (p - t) % N
-        # move a block out of rank p (as query) or out of kv shard jp, swap with a random other rank's block
-        src = p if rng.random() < 0.5 else jp
+        if cost.gather:  # the rank with the most work gives away one of its query blocks
+            src = int(np.argmax((W + tau * A).sum(axis=1)))
+        else:
+            sm = step_matrix(W + tau * A)
+            t = int(np.argmax(sm.max(axis=1)))
+            p = int(np.argmax(sm[t]))  # critical rank at the critical step
+            jp = (p - t) % N
+            # move a block out of rank p (as query) or out of kv shard jp, swap with a random other rank's
+            src = p if rng.random() < 0.5 else jp
         q = int(rng.integers(N - 1))
         q = q + 1 if q >= src else q
         x = members[src][int(rng.integers(per))]
@@ -575,7 +592,13 @@ def plan_document(
             )
             A2 = A + dA.reshape(N, N)
         c2 = predicted_time(W2, per, cost, A2 if tau else None)
-        if c2 < cur - 1e-9:
+        better = c2 < cur - 1e-9
+        if cost.gather and not better and c2 <= cur + 1e-9:
+            # the largest total unchanged (ties at the top): accept a swap that evens the totals out, so the
+            # next swap can lower the top one (sum of squares, exact for the binary-exact block weights)
+            sq2 = float(np.square((W2 + tau * A2).sum(axis=1)).sum())
+            better = sq2 < float(np.square((W + tau * A).sum(axis=1)).sum()) - 1e-9
+        if better:
             cur, W, A = c2, W2, A2
             accepted += 1
             stale = 0

@@ -514,7 +514,10 @@ def plan(
             A document is one contiguous run of equal ids.
         group: the CP ProcessGroup, a 1-D DeviceMesh, or None (default group; a single process when
             torch.distributed is not initialised).
-        balance: "contiguous", "zigzag", "document" or "auto" (lowest predicted ring time of the feasible ones).
+        balance: "contiguous", "zigzag", "document" or "auto" (lowest predicted time of the feasible ones).
+            The time predicted (what "document" minimises and "auto" compares) depends on ``strategy``: the
+            ring's per-step critical path, or with "allgather" the largest per-rank total work, partial
+            blocks weighted ``balance.ALLGATHER_PARTIAL_WEIGHT`` (measured: they cost more there).
         strategy: "ring" (P2P ring, overlapped, empty steps skipped, a shard stops after its last consumer),
             "allgather" (gather K/V, one call) or "direct" (each step t a shift-by-t P2P exchange of exactly
             the K/V blocks the receiver's mask needs — the mask's minimum volume — and dK/dV sent straight
@@ -610,7 +613,14 @@ def plan(
         )
         _CHECKED_GROUPS.add(id(grp))
 
-    cost = bal.CostModel(comm_weight=comm_weight, direct=strategy == "direct", tile_overhead=tile_overhead)
+    gather = strategy == "allgather"
+    cost = bal.CostModel(
+        comm_weight=comm_weight,
+        direct=strategy == "direct",
+        tile_overhead=tile_overhead,
+        gather=gather,
+        partial_weight=bal.ALLGATHER_PARTIAL_WEIGHT if gather else 1.0,
+    )
     doc_cpu = doc_ids.detach().cpu().long()
     lo, hi = bal.visible_intervals(doc_cpu, causal, window, prefix_lengths)
     L = S // N
