@@ -22,6 +22,11 @@ run_part() {  # name, limit_s, command...
   # SIGINT first: pytest and the benchmarks print what they have (failure summaries, rows) before exiting
   timeout -s INT -k 15 "$limit" "$@" > "$R/$name.log" 2>&1
   echo "$name rc=$? took $(( $(date +%s) - t ))s (t=$(( $(date +%s) - T0 ))s)" | tee -a "$R/parts.txt"
+  snapshot
+}
+snapshot() {  # results so far, so a call cut by the device's own limit still returns the finished parts
+  local tmp="$OUT/.results.$$.$RANDOM.tar.gz"
+  tar czf "$tmp" --exclude='*checkpoints*' -C "$OUT" r 2>/dev/null && mv -f "$tmp" "$OUT/results.tar.gz"
 }
 part_kernel()  { run_part kernel  "${T_KERNEL:-300}" python3 bench/bench_kernel.py --seqs "${KERNEL_SEQS:-8192,32768,131072}" ${KERNEL_ARGS:-} --out "$R/kernel_h100.json"; }
 part_tests()   { run_part pytest_gpu "${T_TESTS:-200}" python3 -m pytest -q -rfE --tb=short -n 6 --dist loadfile \
