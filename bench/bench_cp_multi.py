@@ -228,7 +228,12 @@ def main() -> None:
         default=1,
         help="calls per timed sample (1: every call synchronised, host overhead fully counted)",
     )
-    ap.add_argument("--balances", nargs="+", default=["contiguous", "zigzag", "document"])
+    ap.add_argument(
+        "--balances",
+        nargs="+",
+        default=["contiguous", "zigzag", "document"],
+        help="plan(balance=...); 'document@ring' / 'document@totals' also set plan(objective=...)",
+    )
     ap.add_argument("--strategies", nargs="+", default=["ring", "direct", "allgather", "ulysses"])
     ap.add_argument("--no-torch-cp", dest="torch_cp", action="store_false", help="no torch CP rows at all")
     ap.add_argument(
@@ -377,7 +382,9 @@ def config(args, res, base, mask_kind, S, N, rank, device, dtype, kb, tm, mesh, 
                 p = cp.plan(
                     doc,
                     None,
-                    balance=balance,
+                    # "document@ring" / "document@totals": the document planner with that objective
+                    balance=balance.split("@")[0],
+                    objective=balance.split("@")[1] if "@" in balance else None,
                     strategy=strategy.split("/")[0],
                     block_size=args.block_size,
                     kernel_backend=kb,
@@ -395,7 +402,7 @@ def config(args, res, base, mask_kind, S, N, rank, device, dtype, kb, tm, mesh, 
                 res.add(row)
                 continue
             try:
-                row["balance"] = p.balance
+                row["balance"] = p.balance + (f"@{balance.split('@')[1]}" if "@" in balance else "")
                 ql, kl, vl, dl = (p.shard(t, 2) for t in (q, k, v, dout))
                 ql, kl, vl = (t.detach().clone().requires_grad_() for t in (ql, kl, vl))
                 b0 = peak_start(device)

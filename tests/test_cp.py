@@ -243,6 +243,22 @@ def cases():
         dict(balance="auto", strategy="allgather", kind="pad", causal=False, window=None, gqa=True,
              head_chunks=2, prefix=3, local_first=True)
     )  # fmt: skip
+    # the planner's other objective for each strategy (the defaults are "totals" for allgather, "ring" else)
+    out.append(
+        dict(balance="document", strategy="allgather", kind="long", causal=True, window=None, gqa=True,
+             head_chunks=2, objective="ring")
+    )  # fmt: skip
+    out.append(
+        dict(
+            balance="auto",
+            strategy="ring",
+            kind="doc",
+            causal=True,
+            window=None,
+            gqa=False,
+            objective="totals",
+        )
+    )
     return out
 
 
@@ -309,6 +325,7 @@ def run_case(
         ring_group=c.get("ring_group", 1),
         head_chunks=c.get("head_chunks", 1),
         local_first=c.get("local_first", False),
+        objective=c.get("objective"),
     )
     if c.get("local_first") and p.world_size > 1:  # the own-keys-first path runs (not the plain one)
         assert p.local_first, c
@@ -767,6 +784,8 @@ def test_local_first_arguments_are_checked():
         cp.plan(doc, None, strategy="allgather", local_first=1)
     with pytest.raises(ValueError, match=r"shard length S/N=96/1=96 to be a multiple of block_size=64"):
         cp.plan(doc, None, strategy="allgather", local_first=True, block_size=64)
+    with pytest.raises(ValueError, match="objective must be 'ring', 'totals' or None, got 'max'"):
+        cp.plan(doc, None, strategy="allgather", objective="max")
     # one rank: nothing to gather, the plain path runs
     p = cp.plan(doc, None, strategy="allgather", local_first=True, block_size=BS)
     assert not p.local_first and p.remote_mask is None
