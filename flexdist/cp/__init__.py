@@ -1,6 +1,7 @@
 """flexdist.cp — context-parallel attention for document-packed sequences.
 
-- `plan(doc_ids, group, balance=..., strategy=...)`: sharding (contiguous / zigzag / document-aware),
+- `plan(doc_ids, group, balance=..., strategy=...)`: sharding (contiguous / zigzag / document-aware: the ring's
+  per-step critical path balanced, or each rank's total work with ``strategy="allgather"``),
   per-(rank, ring step) BlockMasks and the ring schedule, built once per batch;
 - `attention(q, k, v, plan)`: differentiable ring / all-gather / direct / Ulysses attention on local shards
   (``strategy="allgather", head_chunks=2``, the all-gather pipelined over chunks of K/V heads, measured
