@@ -374,6 +374,8 @@ def run_case(
     st = p.stats
     assert st["work_max_over_mean"] >= 1.0 and st["critical_path_over_ideal"] >= 1.0 - 1e-9, st
     assert st["kv_tokens_min"] <= st["kv_tokens_moved_ring"] <= st["kv_tokens_moved_allgather"], st
+    default_objective = "totals" if c["strategy"] == "allgather" else "ring"
+    assert st["objective"] == c.get("objective", default_objective), (st["objective"], c)
     if c["strategy"] == "direct" and p.world_size > 1:
         # the schedule moves exactly the mask's minimum that the stats report
         got = torch.tensor(

@@ -516,9 +516,9 @@ def plan(
         group: the CP ProcessGroup, a 1-D DeviceMesh, or None (default group; a single process when
             torch.distributed is not initialised).
         balance: "contiguous", "zigzag", "document" or "auto" (lowest predicted time of the feasible ones).
-            The time predicted (what "document" minimises and "auto" compares) depends on ``strategy``: the
-            ring's per-step critical path, or with "allgather" the largest per-rank total work, partial
-            blocks weighted ``balance.ALLGATHER_PARTIAL_WEIGHT`` (measured: they cost more there).
+            The time predicted (what "document" minimises and "auto" compares) is set by ``objective``: the
+            ring's per-step critical path, or (the default with "allgather") the largest per-rank total
+            work, partial blocks weighted ``balance.ALLGATHER_PARTIAL_WEIGHT`` (measured: they cost more).
         strategy: "ring" (P2P ring, overlapped, empty steps skipped, a shard stops after its last consumer),
             "allgather" (gather K/V, one call) or "direct" (each step t a shift-by-t P2P exchange of exactly
             the K/V blocks the receiver's mask needs — the mask's minimum volume — and dK/dV sent straight
@@ -822,5 +822,8 @@ def plan_stats(
         "kv_tokens_min": int((need * (1 - np.eye(N, dtype=np.int64))).sum()) * bs,
         "kv_tokens_moved_direct": int((need * (1 - np.eye(N, dtype=np.int64))).sum()) * bs,
         "strategy": strategy,
+        # what predicted_time_blocks is: the ring's critical path or the largest per-rank total ("totals");
+        # W's partial blocks carry the same weight (`balance.ALLGATHER_PARTIAL_WEIGHT` with "totals")
+        "objective": "totals" if cost.gather else "ring",
         "planner": info,
     }
