@@ -408,6 +408,14 @@ def check_bad_inputs(group, device: str, world: int, rank: int) -> None:
             assert "differ between the ranks" in str(e), e
         else:
             raise AssertionError("doc_ids differing between ranks was not detected")
+        # the same doc_ids but a different planner objective on one rank: different layouts, caught too
+        objective = "ring" if rank == world - 1 else "totals"
+        try:
+            cp.plan(doc, group, strategy="allgather", block_size=BS, objective=objective, check=True)
+        except ValueError as e:
+            assert "differ between the ranks" in str(e), e
+        else:
+            raise AssertionError("plan objectives differing between ranks were not detected")
     # S not splittable
     for args, needle in (
         (dict(balance="contiguous"), "not divisible by the CP world size"),

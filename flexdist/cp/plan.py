@@ -620,6 +620,10 @@ def plan(
                 ring_group,
                 head_chunks,
                 local_first,
+                # the planner's inputs: ranks that weigh the work differently compute different layouts
+                objective,
+                comm_weight,
+                tile_overhead,
             ),
         )
         _CHECKED_GROUPS.add(id(grp))
