@@ -99,3 +99,41 @@ def test_allgather_pipeline_replay() -> None:
     # gather 1 is posted after the local call: it cannot start before the slowest rank's local call ends
     # (2.0), so chunk 1 waits until 2.0 + 1.5 = 3.5 although chunk 0 ended at 3.0 on every rank
     assert replay_forward([[1.0, 1.0], [1.0, 1.0]], [0.1, 1.5], 0.0, local=[2.0, 0.1]) == pytest.approx(4.5)
+
+
+def test_fit_partial_weight_recovers_a_known_weight(tmp_path) -> None:
+    """bench/fit_partial_weight.py: per-rank times built as a·full + b·partial give back b / a exactly."""
+    import json
+
+    import numpy as np
+    from bench_cp_sim import layout
+    from bench_planner import make_pack
+    from fit_partial_weight import _cost, fit
+
+    from flexdist.cp import balance as bal
+    from flexdist.cp.plan import _pair_work_tokens
+
+    args = dict(
+        hq=8, hkv=2, block_size=64, tflops_model=400.0, link_gbs=450.0, mean_doc=300, dist="mixture", seed=0
+    )
+    N, L = 4, 512
+    rows = []
+    for balance in ("document", "document@gather"):
+        doc = make_pack(N * L, args["mean_doc"], args["dist"], args["seed"])
+        perm = layout(balance.split("@")[0], doc, N, 64, _cost(balance, args))
+        lo, hi = bal.visible_intervals(doc, True, None)
+        full = _pair_work_tokens(perm, N, lo, hi, 64, 0.0)[0].sum(1)
+        part = _pair_work_tokens(perm, N, lo, hi, 64, 1.0)[0].sum(1) - full
+        assert part.std() > 0 and full.std() > 0  # the fit is determined
+        ms = lambda a, b: [(a * full + b * part).tolist()]  # one chunk, every rank
+        rows.append(
+            dict(
+                N=N, tokens_per_rank=L, balance=balance, strategy="allgather/hc2",
+                chunk_fwd_ms=ms(1.0, 1.5), chunk_dkdv_ms=ms(2.0, 2.0), chunk_dq_ms=ms(1.0, 2.5),
+            )
+        )  # fmt: skip
+    path = tmp_path / "sim.json"
+    path.write_text(json.dumps({"meta": {"args": args}, "rows": rows}))
+    for r in fit(str(path)):
+        assert np.isclose(r["w_fwd"], 1.5) and np.isclose(r["w_dkdv"], 1.0) and np.isclose(r["w_dq"], 2.5), r
+        assert np.isclose(r["w_all"], 6.0 / 4.0), r

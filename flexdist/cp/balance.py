@@ -196,8 +196,9 @@ class CostModel:
 
 
 # Partial blocks cost more than full ones in a rank's all-gather calls: fitting per-rank kernel times to
-# (full, partial) block counts at N = 8 (bench_cp_sim, 8k tokens per rank, H200, four runs in
-# bench/results/2026-11-26-s8 and -s9) gave 1.05-1.49 for forward + backward together (dQ alone 1.5-2.1).
+# (full, partial) block counts (bench/fit_partial_weight.py on the head_chunks=2 rows of bench_cp_sim, N = 4
+# and 8, 8k tokens per rank, H200: bench/results/2026-11-26-s8 calls 2-4, -s9 calls 1, 3, 4) gave
+# 1.05-1.60 for forward + backward together, 1.3-1.6 in the s9 runs; dQ alone 1.3-2.3.
 # 11/8 is exact in binary: every cost stays exact in float64, so every rank computes the same plan.
 ALLGATHER_PARTIAL_WEIGHT = 1.375
 
