@@ -242,6 +242,13 @@ MASK_MEANS = {"causal": None, "doc4k": 4096, "doc1k": 1024}  # mean document len
 
 def kernel_inputs(name: str, S: int, args, dev, dtype):
     """One sweep shape: q, k, v, the flexdist BlockMask, a forward's (out, lse), a dout and the fwd FLOPs."""
+    q, k, v, bm, flops = sweep_problem(name, S, args, dev, dtype)
+    o, lse = triton_forward(q, k, v, bm)
+    return q, k, v, bm, o, lse, torch.randn_like(o), flops
+
+
+def sweep_problem(name: str, S: int, args, dev, dtype):
+    """One sweep shape's q, k, v, flexdist BlockMask and forward FLOPs (``args``: heads, dim)."""
     if name not in MASK_MEANS:
         raise ValueError(f"--masks must be among {sorted(MASK_MEANS)}, got {name!r}")
     mean = MASK_MEANS[name]
@@ -257,50 +264,144 @@ def kernel_inputs(name: str, S: int, args, dev, dtype):
         pos = torch.arange(S, device=dev)[None]
         mm = DocumentMaskMod(dd[None], dd[None], pos, pos)
     bm = block_mask_from_docs(doc, 128, mm, dev)
-    o, lse = triton_forward(q, k, v, bm)
-    return q, k, v, bm, o, lse, torch.randn_like(o), 4 * args.heads * args.dim * pair_count(doc)
+    return q, k, v, bm, 4 * args.heads * args.dim * pair_count(doc)
 
 
-def sweep(args, dev, dtype) -> list[dict]:
-    """Time the kernel's tile configs (forward; dK/dV and dQ separately) at one shape per mask."""
+def _error(e: BaseException) -> str:
+    """An exception for a results row: long enough to tell a compiler pass's complaint apart (Triton puts
+    the failing pass near the end of a long message), short enough for a JSON row."""
+    msg = f"{type(e).__name__}: {e}"
+    return msg if len(msg) <= 500 else f"{msg[:300]} [...] {msg[-200:]}"
+
+
+def _cuda_broken() -> str | None:
+    """After a failed config: the error of a poisoned CUDA context (an illegal access is sticky: every later
+    launch of the process would fail with it), None if the device still works. A compile error never gets
+    this far, it is raised before anything is launched."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        torch.cuda.synchronize()
+        torch.ones(1, device="cuda").add_(1).item()
+    except Exception as e:
+        return _error(e)
+    return None
+
+
+_PROBE = """
+import argparse, sys
+import torch
+sys.path.insert(0, {bench!r})
+import bench_kernel as bk
+a = argparse.Namespace(heads={heads}, dim={dim})
+q, k, v, bm, _ = bk.sweep_problem({name!r}, {S}, a, "cuda", {dtype})
+bk.triton_forward(q, k, v, bm, config={cfg!r})
+torch.cuda.synchronize()
+"""
+
+
+def probe_in_child(cfg: tuple, name: str, S: int, args, dtype) -> str | None:
+    """Compile and run the forward with ``cfg`` once in a child process: None if it worked, else why not.
+
+    For warp-specialized configs. On an H200 with Triton 3.6 a failing NVGPUWarpSpecialization pass tripped an
+    LLVM assertion (abort) that MLIR's crash recovery turned into a RuntimeError inside the process, which
+    then went on compiling every later config; a hang or a hard abort would end the sweep. In a child none
+    of this reaches the sweep, and the kernel it compiled lands in Triton's on-disk cache for the sweep's
+    own launch (same shape, same specialization).
+    """
+    import subprocess
+
+    code = _PROBE.format(
+        bench=os.path.dirname(os.path.abspath(__file__)), heads=args.heads, dim=args.dim, name=name, S=S,
+        dtype=str(dtype), cfg=tuple(cfg),
+    )  # fmt: skip
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return "TimeoutExpired: the child did not compile and run the config in 600 s"
+    if r.returncode == 0:
+        return None
+    lines = r.stderr.strip().splitlines()
+    # the compiler's own words (assertion, failing pass) and the Python exception, not the IR dump between
+    said = [ln.strip() for ln in lines if "Assertion" in ln or "error:" in ln or "Pipeline failed" in ln]
+    tail = lines[-1] if lines else f"exit status {r.returncode}, no output"
+    return _error(RuntimeError(f"child exit {r.returncode}: {tail} | " + " | ".join(said[:3])))
+
+
+def sweep(args, dev, dtype, save=None) -> list[dict]:
+    """Time the kernel's tile configs (forward; dK/dV and dQ separately) at one shape per mask.
+
+    A config that fails (compile error, e.g. warp specialization the installed Triton cannot do) gets an
+    error row and the sweep goes on; one that breaks the CUDA context ends the sweep with the rows so far.
+    Warp-specialized configs are first compiled in a child process (``probe_in_child``).
+    Forward rows also give the largest difference from the shipped path's output. ``save(rows)`` is called
+    after every row, so a time limit keeps the finished ones.
+    """
     from flexdist.kernels.triton_bwd import bwd_config
 
     S = args.sweep_seq
     out = []
     fwd_cfgs = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
     fwd_cfgs += [(128, 128, 8, 3, True), (128, 64, 4, 3, True)]  # the FMA softmax beside its plain twins
+    # K/V through device-side TMA descriptors (6th entry), then also Triton's automatic warp specialization
+    # of the kv loop (7th; experimental on Hopper: a compile error is a result too; Triton 3.6 on an H200
+    # failed the pass at 4 warps and left the loop unspecialized at 8); last, so a config that breaks the
+    # process cannot cost the plain rows
+    fwd_cfgs += [(128, 128, 8, 3, False, True), (128, 128, 8, 3, False, True, True)]
+    fwd_cfgs += [(128, 64, 4, 3, False, True), (128, 64, 4, 3, False, True, True)]
+    fwd_cfgs += [(128, 128, 8, 3, True, True)]  # FMA softmax + TMA
     c1s = [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2)]
     c2s = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 2)]
+
+    def record(row: dict) -> str | None:
+        out.append(row)
+        print(row, flush=True)
+        broken = _cuda_broken() if "error" in row else None
+        if broken:
+            out.append({"mask": row["mask"], "pass": row["pass"], "cfg": row["cfg"], "cuda_broken": broken})
+            print(out[-1], flush=True)
+        if save is not None:
+            save(out)
+        return broken
+
     for name in args.masks.split(","):
         q, k, v, bm, o, lse, do, fl = kernel_inputs(name, S, args, dev, dtype)
+        shipped = None
         for c in [None, *fwd_cfgs]:  # None: the shipped path (autotuned on GPU for these shapes)
+            row = {"mask": name, "S": S, "pass": "fwd", "cfg": c}
+            ws = c is not None and len(c) > 6 and c[6]
+            why = probe_in_child(c, name, S, args, dtype) if ws and torch.cuda.is_available() else None
             try:
+                if why is not None:
+                    raise RuntimeError(f"(probed in a child process) {why}")
                 t = _bench(lambda c=c: triton_forward(q, k, v, bm, config=c), True)
-                out.append({"mask": name, "S": S, "pass": "fwd", "cfg": c, "ms": t, "tflops": fl / t / 1e9})
+                row.update(ms=t, tflops=fl / t / 1e9)
+                res = triton_forward(q, k, v, bm, config=c)[0]
+                if shipped is None:
+                    shipped = res
+                else:
+                    row["max_abs_diff_vs_shipped"] = float((res.float() - shipped.float()).abs().max())
+                del res
             except Exception as e:
-                out.append({"mask": name, "pass": "fwd", "cfg": c, "error": str(e)[:120]})
-            print(out[-1], flush=True)
+                row["error"] = _error(e)
+            if record(row):
+                return out
+        if getattr(args, "sweep_fwd_only", False):
+            continue
         d1, d2 = bwd_config(args.dim, True)
         # every backward row times both kernels: the shipped path (autotuned on GPU), then one kernel's fixed
         # tile config with the other at its default
         for which, cfgs in (("shipped", [None]), ("dkdv", c1s), ("dq", c2s)):
             for c in cfgs:
                 cfg = None if c is None else ((c, d2) if which == "dkdv" else (d1, c))
+                row = {"mask": name, "S": S, "pass": f"bwd[{which}]", "cfg": c}
                 try:
                     t = _bench(lambda cfg=cfg: triton_backward(q, k, v, o, do, lse, bm, config=cfg), True)
-                    out.append(
-                        {
-                            "mask": name,
-                            "S": S,
-                            "pass": f"bwd[{which}]",
-                            "cfg": c,
-                            "ms": t,
-                            "tflops": 2.5 * fl / t / 1e9,
-                        }
-                    )
+                    row.update(ms=t, tflops=2.5 * fl / t / 1e9)
                 except Exception as e:
-                    out.append({"mask": name, "pass": which, "cfg": c, "error": str(e)[:120]})
-                print(out[-1], flush=True)
+                    row["error"] = _error(e)
+                if record(row):
+                    return out
     return out
 
 
@@ -346,6 +447,7 @@ def main() -> None:
     ap.add_argument("--no-torch", action="store_true", help="skip the torch flex baseline")
     ap.add_argument("--sweep", action="store_true", help="time tile configs of the kernel instead")
     ap.add_argument("--sweep-seq", type=int, default=32768)
+    ap.add_argument("--sweep-fwd-only", action="store_true", help="--sweep: the forward configs only")
     ap.add_argument(
         "--head-groups",
         default=None,
@@ -380,9 +482,15 @@ def main() -> None:
             _write(args.out, {"meta": meta, "head_group_sweep": res})
         return
     if args.sweep:
-        res = sweep(args, dev, dtype)
-        if args.out:
-            _write(args.out, {"meta": meta, "sweep": res})
+        if args.quick and not cuda:
+            args.sweep_seq = min(args.sweep_seq, 256)  # the interpreter: a smoke test of the sweep's code
+
+        def save_sweep(rows: list[dict], partial: bool = True) -> None:
+            if args.out:
+                _write(args.out, {"meta": meta, "sweep": rows, "partial": partial})
+
+        res = sweep(args, dev, dtype, save_sweep)
+        save_sweep(res, partial=False)
         return
     make_compiled = None
     if cuda and not args.no_torch:

@@ -32,7 +32,7 @@ part_kernel()  { run_part kernel  "${T_KERNEL:-300}" python3 bench/bench_kernel.
 part_tests()   { run_part pytest_gpu "${T_TESTS:-200}" python3 -m pytest -q -rfE --tb=short -n 6 --dist loadfile \
                    -p no:cacheprovider --timeout 180 ${TEST_FILES:-tests --deselect tests/test_cp_nccl.py}; }
 part_kernel_sweep() { run_part kernel_sweep "${T_SWEEP:-150}" python3 bench/bench_kernel.py --sweep --sweep-seq "${SWEEP_SEQ:-8192}" \
-                   --masks "${SWEEP_MASKS:-doc1k,doc4k}" --out "$R/kernel_sweep_h100.json"; }
+                   --masks "${SWEEP_MASKS:-doc1k,doc4k}" ${SWEEP_ARGS:-} --out "$R/kernel_sweep_h100.json"; }
 part_kprof()   { run_part kprof   "${T_KPROF:-120}" python3 bench/profile_kernel.py --mode torch ${KPROF_ARGS:-} --out "$R/kernel_profile_h100.json"; }
 part_hostprof() { run_part hostprof "${T_HOSTPROF:-60}" python3 bench/profile_kernel.py --mode host --masks doc1k --seq 8192 --iters 50; }
 part_ncu() {  # Nsight Compute counters of one fwd+bwd per implementation (flexdist's kernels, torch flex's)

@@ -132,6 +132,8 @@ def _fwd_inner(
     PID,
     Kb,
     Vb,
+    KD,
+    VD,
     skn,
     svn,
     Skv,
@@ -166,17 +168,24 @@ def _fwd_inner(
     PREC: tl.constexpr,
     UPCAST: tl.constexpr,
     FMA: tl.constexpr,
+    TMA: tl.constexpr,
+    WS: tl.constexpr,
 ):
     SUBS: tl.constexpr = KBS // BLOCK_N
     offs_d = tl.arange(0, D)
     offs_dv = tl.arange(0, DV)
     ar_n = tl.arange(0, BLOCK_N)
-    for it in range(0, num * SUBS):
+    # (tl.range without warp_specialize emits the same loop as range: the attribute is only set when true)
+    for it in tl.range(0, num * SUBS, warp_specialize=WS):
         j = it // SUBS
         sub = it % SUBS
         kb = tl.load(IDX + j)
         offs_n = kb * KBS + sub * BLOCK_N + ar_n
-        if EVEN_N:
+        if TMA:
+            # rows past Skv come back zero-filled; their scores are still set to -inf below (not EVEN_N)
+            k = KD.load([kb * KBS + sub * BLOCK_N, 0])
+            v = VD.load([kb * KBS + sub * BLOCK_N, 0])
+        elif EVEN_N:
             k = tl.load(Kb + offs_n[:, None] * skn + offs_d[None, :])
             v = tl.load(Vb + offs_n[:, None] * svn + offs_dv[None, :])
         else:
@@ -314,6 +323,8 @@ def _fwd_kernel(
     ACCUM: tl.constexpr,
     FMA: tl.constexpr,
     ACC_TO_OUT: tl.constexpr = False,
+    TMA: tl.constexpr = False,
+    WS: tl.constexpr = False,
 ):
     softcap, scale, qk_scale = _fp32_scalars(softcap, scale, qk_scale)
     SUBS_M: tl.constexpr = QBS // BLOCK_M
@@ -334,6 +345,15 @@ def _fwd_kernel(
         q = tl.load(q_ptrs, mask=offs_m[:, None] < Sq, other=0.0)
     Kb = K + b64 * skb + hk.to(tl.int64) * skh
     Vb = V + b64 * svb + hk.to(tl.int64) * svh
+    if TMA:
+        # Built once per program, outside the loops: a descriptor made inside the loop is rebuilt every
+        # iteration and keeps the loop from being pipelined. The host checked the TMA alignment rules
+        # (16-byte base and row strides).
+        KD = tl.make_tensor_descriptor(Kb, shape=[Skv, D], strides=[skn, 1], block_shape=[BLOCK_N, D])
+        VD = tl.make_tensor_descriptor(Vb, shape=[Skv, DV], strides=[svn, 1], block_shape=[BLOCK_N, DV])
+    else:
+        KD = Kb  # not read
+        VD = Vb
     if MASK_KIND == 1:
         qd = tl.load(QDOC + b64 * sdq + offs_m, mask=offs_m < Sq, other=-1)
         qp = tl.load(QPOS + b64 * sdq + offs_m, mask=offs_m < Sq, other=0)
@@ -357,18 +377,18 @@ def _fwd_kernel(
     n_visited = num
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, qd, qp, qg, offs_m, qb, hq, num, KV_IDX + idx_off, KV_PID + idx_off,
-        Kb, Vb, skn, svn, Skv, BITS, KVDOC, KVPOS, KVPRE, KVIDX, SLOPES, TABLE, table_stride, L, softcap,
-        window, scale, qk_scale, BLOCK_M, BLOCK_N, D, DV, QBS, KBS, WORDS, True, MASK_KIND, SCORE_KIND,
-        CAUSAL, HAS_WINDOW, HAS_PREFIX, HAS_KVIDX, EVEN_N, PREC, UPCAST, FMA,
+        Kb, Vb, KD, VD, skn, svn, Skv, BITS, KVDOC, KVPOS, KVPRE, KVIDX, SLOPES, TABLE, table_stride, L,
+        softcap, window, scale, qk_scale, BLOCK_M, BLOCK_N, D, DV, QBS, KBS, WORDS, True, MASK_KIND,
+        SCORE_KIND, CAUSAL, HAS_WINDOW, HAS_PREFIX, HAS_KVIDX, EVEN_N, PREC, UPCAST, FMA, TMA, WS,
     )  # fmt: skip
     if HAS_FULL:
         num = tl.load(FULL_NUM + num_off)
         n_visited += num
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, qd, qp, qg, offs_m, qb, hq, num, FULL_IDX + idx_off, KV_PID + idx_off,
-            Kb, Vb, skn, svn, Skv, BITS, KVDOC, KVPOS, KVPRE, KVIDX, SLOPES, TABLE, table_stride, L, softcap,
-            window, scale, qk_scale, BLOCK_M, BLOCK_N, D, DV, QBS, KBS, WORDS, False, MASK_KIND, SCORE_KIND,
-            CAUSAL, HAS_WINDOW, HAS_PREFIX, HAS_KVIDX, EVEN_N, PREC, UPCAST, FMA,
+            Kb, Vb, KD, VD, skn, svn, Skv, BITS, KVDOC, KVPOS, KVPRE, KVIDX, SLOPES, TABLE, table_stride, L,
+            softcap, window, scale, qk_scale, BLOCK_M, BLOCK_N, D, DV, QBS, KBS, WORDS, False, MASK_KIND,
+            SCORE_KIND, CAUSAL, HAS_WINDOW, HAS_PREFIX, HAS_KVIDX, EVEN_N, PREC, UPCAST, FMA, TMA, WS,
         )  # fmt: skip
     o_ptrs = O + b64 * sob + hq.to(tl.int64) * soh + offs_m[:, None] * som + offs_dv[None, :]
     lse_ptrs = LSE + bh.to(tl.int64) * Sq + offs_m
@@ -667,6 +687,36 @@ def check_accumulators(
         raise ValueError("out_acc needs a unit last-dim stride and lse_acc must be contiguous")
 
 
+def check_tma_operand(name: str, t: torch.Tensor, row: int) -> None:
+    """TMA's rules for K / V read through device-side tensor descriptors (``config``'s tma flag): the base
+    of each program's ``[Skv, row]`` slice (``data_ptr + b·stride_b + h·stride_h``) 16-byte aligned, every
+    stride but the unit last one a multiple of 16 bytes, and a row of at least 16 bytes. The flag is an
+    explicit request, so a tensor that breaks them is an error rather than a silent fallback."""
+    es = t.element_size()
+    problems = []
+    if t.data_ptr() % 16:
+        problems.append(f"data_ptr {t.data_ptr():#x} is {t.data_ptr() % 16} bytes past a 16-byte boundary")
+    # a size-1 batch or head dim is never stepped, so its stride does not reach an address
+    for dim, what in ((0, "batch"), (1, "head"), (2, "row")):
+        if (t.shape[dim] > 1 or dim == 2) and (t.stride(dim) * es) % 16:
+            problems.append(f"{what} stride {t.stride(dim)} × {es} B is not a multiple of 16 bytes")
+    if row * es < 16:
+        problems.append(f"a row of {row} × {es} B is under 16 bytes")
+    if problems:
+        raise ValueError(
+            f"config asks for TMA loads, but {name} (shape {tuple(t.shape)}, strides {tuple(t.stride())}, "
+            f"{t.dtype}) breaks TMA's alignment rules: {'; '.join(problems)}. Pass a contiguous, 16-byte "
+            "aligned tensor, or a config without tma."
+        )
+
+
+def _tma_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    # Device-side descriptors are written into global scratch memory that Triton asks the launcher for.
+    # The kernel runs on the current CUDA device, so the scratch is allocated there (the caching allocator
+    # aligns far beyond the 128 bytes descriptors need).
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
 def check_out(out: torch.Tensor, sh: AttnShape, device: torch.device) -> None:
     """The ``out=`` write target: this call's output shape ``[B, Hq, Sq, Dv]``, a floating dtype, q's device
     and a unit last-dim stride; its other strides are free (a head slice ``big[:, h0:h1]`` of a larger
@@ -755,7 +805,11 @@ def triton_forward(
     ``out_acc`` (which is only read; ``lse_acc`` is updated in place) and ``(out, lse_acc)`` is returned: the
     last merge of a running result written straight as the output, with no fp32 → ``out`` dtype pass.
     It must not overlap q, k, v or ``out_acc``.
-    ``config``: ``(BLOCK_M, BLOCK_N, warps, stages[, fma_softmax])`` instead of the defaults / the autotuner.
+    ``config``: ``(BLOCK_M, BLOCK_N, warps, stages[, fma_softmax[, tma[, warp_specialize]]])`` instead of
+    the defaults / the autotuner (which never uses the last two). ``tma``: K and V tiles are loaded through
+    device-side TMA descriptors (k and v must then meet TMA's alignment rules, see ``check_tma_operand``;
+    on CUDA a Triton allocator for the descriptors' scratch memory is installed at the launch).
+    ``warp_specialize``: Triton's automatic warp specialization of the kv loop; only with ``tma``.
     ``traceable``: launch through ``torch.library.wrap_triton`` with per-call placeholders (the body of a
     ``torch.library.triton_op``, traced with FakeTensors under torch.compile); needs compiled (JIT) kernels.
     ``head_group``: heads per launch group (see ``launch_head_group``; None: its choice).
@@ -765,6 +819,11 @@ def triton_forward(
     check_head_group(head_group)
     on_gpu = q.is_cuda
     cfg = config or fwd_config(q.shape[-1], on_gpu)
+    tma = len(cfg) > 5 and bool(cfg[5])
+    ws = len(cfg) > 6 and bool(cfg[6])
+    if ws and not tma:
+        # Hopper's automatic warp specialization partitions around asynchronous (TMA) loads
+        raise ValueError(f"config {tuple(cfg)}: warp_specialize (7th entry) needs tma (6th entry) set too")
     lp = prepare(
         q, k, v, block_mask, score_mod, scale, enable_gqa, q_global_idx, kv_global_idx,
         dense_block=128 if on_gpu else 64, traceable=traceable,
@@ -773,6 +832,13 @@ def triton_forward(
     BM = pick_tile(km.QBS, cfg[0], "query")
     BN = pick_tile(km.KBS, cfg[1], "kv")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if tma:
+        check_tma_operand("k", k, sh.D)
+        check_tma_operand("v", v, sh.Dv)
+        if on_gpu:
+            # set at every such launch: Triton keeps the allocator in a context variable, which a thread
+            # started later (an autograd or CP worker) does not inherit (inductor's launcher does the same)
+            triton.set_allocator(_tma_scratch)
     accum = out_acc is not None or lse_acc is not None
     to_out = accum and out is not None
     if accum:
@@ -822,13 +888,13 @@ def triton_forward(
             tuned = wrap_triton(_fwd_kernel_tuned)
         else:
             tuned = _fwd_kernel_tuned_accum if accum else _fwd_kernel_tuned
-        tuned[grid](*args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, **consts)
+        tuned[grid](*args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, TMA=False, WS=False, **consts)
     else:
         grid = (n_qb * (km.QBS // BM) * sh.B * sh.Hq,)
         kernel = wrap_triton(_fwd_kernel) if traceable else _fwd_kernel
         kernel[grid](
             *args, BLOCK_M=BM, BLOCK_N=BN, EVEN_M=lp.even_m and sh.Sq % BM == 0,
             EVEN_N=lp.even_n and sh.Skv % BN == 0, num_warps=cfg[2], num_stages=cfg[3],
-            FMA=len(cfg) > 4 and bool(cfg[4]) and lp.scale > 0, **consts,
+            FMA=len(cfg) > 4 and bool(cfg[4]) and lp.scale > 0, TMA=tma, WS=ws, **consts,
         )  # fmt: skip
     return out, lse
