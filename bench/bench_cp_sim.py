@@ -130,7 +130,6 @@ def replay_forward(
     pack: float,
     pack_rest: float = 0.0,
     local: list[float] | None = None,
-    packs_beside: bool = False,
 ) -> float:
     """Makespan of the pipelined all-gather forward from per-chunk, per-rank kernel times ``C[c][r]``.
 
@@ -139,16 +138,11 @@ def replay_forward(
     launches chunk c's kernel. NCCL runs the collectives in post order on its own stream, each once every
     rank's compute enqueued before its post (chunk c-1's kernel) is done: what bounds the gathered buffers
     to two chunks. ``local[r]``: rank r's own-shard call (``local_first``), issued after the packs, before
-    the first wait: gather 0 runs beside it, gather 1 only after it. ``packs_beside``: the packs run on a
-    side stream beside the local call (as ``local_first`` does on CUDA): gather 0 starts after ``pack``,
-    and ``local[r]`` is the measured time of the local call and all packs together.
+    the first wait: gather 0 runs beside it, gather 1 only after it.
     """
     N = len(C[0])
     done = [pack + G[0]]
-    if packs_beside:
-        prev = list(local)
-    else:
-        prev = [pack + pack_rest + (local[r] if local else 0.0) for r in range(N)]
+    prev = [pack + pack_rest + (local[r] if local else 0.0) for r in range(N)]
     for c in range(len(G)):
         start = [max(prev[r], done[c]) for r in range(N)]
         if c + 1 < len(G):
@@ -285,17 +279,14 @@ def allgather_pipeline(
 
 
 def local_first_forward(
-    spec: str, perm, shards, local_masks, remote_masks, ks, vs, qs, kb, gqa, tm, link, C_rest, pack, pack_rest,
-    beside: bool = True,
-) -> tuple[float, dict]:  # fmt: skip
+    spec: str, perm, shards, local_masks, remote_masks, ks, vs, qs, kb, gqa, tm, link, C_rest, pack, pack_rest
+) -> tuple[float, dict]:
     """(forward s, JSON extras) of ``strategy="allgather", head_chunks=spec, local_first=True``: every rank's
     call of chunk 0's heads against its own shard (fp32 running result) and chunk 0's call over the other
     ranks' keys (``remote_masks[r]``: its all-gather mask without its own key blocks), merged in the epilogue
     and written in bf16, timed as `flexdist.cp.allgather` makes them; the later chunks' calls are the same as
     without local_first (``C_rest``, seconds per chunk and rank). Replayed with the own-shard call ahead of the
-    first wait (`replay_forward`). ``beside``: on CUDA the packs run on a side stream beside the own-shard call,
-    as the library issues them; False times them ahead of it on the compute stream (the code before the side
-    stream, to compare in one run)."""
+    first wait (`replay_forward`)."""
     from flexdist.cp.allgather import _pack, _seq_view
 
     N, L, D, Dv, g, dev, sizes = _chunk_shapes(spec, qs, ks, vs)
@@ -305,33 +296,22 @@ def local_first_forward(
     buf = torch.stack([_pack(ks[r], vs[r], 0, h1) for r in range(N)])
     kv = _seq_view(buf)
     kc, vc = kv[..., :D], kv[..., D:]
-    fl, fr = [], []  # per rank: the own-shard phase, the call over the other ranks' keys (None: no call)
-    bounds = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(sizes))]
-    beside = beside and dev.type == "cuda"
+    fl, fr = [], []  # per rank: the own-shard call, the call over the other ranks' keys (None: no call)
     for r in range(N):
         q0 = qs[r][:, :n0]
         o32 = torch.zeros(1, n0, L, Dv, dtype=torch.float32, device=dev)
         l32 = torch.full((1, n0, L), float("-inf"), device=dev)
-        lk, lv = ks[r][:, :h1], vs[r][:, :h1]
-        lkw = dict(kw, q_global_idx=shards[r], kv_global_idx=shards[r], head_group=n0, out=o32)
         if local_masks[r] is not None:
+            lkw = dict(kw, q_global_idx=shards[r], kv_global_idx=shards[r], head_group=n0, out=o32)
+            lk, lv = ks[r][:, :h1], vs[r][:, :h1]
             _, l32 = flex_attention_forward(q0, lk, lv, local_masks[r], **lkw)
-
-        def phase(r=r, q0=q0, lk=lk, lv=lv, lkw=lkw):
-            # as flexdist.cp.allgather on CUDA: every chunk packed on a side stream beside the local call
-            if beside:
-                side = torch.cuda.Stream(dev)
-                side.wait_stream(torch.cuda.current_stream(dev))
-                with torch.cuda.stream(side):
-                    for a, b in bounds:
-                        _pack(ks[r], vs[r], a, b)
-            if local_masks[r] is not None:
-                flex_attention_forward(q0, lk, lv, local_masks[r], **lkw)
-            if beside:
-                torch.cuda.current_stream(dev).wait_stream(side)
-
-        # (no own-shard call and no side stream: the running result starts empty, charged as nothing)
-        fl.append(phase if beside or local_masks[r] is not None else None)
+            fl.append(
+                lambda q0=q0, lk=lk, lv=lv, m=local_masks[r], lkw=lkw: flex_attention_forward(
+                    q0, lk, lv, m, **lkw
+                )
+            )
+        else:  # nothing visible in the own shard: the running result starts empty
+            fl.append(None)
         if remote_masks[r] is None:  # the code copies the running result: charged as nothing
             fr.append(None)
             continue
@@ -349,15 +329,12 @@ def local_first_forward(
     local, remote = timed(fl), timed(fr)
     elem = ks[0].element_size()
     G = [(N - 1) * L * hc * (D + Dv) * elem / link for hc in sizes]
-    T_f = replay_forward([remote, *C_rest], G, pack, pack_rest, local, packs_beside=beside)
+    T_f = replay_forward([remote, *C_rest], G, pack, pack_rest, local)
     ms = lambda xs: [round(x * 1e3, 4) for x in xs]
     extra = dict(
         head_chunks=sizes,
         local_first=True,
         local_fwd_ms=ms(local),
-        local_fwd_note="the local call with every chunk's pack beside it on a side stream (CUDA)"
-        if beside
-        else "",
         chunk_fwd_ms=[ms(remote)] + [ms(c) for c in C_rest],
         gather_ms=ms(G),
         pack_ms=round(pack * 1e3, 4),
@@ -679,15 +656,13 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
                     nb = L // bs
                     remote = [drop_key_blocks(ag_masks[r], r * nb, (r + 1) * nb) for r in range(N)]
                     C_rest = [[t / 1e3 for t in c] for c in extra["chunk_fwd_ms"][1:]]
-                    for packs in ("beside", "inline") if args.lf_packs == "both" else (args.lf_packs,):
-                        T_lf, extra_lf = local_first_forward(
-                            spec, perm, shards, [masks[r][r] for r in range(N)], remote, ks, vs, qs, kb, gqa,
-                            tm, link, C_rest, extra["pack_ms"] / 1e3, extra["pack_rest_ms"] / 1e3,
-                            beside=packs == "beside",
-                        )  # fmt: skip
-                        # the backward is the same as without local_first (it runs the whole mask per chunk)
-                        tag = "+lf" if packs == "beside" else "+lf/inline"
-                        add_row(f"{name}{tag}", T_lf, T_b, backward_of=name, lf_packs=packs, **extra_lf)
+                    T_lf, extra_lf = local_first_forward(
+                        spec, perm, shards, [masks[r][r] for r in range(N)], remote, ks, vs, qs, kb, gqa,
+                        tm, link, C_rest,
+                        extra["pack_ms"] / 1e3, extra["pack_rest_ms"] / 1e3,
+                    )  # fmt: skip
+                    # the backward is the same as without local_first (it runs the whole mask per chunk)
+                    add_row(f"{name}+lf", T_lf, T_b, backward_of=name, **extra_lf)
         for rr in rows[n_before:]:
             print(
                 f"  {balance:11} {rr['strategy']:15} fwd {rr['pred_fwd_s'] * 1e3:8.2f} ms {rr['tflops_fwd']:6.0f} TFLOP/s "
@@ -820,13 +795,6 @@ def main() -> None:
         action="store_true",
         help="allgather rows also with plan(local_first=True) (rows '+lf': the own shard's call during the first "
         "gather; the backward is the same as without)",
-    )
-    ap.add_argument(
-        "--lf-packs",
-        choices=["beside", "inline", "both"],
-        default="beside",
-        help="'+lf' rows: the K/V packs on a side stream beside the own-shard call (what the library does on "
-        "CUDA), ahead of it on the compute stream ('+lf/inline', the code before), or both in one run",
     )
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument(

@@ -99,13 +99,6 @@ def test_allgather_pipeline_replay() -> None:
     # gather 1 is posted after the local call: it cannot start before the slowest rank's local call ends
     # (2.0), so chunk 1 waits until 2.0 + 1.5 = 3.5 although chunk 0 ended at 3.0 on every rank
     assert replay_forward([[1.0, 1.0], [1.0, 1.0]], [0.1, 1.5], 0.0, local=[2.0, 0.1]) == pytest.approx(4.5)
-    # packs on a side stream beside the local call: no pack on the compute path (local = call and packs
-    # together); gather 0 starts after its pack (0.3 + 0.5 = 0.8 > local 0.6): chunk 0 starts at 0.8
-    got = replay_forward([[1.0, 1.0]], [0.5], 0.3, pack_rest=0.2, local=[0.6, 0.6], packs_beside=True)
-    assert got == pytest.approx(1.8)
-    assert replay_forward(
-        [[1.0]], [0.5], 0.1, pack_rest=0.2, local=[0.9], packs_beside=True
-    ) == pytest.approx(1.9)
 
 
 def test_fit_partial_weight_recovers_a_known_weight(tmp_path) -> None:

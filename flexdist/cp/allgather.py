@@ -52,13 +52,12 @@ def _pack(k: torch.Tensor, v: torch.Tensor, h0: int, h1: int) -> torch.Tensor:
     return buf
 
 
-def _start_gather(local: torch.Tensor, plan, out: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
+def _start_gather(local: torch.Tensor, plan) -> tuple[torch.Tensor, list]:
     """Post the all-gather of one chunk: ``([N, B, L, hc, E] buffer, [work])`` (nothing to wait for if N = 1)."""
     N = plan.world_size
     if N == 1:
         return local.unsqueeze(0), []
-    if out is None:
-        out = local.new_empty((N, *local.shape))
+    out = local.new_empty((N, *local.shape))
     # flat 1-D buffers: the shape every backend accepts (gloo checks the leading dim against N)
     work = dist.all_gather_into_tensor(out.view(-1), local.view(-1), group=plan.group, async_op=True)
     return out, [work]
@@ -69,29 +68,6 @@ def _pack_all(k: torch.Tensor, v: torch.Tensor, chunks: list, plan) -> tuple[tup
     other chunks packed while it runs: ``((buffer, works) of chunk 0, [local pack of chunks 1, 2, ...])``."""
     first = _start_gather(_pack(k, v, *chunks[0]), plan)
     return first, [_pack(k, v, h0, h1) for h0, h1 in chunks[1:]]
-
-
-def _pack_all_beside(k: torch.Tensor, v: torch.Tensor, chunks: list, plan):
-    """`_pack_all` on a side CUDA stream (a pooled ``torch.cuda.Stream``), so the packs and chunk 0's gather
-    run beside the compute stream's next kernel, the local-first call, instead of before it. Returns
-    ``((buffer, works) of chunk 0, [packs of chunks 1, ...], side stream)``; the compute stream must wait for
-    the side stream before it posts the later gathers. Every buffer is allocated on the compute stream: the
-    caching allocator then cannot hand their memory to other work while the side stream or NCCL still use
-    them (the compute stream waits for every gather, hence for the packs, before they are released)."""
-    dev = k.device
-    B, _, L, D = k.shape
-    E = D + v.shape[-1]
-    packs = [torch.empty(B, L, h1 - h0, E, dtype=k.dtype, device=dev) for h0, h1 in chunks]
-    gathered = packs[0].new_empty((plan.world_size, *packs[0].shape))
-    side = torch.cuda.Stream(dev)
-    side.wait_stream(torch.cuda.current_stream(dev))  # K and V are written
-    with torch.cuda.stream(side):
-        for i, ((h0, h1), buf) in enumerate(zip(chunks, packs, strict=True)):
-            buf[..., :D].copy_(k[:, h0:h1].transpose(1, 2))
-            buf[..., D:].copy_(v[:, h0:h1].transpose(1, 2))
-            if i == 0:  # posted from the side stream: NCCL waits for this pack only
-                first = _start_gather(buf, plan, out=gathered)
-    return first, packs[1:], side
 
 
 def _seq_view(buf: torch.Tensor) -> torch.Tensor:
@@ -132,11 +108,7 @@ def allgather_forward(q, k, v, plan, full_mask, fwd: Callable, kw: dict):
     q_idx, kv_idx = plan.index_on(dev, plan.rank), plan.perm_on(dev)
     out = torch.empty(B, Hq, L, v.shape[-1], dtype=q.dtype, device=dev)
     lses = []
-    side = None
-    if plan.local_first and q.is_cuda:
-        pending, rest, side = _pack_all_beside(k, v, chunks, plan)
-    else:
-        pending, rest = _pack_all(k, v, chunks, plan)
+    pending, rest = _pack_all(k, v, chunks, plan)
     if plan.local_first:
         h1 = chunks[0][1]
         n0 = h1 * g
@@ -150,8 +122,6 @@ def allgather_forward(q, k, v, plan, full_mask, fwd: Callable, kw: dict):
         else:  # no row of this shard sees any of its own keys
             o_acc.zero_()
             l_acc = torch.full((B, n0, L), float("-inf"), dtype=o_acc.dtype, device=dev)
-        if side is not None:  # the later gathers, posted from this stream, need their packs
-            torch.cuda.current_stream(dev).wait_stream(side)
     for i, (h0, h1) in enumerate(chunks):
         buf, works = pending
         plan.record_wait(works, dev)
