@@ -809,7 +809,9 @@ def triton_forward(
     the defaults / the autotuner (which never uses the last two). ``tma``: K and V tiles are loaded through
     device-side TMA descriptors (k and v must then meet TMA's alignment rules, see ``check_tma_operand``;
     on CUDA a Triton allocator for the descriptors' scratch memory is installed at the launch).
-    ``warp_specialize``: Triton's automatic warp specialization of the kv loop; only with ``tma``.
+    ``warp_specialize``: Triton's automatic warp specialization of the kv loop; only with ``tma``. On
+    triton 3.6 / H200 (``bench/results/2026-11-26-s10/call1``) it fails to compile at 4 warps and leaves the
+    loop unspecialized at 8; TMA alone gains 2–3% at 8 warps with 128 × 128 tiles and loses at 4 warps.
     ``traceable``: launch through ``torch.library.wrap_triton`` with per-call placeholders (the body of a
     ``torch.library.triton_op``, traced with FakeTensors under torch.compile); needs compiled (JIT) kernels.
     ``head_group``: heads per launch group (see ``launch_head_group``; None: its choice).

@@ -552,9 +552,10 @@ def plan(
             hides the first gather, the one transfer the pipeline otherwise exposes, at the cost of one more
             call and an fp32 round trip of the first chunk's output. Needs the shard length ``S / N`` to be a
             multiple of ``block_size`` (the own keys are then whole key blocks of the gathered sequence).
-            The backward is unchanged. Measured (``bench/results/2026-11-26-s8``, ``head_chunks=2``): in the
-            8-rank simulation it lifts the forward from 0.80–0.83 to 0.86–0.89 efficiency. At 4 ranks
-            (simulated) and on 2 real GPUs it is slower, since the gather it hides is small there.
+            The backward is unchanged. Measured (``head_chunks=2``, 8-rank simulation): it lifts the forward
+            from 0.80–0.83 to 0.86–0.89 efficiency (``bench/results/2026-11-26-s8``); with the per-rank-totals
+            planner 0.85–0.92 over seven runs (s9, s10). At 4 ranks (simulated and real) and on 2 real GPUs it
+            is slower, since the gather it hides is small there.
         check: all-reduce a hash of doc_ids to catch ranks passing different batches (default: on the
             first plan of each group, and always in debug mode).
         debug: check on every call (default: environment FLEXDIST_CP_DEBUG=1).
