@@ -101,6 +101,12 @@ class timer:
         return [statistics.median(t) for t in ts]
 
 
+def _bracketed(row: dict, which: str) -> str:
+    """`` (bracketed 0.88)`` when the row has an efficiency against its bracketing baselines."""
+    e = row.get(f"eff_{which}_bracketed")
+    return "" if e is None else f" (bracketed {e:.2f})"
+
+
 def layout(balance: str, doc: torch.Tensor, N: int, bs: int, cost: bal.CostModel) -> torch.Tensor:
     S = doc.shape[1]
     if balance == "contiguous":
@@ -393,6 +399,34 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
                 )
             ),
         )
+
+    def baseline() -> tuple[float, float]:
+        """The one-GPU forward / backward time as the efficiencies take it (the rule, or with a fixed forward
+        grouping the faster of the two), measured now."""
+        f = tm(lambda: flex_attention_forward(q, k, v, full_mask, enable_gqa=gqa, backend=kb))
+        b = tm(
+            lambda: flex_attention_backward(
+                q, k, v, out_full, dout, lse_full, full_mask, enable_gqa=gqa, backend=kb
+            )
+        )
+        if hg:
+            f = min(
+                f, tm(lambda: flex_attention_forward(q, k, v, full_mask, enable_gqa=gqa, backend=kb, **hg))
+            )
+            b = min(
+                b,
+                tm(
+                    lambda: flex_attention_backward(
+                        q, k, v, out_full, dout, lse_full, full_mask, enable_gqa=gqa, backend=kb, **hg
+                    )
+                ),
+            )
+        return f, b
+
+    # The baseline measured last (before the next row's calls): each row's bracket is that and the baseline
+    # measured right after the row. The GPU slows by 1-2% over a run as it warms (s10 call 4: 19.25 ms at the
+    # start, 19.70 after the CP rows), so the first measurement alone favours the one GPU.
+    last_base = [(t1_fwd, t1_bwd)]
     rows = []
     base = dict(
         N=N,
@@ -510,20 +544,29 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
             return sum(fwd_steps), sum(bwd_steps)
 
         def add_row(strategy, T_f, T_b, **extra):
-            rows.append(
-                dict(
-                    base,
-                    balance=balance,
-                    strategy=strategy,
-                    pred_fwd_s=T_f,
-                    pred_bwd_s=T_b,
-                    tflops_fwd=fwd_flops / N / T_f / 1e12,
-                    tflops_bwd=bwd_flops / N / T_b / 1e12,
-                    eff_fwd=t1_fwd / (N * T_f),
-                    eff_bwd=t1_bwd / (N * T_b),
-                    **extra,
-                )
+            row = dict(
+                base,
+                balance=balance,
+                strategy=strategy,
+                pred_fwd_s=T_f,
+                pred_bwd_s=T_b,
+                tflops_fwd=fwd_flops / N / T_f / 1e12,
+                tflops_bwd=bwd_flops / N / T_b / 1e12,
+                eff_fwd=t1_fwd / (N * T_f),
+                eff_bwd=t1_bwd / (N * T_b),
+                **extra,
             )
+            if args.bracket_baseline:
+                # against the mean of the baselines just before and just after this row's calls
+                (f0, b0), (f1, b1) = last_base[0], baseline()
+                last_base[0] = (f1, b1)
+                row.update(
+                    single_fwd_bracket_s=[f0, f1],
+                    single_bwd_bracket_s=[b0, b1],
+                    eff_fwd_bracketed=(f0 + f1) / 2 / (N * T_f),
+                    eff_bwd_bracketed=(b0 + b1) / 2 / (N * T_b),
+                )
+            rows.append(row)
 
         # ring: whole shards travel; a shard stops after its last consumer
         def ring_more(t):
@@ -666,8 +709,8 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
         for rr in rows[n_before:]:
             print(
                 f"  {balance:11} {rr['strategy']:15} fwd {rr['pred_fwd_s'] * 1e3:8.2f} ms {rr['tflops_fwd']:6.0f} TFLOP/s "
-                f"eff {rr['eff_fwd']:.2f} | bwd {rr['pred_bwd_s'] * 1e3:8.2f} ms {rr['tflops_bwd']:6.0f} TFLOP/s "
-                f"eff {rr['eff_bwd']:.2f}",
+                f"eff {rr['eff_fwd']:.2f}{_bracketed(rr, 'fwd')} | bwd {rr['pred_bwd_s'] * 1e3:8.2f} ms "
+                f"{rr['tflops_bwd']:6.0f} TFLOP/s eff {rr['eff_bwd']:.2f}{_bracketed(rr, 'bwd')}",
                 flush=True,
             )
         # ulysses: every rank runs the whole sequence for Hq/N heads (same mask), plus four exposed
@@ -796,6 +839,13 @@ def main() -> None:
         help="allgather rows also with plan(local_first=True) (rows '+lf': the own shard's call during the first "
         "gather; the backward is the same as without)",
     )
+    ap.add_argument(
+        "--bracket-baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time the one-GPU baseline again after every row and also report each row's efficiency against "
+        "the mean of the baselines before and after it (eff_*_bracketed; the GPU slows as a run goes on)",
+    )
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument(
         "--timing",
@@ -828,12 +878,14 @@ def main() -> None:
     for N in args.ns:
         rows.extend(simulate(args, N, device, dtype))
     print(
-        f"\n{'N':>3} {'balance':11} {'strategy':15} {'fwd TF/s':>9} {'bwd TF/s':>9} {'eff fwd':>8} {'eff bwd':>8} {'skipped':>8}"
+        f"\n{'N':>3} {'balance':11} {'strategy':15} {'fwd TF/s':>9} {'bwd TF/s':>9} {'eff fwd':>8} {'eff bwd':>8} "
+        f"{'bracketed':>10} {'skipped':>8}"
     )
     for r in rows:
+        br = f"{r['eff_fwd_bracketed']:.2f}/{r['eff_bwd_bracketed']:.2f}" if "eff_fwd_bracketed" in r else "-"
         print(
             f"{r['N']:>3} {r['balance']:11} {r['strategy']:15} {r['tflops_fwd']:>9.1f} {r['tflops_bwd']:>9.1f} "
-            f"{r['eff_fwd']:>8.2f} {r['eff_bwd']:>8.2f} {r.get('steps_skipped', '-')!s:>8}"
+            f"{r['eff_fwd']:>8.2f} {r['eff_bwd']:>8.2f} {br:>10} {r.get('steps_skipped', '-')!s:>8}"
         )
     if args.out:
         import triton

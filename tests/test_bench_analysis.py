@@ -137,3 +137,34 @@ def test_fit_partial_weight_recovers_a_known_weight(tmp_path) -> None:
     for r in fit(str(path)):
         assert np.isclose(r["w_fwd"], 1.5) and np.isclose(r["w_dkdv"], 1.0) and np.isclose(r["w_dq"], 2.5), r
         assert np.isclose(r["w_all"], 6.0 / 4.0), r
+
+
+def test_cp_sim_rows_carry_their_bracketing_baselines(tmp_path) -> None:
+    """bench_cp_sim --quick: every row's bracketed efficiency is the mean of the one-GPU baselines timed just
+    before and just after its calls over N × its predicted time, and the brackets chain (a row's "before" is
+    the previous row's "after")."""
+    import json
+    import subprocess
+
+    out = tmp_path / "sim.json"
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "bench", "bench_cp_sim.py"),
+        "--quick",
+        "--strategies",
+        "allgather",
+    ]
+    cmd += ["--balances", "contiguous", "document", "--head-chunks", "2", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT, timeout=300)
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 4  # N = 2 and 4 (--quick), two balances each
+    prev = {}
+    for r in rows:
+        for w in ("fwd", "bwd"):
+            b0, b1 = r[f"single_{w}_bracket_s"]
+            assert r[f"eff_{w}_bracketed"] == pytest.approx((b0 + b1) / 2 / (r["N"] * r[f"pred_{w}_s"]))
+            if r["N"] in prev:
+                assert b0 == prev[r["N"]][w]
+            else:  # a new N starts from its first baseline
+                assert b0 == r[f"single_{w}_s"]
+        prev[r["N"]] = {w: r[f"single_{w}_bracket_s"][1] for w in ("fwd", "bwd")}
