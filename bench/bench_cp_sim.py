@@ -380,48 +380,28 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
         doc, torch.arange(S), [torch.arange(S)], causal=True, window=None, block_size=bs
     )
     out_full, lse_full = flex_attention_forward(q, k, v, full_mask, enable_gqa=gqa, backend=kb)
-    t1_fwd = tm(lambda: flex_attention_forward(q, k, v, full_mask, enable_gqa=gqa, backend=kb))
-    t1_bwd = tm(
-        lambda: flex_attention_backward(
-            q, k, v, out_full, dout, lse_full, full_mask, enable_gqa=gqa, backend=kb
-        )
-    )
-    single_rule = (t1_fwd, t1_bwd)
-    if hg:  # the one-GPU baseline is the faster of the kernels' rule and the grouping the ranks use
-        t1_fwd = min(
-            t1_fwd, tm(lambda: flex_attention_forward(q, k, v, full_mask, enable_gqa=gqa, backend=kb, **hg))
-        )
-        t1_bwd = min(
-            t1_bwd,
-            tm(
-                lambda: flex_attention_backward(
-                    q, k, v, out_full, dout, lse_full, full_mask, enable_gqa=gqa, backend=kb, **hg
-                )
-            ),
-        )
 
-    def baseline() -> tuple[float, float]:
-        """The one-GPU forward / backward time as the efficiencies take it (the rule, or with a fixed forward
-        grouping the faster of the two), measured now."""
-        f = tm(lambda: flex_attention_forward(q, k, v, full_mask, enable_gqa=gqa, backend=kb))
-        b = tm(
-            lambda: flex_attention_backward(
-                q, k, v, out_full, dout, lse_full, full_mask, enable_gqa=gqa, backend=kb
+    def baseline(grouped: bool = True) -> tuple[tuple[float, float], tuple[float, float]]:
+        """The one-GPU forward / backward times measured now: ``(kernels' rule, as the efficiencies take
+        it)``, the second the faster of the rule and the ranks' grouping when the forward's is fixed
+        (``grouped=False``: the rule only, returned twice)."""
+
+        def fwd(**g):
+            return tm(lambda: flex_attention_forward(q, k, v, full_mask, enable_gqa=gqa, backend=kb, **g))
+
+        def bwd(**g):
+            return tm(
+                lambda: flex_attention_backward(
+                    q, k, v, out_full, dout, lse_full, full_mask, enable_gqa=gqa, backend=kb, **g
+                )
             )
-        )
-        if hg:
-            f = min(
-                f, tm(lambda: flex_attention_forward(q, k, v, full_mask, enable_gqa=gqa, backend=kb, **hg))
-            )
-            b = min(
-                b,
-                tm(
-                    lambda: flex_attention_backward(
-                        q, k, v, out_full, dout, lse_full, full_mask, enable_gqa=gqa, backend=kb, **hg
-                    )
-                ),
-            )
-        return f, b
+
+        rule = (fwd(), bwd())
+        if not (hg and grouped):
+            return rule, rule
+        return rule, (min(rule[0], fwd(**hg)), min(rule[1], bwd(**hg)))
+
+    single_rule, (t1_fwd, t1_bwd) = baseline()
 
     # The baseline measured last (before the next row's calls): each row's bracket is that and the baseline
     # measured right after the row. The GPU slows by 1-2% over a run as it warms (s10 call 4: 19.25 ms at the
@@ -558,7 +538,7 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
             )
             if args.bracket_baseline:
                 # against the mean of the baselines just before and just after this row's calls
-                (f0, b0), (f1, b1) = last_base[0], baseline()
+                (f0, b0), (f1, b1) = last_base[0], baseline()[1]
                 last_base[0] = (f1, b1)
                 row.update(
                     single_fwd_bracket_s=[f0, f1],
@@ -741,12 +721,7 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
     if device.type == "cuda":
         # The one-GPU baseline again, after every rank's calls: a GPU that clocks down as it warms would make
         # the efficiencies (taken against the first measurement) pessimistic. Recorded, not used.
-        a_f = tm(lambda: flex_attention_forward(q, k, v, full_mask, enable_gqa=gqa, backend=kb))
-        a_b = tm(
-            lambda: flex_attention_backward(
-                q, k, v, out_full, dout, lse_full, full_mask, enable_gqa=gqa, backend=kb
-            )
-        )
+        a_f, a_b = baseline(grouped=False)[0]
         for rr in rows:
             rr["single_rule_fwd_after_s"], rr["single_rule_bwd_after_s"] = a_f, a_b
         print(

@@ -386,7 +386,7 @@ def sweep(args, dev, dtype, save=None) -> list[dict]:
                 row["error"] = _error(e)
             if record(row):
                 return out
-        if getattr(args, "sweep_fwd_only", False):
+        if args.sweep_fwd_only:
             continue
         d1, d2 = bwd_config(args.dim, True)
         # every backward row times both kernels: the shipped path (autotuned on GPU), then one kernel's fixed
