@@ -50,10 +50,16 @@ class timer:
     """Seconds per call of fn(): one warm-up, then ``rounds`` times ``reps`` calls back to back between two
     CUDA events; the fastest round counts.
 
-    Back to back, as the ring issues its steps: the GPU time of each call is measured, and host overhead
-    only shows where the host cannot keep the GPU busy (then it is real: the ring would stall the same way).
-    The best of several rounds keeps a moment of contention for the host's CPUs (another benchmark lane, a
-    compile) from being charged to one configuration.
+    Back to back, as the ring issues its steps. With ``host_ahead`` (the default) each round starts behind
+    ~2 ms of queued GPU work (matrix products), so the host has issued the round's first calls before the
+    start event fires: the events then time the GPU alone, as in a training step, where the host issues a
+    layer's CP calls while the GPU still runs the layers before. Without it (``--host-gaps``, how sessions up
+    to s10 timed) the start event fires on an idle GPU and the host's time to issue the first call lands in
+    the round: about 0.1–0.2 ms over ``reps`` calls, which inflates short calls (the K/V packs, a
+    ``local_first`` own-shard call) but not the 19 ms one-GPU baseline. Where the host is slower than the GPU
+    for longer than the head start, host time still shows. The host's side is measured on its own
+    (``bench_host.py``, ``bench_cp_multi.py``). The best of several rounds keeps a moment of contention for
+    the host's CPUs (another benchmark lane, a compile) from being charged to one configuration.
 
     ``many(fns)`` times calls that stand for *different ranks* (whose maximum the simulation takes): with
     ``interleaved`` (the default, ``--timing interleaved``) round i of every call runs before round i + 1 of
@@ -63,13 +69,43 @@ class timer:
     (``bench/results/2026-11-26-s8/call4``), and the maximum over ranks picks up such noise.
     """
 
-    def __init__(self, device: torch.device, reps: int, rounds: int = 3, interleaved: bool = True):
+    PREFILL_S = 2e-3  # GPU work queued ahead of each round: > the host's time to issue a round's first calls
+
+    def __init__(
+        self,
+        device: torch.device,
+        reps: int,
+        rounds: int = 3,
+        interleaved: bool = True,
+        host_ahead: bool = True,
+    ):
         self.device, self.reps, self.rounds, self.interleaved = device, reps, rounds, interleaved
+        self.host_ahead = host_ahead and device.type == "cuda"
+        self._busy: tuple[torch.Tensor, int] | None = None
+
+    def _prefill(self) -> None:
+        """Queue about PREFILL_S of GPU work (4096² bf16 products; their count calibrated once)."""
+        if self._busy is None:
+            x = torch.randn(4096, 4096, device=self.device, dtype=torch.bfloat16)
+            x @ x
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(10):
+                x @ x
+            b.record()
+            b.synchronize()
+            per = a.elapsed_time(b) / 1e3 / 10
+            self._busy = (x, max(1, round(self.PREFILL_S / per)))
+        x, n = self._busy
+        for _ in range(n):
+            x @ x
 
     def _round(self, fn) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if self.host_ahead:
+                self._prefill()
             a.record()
             for _ in range(self.reps):
                 fn()
@@ -206,7 +242,8 @@ def allgather_pipeline(
     group as the strategy does (``fwd_hg`` overrides), backward calls use ``hg`` (default: the kernels' rule).
     ``masks[r]``: rank r's queries against every key in plan order; ``ks`` / ``vs``: every rank's shard.
     """
-    from flexdist.cp.allgather import _pack, _seq_view
+    from flexdist.cp import kv_pack
+    from flexdist.cp.allgather import _seq_view
 
     N, L, D, Dv, g, dev, sizes = _chunk_shapes(spec, qs, ks, vs)
     perm_dev = perm.to(dev)
@@ -216,7 +253,7 @@ def allgather_pipeline(
     for hc in sizes:
         h1, q0, q1 = h0 + hc, h0 * g, (h0 + hc) * g
         # the gathered buffer of this chunk, as every rank would hold it: [N, B, L, hc, D+Dv] in plan order
-        buf = torch.stack([_pack(ks[r], vs[r], h0, h1) for r in range(N)])
+        buf = torch.stack([kv_pack.pack(ks[r], vs[r], h0, h1) for r in range(N)])
         kv = _seq_view(buf)
         kc, vc = kv[..., :D], kv[..., D:]
         grad = torch.empty(buf.shape, dtype=torch.float32, device=dev)
@@ -252,19 +289,20 @@ def allgather_pipeline(
         G.append((N - 1) * L * hc * (D + Dv) * elem / link)
         R.append((N - 1) * L * hc * (D + Dv) * 4 / link)
         h0 = h1
-    # the copies around the kernels, on one rank (every rank's are the same size)
+    # the copies around the kernels, on one rank (every rank's are the same size): the library's (one Triton
+    # copy each, `flexdist.cp.kv_pack`) and, for comparison, the torch copies it replaced (`*_torch`)
     bounds = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(sizes))]
-    pack = tm(lambda: _pack(ks[0], vs[0], *bounds[0]))
-    pack_rest = tm(lambda: [_pack(ks[0], vs[0], a, b) for a, b in bounds[1:]]) if len(bounds) > 1 else 0.0
     mine = [torch.empty(1, L, b - a, D + Dv, dtype=torch.float32, device=dev) for a, b in bounds]
     dk, dv = torch.empty_like(ks[0]), torch.empty_like(vs[0])
 
-    def unpack_all():
-        for (a, b), m in zip(bounds, mine, strict=True):
-            dk[:, a:b] = m[..., :D].transpose(1, 2)
-            dv[:, a:b] = m[..., D:].transpose(1, 2)
+    def copies(pack_fn, unpack_fn) -> tuple[float, float, float]:
+        pack = tm(lambda: pack_fn(ks[0], vs[0], *bounds[0]))
+        rest = tm(lambda: [pack_fn(ks[0], vs[0], a, b) for a, b in bounds[1:]]) if len(bounds) > 1 else 0.0
+        unpack = tm(lambda: [unpack_fn(m, dk, dv, a) for (a, _), m in zip(bounds, mine, strict=True)])
+        return pack, rest, unpack
 
-    unpack = tm(unpack_all)
+    pack, pack_rest, unpack = copies(kv_pack.pack, kv_pack.unpack)
+    t_pack, t_rest, t_unpack = copies(kv_pack.pack_torch, kv_pack.unpack_torch)
     T_f = replay_forward(C, G, pack, pack_rest)
     T_b = replay_backward(K, Q, G, R, pack, unpack, pack_rest)
     ms = lambda xs: [round(x * 1e3, 4) for x in xs]
@@ -280,20 +318,43 @@ def allgather_pipeline(
         fwd_head_group=fwd_hg or "heads of the call",
         unpack_ms=round(unpack * 1e3, 4),
         kv_tokens_moved=N * (N - 1) * L,
+        torch_copies=dict(
+            pack_ms=round(t_pack * 1e3, 4),
+            pack_rest_ms=round(t_rest * 1e3, 4),
+            unpack_ms=round(t_unpack * 1e3, 4),
+            pred_fwd_s=replay_forward(C, G, t_pack, t_rest),
+            pred_bwd_s=replay_backward(K, Q, G, R, t_pack, t_unpack, t_rest),
+        ),
     )
     return T_f, T_b, extra
 
 
 def local_first_forward(
-    spec: str, perm, shards, local_masks, remote_masks, ks, vs, qs, kb, gqa, tm, link, C_rest, pack, pack_rest
+    spec: str,
+    perm,
+    shards,
+    local_masks,
+    remote_masks,
+    ks,
+    vs,
+    qs,
+    kb,
+    gqa,
+    tm,
+    link,
+    C_rest,
+    pack,
+    pack_rest,
+    torch_packs: tuple[float, float] | None = None,
 ) -> tuple[float, dict]:
     """(forward s, JSON extras) of ``strategy="allgather", head_chunks=spec, local_first=True``: every rank's
     call of chunk 0's heads against its own shard (fp32 running result) and chunk 0's call over the other
     ranks' keys (``remote_masks[r]``: its all-gather mask without its own key blocks), merged in the epilogue
     and written in bf16, timed as `flexdist.cp.allgather` makes them; the later chunks' calls are the same as
     without local_first (``C_rest``, seconds per chunk and rank). Replayed with the own-shard call ahead of the
-    first wait (`replay_forward`)."""
-    from flexdist.cp.allgather import _pack, _seq_view
+    first wait (`replay_forward`); ``torch_packs``: (pack, pack_rest) of the torch copies, replayed as well."""
+    from flexdist.cp.allgather import _seq_view
+    from flexdist.cp.kv_pack import pack as _pack
 
     N, L, D, Dv, g, dev, sizes = _chunk_shapes(spec, qs, ks, vs)
     h1 = sizes[0]
@@ -346,6 +407,8 @@ def local_first_forward(
         pack_ms=round(pack * 1e3, 4),
         pack_rest_ms=round(pack_rest * 1e3, 4),
     )
+    if torch_packs is not None:
+        extra["torch_copies"] = dict(pred_fwd_s=replay_forward([remote, *C_rest], G, *torch_packs, local))
     return T_f, extra
 
 
@@ -369,7 +432,7 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
     v = torch.randn(1, Hkv, S, D, generator=g).to(device, dtype)
     dout = torch.randn(1, Hq, S, D, generator=g).to(device, dtype)
     kb = args.backend
-    tm = timer(device, args.reps, interleaved=args.timing == "interleaved")
+    tm = timer(device, args.reps, interleaved=args.timing == "interleaved", host_ahead=not args.host_gaps)
     gqa = Hq != Hkv
     kv_bytes = 2 * Hkv * L * D * torch.finfo(dtype).bits // 8
     dkv_bytes = 2 * Hkv * L * D * 4
@@ -546,6 +609,14 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
                     eff_fwd_bracketed=(f0 + f1) / 2 / (N * T_f),
                     eff_bwd_bracketed=(b0 + b1) / 2 / (N * T_b),
                 )
+            tc = row.get("torch_copies")  # the same row with the torch K/V copies (allgather rows)
+            if tc is not None:
+                for w, t1 in (("fwd", t1_fwd), ("bwd", t1_bwd)):
+                    tc[f"eff_{w}"] = t1 / (N * tc[f"pred_{w}_s"])
+                    if "eff_fwd_bracketed" in row:
+                        tc[f"eff_{w}_bracketed"] = (
+                            sum(row[f"single_{w}_bracket_s"]) / 2 / (N * tc[f"pred_{w}_s"])
+                        )
             rows.append(row)
 
         # ring: whole shards travel; a shard stops after its last consumer
@@ -683,8 +754,10 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
                         spec, perm, shards, [masks[r][r] for r in range(N)], remote, ks, vs, qs, kb, gqa,
                         tm, link, C_rest,
                         extra["pack_ms"] / 1e3, extra["pack_rest_ms"] / 1e3,
+                        (extra["torch_copies"]["pack_ms"] / 1e3, extra["torch_copies"]["pack_rest_ms"] / 1e3),
                     )  # fmt: skip
                     # the backward is the same as without local_first (it runs the whole mask per chunk)
+                    extra_lf["torch_copies"]["pred_bwd_s"] = extra["torch_copies"]["pred_bwd_s"]
                     add_row(f"{name}+lf", T_lf, T_b, backward_of=name, **extra_lf)
         for rr in rows[n_before:]:
             print(
@@ -693,6 +766,16 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
                 f"{rr['tflops_bwd']:6.0f} TFLOP/s eff {rr['eff_bwd']:.2f}{_bracketed(rr, 'bwd')}",
                 flush=True,
             )
+            tc = rr.get("torch_copies")
+            if tc is not None:
+                print(
+                    f"  {'':11} {'  torch copies':15} fwd {tc['pred_fwd_s'] * 1e3:8.2f} ms eff {tc['eff_fwd']:.2f}"
+                    f"{_bracketed(tc, 'fwd')} | bwd {tc['pred_bwd_s'] * 1e3:8.2f} ms eff {tc['eff_bwd']:.2f}"
+                    f"{_bracketed(tc, 'bwd')}  (packs {tc.get('pack_ms', '-')} + {tc.get('pack_rest_ms', '-')} ms, "
+                    f"unpack {tc.get('unpack_ms', '-')}; kernel: {rr.get('pack_ms')} + {rr.get('pack_rest_ms')}, "
+                    f"{rr.get('unpack_ms', '-')})",
+                    flush=True,
+                )
         # ulysses: every rank runs the whole sequence for Hq/N heads (same mask), plus four exposed
         # all-to-alls (q, k, v, out; backward: dout, dq, dk, dv)
         if "ulysses" in args.strategies and Hq % N == 0 and Hkv % N == 0 and balance == args.balances[0]:
@@ -829,6 +912,12 @@ def main() -> None:
         help="time the ranks' calls round by round across ranks (default) or each rank's rounds in a row "
         "(how sessions up to s8 timed them); see `timer`",
     )
+    ap.add_argument(
+        "--host-gaps",
+        action="store_true",
+        help="start each timed round on an idle GPU (how sessions up to s10 timed): the host's time to issue "
+        "the first call counts; by default ~2 ms of queued GPU work ahead of each round hides it (see `timer`)",
+    )
     ap.add_argument("--backend", default="auto", help="flexdist.kernels backend")
     ap.add_argument(
         "--balances",
@@ -873,8 +962,13 @@ def main() -> None:
             python=platform.python_version(),
             args=vars(args),
             anchor="MagiAttention H100 8 GPUs doc-causal: ~459 fwd / ~360 bwd TFLOP/s",
-            timing="per call: one warm-up, then the fastest of 3 rounds of --reps calls back to back (CUDA events); "
-            f"{args.timing}: the ranks of one step or chunk timed round by round together (interleaved) or one "
+            timing="per call: one warm-up, then the fastest of 3 rounds of --reps calls back to back (CUDA events), "
+            + (
+                "each round on an idle GPU (host gaps counted); "
+                if args.host_gaps
+                else "each round behind ~2 ms of queued GPU work (host ahead: GPU time); "
+            )
+            + f"{args.timing}: the ranks of one step or chunk timed round by round together (interleaved) or one "
             "after another (sequential)",
         )
         if (

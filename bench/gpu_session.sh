@@ -53,6 +53,19 @@ part_train1b() { run_part train_1b "${T_TRAIN:-280}" python3 bench/bench_train.p
 part_tests_multi() { run_part pytest_multi "${T_TESTS_MULTI:-200}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider \
                    tests/test_train_compile.py -k gpu_fsdp2; }  # FSDP2 + cp = 2 + compiled blocks on two GPUs
 part_nccl()    { run_part pytest_nccl "${T_NCCL:-120}" python3 -m pytest -q -s -rfE --tb=short -p no:cacheprovider tests/test_cp_nccl.py; }
+part_nccl_split() {  # the whole NCCL suite, split into case ranges run side by side (every group uses GPUs 0..w-1;
+  # a cold cache costs 7-25 s of compiling per case, which the host's CPUs do in parallel): NCCL_SPLIT_WORLDS="3 4"
+  local t=$(date +%s) pids=() w rg rc=0
+  for w in ${NCCL_SPLIT_WORLDS:-3 4}; do
+    for rg in ${NCCL_SPLIT_RANGES:-0-9 10-19 20-29 30-39 40-49 50-56}; do
+      FLEXDIST_CP_NCCL_WORLDS=$w FLEXDIST_CP_NCCL_CASES=$rg timeout -s INT -k 15 "${T_NCCL:-480}" python3 -m pytest \
+        -q -s -rfE --tb=short -p no:cacheprovider tests/test_cp_nccl.py > "$R/nccl_w${w}_c${rg}.log" 2>&1 & pids+=($!)
+    done
+  done
+  for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+  echo "nccl_split rc=$rc took $(( $(date +%s) - t ))s (t=$(( $(date +%s) - T0 ))s)" | tee -a "$R/parts.txt"
+  snapshot
+}
 part_cp_multi() { run_part cp_multi "${T_CPMULTI:-150}" torchrun --standalone --nproc-per-node "$NGPU" \
                    bench/bench_cp_multi.py ${CPMULTI_ARGS:-} \
                    ${CPMULTI_PROFILE:+--profile-dir $R/cp_profile --profile-rows $CPMULTI_PROFILE} --out "$R/cp_multi_${NGPU}gpu.json"; }

@@ -15,8 +15,8 @@ time (all of it for ``head_chunks=1``), and in backward the fp32 dK/dV reduce-sc
 until the end: O(S·Hkv), never O(S²). (At 32k tokens per GPU on 2 GPUs the measured peak was 2.08 GiB per
 rank with two chunks, 2.39 with one, 3.02 for the ring: ``bench/results/2026-11-26-s7/call2``.)
 
-Layout: each rank packs its chunk token-major, ``[B, L, hc, D + Dv]``, so for B = 1 the gathered buffer
-``[N, L, hc, D + Dv]`` is the whole sequence in plan order and K and V are strided views ``[1, hc, S, D]`` of
+Layout: each rank packs its chunk token-major, ``[B, L, hc, D + Dv]`` (one Triton copy, kv_pack.py), so
+for B = 1 the gathered buffer ``[N, L, hc, D + Dv]`` is the whole sequence in plan order and K and V are strided views ``[1, hc, S, D]`` of
 it: no reorder, no copy (the rank's mask is built against keys in plan order, ``kv_global_idx = plan.perm``).
 The dK/dV kernel writes the same layout in fp32, which is the reduce-scatter's rank-major input. For B > 1
 one copy moves the batch in front of the ranks (and back for dK/dV).
@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from .head_slice import slice_score_mod
+from .kv_pack import pack, unpack
 from .merge import _acc_dtype
 from .plan import chunk_sizes
 
@@ -41,15 +42,6 @@ def _chunks(plan, k: torch.Tensor) -> list[tuple[int, int]]:
         bounds.append((h, h + c))
         h += c
     return bounds
-
-
-def _pack(k: torch.Tensor, v: torch.Tensor, h0: int, h1: int) -> torch.Tensor:
-    """This rank's K|V of heads h0:h1, token-major ``[B, L, hc, D + Dv]`` (the all-gather's input)."""
-    B, _, L, D = k.shape
-    buf = torch.empty(B, L, h1 - h0, D + v.shape[-1], dtype=k.dtype, device=k.device)
-    buf[..., :D].copy_(k[:, h0:h1].transpose(1, 2))
-    buf[..., D:].copy_(v[:, h0:h1].transpose(1, 2))
-    return buf
 
 
 def _start_gather(local: torch.Tensor, plan) -> tuple[torch.Tensor, list]:
@@ -66,8 +58,8 @@ def _start_gather(local: torch.Tensor, plan) -> tuple[torch.Tensor, list]:
 def _pack_all(k: torch.Tensor, v: torch.Tensor, chunks: list, plan) -> tuple[tuple, list[torch.Tensor]]:
     """Chunk 0 packed and its gather posted (the one exposed transfer starts as early as it can), then the
     other chunks packed while it runs: ``((buffer, works) of chunk 0, [local pack of chunks 1, 2, ...])``."""
-    first = _start_gather(_pack(k, v, *chunks[0]), plan)
-    return first, [_pack(k, v, h0, h1) for h0, h1 in chunks[1:]]
+    first = _start_gather(pack(k, v, *chunks[0]), plan)
+    return first, [pack(k, v, h0, h1) for h0, h1 in chunks[1:]]
 
 
 def _seq_view(buf: torch.Tensor) -> torch.Tensor:
@@ -160,7 +152,7 @@ def allgather_backward(q, k, v, out, dout, lse, delta, plan, full_mask, bwd: Cal
     dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
     dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
     pending, rest = _pack_all(k, v, chunks, plan)
-    scattered = []  # (heads, this rank's summed dK|dV, the reduce-scatter's work, its input kept alive)
+    scattered = []  # (first head, this rank's summed dK|dV, the reduce-scatter's work, its input kept alive)
     for i, (h0, h1) in enumerate(chunks):
         buf, works = pending
         plan.record_wait(works, dev)
@@ -191,12 +183,11 @@ def allgather_backward(q, k, v, out, dout, lse, delta, plan, full_mask, bwd: Cal
         mine = grad.new_empty(grad.shape[1:])
         if N > 1:  # runs while this chunk's dQ kernel (and the next chunks) do
             work = dist.reduce_scatter_tensor(mine.view(-1), grad.view(-1), group=plan.group, async_op=True)
-            scattered.append((h0, h1, mine, [work], grad))
+            scattered.append((h0, mine, [work], grad))
         else:
-            scattered.append((h0, h1, grad[0], [], None))
+            scattered.append((h0, grad[0], [], None))
         bwd(*args, dq_out=dq[:, q0:q1], which="dq", **ckw)
-    for h0, h1, mine, works, _ in scattered:
+    for h0, mine, works, _ in scattered:
         plan.record_wait(works, dev)
-        dk[:, h0:h1] = mine[..., :D].transpose(1, 2)
-        dv[:, h0:h1] = mine[..., D:].transpose(1, 2)
+        unpack(mine, dk, dv, h0)
     return dq, dk, dv
