@@ -54,6 +54,19 @@ def test_every_option_of_the_other_groups_composes(group: str) -> None:
         OmegaConf.to_container(cfg, resolve=True)
 
 
+def test_cp_presets_validate_with_every_model() -> None:
+    """parallel=cp is the pipelined all-gather (what measured fastest), parallel=cp_ring the ring; both compose
+    and validate for every shipped model (each has >= 2 K/V heads for the two chunks)."""
+    for model in sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml")):
+        ag, ring = make(f"model={model}", "parallel=cp"), make(f"model={model}", "parallel=cp_ring")
+        p = ag.parallel
+        assert (p.cp_strategy.value, p.cp_head_chunks, p.cp_local_first) == ("allgather", 2, True)
+        p = ring.parallel
+        assert (p.cp_strategy.value, p.cp_head_chunks, p.cp_local_first) == ("ring", 1, False)
+        validate(ag, world_size=2)
+        validate(ring, world_size=2)
+
+
 def test_the_readme_override_example() -> None:
     cfg = make("model=350m", "parallel=cp", "parallel.cp=4", "trainer.seq_len=65536")
     assert (cfg.model.dim, cfg.parallel.cp, cfg.trainer.seq_len) == (1024, 4, 65536)
@@ -130,9 +143,15 @@ def test_unknown_key_in_a_yaml_option_is_an_error(tmp_path) -> None:
         ),
         (["parallel=cp", "parallel.cp_head_chunks=0"], 2, "parallel.cp_head_chunks=0 must be >= 1"),
         (
-            ["parallel=cp", "parallel.cp_head_chunks=2"],
+            ["parallel=cp_ring", "parallel.cp_head_chunks=2"],
             2,
             "parallel.cp_head_chunks=2 pipelines the all-gather: it needs parallel.cp_strategy=allgather, got ring",
+        ),
+        (  # switching only the strategy of the all-gather preset: the message says how to get the ring's
+            ["parallel=cp", "parallel.cp_strategy=ring"],
+            2,
+            r"cp_head_chunks=2 .*got ring \(parallel=cp sets .* use parallel=cp_ring, or set "
+            r"parallel.cp_head_chunks=1 parallel.cp_local_first=false\)",
         ),
         (
             ["parallel=cp", "parallel.cp_strategy=allgather", "parallel.cp_head_chunks=3"],
@@ -140,7 +159,7 @@ def test_unknown_key_in_a_yaml_option_is_an_error(tmp_path) -> None:
             r"parallel.cp_head_chunks=3 is more than model.n_kv_heads=2",
         ),
         (
-            ["parallel=cp", "parallel.cp_local_first=true"],
+            ["parallel=cp_ring", "parallel.cp_local_first=true"],
             2,
             "parallel.cp_local_first=true overlaps the all-gather: it needs parallel.cp_strategy=allgather, got ring",
         ),

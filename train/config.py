@@ -268,6 +268,14 @@ def seq_len_multiple(cp: int, block_size: int, balance: str) -> int:
     return cp * block_size * (2 if balance in ("zigzag", "auto") else 1)
 
 
+# parallel=cp presets the all-gather's knobs (cp_head_chunks=2, cp_local_first=true), so switching only the
+# strategy trips the checks above: say how to get the other strategies' preset
+_PRESET_HINT = (
+    " (parallel=cp sets cp_strategy=allgather cp_head_chunks=2 cp_local_first=true; for the ring use "
+    "parallel=cp_ring, or set parallel.cp_head_chunks=1 parallel.cp_local_first=false)"
+)
+
+
 def validate(cfg: Any, world_size: int) -> Resolved:
     """Check the composed config against ``world_size``; raise ValueError naming the keys and the numbers.
 
@@ -336,11 +344,12 @@ def validate(cfg: Any, world_size: int) -> Resolved:
         elif n > 1 and g("parallel.cp_strategy") != strategy:
             errors.append(
                 f"{key}={n} {what}: it needs parallel.cp_strategy={strategy}, got {g('parallel.cp_strategy')}"
+                + _PRESET_HINT
             )
     if g("parallel.cp_local_first") and g("parallel.cp_strategy") != "allgather":
         errors.append(
             "parallel.cp_local_first=true overlaps the all-gather: it needs parallel.cp_strategy=allgather, "
-            f"got {g('parallel.cp_strategy')}"
+            f"got {g('parallel.cp_strategy')}" + _PRESET_HINT
         )
     hc = g("parallel.cp_head_chunks")
     if hc > 1 and nkv >= 1 and hc > nkv:

@@ -554,8 +554,10 @@ def plan(
             multiple of ``block_size`` (the own keys are then whole key blocks of the gathered sequence).
             The backward is unchanged. Measured (``head_chunks=2``, 8-rank simulation): it lifts the forward
             from 0.80–0.83 to 0.86–0.89 efficiency (``bench/results/2026-11-26-s8``); with the per-rank-totals
-            planner 0.85–0.92 over seven runs (s9, s10). At 4 ranks (simulated and real) and on 2 real GPUs it
-            is slower, since the gather it hides is small there.
+            planner 0.85–0.92 over seven runs (s9, s10); with the one-copy K/V pack and GPU-time rounds
+            0.87–0.88 on an H100 and 0.90 on an H200 (0.90 / 0.92 against the bracketing baselines, s11).
+            On 4 real GPUs it is about even (s9: slower; s11: 6.12 against 6.20 ms, and 0.7% faster training
+            steps at cp = 4); at 8k tokens per GPU on 2 GPUs slower, since the gather it hides is small there.
         check: all-reduce a hash of doc_ids to catch ranks passing different batches (default: on the
             first plan of each group, and always in debug mode).
         debug: check on every call (default: environment FLEXDIST_CP_DEBUG=1).
