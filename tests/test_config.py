@@ -142,6 +142,11 @@ def test_unknown_key_in_a_yaml_option_is_an_error(tmp_path) -> None:
             "parallel.cp_ring_group=2 groups ring steps: it needs parallel.cp_strategy=ring, got allgather",
         ),
         (["parallel=cp", "parallel.cp_head_chunks=0"], 2, "parallel.cp_head_chunks=0 must be >= 1"),
+        (  # an MQA model with the all-gather preset: the message names the fix
+            ["parallel=cp", "model.n_kv_heads=1"],
+            2,
+            r"parallel.cp_head_chunks=2 is more than model.n_kv_heads=1 .*set parallel.cp_head_chunks=1\)",
+        ),
         (
             ["parallel=cp_ring", "parallel.cp_head_chunks=2"],
             2,
@@ -156,7 +161,8 @@ def test_unknown_key_in_a_yaml_option_is_an_error(tmp_path) -> None:
         (
             ["parallel=cp", "parallel.cp_strategy=allgather", "parallel.cp_head_chunks=3"],
             2,
-            r"parallel.cp_head_chunks=3 is more than model.n_kv_heads=2",
+            r"parallel.cp_head_chunks=3 is more than model.n_kv_heads=2 \(parallel=cp sets 2; with 2 K/V "
+            r"head\(s\) set parallel.cp_head_chunks=2\)",
         ),
         (
             ["parallel=cp_ring", "parallel.cp_local_first=true"],

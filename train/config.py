@@ -353,7 +353,10 @@ def validate(cfg: Any, world_size: int) -> Resolved:
         )
     hc = g("parallel.cp_head_chunks")
     if hc > 1 and nkv >= 1 and hc > nkv:
-        errors.append(f"parallel.cp_head_chunks={hc} is more than model.n_kv_heads={nkv}")
+        errors.append(
+            f"parallel.cp_head_chunks={hc} is more than model.n_kv_heads={nkv} (parallel=cp sets 2; with "
+            f"{nkv} K/V head(s) set parallel.cp_head_chunks={nkv})"
+        )
     for key in ("trainer.steps", "trainer.micro_batch", "trainer.grad_accum", "trainer.log_interval"):
         if g(key) < 1:
             errors.append(f"{key}={g(key)} must be >= 1")
