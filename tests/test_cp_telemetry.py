@@ -24,7 +24,9 @@ STEPS, GRAD_ACCUM = 3, 2
 
 @pytest.mark.distributed
 def test_cp2_metrics_carry_cp_stats_and_selective_checkpointing_keeps_losses(tmp_path) -> None:
+    # the ring: its per-step statistics (steps, skipped steps, whole-shard transfers) are what is checked
     over = [*CP2, f"trainer.steps={STEPS}", f"trainer.grad_accum={GRAD_ACCUM}", "parallel.block_size=64"]
+    over.append("parallel.cp_strategy=ring")
     proc = torchrun(
         tmp_path / "sel", 2, *over, "trainer.activation_checkpointing=selective", "trainer.profile_steps=[2]"
     )

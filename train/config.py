@@ -126,12 +126,14 @@ class ParallelConfig:
     cp_ring_group: int = 1
     # cp_strategy=allgather only: gather K/V and run the kernels in this many chunks of K/V heads, each
     # chunk's all-gather overlapping the previous chunk's kernels (1 = unpipelined; see
-    # flexdist.cp.plan(head_chunks=...))
-    cp_head_chunks: int = 1
+    # flexdist.cp.plan(head_chunks=...)). null: the strategy's default, min(2, model.n_kv_heads) for
+    # allgather (the fastest measured, README "Measured" s11), 1 for the others.
+    cp_head_chunks: int | None = None
     # cp_strategy=allgather only: the first chunk's heads attend to the rank's own K/V shard while that chunk's
     # gather runs, then merge the other ranks' keys into it (hides the one exposed gather; see
-    # flexdist.cp.plan(local_first=...)). Needs seq_len / cp to be a multiple of block_size.
-    cp_local_first: bool = False
+    # flexdist.cp.plan(local_first=...)). Needs seq_len / cp to be a multiple of block_size. null: the
+    # strategy's default, true for allgather, false for the others.
+    cp_local_first: bool | None = None
     fsdp: bool = True  # shard parameters, gradients and optimizer state over all dp×cp ranks (FSDP2)
 
 
@@ -230,6 +232,8 @@ class Resolved:
     head_dim: int
     seq_multiple: int
     tokens_per_step: int
+    cp_head_chunks: int = 1  # parallel.cp_head_chunks with null resolved for the strategy
+    cp_local_first: bool = False  # parallel.cp_local_first likewise
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -268,12 +272,14 @@ def seq_len_multiple(cp: int, block_size: int, balance: str) -> int:
     return cp * block_size * (2 if balance in ("zigzag", "auto") else 1)
 
 
-# parallel=cp presets the all-gather's knobs (cp_head_chunks=2, cp_local_first=true), so switching only the
-# strategy trips the checks above: say how to get the other strategies' preset
-_PRESET_HINT = (
-    " (parallel=cp sets cp_strategy=allgather cp_head_chunks=2 cp_local_first=true; for the ring use "
-    "parallel=cp_ring, or set parallel.cp_head_chunks=1 parallel.cp_local_first=false)"
-)
+def cp_knobs(strategy: str, head_chunks: int | None, local_first: bool | None, n_kv_heads: int) -> tuple:
+    """``(head_chunks, local_first)`` with ``None`` (null in the config) resolved for the strategy: the
+    pipelined all-gather with ``local_first`` for ``allgather`` (two chunks, fewer for MQA), off otherwise,
+    so ``parallel.cp_strategy=ring`` alone switches strategy."""
+    ag = strategy == "allgather"
+    hc = head_chunks if head_chunks is not None else (max(1, min(2, n_kv_heads)) if ag else 1)
+    lf = local_first if local_first is not None else ag
+    return hc, lf
 
 
 def validate(cfg: Any, world_size: int) -> Resolved:
@@ -333,30 +339,27 @@ def validate(cfg: Any, world_size: int) -> Resolved:
             f"parallel.cp_strategy=ulysses splits heads over the cp ranks: model.n_heads={nh} and "
             f"model.n_kv_heads={nkv} must both be divisible by parallel.cp={cp}"
         )
-    # strategy-specific knobs: >= 1, and above 1 only with their strategy
-    for key, strategy, what in (
+    # strategy-specific knobs: >= 1, and above 1 only with their strategy (null: the strategy's default)
+    strategy = g("parallel.cp_strategy")
+    for key, strat, what in (
         ("parallel.cp_ring_group", "ring", "groups ring steps"),
         ("parallel.cp_head_chunks", "allgather", "pipelines the all-gather"),
     ):
         n = g(key)
+        if n is None:
+            continue
         if n < 1:
             errors.append(f"{key}={n} must be >= 1")
-        elif n > 1 and g("parallel.cp_strategy") != strategy:
-            errors.append(
-                f"{key}={n} {what}: it needs parallel.cp_strategy={strategy}, got {g('parallel.cp_strategy')}"
-                + _PRESET_HINT
-            )
-    if g("parallel.cp_local_first") and g("parallel.cp_strategy") != "allgather":
+        elif n > 1 and strategy != strat:
+            errors.append(f"{key}={n} {what}: it needs parallel.cp_strategy={strat}, got {strategy}")
+    if g("parallel.cp_local_first") and strategy != "allgather":
         errors.append(
             "parallel.cp_local_first=true overlaps the all-gather: it needs parallel.cp_strategy=allgather, "
-            f"got {g('parallel.cp_strategy')}" + _PRESET_HINT
+            f"got {strategy}"
         )
-    hc = g("parallel.cp_head_chunks")
+    hc, lf = cp_knobs(strategy, g("parallel.cp_head_chunks"), g("parallel.cp_local_first"), max(nkv, 1))
     if hc > 1 and nkv >= 1 and hc > nkv:
-        errors.append(
-            f"parallel.cp_head_chunks={hc} is more than model.n_kv_heads={nkv} (parallel=cp sets 2; with "
-            f"{nkv} K/V head(s) set parallel.cp_head_chunks={nkv})"
-        )
+        errors.append(f"parallel.cp_head_chunks={hc} is more than model.n_kv_heads={nkv}")
     for key in ("trainer.steps", "trainer.micro_batch", "trainer.grad_accum", "trainer.log_interval"):
         if g(key) < 1:
             errors.append(f"{key}={g(key)} must be >= 1")
@@ -406,4 +409,6 @@ def validate(cfg: Any, world_size: int) -> Resolved:
         head_dim=head_dim,
         seq_multiple=mult,
         tokens_per_step=dp * g("trainer.micro_batch") * g("trainer.grad_accum") * seq,
+        cp_head_chunks=hc,
+        cp_local_first=bool(lf and cp > 1),
     )

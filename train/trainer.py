@@ -328,8 +328,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                         block_size=cfg.parallel.block_size,
                         backend=_value(cfg.model.attn_backend),
                         ring_group=cfg.parallel.cp_ring_group,
-                        head_chunks=cfg.parallel.cp_head_chunks,
-                        local_first=cfg.parallel.cp_local_first,
+                        head_chunks=res.cp_head_chunks,  # (null in the config: the strategy's default)
+                        local_first=res.cp_local_first,
                     )
                     if hasattr(plan, "comm_wait_seconds"):
                         # CUDA events around the ring's waits (exposed communication); off elsewhere
