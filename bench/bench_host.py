@@ -11,7 +11,9 @@ host time. For each path this prints, per call:
 
 ``host us`` ≥ ``gpu us`` means the path is launch-bound at that size. Paths: flexdist forward (raw entry
 point), forward with accumulation into a running (out, LSE) as a ring step does, backward (raw), forward +
-backward through autograd (``flex_attention``), and compiled torch ``flex_attention`` for reference.
+backward through autograd (``flex_attention``), and compiled torch ``flex_attention`` for reference. The
+flexdist paths run twice: as shipped (a tuned key launches with its config directly, kernels/tuned_launch.py)
+and ``[autotuner]``, every launch through Triton's autotuner.
 
     python bench/bench_host.py --out bench/results/host_h100.json     # GPU
     python bench/bench_host.py --quick                                # CPU smoke (interpreter, tiny shapes)
@@ -34,7 +36,7 @@ if "--quick" in sys.argv and not torch.cuda.is_available():
 from torch.nn.attention.flex_attention import flex_attention as torch_flex
 
 from flexdist import document_block_mask
-from flexdist.kernels import flex_attention, flex_attention_backward, flex_attention_forward
+from flexdist.kernels import flex_attention, flex_attention_backward, flex_attention_forward, tuned_launch
 
 
 def exponential_docs(S: int, mean: int, seed: int) -> torch.Tensor:
@@ -98,7 +100,7 @@ def main() -> None:
     n = args.calls or (2 if quick else 50)
     bs = 64 if quick else 128
     rows = []
-    print(f"{'S':>7} {'path':<34} {'host us':>9} {'gpu us':>9} {'sync us':>9}  launch-bound")
+    print(f"{'S':>7} {'path':<46} {'host us':>9} {'gpu us':>9} {'sync us':>9}  launch-bound")
     for S in seqs:
         doc = exponential_docs(S, min(args.mean_doc, S // 2), seed=0).to(device)
         bm = document_block_mask(doc, block_size=bs)
@@ -128,12 +130,21 @@ def main() -> None:
             torch.compiler.reset()
             compiled = torch.compile(torch_flex, dynamic=False)
             paths["torch flex fwd+bwd (compiled)"] = fwd_bwd(compiled)
-        for name, fn in paths.items():
-            r = {"S": S, "path": name, **time_path(fn, n, device)}
+        runs = [(name, fn, True) for name, fn in paths.items()]
+        # the flexdist paths again with every tuned launch through Triton's autotuner (kernels/tuned_launch.py)
+        runs += [
+            (f"{name} [autotuner]", fn, False) for name, fn in paths.items() if name.startswith("flexdist")
+        ]
+        for name, fn, direct in runs:
+            tuned_launch.ENABLED = direct
+            try:
+                r = {"S": S, "path": name, "direct_tuned_launch": direct, **time_path(fn, n, device)}
+            finally:
+                tuned_launch.ENABLED = True
             rows.append(r)
             gpu = f"{r['gpu_us']:9.1f}" if r["gpu_us"] is not None else f"{'-':>9}"
             print(
-                f"{S:>7} {name:<34} {r['host_us']:9.1f} {gpu} {r['sync_us']:9.1f}  {r['launch_bound']}",
+                f"{S:>7} {name:<46} {r['host_us']:9.1f} {gpu} {r['sync_us']:9.1f}  {r['launch_bound']}",
                 flush=True,
             )
     if args.out:

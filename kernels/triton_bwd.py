@@ -41,6 +41,7 @@ from .triton_fwd import (
     tune_configs,
     use_autotune,
 )
+from .tuned_launch import launch_tuned
 
 
 @triton.jit
@@ -680,9 +681,10 @@ def _dkdv(
         # (``wrap_triton(<module-level kernel name>)`` spelled out: see triton_fwd.triton_forward)
         if traceable:
             kernel = wrap_triton(_dkdv_kernel_tuned)
-        else:
+            kernel[grid](*args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, ACCUM=accum, **common)
+        else:  # a tuned key launches with its config directly (tuned_launch.py)
             kernel = _dkdv_kernel_tuned_accum if accum else _dkdv_kernel_tuned
-        kernel[grid](*args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, ACCUM=accum, **common)
+            launch_tuned(kernel, grid, *args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, ACCUM=accum, **common)
     else:
         kernel = wrap_triton(_dkdv_kernel) if traceable else _dkdv_kernel
         kernel[(n_kb * (km.KBS // N1) * sh.B * sh.Hkv,)](
@@ -734,13 +736,13 @@ def _dq(
     )  # fmt: skip
     if tuned and not table_grad:  # the table-gradient scratch is sized for the fixed tile
         grid = lambda meta: (n_qb * (km.QBS // meta["BLOCK_M"]) * sh.B * sh.Hq,)
+        kw = dict(EVEN_M=lp.even_m, EVEN_N=lp.even_n, TABLE_GRAD=False, WP=1, ACCUM=accum, **common)
         if traceable:
             kernel = wrap_triton(_dq_kernel_tuned)
-        else:
+            kernel[grid](*args, **kw)
+        else:  # a tuned key launches with its config directly (tuned_launch.py)
             kernel = _dq_kernel_tuned_accum if accum else _dq_kernel_tuned
-        kernel[grid](
-            *args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, TABLE_GRAD=False, WP=1, ACCUM=accum, **common
-        )  # fmt: skip
+            launch_tuned(kernel, grid, *args, **kw)
     else:
         kernel = wrap_triton(_dq_kernel) if traceable else _dq_kernel
         kernel[(n_m * sh.B * sh.Hq,)](

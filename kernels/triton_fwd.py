@@ -21,6 +21,7 @@ from triton.runtime.jit import JITFunction
 
 from .block_sparse import MASK_BITS, MASK_DOC, KernelMask, kernel_mask
 from .score_mods import ALiBi, RelativeBias, SoftCap
+from .tuned_launch import launch_tuned
 from .validation import AttnShape, check_index_map, check_kernel_inputs
 
 LOG2E = 1.4426950408889634
@@ -888,9 +889,12 @@ def triton_forward(
         # the kernels of an op by reading its source for exactly this form, to key compile caches on them)
         if traceable:
             tuned = wrap_triton(_fwd_kernel_tuned)
-        else:
+            tuned[grid](*args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, TMA=False, WS=False, **consts)
+        else:  # a tuned key launches with its config directly (tuned_launch.py: the autotuner's run is slow)
             tuned = _fwd_kernel_tuned_accum if accum else _fwd_kernel_tuned
-        tuned[grid](*args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, TMA=False, WS=False, **consts)
+            launch_tuned(
+                tuned, grid, *args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, TMA=False, WS=False, **consts
+            )
     else:
         grid = (n_qb * (km.QBS // BM) * sh.B * sh.Hq,)
         kernel = wrap_triton(_fwd_kernel) if traceable else _fwd_kernel
