@@ -11,18 +11,18 @@ separate launch of TensorIterator's general strided copy. In ``bench_cp_sim`` at
 the packs of ``head_chunks=2`` took 0.13 ms of a 2.8 ms forward, about 16 µs of memory traffic at copy
 bandwidth. One launch that moves ``[BLOCK_L, D]`` tiles of both tensors per program does the same work.
 
-The kernel runs where the attention kernels' ``backend="auto"`` runs Triton: on CUDA tensors, and on CPU
-tensors under ``TRITON_INTERPRET=1`` (the CPU tests); elsewhere the torch copies (``pack_torch`` /
+The kernel runs where the attention kernels' ``backend="auto"`` runs Triton (``resolve_backend``): on CUDA
+tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (the CPU tests); elsewhere the torch copies (``pack_torch`` /
 ``unpack_torch``, the reference). ``use_triton`` forces either.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from flexdist.kernels import resolve_backend
 
 BLOCK_L = 64  # tokens per program: [64, 128] bf16 tiles, 16 KiB of K and of V in flight per program
 
@@ -89,15 +89,18 @@ def _launch(k: torch.Tensor, v: torch.Tensor, buf: torch.Tensor, h0: int, unpack
 def _kernel_ok(use_triton: bool | None, *ts: torch.Tensor) -> bool:
     """Whether the kernel runs: asked for (default: where ``backend="auto"`` runs Triton), last dims contiguous."""
     if use_triton is None:
-        interpret = os.environ.get("TRITON_INTERPRET") == "1"  # read per call, as flexdist.kernels does
-        use_triton = all(t.is_cuda or (interpret and t.device.type == "cpu") for t in ts)
+        use_triton = all(resolve_backend("auto", t) == "triton" for t in ts)
     return use_triton and all(t.stride(-1) == 1 for t in ts)
+
+
+def _new_buffer(k: torch.Tensor, v: torch.Tensor, h0: int, h1: int) -> torch.Tensor:
+    B, _, L, D = k.shape
+    return torch.empty(B, L, h1 - h0, D + v.shape[-1], dtype=k.dtype, device=k.device)
 
 
 def pack_torch(k: torch.Tensor, v: torch.Tensor, h0: int, h1: int) -> torch.Tensor:
     """Reference pack: ``[B, L, hc, D + Dv]`` from two strided copies."""
-    B, _, L, D = k.shape
-    buf = torch.empty(B, L, h1 - h0, D + v.shape[-1], dtype=k.dtype, device=k.device)
+    buf, D = _new_buffer(k, v, h0, h1), k.shape[-1]
     buf[..., :D].copy_(k[:, h0:h1].transpose(1, 2))
     buf[..., D:].copy_(v[:, h0:h1].transpose(1, 2))
     return buf
@@ -107,8 +110,7 @@ def pack(k: torch.Tensor, v: torch.Tensor, h0: int, h1: int, use_triton: bool | 
     """K|V of heads ``h0:h1``, token-major ``[B, L, hc, D + Dv]`` in k's dtype (the all-gather's input)."""
     if not _kernel_ok(use_triton, k, v):
         return pack_torch(k, v, h0, h1)
-    B, _, L, D = k.shape
-    buf = torch.empty(B, L, h1 - h0, D + v.shape[-1], dtype=k.dtype, device=k.device)
+    buf = _new_buffer(k, v, h0, h1)
     _launch(k, v, buf, h0, unpack=False)
     return buf
 
