@@ -15,6 +15,7 @@ for plain causal, the same Python mask_mod (evaluated once into bit tiles).
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import platform
@@ -143,6 +144,11 @@ def run_case(name, S, mean, args, dev, dtype, results, make_compiled, save=None)
         "flexdist": (
             lambda: flex_attention_forward(q, k, v, bm_o),
             fwd_bwd(lambda a, b, c: flex_attention(a, b, c, block_mask=bm_o)),
+        ),
+        # the opt-in backward with dQ added by fp32 atomics inside the dK/dV kernel (deterministic=False)
+        "atomic_dq": (
+            lambda: flex_attention_forward(q, k, v, bm_o),
+            fwd_bwd(lambda a, b, c: flex_attention(a, b, c, block_mask=bm_o, deterministic=False)),
         ),
     }
     if compiled_flex is not None:
@@ -328,6 +334,17 @@ def probe_in_child(cfg: tuple, name: str, S: int, args, dtype) -> str | None:
     return _error(RuntimeError(f"child exit {r.returncode}: {tail} | " + " | ".join(said[:3])))
 
 
+def parse_cfgs(text: str) -> list[tuple]:
+    """Tile configs from the command line: tuples, e.g. ``(128,64,4,3),(64,64,4,3)`` (no spaces or brackets
+    needed, so the list passes unquoted through a shell variable); one tuple alone is a list of one."""
+    val = ast.literal_eval(text)
+    if not isinstance(val, (tuple, list)) or not val:
+        raise ValueError(f"configs must be tuples like (128,64,4,3), got {text!r}")
+    if not isinstance(val[0], (tuple, list)):
+        val = [val]
+    return [tuple(c) for c in val]
+
+
 def sweep(args, dev, dtype, save=None) -> list[dict]:
     """Time the kernel's tile configs (forward; dK/dV and dQ separately) at one shape per mask.
 
@@ -341,6 +358,8 @@ def sweep(args, dev, dtype, save=None) -> list[dict]:
 
     S = args.sweep_seq
     out = []
+    c1s = [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2)]
+    c2s = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 2)]
     fwd_cfgs = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
     fwd_cfgs += [(128, 128, 8, 3, True), (128, 64, 4, 3, True)]  # the FMA softmax beside its plain twins
     # K/V through device-side TMA descriptors (6th entry), then also Triton's automatic warp specialization
@@ -350,8 +369,10 @@ def sweep(args, dev, dtype, save=None) -> list[dict]:
     fwd_cfgs += [(128, 128, 8, 3, False, True), (128, 128, 8, 3, False, True, True)]
     fwd_cfgs += [(128, 64, 4, 3, False, True), (128, 64, 4, 3, False, True, True)]
     fwd_cfgs += [(128, 128, 8, 3, True, True)]  # FMA softmax + TMA
-    c1s = [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2)]
-    c2s = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 2)]
+    if args.sweep_fwd_cfgs:
+        fwd_cfgs = parse_cfgs(args.sweep_fwd_cfgs)
+    if args.sweep_bwd_cfgs:
+        c1s = parse_cfgs(args.sweep_bwd_cfgs)
 
     def record(row: dict) -> str | None:
         out.append(row)
@@ -391,12 +412,25 @@ def sweep(args, dev, dtype, save=None) -> list[dict]:
         d1, d2 = bwd_config(args.dim, True)
         # every backward row times both kernels: the shipped path (autotuned on GPU), then one kernel's fixed
         # tile config with the other at its default
-        for which, cfgs in (("shipped", [None]), ("dkdv", c1s), ("dq", c2s)):
+        for which, cfgs in (
+            ("shipped", [None]),
+            ("dkdv", c1s),
+            ("dq", c2s),
+            ("atomic_dq", [None, *c1s]),  # deterministic=False: the dK/dV kernel alone, adding dQ
+        ):
+            if args.sweep_bwd_only and which not in args.sweep_bwd_only.split(","):
+                continue
             for c in cfgs:
-                cfg = None if c is None else ((c, d2) if which == "dkdv" else (d1, c))
+                cfg = None if c is None else ((c, d2) if which in ("dkdv", "atomic_dq") else (d1, c))
                 row = {"mask": name, "S": S, "pass": f"bwd[{which}]", "cfg": c}
+                det = which != "atomic_dq"
                 try:
-                    t = _bench(lambda cfg=cfg: triton_backward(q, k, v, o, do, lse, bm, config=cfg), True)
+                    t = _bench(
+                        lambda cfg=cfg, det=det: triton_backward(
+                            q, k, v, o, do, lse, bm, config=cfg, deterministic=det
+                        ),
+                        True,
+                    )
                     row.update(ms=t, tflops=2.5 * fl / t / 1e9)
                 except Exception as e:
                     row["error"] = _error(e)
@@ -448,6 +482,23 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="time tile configs of the kernel instead")
     ap.add_argument("--sweep-seq", type=int, default=32768)
     ap.add_argument("--sweep-fwd-only", action="store_true", help="--sweep: the forward configs only")
+    ap.add_argument(
+        "--sweep-fwd-cfgs",
+        default=None,
+        help="--sweep: the forward configs to time instead of the built-in list, tuples "
+        "(BLOCK_M,BLOCK_N,warps,stages[,fma[,tma[,ws[,pipe_qk]]]]) separated by commas",
+    )
+    ap.add_argument(
+        "--sweep-bwd-cfgs",
+        default=None,
+        help="--sweep: the dK/dV configs to time (both modes) instead of the built-in list, tuples "
+        "(BLOCK_M,BLOCK_N,warps,stages) separated by commas",
+    )
+    ap.add_argument(
+        "--sweep-bwd-only",
+        default=None,
+        help="--sweep: only these backward row kinds, comma-separated (shipped, dkdv, dq, atomic_dq)",
+    )
     ap.add_argument(
         "--head-groups",
         default=None,

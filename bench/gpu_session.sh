@@ -57,7 +57,7 @@ part_nccl_split() {  # the whole NCCL suite, split into case ranges run side by 
   # a cold cache costs 7-25 s of compiling per case, which the host's CPUs do in parallel): NCCL_SPLIT_WORLDS="3 4"
   local t=$(date +%s) pids=() w rg rc=0
   for w in ${NCCL_SPLIT_WORLDS:-3 4}; do
-    for rg in ${NCCL_SPLIT_RANGES:-0-9 10-19 20-29 30-39 40-49 50-56}; do
+    for rg in ${NCCL_SPLIT_RANGES:-0-9 10-19 20-29 30-39 40-49 50-58}; do
       FLEXDIST_CP_NCCL_WORLDS=$w FLEXDIST_CP_NCCL_CASES=$rg timeout -s INT -k 15 "${T_NCCL:-480}" python3 -m pytest \
         -q -s -rfE --tb=short -p no:cacheprovider tests/test_cp_nccl.py > "$R/nccl_w${w}_c${rg}.log" 2>&1 & pids+=($!)
     done

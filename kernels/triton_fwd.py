@@ -117,6 +117,124 @@ def _bits_visible(BITS, pid, rows_in_blk, cols_in_blk, QBS: tl.constexpr, WORDS:
 
 
 @triton.jit
+def _kv_tile(IDX, it, KBS: tl.constexpr, BLOCK_N: tl.constexpr, SUBS: tl.constexpr):
+    """(block slot j, sub-tile, first key row, key offsets) of step ``it`` of the flattened walk over the
+    sparse kv blocks."""
+    j = it // SUBS
+    sub = it % SUBS
+    kb = tl.load(IDX + j)
+    row0 = kb * KBS + sub * BLOCK_N
+    return j, sub, row0, row0 + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def _kv_rows(P, offs_n, stride, Skv, offs_c, EVEN_N: tl.constexpr):
+    """Rows ``offs_n`` of a K or V slice; rows past Skv read as 0 (their scores are set to -inf)."""
+    if EVEN_N:
+        return tl.load(P + offs_n[:, None] * stride + offs_c[None, :])
+    else:
+        return tl.load(P + offs_n[:, None] * stride + offs_c[None, :], mask=offs_n[:, None] < Skv, other=0.0)
+
+
+@triton.jit
+def _fwd_tile(
+    acc,
+    l_i,
+    m_i,
+    qk,
+    v,
+    offs_n,
+    j,
+    sub,
+    qd,
+    qp,
+    qg,
+    offs_m,
+    qb,
+    hq,
+    PID,
+    Skv,
+    BITS,
+    KVDOC,
+    KVPOS,
+    KVPRE,
+    KVIDX,
+    SLOPES,
+    TABLE,
+    table_stride,
+    L,
+    softcap,
+    window,
+    scale,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+    QBS: tl.constexpr,
+    WORDS: tl.constexpr,
+    IS_PARTIAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    SCORE_KIND: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_PREFIX: tl.constexpr,
+    HAS_KVIDX: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    FMA: tl.constexpr,
+):
+    """Online-softmax update of one kv sub-tile from its raw scores ``qk`` (score mod, mask, P·V).
+
+    Shared by the plain and the pipelined kv loops, so both accumulate the same math in the same order."""
+    if SCORE_KIND == 0:
+        if FMA:
+            s = qk  # scaled below, fused into the exponent's subtraction
+        else:
+            s = qk * qk_scale
+    else:
+        if HAS_KVIDX:
+            kg = tl.load(KVIDX + offs_n, mask=offs_n < Skv, other=0)
+        else:
+            kg = offs_n
+        s = (
+            _score_mod(qk * scale, hq, qg, kg, SLOPES, TABLE, table_stride, L, softcap, SCORE_KIND)
+            * 1.4426950408889634
+        )
+    if IS_PARTIAL:
+        if MASK_KIND == 1:
+            kd = tl.load(KVDOC + offs_n, mask=offs_n < Skv, other=-2)
+            kp = tl.load(KVPOS + offs_n, mask=offs_n < Skv, other=0)
+            if HAS_PREFIX:
+                kpre = tl.load(KVPRE + offs_n, mask=offs_n < Skv, other=0)
+            else:
+                kpre = kp
+            vis = _doc_visible(qd, qp, kd, kp, kpre, window, CAUSAL, HAS_WINDOW, HAS_PREFIX)
+            s = tl.where(vis, s, float("-inf"))
+        elif MASK_KIND == 2:
+            pid = tl.load(PID + j)
+            vis = _bits_visible(
+                BITS, pid, offs_m - qb * QBS, sub * BLOCK_N + tl.arange(0, BLOCK_N), QBS, WORDS
+            )
+            s = tl.where(vis, s, float("-inf"))
+    if not EVEN_N:
+        s = tl.where(offs_n[None, :] < Skv, s, float("-inf"))
+    # FMA: the tutorial's form, the max of the raw scores times the (positive) scale, then one FMA per
+    # element (s·scale − m) instead of a multiply and a subtract
+    if FMA and SCORE_KIND == 0:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if FMA and SCORE_KIND == 0:
+        p = tl.exp2(s * qk_scale - m_safe[:, None])
+    else:
+        p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, UPCAST)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _fwd_inner(
     acc,
     l_i,
@@ -171,73 +289,64 @@ def _fwd_inner(
     FMA: tl.constexpr,
     TMA: tl.constexpr,
     WS: tl.constexpr,
+    PIPE: tl.constexpr,
 ):
     SUBS: tl.constexpr = KBS // BLOCK_N
     offs_d = tl.arange(0, D)
     offs_dv = tl.arange(0, DV)
-    ar_n = tl.arange(0, BLOCK_N)
-    # (tl.range without warp_specialize emits the same loop as range: the attribute is only set when true)
-    for it in tl.range(0, num * SUBS, warp_specialize=WS):
-        j = it // SUBS
-        sub = it % SUBS
-        kb = tl.load(IDX + j)
-        offs_n = kb * KBS + sub * BLOCK_N + ar_n
-        if TMA:
-            # rows past Skv come back zero-filled; their scores are still set to -inf below (not EVEN_N)
-            k = KD.load([kb * KBS + sub * BLOCK_N, 0])
-            v = VD.load([kb * KBS + sub * BLOCK_N, 0])
-        elif EVEN_N:
-            k = tl.load(Kb + offs_n[:, None] * skn + offs_d[None, :])
-            v = tl.load(Vb + offs_n[:, None] * svn + offs_dv[None, :])
-        else:
-            k = tl.load(Kb + offs_n[:, None] * skn + offs_d[None, :], mask=offs_n[:, None] < Skv, other=0.0)
-            v = tl.load(Vb + offs_n[:, None] * svn + offs_dv[None, :], mask=offs_n[:, None] < Skv, other=0.0)
-        qk = _dot(q, tl.trans(k), PREC, UPCAST)
-        if SCORE_KIND == 0:
-            if FMA:
-                s = qk  # scaled below, fused into the exponent's subtraction
+    n = num * SUBS
+    if PIPE:
+        # QK^T one sub-tile ahead (after FlashAttention-3's intra-warpgroup overlap): the scores of step
+        # it+1 are issued before step it's softmax and P·V and reach the next step only through the loop's
+        # yield, so an asynchronous wgmma could run under the softmax. (Triton 3.9's wgmma pass still waits
+        # on it at once: it keeps a dot in flight only if its previous result is read after a wait(0) or by
+        # another dot; seen in an offline sm_90 compile.) Peeled (first QK^T before the loop, last update
+        # after it) so no GEMM or load falls past the last sub-tile.
+        tl.static_assert(not TMA, "PIPE loads K / V with tl.load (the host rejects tma with pipe_qk)")
+        if n > 0:
+            _, _, _, offs_n = _kv_tile(IDX, 0, KBS, BLOCK_N, SUBS)
+            qk = _dot(q, tl.trans(_kv_rows(Kb, offs_n, skn, Skv, offs_d, EVEN_N)), PREC, UPCAST)
+            for it in tl.range(0, n - 1):
+                _, _, _, offs_next = _kv_tile(IDX, it + 1, KBS, BLOCK_N, SUBS)
+                k = _kv_rows(Kb, offs_next, skn, Skv, offs_d, EVEN_N)
+                qk_next = _dot(q, tl.trans(k), PREC, UPCAST)
+                # this step's block index is loaded again rather than carried from the previous step, so
+                # V's address does not hang on a loop-carried value (V pipelines like K)
+                j, sub, _, offs_n = _kv_tile(IDX, it, KBS, BLOCK_N, SUBS)
+                v = _kv_rows(Vb, offs_n, svn, Skv, offs_dv, EVEN_N)
+                acc, l_i, m_i = _fwd_tile(
+                    acc, l_i, m_i, qk, v, offs_n, j, sub, qd, qp, qg, offs_m, qb, hq, PID, Skv, BITS,
+                    KVDOC, KVPOS, KVPRE, KVIDX, SLOPES, TABLE, table_stride, L, softcap, window, scale,
+                    qk_scale, BLOCK_N, QBS, WORDS, IS_PARTIAL, MASK_KIND, SCORE_KIND, CAUSAL, HAS_WINDOW,
+                    HAS_PREFIX, HAS_KVIDX, EVEN_N, PREC, UPCAST, FMA,
+                )  # fmt: skip
+                qk = qk_next
+            j, sub, _, offs_n = _kv_tile(IDX, n - 1, KBS, BLOCK_N, SUBS)
+            v = _kv_rows(Vb, offs_n, svn, Skv, offs_dv, EVEN_N)
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, qk, v, offs_n, j, sub, qd, qp, qg, offs_m, qb, hq, PID, Skv, BITS,
+                KVDOC, KVPOS, KVPRE, KVIDX, SLOPES, TABLE, table_stride, L, softcap, window, scale,
+                qk_scale, BLOCK_N, QBS, WORDS, IS_PARTIAL, MASK_KIND, SCORE_KIND, CAUSAL, HAS_WINDOW,
+                HAS_PREFIX, HAS_KVIDX, EVEN_N, PREC, UPCAST, FMA,
+            )  # fmt: skip
+    else:
+        # (tl.range without warp_specialize emits the same loop as range: the attribute is only set when true)
+        for it in tl.range(0, n, warp_specialize=WS):
+            j, sub, row0, offs_n = _kv_tile(IDX, it, KBS, BLOCK_N, SUBS)
+            if TMA:
+                # rows past Skv come back zero-filled; their scores are still set to -inf (not EVEN_N)
+                k = KD.load([row0, 0])
+                v = VD.load([row0, 0])
             else:
-                s = qk * qk_scale
-        else:
-            if HAS_KVIDX:
-                kg = tl.load(KVIDX + offs_n, mask=offs_n < Skv, other=0)
-            else:
-                kg = offs_n
-            s = (
-                _score_mod(qk * scale, hq, qg, kg, SLOPES, TABLE, table_stride, L, softcap, SCORE_KIND)
-                * 1.4426950408889634
-            )
-        if IS_PARTIAL:
-            if MASK_KIND == 1:
-                kd = tl.load(KVDOC + offs_n, mask=offs_n < Skv, other=-2)
-                kp = tl.load(KVPOS + offs_n, mask=offs_n < Skv, other=0)
-                if HAS_PREFIX:
-                    kpre = tl.load(KVPRE + offs_n, mask=offs_n < Skv, other=0)
-                else:
-                    kpre = kp
-                vis = _doc_visible(qd, qp, kd, kp, kpre, window, CAUSAL, HAS_WINDOW, HAS_PREFIX)
-                s = tl.where(vis, s, float("-inf"))
-            elif MASK_KIND == 2:
-                pid = tl.load(PID + j)
-                vis = _bits_visible(BITS, pid, offs_m - qb * QBS, sub * BLOCK_N + ar_n, QBS, WORDS)
-                s = tl.where(vis, s, float("-inf"))
-        if not EVEN_N:
-            s = tl.where(offs_n[None, :] < Skv, s, float("-inf"))
-        # FMA: the tutorial's form, the max of the raw scores times the (positive) scale, then one FMA per
-        # element (s·scale − m) instead of a multiply and a subtract
-        if FMA and SCORE_KIND == 0:
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        if FMA and SCORE_KIND == 0:
-            p = tl.exp2(s * qk_scale - m_safe[:, None])
-        else:
-            p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, UPCAST)
-        m_i = m_new
+                k = _kv_rows(Kb, offs_n, skn, Skv, offs_d, EVEN_N)
+                v = _kv_rows(Vb, offs_n, svn, Skv, offs_dv, EVEN_N)
+            qk = _dot(q, tl.trans(k), PREC, UPCAST)
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, qk, v, offs_n, j, sub, qd, qp, qg, offs_m, qb, hq, PID, Skv, BITS,
+                KVDOC, KVPOS, KVPRE, KVIDX, SLOPES, TABLE, table_stride, L, softcap, window, scale,
+                qk_scale, BLOCK_N, QBS, WORDS, IS_PARTIAL, MASK_KIND, SCORE_KIND, CAUSAL, HAS_WINDOW,
+                HAS_PREFIX, HAS_KVIDX, EVEN_N, PREC, UPCAST, FMA,
+            )  # fmt: skip
     return acc, l_i, m_i
 
 
@@ -326,6 +435,7 @@ def _fwd_kernel(
     ACC_TO_OUT: tl.constexpr = False,
     TMA: tl.constexpr = False,
     WS: tl.constexpr = False,
+    PIPE: tl.constexpr = False,
 ):
     softcap, scale, qk_scale = _fp32_scalars(softcap, scale, qk_scale)
     SUBS_M: tl.constexpr = QBS // BLOCK_M
@@ -380,7 +490,7 @@ def _fwd_kernel(
         acc, l_i, m_i, q, qd, qp, qg, offs_m, qb, hq, num, KV_IDX + idx_off, KV_PID + idx_off,
         Kb, Vb, KD, VD, skn, svn, Skv, BITS, KVDOC, KVPOS, KVPRE, KVIDX, SLOPES, TABLE, table_stride, L,
         softcap, window, scale, qk_scale, BLOCK_M, BLOCK_N, D, DV, QBS, KBS, WORDS, True, MASK_KIND,
-        SCORE_KIND, CAUSAL, HAS_WINDOW, HAS_PREFIX, HAS_KVIDX, EVEN_N, PREC, UPCAST, FMA, TMA, WS,
+        SCORE_KIND, CAUSAL, HAS_WINDOW, HAS_PREFIX, HAS_KVIDX, EVEN_N, PREC, UPCAST, FMA, TMA, WS, PIPE,
     )  # fmt: skip
     if HAS_FULL:
         num = tl.load(FULL_NUM + num_off)
@@ -389,7 +499,7 @@ def _fwd_kernel(
             acc, l_i, m_i, q, qd, qp, qg, offs_m, qb, hq, num, FULL_IDX + idx_off, KV_PID + idx_off,
             Kb, Vb, KD, VD, skn, svn, Skv, BITS, KVDOC, KVPOS, KVPRE, KVIDX, SLOPES, TABLE, table_stride, L,
             softcap, window, scale, qk_scale, BLOCK_M, BLOCK_N, D, DV, QBS, KBS, WORDS, False, MASK_KIND,
-            SCORE_KIND, CAUSAL, HAS_WINDOW, HAS_PREFIX, HAS_KVIDX, EVEN_N, PREC, UPCAST, FMA, TMA, WS,
+            SCORE_KIND, CAUSAL, HAS_WINDOW, HAS_PREFIX, HAS_KVIDX, EVEN_N, PREC, UPCAST, FMA, TMA, WS, PIPE,
         )  # fmt: skip
     o_ptrs = O + b64 * sob + hq.to(tl.int64) * soh + offs_m[:, None] * som + offs_dv[None, :]
     lse_ptrs = LSE + bh.to(tl.int64) * Sq + offs_m
@@ -601,6 +711,7 @@ def tuned_choices() -> dict:
         ("dq", triton_bwd._dq_kernel_tuned),
         ("fwd_accum", _fwd_kernel_tuned_accum),
         ("dkdv_accum", triton_bwd._dkdv_kernel_tuned_accum),
+        ("dkdv_atomic", triton_bwd._dkdv_kernel_tuned_atomic),
         ("dq_accum", triton_bwd._dq_kernel_tuned_accum),
     ):
         out[name] = {str(k[:10]): str(v) for k, v in getattr(tuner, "cache", {}).items()}
@@ -806,13 +917,19 @@ def triton_forward(
     ``out_acc`` (which is only read; ``lse_acc`` is updated in place) and ``(out, lse_acc)`` is returned: the
     last merge of a running result written straight as the output, with no fp32 → ``out`` dtype pass.
     It must not overlap q, k, v or ``out_acc``.
-    ``config``: ``(BLOCK_M, BLOCK_N, warps, stages[, fma_softmax[, tma[, warp_specialize]]])`` instead of
-    the defaults / the autotuner (which never uses the last two). ``tma``: K and V tiles are loaded through
-    device-side TMA descriptors (k and v must then meet TMA's alignment rules, see ``check_tma_operand``;
-    on CUDA a Triton allocator for the descriptors' scratch memory is installed at the launch).
+    ``config``: ``(BLOCK_M, BLOCK_N, warps, stages[, fma_softmax[, tma[, warp_specialize[, pipe_qk]]]])``
+    instead of the defaults / the autotuner (which never uses the last three). ``tma``: K and V tiles are
+    loaded through device-side TMA descriptors (k and v must then meet TMA's alignment rules, see
+    ``check_tma_operand``; on CUDA a Triton allocator for the descriptors' scratch memory is installed at
+    the launch).
     ``warp_specialize``: Triton's automatic warp specialization of the kv loop; only with ``tma``. On
     triton 3.6 / H200 (``bench/results/2026-11-26-s10/call1``) it fails to compile at 4 warps and leaves the
     loop unspecialized at 8; TMA alone gains 2–3% at 8 warps with 128 × 128 tiles and loses at 4 warps.
+    ``pipe_qk``: the kv loop computes the next sub-tile's QK^T before this one's softmax and P·V (after
+    FlashAttention-3's intra-warpgroup overlap: on Hopper the asynchronous wgmma of the next scores could run
+    under the softmax); same math and accumulation order as the plain loop. Not with ``tma`` (nor so with
+    ``warp_specialize``). Not yet timed on a GPU; compiled offline for sm_90 with triton 3.9, the loop
+    stays one pipelined ``scf.for`` but the wgmma pass waits on the early QK^T right after issuing it.
     ``traceable``: launch through ``torch.library.wrap_triton`` with per-call placeholders (the body of a
     ``torch.library.triton_op``, traced with FakeTensors under torch.compile); needs compiled (JIT) kernels.
     ``head_group``: heads per launch group (see ``launch_head_group``; None: its choice).
@@ -827,6 +944,13 @@ def triton_forward(
     if ws and not tma:
         # Hopper's automatic warp specialization partitions around asynchronous (TMA) loads
         raise ValueError(f"config {tuple(cfg)}: warp_specialize (7th entry) needs tma (6th entry) set too")
+    pipe = len(cfg) > 7 and bool(cfg[7])
+    if pipe and tma:
+        # the pipelined loop loads K / V with tl.load; it has not been written for descriptor loads
+        raise ValueError(
+            f"config {tuple(cfg)}: pipe_qk (8th entry) cannot be combined with tma (6th entry); "
+            "drop one of them"
+        )
     lp = prepare(
         q, k, v, block_mask, score_mod, scale, enable_gqa, q_global_idx, kv_global_idx,
         dense_block=128 if on_gpu else 64, traceable=traceable,
@@ -889,18 +1013,19 @@ def triton_forward(
         # the kernels of an op by reading its source for exactly this form, to key compile caches on them)
         if traceable:
             tuned = wrap_triton(_fwd_kernel_tuned)
-            tuned[grid](*args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, TMA=False, WS=False, **consts)
+            tuned[grid](*args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, TMA=False, WS=False, PIPE=False, **consts)
         else:  # a tuned key launches with its config directly (tuned_launch.py: the autotuner's run is slow)
             tuned = _fwd_kernel_tuned_accum if accum else _fwd_kernel_tuned
             launch_tuned(
-                tuned, grid, *args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, TMA=False, WS=False, **consts
-            )
+                tuned, grid, *args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, TMA=False, WS=False, PIPE=False,
+                **consts,
+            )  # fmt: skip
     else:
         grid = (n_qb * (km.QBS // BM) * sh.B * sh.Hq,)
         kernel = wrap_triton(_fwd_kernel) if traceable else _fwd_kernel
         kernel[grid](
             *args, BLOCK_M=BM, BLOCK_N=BN, EVEN_M=lp.even_m and sh.Sq % BM == 0,
             EVEN_N=lp.even_n and sh.Skv % BN == 0, num_warps=cfg[2], num_stages=cfg[3],
-            FMA=len(cfg) > 4 and bool(cfg[4]) and lp.scale > 0, TMA=tma, WS=ws, **consts,
+            FMA=len(cfg) > 4 and bool(cfg[4]) and lp.scale > 0, TMA=tma, WS=ws, PIPE=pipe, **consts,
         )  # fmt: skip
     return out, lse
