@@ -34,6 +34,7 @@ from .triton_fwd import (
     _launch_coords,
     _score_mod,
     _tanh,
+    _tma_scratch,
     check_head_group,
     doc_args,
     kernels_are_compiled,
@@ -212,15 +213,20 @@ def _dkdv_inner(
             dsT = dsT * (1.0 - tT * tT)
         ds16 = dsT.to(qT.dtype)
         dk += _dot(ds16, tl.trans(qT), PREC, UPCAST)
-        if DQ_ATOMIC:
-            # dQ from the dS this program already has (FlashAttention-2's scheme): one GEMM here instead of
+        if DQ_ATOMIC != 0:
+            # dQ from the dS this program already has (FlashAttention's scheme): one GEMM here instead of
             # the dQ kernel's three, at the price of fp32 atomic adds whose order varies between runs
             dq_part = _dot(tl.trans(ds16), k, PREC, UPCAST) * scale
-            dqa_ptrs = DQAb + offs_m[:, None] * sdqam + offs_d[None, :]
-            if EVEN_M:
-                tl.atomic_add(dqa_ptrs, dq_part, sem="relaxed")
+            if DQ_ATOMIC == 2:
+                # one TMA reduce-add of the whole tile (FlashAttention-3's dQ): per-element atomics cost
+                # as much as the dQ kernel they replace (H100, s12 call 1); rows past Sq are clipped
+                DQAb.atomic_add([qb * QBS + sub * BLOCK_M, 0], dq_part)
             else:
-                tl.atomic_add(dqa_ptrs, dq_part, mask=offs_m[:, None] < Sq, sem="relaxed")
+                dqa_ptrs = DQAb + offs_m[:, None] * sdqam + offs_d[None, :]
+                if EVEN_M:
+                    tl.atomic_add(dqa_ptrs, dq_part, sem="relaxed")
+                else:
+                    tl.atomic_add(dqa_ptrs, dq_part, mask=offs_m[:, None] < Sq, sem="relaxed")
     return dk, dv
 
 
@@ -238,7 +244,7 @@ def _dkdv_kernel(
     SCORE_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr,
     HAS_QIDX: tl.constexpr, HAS_KVIDX: tl.constexpr, HAS_FULL: tl.constexpr, EVEN_M: tl.constexpr,
     EVEN_N: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr, ACCUM: tl.constexpr, DQ_ATOMIC: tl.constexpr = False,
+    UPCAST: tl.constexpr, ACCUM: tl.constexpr, DQ_ATOMIC: tl.constexpr = 0,
 ):  # fmt: skip
     softcap, scale, qk_scale = _fp32_scalars(softcap, scale, qk_scale)
     SUBS_N: tl.constexpr = KBS // BLOCK_N
@@ -288,6 +294,10 @@ def _dkdv_kernel(
         LSEb = LSE + (b64 * Hq + hq64) * Sq
         DELTAb = DELTA + (b64 * Hq + hq64) * Sq
         DQAb = DQA + b64 * sdqab + hq64 * sdqah
+        if DQ_ATOMIC == 2:  # built per query head, outside the pipelined loop
+            DQAb = tl.make_tensor_descriptor(
+                DQAb, shape=[Sq, D], strides=[sdqam, 1], block_shape=[BLOCK_M, D]
+            )
         num_off = b * snb + hq * snh + kb
         idx_off = b64 * sib + hq * sih + kb * sik
         num = tl.load(Q_NUM + num_off)
@@ -706,6 +716,17 @@ def triton_backward(
     return dq, dk, dv
 
 
+def _tma_reduce_ok(dqa: torch.Tensor) -> bool:
+    """Whether dQ can be added by TMA reduce-adds: compiled kernels on a Hopper-or-newer GPU (the interpreter
+    has no descriptor reductions) and a buffer TMA can address (16-byte aligned base and row strides)."""
+    if not dqa.is_cuda or not kernels_are_compiled():
+        return False
+    if torch.cuda.get_device_capability(dqa.device)[0] < 9:
+        return False
+    strides_ok = all((dqa.stride(i) * 4) % 16 == 0 for i in range(3) if dqa.shape[i] > 1 or i == 2)
+    return dqa.stride(-1) == 1 and dqa.data_ptr() % 16 == 0 and strides_ok
+
+
 def _dkdv(
     q, k, v, dout, lse, delta, dk_out, dv_out, lp, km, sh, c1, M1, N1, config, common, traceable, head_group,
     accumulate, dqa=None,
@@ -726,6 +747,13 @@ def _dkdv(
     tuned = config is None and use_autotune(q, km, sh.Sq, sh.Skv)
     n_kb = triton.cdiv(sh.Skv, km.KBS)  # kv blocks in use
     atomic = dqa is not None
+    # 0: no dQ here; 1: per-element fp32 atomics (the interpreter, or a buffer TMA cannot address); 2: one
+    # TMA reduce-add per tile (Hopper+)
+    mode = 0
+    if atomic:
+        mode = 2 if _tma_reduce_ok(dqa) else 1
+        if mode == 2:
+            triton.set_allocator(_tma_scratch)  # the device-side descriptors' scratch (see triton_forward)
     dq_buf = dqa if atomic else lp.dummy
     dq_strides = (dqa.stride(0), dqa.stride(1), dqa.stride(2)) if atomic else (0, 0, 0)
     args = (
@@ -742,7 +770,7 @@ def _dkdv(
         # (``wrap_triton(<module-level kernel name>)`` spelled out: see triton_fwd.triton_forward)
         if traceable:
             kernel = wrap_triton(_dkdv_kernel_tuned)
-            kernel[grid](*args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, ACCUM=accum, DQ_ATOMIC=False, **common)
+            kernel[grid](*args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, ACCUM=accum, DQ_ATOMIC=0, **common)
         else:  # a tuned key launches with its config directly (tuned_launch.py)
             if atomic:
                 kernel = _dkdv_kernel_tuned_atomic
@@ -763,7 +791,7 @@ def _dkdv(
         kernel[(n_kb * (km.KBS // N1) * sh.B * sh.Hkv,)](
             *args, BLOCK_M=M1, BLOCK_N=N1, EVEN_M=lp.even_m and sh.Sq % M1 == 0,
             EVEN_N=lp.even_n and sh.Skv % N1 == 0, num_warps=c1[2], num_stages=c1[3], ACCUM=accum,
-            DQ_ATOMIC=atomic, **common,
+            DQ_ATOMIC=mode, **common,
         )  # fmt: skip
     return dk, dv
 

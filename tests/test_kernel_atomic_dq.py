@@ -85,7 +85,7 @@ def _both(q, k, v, bm, sm=None, gqa=False, **kw):
 )
 def test_atomic_dq_matches_deterministic_and_reference(kind, Hq, Hkv, S, sm):
     if sm == "alibi":
-        sm = ALiBi(torch.linspace(0.1, 0.9, Hq))
+        sm = ALiBi(torch.linspace(0.1, 0.9, Hq, device=DEV))
     bm = _mask(kind, S, 32)
     q, k, v = _inputs(Hq, Hkv, S, 32, seed=3)
     (out, lse), dout, det, atom = _both(q, k, v, bm, sm, gqa=Hq != Hkv)
@@ -227,3 +227,14 @@ def test_atomic_dq_gpu_bf16(S):
         scale = d.float().abs().max().item()
         assert err <= 2e-2 * scale, f"{name}: max |atomic - deterministic| {err} vs max |grad| {scale}"
     torch.testing.assert_close(again[0].float(), atom[0].float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_tma_reduce_is_used_on_hopper():
+    """On Hopper and newer the dQ tiles go through TMA reduce-adds (mode 2), not per-element atomics; a buffer
+    TMA cannot address (a row stride that is not a multiple of 16 bytes) takes the atomics."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs Hopper or newer")
+    assert triton_bwd._tma_reduce_ok(torch.zeros(1, 2, 256, 128, device="cuda"))
+    odd = torch.zeros(1, 2, 256, 129, device="cuda")[..., :128]
+    assert not triton_bwd._tma_reduce_ok(odd)
