@@ -230,24 +230,7 @@ def _chunk_shapes(spec: str, qs, ks, vs) -> tuple:
 
 
 def allgather_pipeline(
-    spec: str,
-    perm,
-    shards,
-    masks,
-    ks,
-    vs,
-    qs,
-    douts,
-    outs,
-    lses,
-    deltas,
-    kb,
-    gqa,
-    hg,
-    fwd_hg,
-    tm,
-    link,
-    atomic: bool = False,
+    spec: str, perm, shards, masks, ks, vs, qs, douts, outs, lses, deltas, kb, gqa, hg, fwd_hg, tm, link
 ) -> tuple[float, float, dict]:
     """(forward s, backward s, JSON extras) of ``strategy="allgather", head_chunks=spec`` at N = len(shards).
 
@@ -257,8 +240,6 @@ def allgather_pipeline(
     moves (N-1) shards' K/V of the chunk, the reduce-scatter (N-1) shards' fp32 dK/dV. The pipeline is then
     replayed as issued (`replay_forward`, `replay_backward`). Forward calls launch all their heads in one
     group as the strategy does (``fwd_hg`` overrides), backward calls use ``hg`` (default: the kernels' rule).
-    ``atomic``: the backward as ``plan(deterministic=False)`` runs it, one dK/dV call per chunk that also adds
-    dQ by atomics (no dQ kernel).
     ``masks[r]``: rank r's queries against every key in plan order; ``ks`` / ``vs``: every rank's shard.
     """
     from flexdist.cp import kv_pack
@@ -292,20 +273,6 @@ def allgather_pipeline(
                 )
             )
             bkw = dict(rkw, delta=deltas[r][:, q0:q1], accumulate=False)
-            if atomic:
-                fk.append(
-                    lambda a=a, b=b, bkw=bkw, d=dq_buf: flex_attention_backward(
-                        *a,
-                        *b,
-                        dk_out=gseq[..., :D],
-                        dv_out=gseq[..., D:],
-                        dq_out=d[:, q0:q1],
-                        which="all",
-                        deterministic=False,
-                        **bkw,
-                    )
-                )
-                continue
             fk.append(
                 lambda a=a, b=b, bkw=bkw: flex_attention_backward(
                     *a, *b, dk_out=gseq[..., :D], dv_out=gseq[..., D:], which="dkdv", **bkw
@@ -318,7 +285,7 @@ def allgather_pipeline(
             )
         C.append(tm.many(ff))
         K.append(tm.many(fk))
-        Q.append(tm.many(fq) if fq else [0.0] * N)
+        Q.append(tm.many(fq))
         G.append((N - 1) * L * hc * (D + Dv) * elem / link)
         R.append((N - 1) * L * hc * (D + Dv) * 4 / link)
         h0 = h1
@@ -488,17 +455,7 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
         def bwd(**g):
             return tm(
                 lambda: flex_attention_backward(
-                    q,
-                    k,
-                    v,
-                    out_full,
-                    dout,
-                    lse_full,
-                    full_mask,
-                    enable_gqa=gqa,
-                    backend=kb,
-                    deterministic=not args.atomic_dq,
-                    **g,
+                    q, k, v, out_full, dout, lse_full, full_mask, enable_gqa=gqa, backend=kb, **g
                 )
             )
 
@@ -783,7 +740,7 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
             for spec in args.head_chunks:
                 T_f, T_b, extra = allgather_pipeline(
                     spec, perm, shards, ag_masks, ks, vs, qs, douts, outs, lses, deltas, kb, gqa, hg,
-                    args.fwd_head_group, tm, link, atomic=args.atomic_dq,
+                    args.fwd_head_group, tm, link,
                 )  # fmt: skip
                 name = "allgather" if spec == "1" else f"allgather/hc{spec}"
                 add_row(name, T_f, T_b, **extra)
@@ -948,12 +905,6 @@ def main() -> None:
         "the mean of the baselines before and after it (eff_*_bracketed; the GPU slows as a run goes on)",
     )
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument(
-        "--atomic-dq",
-        action="store_true",
-        help="the backward with deterministic=False (dQ added by atomics inside the dK/dV kernel) for the "
-        "one-GPU baseline and the allgather rows (the ring's per-step calls stay deterministic)",
-    )
     ap.add_argument(
         "--timing",
         choices=["interleaved", "sequential"],

@@ -57,7 +57,7 @@ part_nccl_split() {  # the whole NCCL suite, split into case ranges run side by 
   # a cold cache costs 7-25 s of compiling per case, which the host's CPUs do in parallel): NCCL_SPLIT_WORLDS="3 4"
   local t=$(date +%s) pids=() w rg rc=0
   for w in ${NCCL_SPLIT_WORLDS:-3 4}; do
-    for rg in ${NCCL_SPLIT_RANGES:-0-9 10-19 20-29 30-39 40-49 50-58}; do
+    for rg in ${NCCL_SPLIT_RANGES:-0-9 10-19 20-29 30-39 40-49 50-56}; do
       FLEXDIST_CP_NCCL_WORLDS=$w FLEXDIST_CP_NCCL_CASES=$rg timeout -s INT -k 15 "${T_NCCL:-480}" python3 -m pytest \
         -q -s -rfE --tb=short -p no:cacheprovider tests/test_cp_nccl.py > "$R/nccl_w${w}_c${rg}.log" 2>&1 & pids+=($!)
     done
@@ -74,9 +74,10 @@ part_train_cp() { FLEXDIST_RUN_DIR="$R/train_1b_cp${NGPU}" run_part train_1b_cp 
                    optim=adamw trainer.seq_len=131072 trainer.steps="${TRAINCP_STEPS:-12}" \
                    trainer.activation_checkpointing=true trainer.ckpt_interval=0 trainer.log_interval=1 ${TRAINCP_ARGS:-}; }
 part_train_cp_ab() {  # the same 1b cp run (same data and steps) per CP strategy: TRAINAB="ring allgather:2 allgather:2:lf"
-  local s st hc rest lf                                   # (strategy[:head_chunks[:lf]], lf = cp_local_first)
+  local s st hc rest tag lf  # (strategy[:head_chunks[:lf|nolf[:tag]]], lf = cp_local_first; a tag names a repeat)
   for s in ${TRAINAB:-ring allgather:2}; do
-    IFS=: read -r st hc rest <<< "$s"; hc=${hc:-1}; lf=false; [ "$rest" = lf ] && lf=true
+    IFS=: read -r st hc rest tag <<< "$s"; hc=${hc:-1}; lf=false; [ "$rest" = lf ] && lf=true
+    rest=${rest#nolf}; rest=${rest}${tag:+_$tag}; rest=${rest#_}
     FLEXDIST_RUN_DIR="$R/train_1b_cp${NGPU}_${st}_hc${hc}${rest:+_$rest}" run_part "train_1b_cp_${st}_hc${hc}${rest:+_$rest}" "${T_TRAINCP:-180}" \
       torchrun --standalone --nproc-per-node "$NGPU" -m train model=1b parallel=cp parallel.cp="$NGPU" \
       parallel.cp_strategy="$st" parallel.cp_head_chunks="$hc" parallel.cp_local_first="$lf" optim=adamw trainer.seq_len="${TRAINAB_SEQ:-131072}" \

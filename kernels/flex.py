@@ -179,7 +179,6 @@ def flex_attention_backward(
     which: str = "all",
     head_group: int | None = None,
     accumulate: bool = True,
-    deterministic: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of one attention call given the *global* (merged) ``lse`` and ``out``.
 
@@ -195,17 +194,12 @@ def flex_attention_backward(
     store their fp32 accumulators directly; the reference copies its input-dtype result in.
     ``which="dq"`` / ``"dkdv"`` computes only dq or only (dk, dv) (the others are returned as None).
     ``head_group``: as in ``flex_attention_forward`` (the dK/dV and dQ kernels' launch grouping).
-    ``deterministic=False``: the Triton backward computes dQ inside the dK/dV kernel with fp32 atomic adds
-    (faster; dQ varies run to run at rounding level; see ``triton_bwd.triton_backward``). The reference is
-    deterministic either way.
     """
     from .triton_fwd import check_head_group
 
     check_head_group(head_group)
     if not isinstance(accumulate, bool):
         raise ValueError(f"accumulate must be a bool, got {accumulate!r}")
-    if not isinstance(deterministic, bool):
-        raise ValueError(f"deterministic must be a bool, got {deterministic!r}")
     kw = dict(
         delta=delta,
         dlse=dlse,
@@ -234,7 +228,7 @@ def flex_attention_backward(
     return triton_backward(
         q, k, v, out, dout, lse, block_mask, score_mod, scale, enable_gqa,
         dq_out=dq_out, dk_out=dk_out, dv_out=dv_out, which=which, head_group=head_group,
-        accumulate=accumulate, deterministic=deterministic, **kw,
+        accumulate=accumulate, **kw,
     )  # fmt: skip
 
 
@@ -242,11 +236,10 @@ class _FlexFunction(torch.autograd.Function):
     """Triton forward/backward; extra inputs are the score mod's learnable tensors (RelativeBias table)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, block_mask, score_mod, scale, enable_gqa, deterministic, *mod_tensors):
+    def forward(ctx, q, k, v, block_mask, score_mod, scale, enable_gqa, *mod_tensors):
         out, lse = flex_attention_forward(q, k, v, block_mask, score_mod, scale, enable_gqa, backend="triton")
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.block_mask, ctx.score_mod, ctx.scale, ctx.enable_gqa = block_mask, score_mod, scale, enable_gqa
-        ctx.deterministic = deterministic
         ctx.n_mod = len(mod_tensors)
         return out, lse
 
@@ -254,7 +247,7 @@ class _FlexFunction(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         grads = None
-        if ctx.n_mod and any(ctx.needs_input_grad[8:]):
+        if ctx.n_mod and any(ctx.needs_input_grad[7:]):
             grads = [torch.zeros_like(t, dtype=torch.float32) for t in ctx.score_mod.tensors()]
         if dout is None:
             dout = torch.zeros_like(out)
@@ -272,14 +265,13 @@ class _FlexFunction(torch.autograd.Function):
             dlse=dlse,
             score_mod_grads=grads,
             backend="triton",
-            deterministic=ctx.deterministic,
         )
         mod_grads = (
             [g.to(t.dtype) for g, t in zip(grads, ctx.score_mod.tensors(), strict=True)]
             if grads is not None
             else [None] * ctx.n_mod
         )
-        return dq, dk, dv, None, None, None, None, None, *mod_grads
+        return dq, dk, dv, None, None, None, None, *mod_grads
 
 
 def flex_attention(
@@ -293,21 +285,13 @@ def flex_attention(
     return_lse: bool = False,
     *,
     backend: str = "auto",
-    deterministic: bool = True,
 ):
     """Drop-in for ``torch.nn.attention.flex_attention.flex_attention`` (layout ``[B, H, S, D]``).
 
     Differentiable w.r.t. q, k, v, the learnable score-mod tensors and through the returned LSE.
-    ``deterministic=False``: the backward adds dQ with fp32 atomics inside the dK/dV kernel (five GEMMs per
-    tile pair instead of seven; bitwise run-to-run reproducibility of dQ is lost), as FlashAttention does by
-    default. The default keeps the deterministic kernels.
     """
-    if not isinstance(deterministic, bool):
-        raise ValueError(f"deterministic must be a bool, got {deterministic!r}")
     if resolve_backend(backend, q, score_mod) == "reference":
         return flex_attention_reference(q, k, v, score_mod, block_mask, scale, enable_gqa, return_lse)
     mod_tensors = tuple(score_mod.tensors()) if score_mod is not None else ()
-    out, lse = _FlexFunction.apply(
-        q, k, v, block_mask, score_mod, scale, enable_gqa, deterministic, *mod_tensors
-    )
+    out, lse = _FlexFunction.apply(q, k, v, block_mask, score_mod, scale, enable_gqa, *mod_tensors)
     return (out, lse) if return_lse else out

@@ -1,4 +1,4 @@
-"""Triton backward of block-sparse flex attention, GQA without expanding K/V; deterministic by default.
+"""Triton backward of block-sparse flex attention: deterministic, no atomics, GQA without expanding K/V.
 
 - ``_delta_kernel``: ``delta = rowsum(dO · O) − dLSE`` (fp32, O(B·H·S)), unless the caller passes delta.
 - ``_dkdv_kernel``: one program per (kv tile, batch·kv head). K and V stay in registers; it loops over the
@@ -7,9 +7,6 @@
 - ``_dq_kernel``: one program per (query tile, batch·q head) walking the same lists as the forward. With a
   learnable :class:`RelativeBias` it also reduces dScore per (head, distance bucket) into a per-program row,
   summed afterwards in a fixed order (deterministic).
-- ``deterministic=False`` (opt-in): the dK/dV kernel also computes dQ from the dS tiles it already has and adds
-  it with fp32 atomics (FlashAttention-2 / -3's scheme): five GEMMs per tile pair instead of seven, and no dQ
-  kernel, but the order of the additions (so dQ's last bits) varies from run to run.
 
 ``lse`` is the *global* natural-log LSE; a row with ``lse = −inf`` saw nothing and gets zero gradients
 (its LSE is mapped to +inf so every probability is exactly 0, never NaN).
@@ -34,7 +31,6 @@ from .triton_fwd import (
     _launch_coords,
     _score_mod,
     _tanh,
-    _tma_scratch,
     check_head_group,
     doc_args,
     kernels_are_compiled,
@@ -154,13 +150,13 @@ def _store_tile(ptrs, val, offs_rows, n_rows, EVEN: tl.constexpr, ADD: tl.conste
 @triton.jit
 def _dkdv_inner(
     dk, dv, k, v, kd, kp, kpre, kg, offs_n, kb, hq, num, IDX, PID,
-    Qb_, DOb, LSEb, DELTAb, DQAb, sqm, sdom, sdqam, Sq, Skv,
+    Qb_, DOb, LSEb, DELTAb, sqm, sdom, Sq, Skv,
     BITS, QDOC, QPOS, QIDX, SLOPES, TABLE, table_stride, L, softcap, window, scale, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     QBS: tl.constexpr, KBS: tl.constexpr, WORDS: tl.constexpr, IS_PARTIAL: tl.constexpr,
     MASK_KIND: tl.constexpr, SCORE_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_PREFIX: tl.constexpr, HAS_QIDX: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     # Transposed formulation (kv along rows): only loaded operands are transposed, never computed tiles.
     SUBS: tl.constexpr = QBS // BLOCK_M
@@ -211,30 +207,14 @@ def _dkdv_inner(
         dsT = pT * (dpT - delta[None, :])
         if SCORE_KIND == 1:
             dsT = dsT * (1.0 - tT * tT)
-        ds16 = dsT.to(qT.dtype)
-        dk += _dot(ds16, tl.trans(qT), PREC, UPCAST)
-        if DQ_ATOMIC != 0:
-            # dQ from the dS this program already has (FlashAttention's scheme): one GEMM here instead of
-            # the dQ kernel's three, at the price of fp32 atomic adds whose order varies between runs
-            dq_part = _dot(tl.trans(ds16), k, PREC, UPCAST) * scale
-            if DQ_ATOMIC == 2:
-                # one TMA reduce-add of the whole tile (FlashAttention-3's dQ): per-element atomics cost
-                # as much as the dQ kernel they replace (H100, s12 call 1); rows past Sq are clipped
-                DQAb.atomic_add([qb * QBS + sub * BLOCK_M, 0], dq_part)
-            else:
-                dqa_ptrs = DQAb + offs_m[:, None] * sdqam + offs_d[None, :]
-                if EVEN_M:
-                    tl.atomic_add(dqa_ptrs, dq_part, sem="relaxed")
-                else:
-                    tl.atomic_add(dqa_ptrs, dq_part, mask=offs_m[:, None] < Sq, sem="relaxed")
+        dk += _dot(dsT.to(qT.dtype), tl.trans(qT), PREC, UPCAST)
     return dk, dv
 
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV_, DQA,
+    Q, K, V, DO, LSE, DELTA, DK, DV_,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
-    sdqab, sdqah, sdqam,
     Q_NUM, Q_IDX, FULLQ_NUM, FULLQ_IDX, Q_PID, snb, snh, sib, sih, sik, ORDER, sor_b, sor_h,
     BITS, QDOC, KVDOC, QPOS, KVPOS, KVPRE, sdq, sdk, window,
     QIDX, KVIDX, SLOPES, TABLE, table_stride, L, softcap,
@@ -244,7 +224,7 @@ def _dkdv_kernel(
     SCORE_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr,
     HAS_QIDX: tl.constexpr, HAS_KVIDX: tl.constexpr, HAS_FULL: tl.constexpr, EVEN_M: tl.constexpr,
     EVEN_N: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr, ACCUM: tl.constexpr, DQ_ATOMIC: tl.constexpr = 0,
+    UPCAST: tl.constexpr, ACCUM: tl.constexpr,
 ):  # fmt: skip
     softcap, scale, qk_scale = _fp32_scalars(softcap, scale, qk_scale)
     SUBS_N: tl.constexpr = KBS // BLOCK_N
@@ -293,31 +273,26 @@ def _dkdv_kernel(
         DOb = DO + b64 * sdob + hq64 * sdoh
         LSEb = LSE + (b64 * Hq + hq64) * Sq
         DELTAb = DELTA + (b64 * Hq + hq64) * Sq
-        DQAb = DQA + b64 * sdqab + hq64 * sdqah
-        if DQ_ATOMIC == 2:  # built per query head, outside the pipelined loop
-            DQAb = tl.make_tensor_descriptor(
-                DQAb, shape=[Sq, D], strides=[sdqam, 1], block_shape=[BLOCK_M, D]
-            )
         num_off = b * snb + hq * snh + kb
         idx_off = b64 * sib + hq * sih + kb * sik
         num = tl.load(Q_NUM + num_off)
         n_visited += num
         dk, dv = _dkdv_inner(
             dk, dv, k, v, kd, kp, kpre, kg, offs_n, kb, hq, num, Q_IDX + idx_off, Q_PID + idx_off,
-            Qb_, DOb, LSEb, DELTAb, DQAb, sqm, sdom, sdqam, Sq, Skv,
+            Qb_, DOb, LSEb, DELTAb, sqm, sdom, Sq, Skv,
             BITS, QDOC, QPOS, QIDX, SLOPES, TABLE, table_stride, L, softcap, window, scale, qk_scale,
             BLOCK_M, BLOCK_N, D, DV, QBS, KBS, WORDS, True, MASK_KIND, SCORE_KIND, CAUSAL, HAS_WINDOW,
-            HAS_PREFIX, HAS_QIDX, EVEN_M, EVEN_N, PREC, UPCAST, DQ_ATOMIC,
+            HAS_PREFIX, HAS_QIDX, EVEN_M, EVEN_N, PREC, UPCAST,
         )  # fmt: skip
         if HAS_FULL:
             num = tl.load(FULLQ_NUM + num_off)
             n_visited += num
             dk, dv = _dkdv_inner(
                 dk, dv, k, v, kd, kp, kpre, kg, offs_n, kb, hq, num, FULLQ_IDX + idx_off, Q_PID + idx_off,
-                Qb_, DOb, LSEb, DELTAb, DQAb, sqm, sdom, sdqam, Sq, Skv,
+                Qb_, DOb, LSEb, DELTAb, sqm, sdom, Sq, Skv,
                 BITS, QDOC, QPOS, QIDX, SLOPES, TABLE, table_stride, L, softcap, window, scale, qk_scale,
                 BLOCK_M, BLOCK_N, D, DV, QBS, KBS, WORDS, False, MASK_KIND, SCORE_KIND, CAUSAL, HAS_WINDOW,
-                HAS_PREFIX, HAS_QIDX, EVEN_M, EVEN_N, PREC, UPCAST, DQ_ATOMIC,
+                HAS_PREFIX, HAS_QIDX, EVEN_M, EVEN_N, PREC, UPCAST,
             )  # fmt: skip
     dk = dk * scale
     dk_ptrs = DK + b64 * sdkb + hk.to(tl.int64) * sdkh + offs_n[:, None] * sdkn + offs_d[None, :]
@@ -552,11 +527,6 @@ _dq_kernel_tuned = triton.autotune(configs=tune_configs(DQ_TUNE), key=TUNE_KEY)(
 _dkdv_kernel_tuned_accum = triton.autotune(
     configs=tune_configs(DKDV_TUNE), key=TUNE_KEY, restore_value=["DK", "DV_"]
 )(_dkdv_kernel)
-# dK/dV with the atomic dQ: the tuning runs would add dQ once per run, so dQ (and dK / dV, which such a
-# launch may be adding into) are restored after each
-_dkdv_kernel_tuned_atomic = triton.autotune(
-    configs=tune_configs(DKDV_TUNE), key=TUNE_KEY, restore_value=["DK", "DV_", "DQA"]
-)(_dkdv_kernel)
 _dq_kernel_tuned_accum = triton.autotune(configs=tune_configs(DQ_TUNE), key=TUNE_KEY, restore_value=["DQ"])(
     _dq_kernel
 )
@@ -591,7 +561,6 @@ def triton_backward(
     traceable: bool = False,
     head_group: int | None = None,
     accumulate: bool = True,
-    deterministic: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Block-sparse backward given the global ``lse``: ``(dq, dk, dv)`` in the input dtypes.
 
@@ -607,24 +576,12 @@ def triton_backward(
     ``torch.library.triton_op``, traced with FakeTensors under torch.compile); needs compiled (JIT) kernels.
     ``head_group``: heads per launch group of the dK/dV and dQ kernels (``triton_fwd.launch_head_group``; None:
     its choice).
-    ``deterministic=False``: with ``which="all"``, dQ is computed inside the dK/dV kernel and added with fp32
-    atomics (no dQ kernel: five GEMMs per tile pair instead of seven); run-to-run differences in dQ are then
-    at fp32 rounding level. Ignored (the deterministic kernels run) when ``which`` is one kernel, when a
-    ``RelativeBias`` table needs its gradient (reduced in the dQ kernel), and while
-    ``torch.are_deterministic_algorithms_enabled()``, as torch's own ops pick their deterministic
-    implementation then. Eager launches only (not ``traceable``).
     """
     if traceable and not kernels_are_compiled():
         raise ValueError("traceable=True needs compiled Triton kernels, not TRITON_INTERPRET=1's interpreter")
     check_head_group(head_group)
     if not isinstance(accumulate, bool):
         raise ValueError(f"accumulate must be a bool, got {accumulate!r}")
-    if not isinstance(deterministic, bool):
-        raise ValueError(f"deterministic must be a bool, got {deterministic!r}")
-    if traceable and not deterministic:
-        raise ValueError(
-            "deterministic=False (atomic dQ) is for eager launches; the traced op is deterministic"
-        )
     on_gpu = q.is_cuda
     lp = prepare(
         q, k, v, block_mask, score_mod, scale, enable_gqa, q_global_idx, kv_global_idx,
@@ -681,58 +638,22 @@ def triton_backward(
                     f"{t.dtype} on {t.device} with strides {t.stride()}"
                 )
     dq = dk = dv = None
-    table_grad = (
-        lp.score_kind == SCORE_RELBIAS and score_mod_grads is not None and score_mod.table.requires_grad
-    )
-    atomic_dq = (
-        not deterministic
-        and which == "all"
-        and not table_grad
-        and not torch.are_deterministic_algorithms_enabled()
-    )
-    dqa = None
-    if atomic_dq:
-        # the atomics add into an fp32 buffer: the caller's own when it is fp32, else a zeroed scratch
-        if dq_out is not None and dq_out.dtype == torch.float32:
-            dqa = dq_out if accumulate else dq_out.zero_()
-        else:
-            dqa = torch.zeros(sh.B, sh.Hq, sh.Sq, sh.D, dtype=torch.float32, device=dev)
     if run_dkdv:
         dk, dv = _dkdv(
             q, k, v, dout, lse, delta, dk_out, dv_out, lp, km, sh, c1, M1, N1, config, common, traceable,
-            head_group, accumulate, dqa,
+            head_group, accumulate,
         )  # fmt: skip
-    if atomic_dq:
-        if dqa is dq_out:
-            return dq_out, dk, dv
-        if dq_out is None:
-            return dqa.to(q.dtype), dk, dv
-        if accumulate:
-            return dq_out.add_(dqa), dk, dv
-        return dq_out.copy_(dqa), dk, dv
     if run_dq:
         dq = _dq(q, k, v, dout, lse, delta, dq_out, lp, km, sh, c2, M2, N2, config, common, score_mod,
                  score_mod_grads, traceable, head_group, accumulate)  # fmt: skip
     return dq, dk, dv
 
 
-def _tma_reduce_ok(dqa: torch.Tensor) -> bool:
-    """Whether dQ can be added by TMA reduce-adds: compiled kernels on a Hopper-or-newer GPU (the interpreter
-    has no descriptor reductions) and a buffer TMA can address (16-byte aligned base and row strides)."""
-    if not dqa.is_cuda or not kernels_are_compiled():
-        return False
-    if torch.cuda.get_device_capability(dqa.device)[0] < 9:
-        return False
-    strides_ok = all((dqa.stride(i) * 4) % 16 == 0 for i in range(3) if dqa.shape[i] > 1 or i == 2)
-    return dqa.stride(-1) == 1 and dqa.data_ptr() % 16 == 0 and strides_ok
-
-
 def _dkdv(
     q, k, v, dout, lse, delta, dk_out, dv_out, lp, km, sh, c1, M1, N1, config, common, traceable, head_group,
-    accumulate, dqa=None,
+    accumulate,
 ):  # fmt: skip
-    """Launch the dK/dV kernel (into new tensors, or adding into / overwriting dk_out / dv_out); with ``dqa``
-    (fp32 ``[B, Hq, Sq, D]``) it also adds dQ into it with atomics."""
+    """Launch the dK/dV kernel (into new tensors, or adding into / overwriting dk_out / dv_out)."""
     dev = q.device
     dummy_i = lp.dummy_i
     docs, _ = doc_args(km, dummy_i)
@@ -746,21 +667,11 @@ def _dkdv(
         dv = torch.empty(sh.B, sh.Hkv, sh.Skv, sh.Dv, dtype=v.dtype, device=dev)
     tuned = config is None and use_autotune(q, km, sh.Sq, sh.Skv)
     n_kb = triton.cdiv(sh.Skv, km.KBS)  # kv blocks in use
-    atomic = dqa is not None
-    # 0: no dQ here; 1: per-element fp32 atomics (the interpreter, or a buffer TMA cannot address); 2: one
-    # TMA reduce-add per tile (Hopper+)
-    mode = 0
-    if atomic:
-        mode = 2 if _tma_reduce_ok(dqa) else 1
-        if mode == 2:
-            triton.set_allocator(_tma_scratch)  # the device-side descriptors' scratch (see triton_forward)
-    dq_buf = dqa if atomic else lp.dummy
-    dq_strides = (dqa.stride(0), dqa.stride(1), dqa.stride(2)) if atomic else (0, 0, 0)
     args = (
-        q, k, v, dout, lse, delta, dk, dv, dq_buf,
+        q, k, v, dout, lse, delta, dk, dv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *dq_strides,
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         *meta_args(km, True, dummy_i), bits, *docs, *mods,
         sh.Hq, sh.Hkv, sh.groups, sh.Sq, sh.Skv, lp.scale, lp.scale * LOG2E,
         n_kb, sh.B * sh.Hkv, head_group or launch_head_group(sh, q.element_size(), kv_programs=True),
@@ -770,28 +681,15 @@ def _dkdv(
         # (``wrap_triton(<module-level kernel name>)`` spelled out: see triton_fwd.triton_forward)
         if traceable:
             kernel = wrap_triton(_dkdv_kernel_tuned)
-            kernel[grid](*args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, ACCUM=accum, DQ_ATOMIC=0, **common)
+            kernel[grid](*args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, ACCUM=accum, **common)
         else:  # a tuned key launches with its config directly (tuned_launch.py)
-            if atomic:
-                kernel = _dkdv_kernel_tuned_atomic
-            else:
-                kernel = _dkdv_kernel_tuned_accum if accum else _dkdv_kernel_tuned
-            launch_tuned(
-                kernel,
-                grid,
-                *args,
-                EVEN_M=lp.even_m,
-                EVEN_N=lp.even_n,
-                ACCUM=accum,
-                DQ_ATOMIC=atomic,
-                **common,
-            )
+            kernel = _dkdv_kernel_tuned_accum if accum else _dkdv_kernel_tuned
+            launch_tuned(kernel, grid, *args, EVEN_M=lp.even_m, EVEN_N=lp.even_n, ACCUM=accum, **common)
     else:
         kernel = wrap_triton(_dkdv_kernel) if traceable else _dkdv_kernel
         kernel[(n_kb * (km.KBS // N1) * sh.B * sh.Hkv,)](
             *args, BLOCK_M=M1, BLOCK_N=N1, EVEN_M=lp.even_m and sh.Sq % M1 == 0,
-            EVEN_N=lp.even_n and sh.Skv % N1 == 0, num_warps=c1[2], num_stages=c1[3], ACCUM=accum,
-            DQ_ATOMIC=mode, **common,
+            EVEN_N=lp.even_n and sh.Skv % N1 == 0, num_warps=c1[2], num_stages=c1[3], ACCUM=accum, **common,
         )  # fmt: skip
     return dk, dv
 

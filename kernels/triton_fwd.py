@@ -298,9 +298,9 @@ def _fwd_inner(
     if PIPE:
         # QK^T one sub-tile ahead (after FlashAttention-3's intra-warpgroup overlap): the scores of step
         # it+1 are issued before step it's softmax and P·V and reach the next step only through the loop's
-        # yield, so an asynchronous wgmma could run under the softmax. (Triton 3.9's wgmma pass still waits
-        # on it at once: it keeps a dot in flight only if its previous result is read after a wait(0) or by
-        # another dot; seen in an offline sm_90 compile.) Peeled (first QK^T before the loop, last update
+        # yield, so an asynchronous wgmma could run under the softmax. (Triton 3.6 / 3.9's wgmma pass still
+        # waits on it at once: it keeps a dot in flight only if its previous result is read after a wait(0)
+        # or by another dot; slower on an H100, see triton_forward's docstring.) Peeled (first QK^T before the loop, last update
         # after it) so no GEMM or load falls past the last sub-tile.
         tl.static_assert(not TMA, "PIPE loads K / V with tl.load (the host rejects tma with pipe_qk)")
         if n > 0:
@@ -711,7 +711,6 @@ def tuned_choices() -> dict:
         ("dq", triton_bwd._dq_kernel_tuned),
         ("fwd_accum", _fwd_kernel_tuned_accum),
         ("dkdv_accum", triton_bwd._dkdv_kernel_tuned_accum),
-        ("dkdv_atomic", triton_bwd._dkdv_kernel_tuned_atomic),
         ("dq_accum", triton_bwd._dq_kernel_tuned_accum),
     ):
         out[name] = {str(k[:10]): str(v) for k, v in getattr(tuner, "cache", {}).items()}
@@ -928,8 +927,11 @@ def triton_forward(
     ``pipe_qk``: the kv loop computes the next sub-tile's QK^T before this one's softmax and P·V (after
     FlashAttention-3's intra-warpgroup overlap: on Hopper the asynchronous wgmma of the next scores could run
     under the softmax); same math and accumulation order as the plain loop. Not with ``tma`` (nor so with
-    ``warp_specialize``). Not yet timed on a GPU; compiled offline for sm_90 with triton 3.9, the loop
-    stays one pipelined ``scf.for`` but the wgmma pass waits on the early QK^T right after issuing it.
+    ``warp_specialize``). Slower on triton 3.6 / H100 (``bench/results/2026-11-26-s12/call1``, 32k, FMA
+    softmax): 128 × 64 tiles at 4 warps 2.12 → 3.53 ms (document, mean 4k) and 12.2 → 23.2 ms (causal);
+    128 × 128 at 8 warps 2.21 → 2.37 ms (document) and out of shared memory (causal). Triton's wgmma pass
+    waits on the early QK^T right after issuing it (it keeps a dot in flight only when the previous result
+    is read by another dot or after a wait), so nothing overlaps; kept opt-in for a Triton that does.
     ``traceable``: launch through ``torch.library.wrap_triton`` with per-call placeholders (the body of a
     ``torch.library.triton_op``, traced with FakeTensors under torch.compile); needs compiled (JIT) kernels.
     ``head_group``: heads per launch group (see ``launch_head_group``; None: its choice).

@@ -243,15 +243,6 @@ def cases():
         dict(balance="auto", strategy="allgather", kind="pad", causal=False, window=None, gqa=True,
              head_chunks=2, prefix=3, local_first=True)
     )  # fmt: skip
-    # deterministic=False: dQ added by atomics inside the dK/dV kernel (Triton backends; the reference ignores it)
-    out.append(
-        dict(balance="document", strategy="allgather", kind="doc", causal=True, window=None, gqa=True,
-             head_chunks=2, local_first=True, deterministic=False)
-    )  # fmt: skip
-    out.append(
-        dict(balance="zigzag", strategy="direct", kind="long", causal=True, window=20, gqa=True,
-             deterministic=False)
-    )  # fmt: skip
     # the planner's other objective for each strategy (the defaults are "totals" for allgather, "ring" else)
     out.append(
         dict(balance="document", strategy="allgather", kind="long", causal=True, window=None, gqa=True,
@@ -281,10 +272,6 @@ AUTO_CASES = [
          head_chunks=2, batch=1),
     dict(balance="document", strategy="allgather", kind="doc", causal=True, window=None, gqa=True,
          head_chunks=2, batch=1, local_first=True),
-    dict(balance="document", strategy="allgather", kind="doc", causal=True, window=None, gqa=True,
-         head_chunks=2, local_first=True, deterministic=False),
-    dict(balance="zigzag", strategy="direct", kind="long", causal=True, window=20, gqa=True,
-         deterministic=False),
 ]  # fmt: skip
 
 
@@ -339,7 +326,6 @@ def run_case(
         head_chunks=c.get("head_chunks", 1),
         local_first=c.get("local_first", False),
         objective=c.get("objective"),
-        deterministic=c.get("deterministic", True),
     )
     if c.get("local_first") and p.world_size > 1:  # the own-keys-first path runs (not the plain one)
         assert p.local_first, c
@@ -608,27 +594,6 @@ def test_plan_single_process_and_positions():
                 assert pos[b, s] == pos[b, s - 1] + 1
             elif doc[b, s] >= 0:
                 assert pos[b, s] == 0
-
-
-@pytest.mark.parametrize("strategy", ["allgather", "direct"])
-def test_deterministic_false_drops_the_dq_kernel(strategy, monkeypatch):
-    """plan(deterministic=False): the backward's calls that run dK/dV and dQ together leave the dQ kernel out
-    (dQ is added by atomics inside the dK/dV kernel) and the result still equals the reference."""
-    import flexdist.kernels.triton_bwd as tb
-
-    calls = []
-    real = tb._dq
-    monkeypatch.setattr(tb, "_dq", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    kw = dict(head_chunks=2, local_first=True) if strategy == "allgather" else {}
-    for det in (True, False):
-        c = dict(balance="document", strategy=strategy, kind="doc", causal=True, window=None, gqa=True,
-                 deterministic=det, **kw)  # fmt: skip
-        p = run_case(c, None, "cpu", "auto", torch.float32, seed=5, S=64, bs=16, D=16)
-        assert p.deterministic is det
-        assert (len(calls) > 0) is det, (det, calls)
-        calls.clear()
-    with pytest.raises(ValueError, match="deterministic must be a bool, got 1"):
-        cp.plan(make_doc_ids("doc", 1, 64, 2), None, block_size=16, deterministic=1)
 
 
 def test_module_wrapper_and_plan_per_batch():

@@ -177,11 +177,7 @@ def allgather_backward(q, k, v, out, dout, lse, delta, plan, full_mask, bwd: Cal
         hc = h1 - h0
         grad = torch.empty(N, B, L, hc, D + Dv, dtype=acc, device=dev)
         gseq = _seq_view(grad) if B == 1 else torch.empty(B, hc, N * L, D + Dv, dtype=acc, device=dev)
-        fused = not plan.deterministic  # one call: dQ added by atomics inside the dK/dV kernel
-        if fused:
-            bwd(*args, dk_out=gseq[..., :D], dv_out=gseq[..., D:], dq_out=dq[:, q0:q1], which="all", **ckw)
-        else:
-            bwd(*args, dk_out=gseq[..., :D], dv_out=gseq[..., D:], which="dkdv", **ckw)
+        bwd(*args, dk_out=gseq[..., :D], dv_out=gseq[..., D:], which="dkdv", **ckw)
         if B > 1:
             grad.copy_(gseq.view(B, hc, N, L, D + Dv).permute(2, 0, 3, 1, 4))
         mine = grad.new_empty(grad.shape[1:])
@@ -190,8 +186,7 @@ def allgather_backward(q, k, v, out, dout, lse, delta, plan, full_mask, bwd: Cal
             scattered.append((h0, mine, [work], grad))
         else:
             scattered.append((h0, grad[0], [], None))
-        if not fused:
-            bwd(*args, dq_out=dq[:, q0:q1], which="dq", **ckw)
+        bwd(*args, dq_out=dq[:, q0:q1], which="dq", **ckw)
     for h0, mine, works, _ in scattered:
         plan.record_wait(works, dev)
         unpack(mine, dk, dv, h0)

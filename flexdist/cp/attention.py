@@ -138,8 +138,6 @@ def attention_backward(
         if dlse is not None:
             delta = delta - dlse.to(acc)
     kw = dict(score_mod=score_mod, scale=scale, enable_gqa=q.shape[1] != k.shape[1], **extra)
-    if not plan.deterministic:  # (the kernels apply it only to calls that run dK/dV and dQ together)
-        kw["deterministic"] = False
     if score_mod_grads is not None:
         kw["score_mod_grads"] = score_mod_grads
     if plan.strategy == "ring":

@@ -133,7 +133,6 @@ class Plan:
     local_first: bool = False  # strategy="allgather": chunk 0 attends to the own shard during its gather
     remote_mask: BlockMask | None = None  # local_first: full_mask without this rank's own key blocks
     timing: bool = False  # record CUDA events around the ring's waits (see comm_wait_seconds)
-    deterministic: bool = True  # False: backward calls add dQ by atomics where they can (see `plan`)
     _wait_events: list = field(default_factory=list, repr=False)
 
     def record_wait(self, works: list, device: torch.device) -> None:
@@ -508,7 +507,6 @@ def plan(
     check: bool | None = None,
     debug: bool | None = None,
     objective: str | None = None,
-    deterministic: bool = True,
 ) -> Plan:
     """Plan context-parallel attention for one global batch of packed documents.
 
@@ -569,12 +567,6 @@ def plan(
             ``strategy="allgather"``, where ranks do not step together, "ring" otherwise. At N = 8 in the
             simulation "totals" lowered the slowest rank's excess over the mean from 1.4–2.1% to 0.4–1.1%
             (forward) and from 3.4–3.9% to 1.2–2.1% (backward) (``bench/results/2026-11-26-s9/call3``).
-        deterministic: False lets the backward's kernel calls that run dK/dV and dQ together (the all-gather's
-            per-chunk call, the direct exchange's) compute dQ inside the dK/dV kernel and add it with fp32
-            atomics (``flexdist.kernels.flex_attention_backward(deterministic=False)``): no dQ kernel, five
-            GEMMs per tile pair instead of seven, at the cost of bitwise run-to-run reproducibility of dQ.
-            The ring's per-step calls run the two kernels apart and stay deterministic. The all-gather's
-            reduce-scatter of a chunk then starts after the chunk's one call instead of after its dK/dV.
     """
     if not isinstance(doc_ids, torch.Tensor) or doc_ids.dim() != 2:
         raise ValueError(f"doc_ids must be a [B, S] tensor, got {getattr(doc_ids, 'shape', type(doc_ids))}")
@@ -595,8 +587,6 @@ def plan(
         raise ValueError(f"local_first must be a bool, got {local_first!r}")
     if local_first and strategy != "allgather":
         raise ValueError(f"local_first=True needs strategy='allgather', got strategy={strategy!r}")
-    if not isinstance(deterministic, bool):
-        raise ValueError(f"deterministic must be a bool, got {deterministic!r}")
     if objective is None:
         objective = "totals" if strategy == "allgather" else "ring"
     if objective not in ("ring", "totals"):
@@ -795,7 +785,6 @@ def plan(
         head_chunks=head_chunks,
         local_first=local_first and N > 1,
         remote_mask=remote_mask,
-        deterministic=deterministic,
     )
     p.stats = plan_stats(W, need, bal.last_needed_step(W), L, block_size, cost, info, strategy)
     # host wall time of this rank's BlockMask construction and of the whole plan (layout search included);
