@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from train.config import register_configs, validate  # noqa: E402
+from train.config import LOCAL_FIRST_MIN_REMOTE_TOKENS, register_configs, validate  # noqa: E402
 
 CONFIGS = ROOT / "configs"
 
@@ -56,24 +56,33 @@ def test_every_option_of_the_other_groups_composes(group: str) -> None:
 
 @pytest.mark.parametrize("model", sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml")))
 def test_cp_knobs_follow_the_strategy(model: str) -> None:
-    """parallel=cp is the pipelined all-gather with local_first (what measured fastest); its knobs are null,
-    resolved per strategy, so switching the strategy alone (or parallel=cp_ring) gives the plain ring, and an
-    MQA model gets one chunk instead of an error. Explicit values win."""
+    """parallel=cp is the pipelined all-gather (what measured fastest), with local_first once each rank
+    gathers enough remote tokens; its knobs are null, resolved per strategy, so switching the strategy alone
+    (or parallel=cp_ring) gives the plain ring, and an MQA model gets one chunk instead of an error. Explicit
+    values win."""
+    long = ("parallel.cp=4", "trainer.seq_len=131072")  # 96k remote tokens per rank: local_first
+    edge = ("parallel.cp=4", "trainer.seq_len=65536")  # 48k: the threshold itself
+    short = ("parallel.cp=4", "trainer.seq_len=32768")  # 24k: measured slower with local_first
     cases = [
-        ((), ("allgather", 2, True)),
-        (("parallel.cp_strategy=ring",), ("ring", 1, False)),
+        ((), ("allgather", 2, False)),  # default seq_len 2048 over cp = 2
+        (long, ("allgather", 2, True)),
+        (edge, ("allgather", 2, True)),
+        (short, ("allgather", 2, False)),
+        (("parallel.cp_strategy=ring", *long), ("ring", 1, False)),
         (("parallel.cp_strategy=direct",), ("direct", 1, False)),
-        (("model.n_kv_heads=1",), ("allgather", 1, True)),
-        (("parallel.cp_head_chunks=1", "parallel.cp_local_first=false"), ("allgather", 1, False)),
+        (("model.n_kv_heads=1", *long), ("allgather", 1, True)),
+        (("parallel.cp_head_chunks=1", "parallel.cp_local_first=false", *long), ("allgather", 1, False)),
+        (("parallel.cp_local_first=true", *short), ("allgather", 2, True)),
     ]
     for extra, (strategy, hc, lf) in cases:
         cfg = make(f"model={model}", "parallel=cp", *extra)
-        res = validate(cfg, world_size=2)
+        res = validate(cfg, world_size=4 if "parallel.cp=4" in extra else 2)
         assert (cfg.parallel.cp_strategy.value, res.cp_head_chunks, res.cp_local_first) == (
             strategy,
             hc,
             lf,
         ), extra
+    assert LOCAL_FIRST_MIN_REMOTE_TOKENS == 48 * 1024
     ring = make(f"model={model}", "parallel=cp_ring")
     res = validate(ring, world_size=2)
     assert (ring.parallel.cp_strategy.value, res.cp_head_chunks, res.cp_local_first) == ("ring", 1, False)

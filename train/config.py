@@ -272,14 +272,33 @@ def seq_len_multiple(cp: int, block_size: int, balance: str) -> int:
     return cp * block_size * (2 if balance in ("zigzag", "auto") else 1)
 
 
-def cp_knobs(strategy: str, head_chunks: int | None, local_first: bool | None, n_kv_heads: int) -> tuple:
+# The all-gather's local_first hides the first chunk's gather behind a call over the rank's own keys, at the
+# price of one more kernel call and an fp32 round trip of that chunk's output. It pays only when the gather is
+# large: measured with direct launches and the host issuing ahead (bench/results/2026-11-26-s12), the
+# forward with local_first took +6% at 8k tokens per GPU on 2 GPUs and +3% at 8k on 4 (8k and 24k remote
+# tokens per rank), the same at 16k on 4 (48k), and it won at 32k on 4 (96k, training steps, s11) and in the
+# 8-rank simulation at 8k (56k). So null resolves to true from this many remote tokens per rank.
+LOCAL_FIRST_MIN_REMOTE_TOKENS = 48 * 1024
+
+
+def cp_knobs(
+    strategy: str,
+    head_chunks: int | None,
+    local_first: bool | None,
+    n_kv_heads: int,
+    seq_len: int | None = None,
+    cp: int = 1,
+) -> tuple:
     """``(head_chunks, local_first)`` with ``None`` (null in the config) resolved for the strategy: the
-    pipelined all-gather with ``local_first`` for ``allgather`` (two chunks, fewer for MQA), off otherwise,
-    so ``parallel.cp_strategy=ring`` alone switches strategy."""
+    pipelined all-gather (two chunks, fewer for MQA) for ``allgather``, with ``local_first`` when each rank
+    gathers at least ``LOCAL_FIRST_MIN_REMOTE_TOKENS`` tokens of the other ranks' K/V (``(cp - 1) · seq_len /
+    cp``; unknown ``seq_len``: on); off otherwise, so ``parallel.cp_strategy=ring`` alone switches strategy."""
     ag = strategy == "allgather"
     hc = head_chunks if head_chunks is not None else (max(1, min(2, n_kv_heads)) if ag else 1)
-    lf = local_first if local_first is not None else ag
-    return hc, lf
+    if local_first is not None:
+        return hc, local_first
+    remote = None if seq_len is None else (cp - 1) * seq_len // max(cp, 1)
+    return hc, ag and (remote is None or remote >= LOCAL_FIRST_MIN_REMOTE_TOKENS)
 
 
 def validate(cfg: Any, world_size: int) -> Resolved:
@@ -357,7 +376,9 @@ def validate(cfg: Any, world_size: int) -> Resolved:
             "parallel.cp_local_first=true overlaps the all-gather: it needs parallel.cp_strategy=allgather, "
             f"got {strategy}"
         )
-    hc, lf = cp_knobs(strategy, g("parallel.cp_head_chunks"), g("parallel.cp_local_first"), nkv)
+    hc, lf = cp_knobs(
+        strategy, g("parallel.cp_head_chunks"), g("parallel.cp_local_first"), nkv, seq, max(cp, 1)
+    )
     if hc > 1 and nkv >= 1 and hc > nkv:
         errors.append(f"parallel.cp_head_chunks={hc} is more than model.n_kv_heads={nkv}")
     for key in ("trainer.steps", "trainer.micro_batch", "trainer.grad_accum", "trainer.log_interval"):

@@ -557,7 +557,9 @@ def plan(
             planner 0.85–0.92 over seven runs (s9, s10); with the one-copy K/V pack and GPU-time rounds
             0.87–0.88 on an H100 and 0.90 on an H200 (0.90 / 0.92 against the bracketing baselines, s11).
             On 4 real GPUs it is about even (s9: slower; s11: 6.12 against 6.20 ms, and 0.7% faster training
-            steps at cp = 4); at 8k tokens per GPU on 2 GPUs slower, since the gather it hides is small there.
+            steps at cp = 4); at 8k tokens per GPU slower, since the gather it hides is small there (s12,
+            host ahead: +6% forward on 2 GPUs, +3% on 4; the training config enables it from 48k remote
+            tokens per rank, ``train.config.LOCAL_FIRST_MIN_REMOTE_TOKENS``).
         check: all-reduce a hash of doc_ids to catch ranks passing different batches (default: on the
             first plan of each group, and always in debug mode).
         debug: check on every call (default: environment FLEXDIST_CP_DEBUG=1).
