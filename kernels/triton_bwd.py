@@ -24,11 +24,10 @@ from .triton_fwd import (
     LOG2E,
     SCORE_RELBIAS,
     TUNE_KEY,
-    _bits_visible,
-    _doc_visible,
     _dot,
     _fp32_scalars,
     _launch_coords,
+    _mask_scores,
     _score_mod,
     _tanh,
     check_head_group,
@@ -348,22 +347,10 @@ def _dq_inner(
             if SCORE_KIND == 1:
                 t = s / softcap
             s = s * 1.4426950408889634
-        if IS_PARTIAL:
-            if MASK_KIND == 1:
-                kd = tl.load(KVDOC + offs_n, mask=offs_n < Skv, other=-2)
-                kp = tl.load(KVPOS + offs_n, mask=offs_n < Skv, other=0)
-                if HAS_PREFIX:
-                    kpre = tl.load(KVPRE + offs_n, mask=offs_n < Skv, other=0)
-                else:
-                    kpre = kp
-                vis = _doc_visible(qd, qp, kd, kp, kpre, window, CAUSAL, HAS_WINDOW, HAS_PREFIX)
-                s = tl.where(vis, s, float("-inf"))
-            elif MASK_KIND == 2:
-                pid = tl.load(PID + j)
-                vis = _bits_visible(BITS, pid, offs_m - qb * QBS, sub * BLOCK_N + ar_n, QBS, WORDS)
-                s = tl.where(vis, s, float("-inf"))
-        if not EVEN_N:
-            s = tl.where(offs_n[None, :] < Skv, s, float("-inf"))
+        s = _mask_scores(
+            s, offs_n, j, sub, qd, qp, offs_m, qb, PID, Skv, BITS, KVDOC, KVPOS, KVPRE, window, BLOCK_N, QBS,
+            WORDS, IS_PARTIAL, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_PREFIX, EVEN_N,
+        )  # fmt: skip
         p = tl.exp2(s - lse2[:, None])
         dp = _dot(do, tl.trans(v), PREC, UPCAST)
         ds = p * (dp - delta[:, None])

@@ -137,6 +137,36 @@ def _kv_rows(P, offs_n, stride, Skv, offs_c, EVEN_N: tl.constexpr):
 
 
 @triton.jit
+def _mask_scores(
+    s, offs_n, j, sub, qd, qp, offs_m, qb, PID, Skv, BITS, KVDOC, KVPOS, KVPRE, window,
+    BLOCK_N: tl.constexpr, QBS: tl.constexpr, WORDS: tl.constexpr, IS_PARTIAL: tl.constexpr,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    EVEN_N: tl.constexpr,
+):  # fmt: skip
+    """Scores ``s [BLOCK_M, BLOCK_N]`` of query-major tiles (forward, dQ) with what the mask hides set to
+    −inf: a partial block's document mask or bit tile (slot ``j``, sub-tile ``sub``), and keys past Skv."""
+    if IS_PARTIAL:
+        if MASK_KIND == 1:
+            kd = tl.load(KVDOC + offs_n, mask=offs_n < Skv, other=-2)
+            kp = tl.load(KVPOS + offs_n, mask=offs_n < Skv, other=0)
+            if HAS_PREFIX:
+                kpre = tl.load(KVPRE + offs_n, mask=offs_n < Skv, other=0)
+            else:
+                kpre = kp
+            vis = _doc_visible(qd, qp, kd, kp, kpre, window, CAUSAL, HAS_WINDOW, HAS_PREFIX)
+            s = tl.where(vis, s, float("-inf"))
+        elif MASK_KIND == 2:
+            pid = tl.load(PID + j)
+            vis = _bits_visible(
+                BITS, pid, offs_m - qb * QBS, sub * BLOCK_N + tl.arange(0, BLOCK_N), QBS, WORDS
+            )
+            s = tl.where(vis, s, float("-inf"))
+    if not EVEN_N:
+        s = tl.where(offs_n[None, :] < Skv, s, float("-inf"))
+    return s
+
+
+@triton.jit
 def _fwd_tile(
     acc,
     l_i,
@@ -199,24 +229,10 @@ def _fwd_tile(
             _score_mod(qk * scale, hq, qg, kg, SLOPES, TABLE, table_stride, L, softcap, SCORE_KIND)
             * 1.4426950408889634
         )
-    if IS_PARTIAL:
-        if MASK_KIND == 1:
-            kd = tl.load(KVDOC + offs_n, mask=offs_n < Skv, other=-2)
-            kp = tl.load(KVPOS + offs_n, mask=offs_n < Skv, other=0)
-            if HAS_PREFIX:
-                kpre = tl.load(KVPRE + offs_n, mask=offs_n < Skv, other=0)
-            else:
-                kpre = kp
-            vis = _doc_visible(qd, qp, kd, kp, kpre, window, CAUSAL, HAS_WINDOW, HAS_PREFIX)
-            s = tl.where(vis, s, float("-inf"))
-        elif MASK_KIND == 2:
-            pid = tl.load(PID + j)
-            vis = _bits_visible(
-                BITS, pid, offs_m - qb * QBS, sub * BLOCK_N + tl.arange(0, BLOCK_N), QBS, WORDS
-            )
-            s = tl.where(vis, s, float("-inf"))
-    if not EVEN_N:
-        s = tl.where(offs_n[None, :] < Skv, s, float("-inf"))
+    s = _mask_scores(
+        s, offs_n, j, sub, qd, qp, offs_m, qb, PID, Skv, BITS, KVDOC, KVPOS, KVPRE, window, BLOCK_N, QBS,
+        WORDS, IS_PARTIAL, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_PREFIX, EVEN_N,
+    )  # fmt: skip
     # FMA: the tutorial's form, the max of the raw scores times the (positive) scale, then one FMA per
     # element (s·scale − m) instead of a multiply and a subtract
     if FMA and SCORE_KIND == 0:

@@ -376,9 +376,7 @@ def validate(cfg: Any, world_size: int) -> Resolved:
             "parallel.cp_local_first=true overlaps the all-gather: it needs parallel.cp_strategy=allgather, "
             f"got {strategy}"
         )
-    hc, lf = cp_knobs(
-        strategy, g("parallel.cp_head_chunks"), g("parallel.cp_local_first"), nkv, seq, max(cp, 1)
-    )
+    hc, lf = cp_knobs(strategy, g("parallel.cp_head_chunks"), g("parallel.cp_local_first"), nkv, seq, cp)
     if hc > 1 and nkv >= 1 and hc > nkv:
         errors.append(f"parallel.cp_head_chunks={hc} is more than model.n_kv_heads={nkv}")
     for key in ("trainer.steps", "trainer.micro_batch", "trainer.grad_accum", "trainer.log_interval"):
