@@ -104,13 +104,13 @@ def main() -> None:
         gqa = Hq != Hkv
         fns = {
             "triton": lambda: flex_attention_forward(q, k, v, bm, enable_gqa=gqa, backend="triton"),
-            "gluon": lambda: gluon_forward(q, k, v, bm, enable_gqa=gqa),
-            "gluon_cpasync": lambda: gluon_forward(q, k, v, bm, enable_gqa=gqa, tma=False),
+            "gluon_ws": lambda: gluon_forward(q, k, v, bm, enable_gqa=gqa),
+            "gluon_plain": lambda: gluon_forward(q, k, v, bm, enable_gqa=gqa, schedule="plain"),
         }
         for c in parse_cfgs(args.triton_cfgs):
             fns[f"triton{c}"] = lambda c=c: triton_forward(q, k, v, bm, enable_gqa=gqa, config=c)
         ot, lt = fns["triton"]()
-        og, lg = fns["gluon"]()
+        og, lg = fns["gluon_ws"]()
         fin = torch.isfinite(lt)
         err = dict(
             out_max_abs=float((ot.float() - og.float()).abs().max()),

@@ -350,6 +350,225 @@ def _gl_fwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Warp-specialised variant (FlashAttention-3's layout): a producer warp issues every TMA copy into K / V
+# double buffers guarded by ready / empty mbarriers; two consumer warpgroups (64 query rows each) run the
+# same overlapped loop as above, each at its own pace: no CTA barrier couples them, so one warpgroup's
+# softmax can run under the other's GEMMs.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _ws_producer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.constexpr):
+    """The load warp: Q (both halves) once, then K_t and V_t of every step into buffer t % 2, each copy
+    after both consumers released the buffer (its empty barrier) and signalling its ready barrier."""
+    q_desc, k_desc, v_desc = descs
+    q_bar, k_ready, k_empty, v_ready, v_empty = bars
+    q_smem, k_smem, v_smem = bufs
+    KVI, FULLI = ptrs[2], ptrs[3]
+    start_m, n_part, n = ints[0], ints[1], ints[2]
+    KBS: gl.constexpr = CONSTS[0]
+    BLOCK_N: gl.constexpr = CONSTS[1]
+    SUBS: gl.constexpr = KBS // BLOCK_N
+    HALF: gl.constexpr = CONSTS[2]
+    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+    _tma_load(q_desc, [start_m, 0], q_bar, q_smem.index(0))
+    _tma_load(q_desc, [start_m + HALF, 0], q_bar, q_smem.index(1))
+    for t in range(0, n):
+        st = t % 2
+        ph = (t // 2) & 1
+        row0 = _gl_kv_row0(KVI, FULLI, t, n_part, KBS, BLOCK_N, SUBS)
+        mbarrier.wait(k_empty.index(st), ph ^ 1)  # (a fresh barrier counts as released: phase 1 is complete)
+        mbarrier.expect(k_ready.index(st), k_desc.block_type.nbytes)
+        _tma_load(k_desc, [row0, 0], k_ready.index(st), k_smem.index(st))
+        mbarrier.wait(v_empty.index(st), ph ^ 1)
+        mbarrier.expect(v_ready.index(st), v_desc.block_type.nbytes)
+        _tma_load(v_desc, [row0, 0], v_ready.index(st), v_smem.index(st))
+
+
+@gluon.jit
+def _ws_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.constexpr):
+    """One consumer warpgroup: query rows ``start_m + WG·64 ..`` of the tile, the overlapped loop (S_t
+    waited for alone, P_{t-1}·V_{t-1} under its softmax), then its rows of O and LSE."""
+    q_bar, k_ready, k_empty, v_ready, v_empty = bars
+    q_smem, k_smem, v_smem = bufs
+    Ob, LSEb, KVI, FULLI, QDOCb, KVDOC, QPOSb, KVPOS, KVPRE = ptrs
+    start_m, n_part, n, Sq, Skv, window, qk_scale, som = ints
+    KBS: gl.constexpr = CONSTS[0]
+    BLOCK_N: gl.constexpr = CONSTS[1]
+    HALF: gl.constexpr = CONSTS[2]
+    DV: gl.constexpr = CONSTS[3]
+    MASK_KIND: gl.constexpr = CONSTS[4]
+    CAUSAL: gl.constexpr = CONSTS[5]
+    HAS_WINDOW: gl.constexpr = CONSTS[6]
+    HAS_PREFIX: gl.constexpr = CONSTS[7]
+    EVEN_M: gl.constexpr = CONSTS[8]
+    EVEN_N: gl.constexpr = CONSTS[9]
+    S_LAYOUT: gl.constexpr = CONSTS[10]
+    O_LAYOUT: gl.constexpr = CONSTS[11]
+    P_LAYOUT: gl.constexpr = CONSTS[12]
+    SUBS: gl.constexpr = KBS // BLOCK_N
+    dtype: gl.constexpr = k_smem.dtype
+    ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
+    COL_S: gl.constexpr = gl.SliceLayout(0, S_LAYOUT)
+    ROW_O: gl.constexpr = gl.SliceLayout(1, O_LAYOUT)
+    qk_scale = qk_scale.to(gl.float32)
+    q_tile = q_smem.index(WG)
+    offs_m = start_m + WG * HALF + gl.arange(0, HALF, layout=ROW_S)
+    if MASK_KIND == 1:
+        qd = gl.load(QDOCb + offs_m, mask=offs_m < Sq, other=-1)
+        qp = gl.load(QPOSb + offs_m, mask=offs_m < Sq, other=0)
+    else:
+        qd = offs_m  # not read
+        qp = offs_m
+    m_i = gl.full([HALF], float("-inf"), gl.float32, layout=ROW_S)
+    l_i = gl.zeros([HALF], gl.float32, layout=ROW_S)
+    acc = gl.zeros([HALF, DV], gl.float32, layout=O_LAYOUT)
+    s_zero = gl.zeros([HALF, BLOCK_N], gl.float32, layout=S_LAYOUT)
+    p = gl.zeros([HALF, BLOCK_N], dtype, layout=P_LAYOUT)
+    mbarrier.wait(q_bar, 0)
+    if n > 0:
+        row0 = _gl_kv_row0(KVI, FULLI, 0, n_part, KBS, BLOCK_N, SUBS)
+        mbarrier.wait(k_ready.index(0), 0)
+        s_tok = warpgroup_mma(q_tile, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s_tok,))
+        mbarrier.arrive(k_empty.index(0), count=1)
+        p_f, alpha, m_i, l_i = _gl_softmax_step(
+            s, m_i, l_i, row0, n_part > 0, qd, qp, KVDOC, KVPOS, KVPRE, Skv, window, qk_scale, COL_S,
+            BLOCK_N, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_PREFIX, EVEN_N,
+        )  # fmt: skip
+        p = gl.convert_layout(p_f.to(dtype), P_LAYOUT)
+    for t in range(1, n):
+        st = t % 2
+        sp = (t - 1) % 2
+        row0 = _gl_kv_row0(KVI, FULLI, t, n_part, KBS, BLOCK_N, SUBS)
+        mbarrier.wait(k_ready.index(st), (t // 2) & 1)
+        s_tok = warpgroup_mma(q_tile, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(sp), ((t - 1) // 2) & 1)
+        o_tok = warpgroup_mma(p, v_smem.index(sp), acc, is_async=True)
+        s = warpgroup_mma_wait(1, deps=(s_tok,))
+        mbarrier.arrive(k_empty.index(st), count=1)
+        p_f, alpha, m_i, l_i = _gl_softmax_step(
+            s, m_i, l_i, row0, t // SUBS < n_part, qd, qp, KVDOC, KVPOS, KVPRE, Skv, window, qk_scale, COL_S,
+            BLOCK_N, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_PREFIX, EVEN_N,
+        )  # fmt: skip
+        acc, p = warpgroup_mma_wait(0, deps=(o_tok, p))
+        mbarrier.arrive(v_empty.index(sp), count=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, ROW_O), 1)
+        p = gl.convert_layout(p_f.to(dtype), P_LAYOUT)
+    if n > 0:
+        sp = (n - 1) % 2
+        mbarrier.wait(v_ready.index(sp), ((n - 1) // 2) & 1)
+        o_tok = warpgroup_mma(p, v_smem.index(sp), acc, is_async=True)
+        acc, p = warpgroup_mma_wait(0, deps=(o_tok, p))
+        mbarrier.arrive(v_empty.index(sp), count=1)
+
+    empty = l_i == 0.0
+    l_safe = gl.where(empty, 1.0, l_i)
+    out = (acc / gl.expand_dims(gl.convert_layout(l_safe, ROW_O), 1)).to(dtype)
+    lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+    o_rows = start_m + WG * HALF + gl.arange(0, HALF, layout=ROW_O)
+    o_cols = gl.arange(0, DV, layout=gl.SliceLayout(0, O_LAYOUT))
+    o_ptrs = Ob + gl.expand_dims(o_rows, 1) * som + gl.expand_dims(o_cols, 0)
+    if EVEN_M:
+        gl.store(o_ptrs, out)
+        gl.store(LSEb + offs_m, lse)
+    else:
+        gl.store(o_ptrs, out, mask=gl.expand_dims(o_rows < Sq, 1) & gl.expand_dims(o_cols >= 0, 0))
+        gl.store(LSEb + offs_m, lse, mask=offs_m < Sq)
+
+
+@gluon.jit
+def _gl_fwd_ws_kernel(
+    Q, K, V, O, LSE,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+    KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, snb, snh, sib, sih, siq,
+    ORDER, sor_b, sor_h,
+    QDOC, KVDOC, QPOS, KVPOS, KVPRE, sdq, sdk, window,
+    Hq, G, Sq, Skv, qk_scale, NB, BH, HG,
+    D: gl.constexpr, DV: gl.constexpr, QBS: gl.constexpr, KBS: gl.constexpr,
+    MASK_KIND: gl.constexpr, CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr, HAS_PREFIX: gl.constexpr,
+    HAS_FULL: gl.constexpr, EVEN_M: gl.constexpr, EVEN_N: gl.constexpr,
+    S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr, P_LAYOUT: gl.constexpr,
+    QK_SMEM: gl.constexpr, V_SMEM: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+):  # fmt: skip
+    SUBS_M: gl.constexpr = QBS // BLOCK_M
+    SUBS: gl.constexpr = KBS // BLOCK_N
+    HALF: gl.constexpr = BLOCK_M // 2
+    dtype: gl.constexpr = Q.dtype.element_ty
+    pid = gl.program_id(0)
+    per_group = HG * (NB * SUBS_M)
+    grp = pid // per_group
+    r = pid - grp * per_group
+    hg = gl.minimum(HG, BH - grp * HG)
+    slot = r // hg
+    bh = grp * HG + r % hg
+    b = bh // Hq
+    hq = bh % Hq
+    hk = hq // G
+    b64 = b.to(gl.int64)
+    qb = gl.load(ORDER + b * sor_b + hq * sor_h + slot // SUBS_M)
+    start_m = qb * QBS + (slot % SUBS_M) * BLOCK_M
+    num_off = b * snb + hq * snh + qb
+    idx_off = b64 * sib + hq * sih + qb * siq
+    n_part = gl.load(KV_NUM + num_off)
+    n_blocks = n_part
+    if HAS_FULL:
+        n_blocks += gl.load(FULL_NUM + num_off)
+    n = n_blocks * SUBS
+
+    # descriptors of this program's [S, D] slices: rows past the end come back zero
+    Qb = Q + b64 * sqb + hq.to(gl.int64) * sqh
+    Kb = K + b64 * skb + hk.to(gl.int64) * skh
+    Vb = V + b64 * svb + hk.to(gl.int64) * svh
+    q_desc = tma.make_tensor_descriptor(Qb, [Sq, D], [sqm, 1], [HALF, D], QK_SMEM)
+    k_desc = tma.make_tensor_descriptor(Kb, [Skv, D], [skn, 1], [BLOCK_N, D], QK_SMEM)
+    v_desc = tma.make_tensor_descriptor(Vb, [Skv, DV], [svn, 1], [BLOCK_N, DV], V_SMEM)
+
+    q_smem = gl.allocate_shared_memory(dtype, [2, HALF, D], QK_SMEM)
+    k_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D], QK_SMEM)
+    v_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, DV], V_SMEM)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(2):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)  # both consumers release a buffer
+        mbarrier.init(v_empty.index(i), count=2)
+
+    if MASK_KIND == 1:
+        KVDOC = KVDOC + b64 * sdk
+        KVPOS = KVPOS + b64 * sdk
+        if HAS_PREFIX:
+            KVPRE = KVPRE + b64 * sdk
+    descs = (q_desc, k_desc, v_desc)
+    bars = (q_bar, k_ready, k_empty, v_ready, v_empty)
+    bufs = (q_smem, k_smem, v_smem)
+    ptrs = (
+        O + b64 * sob + hq.to(gl.int64) * soh, LSE + bh.to(gl.int64) * Sq, KV_IDX + idx_off, FULL_IDX + idx_off,
+        QDOC + b64 * sdq, KVDOC, QPOS + b64 * sdq, KVPOS, KVPRE,
+    )  # fmt: skip
+    ints = (start_m, n_part, n, Sq, Skv, window, qk_scale, som)
+    CONSTS: gl.constexpr = (
+        KBS, BLOCK_N, HALF, DV, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_PREFIX, EVEN_M, EVEN_N, S_LAYOUT, O_LAYOUT,
+        P_LAYOUT,
+    )  # fmt: skip
+    gl.warp_specialize(
+        [
+            (_ws_consumer, (descs, bars, bufs, ptrs, ints, 0, CONSTS)),
+            (_ws_consumer, (descs, bars, bufs, ptrs, ints, 1, CONSTS)),
+            (_ws_producer, (descs, bars, bufs, ptrs, ints, 1, CONSTS)),
+        ],
+        [4, 1],
+        [CONSUMER_REGS, 24],
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------------------
 
@@ -379,6 +598,28 @@ def kernel_layouts(D: int, Dv: int) -> dict:
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
     )
+
+
+def ws_kernel_layouts(D: int, Dv: int) -> dict:
+    """Constexpr layouts of the warp-specialised kernel: each consumer warpgroup's own 64-row tiles."""
+    s_layout = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+    o_layout = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, Dv, 16])
+    return dict(
+        S_LAYOUT=s_layout,
+        O_LAYOUT=o_layout,
+        P_LAYOUT=gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2),
+        QK_SMEM=gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2),
+        V_SMEM=gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2),
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+    )
+
+
+# Registers per thread: the kernel launches with WS_MAXNREG (12 warps: two consumer warpgroups and the producer
+# warp's group, 168 × 384 threads fit the 64k register file); the consumer worker asks for CONSUMER_REGS and
+# the producer for 24, and the default (consumer) partition gets what is left.
+WS_MAXNREG = 168
+CONSUMER_REGS = 240
 
 
 def gluon_forward_unsupported(q, k, v, block_mask, score_mod, scale, out_acc=None) -> str | None:
@@ -424,12 +665,18 @@ def gluon_forward(
     *,
     head_group: int | None = None,
     out: torch.Tensor | None = None,
+    schedule: str = "ws",
     tma: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse forward on Hopper through the Gluon kernel: ``(out [B,Hq,Sq,Dv], lse [B,Hq,Sq] fp32)``,
     the same result contract as ``triton_fwd.triton_forward`` (without its running-result merge). Raises
     ``ValueError`` naming the reason for a call it does not cover (``gluon_forward_unsupported``).
-    ``tma``: Q, K and V tiles through TMA with mbarriers (device-side descriptors); False: ``cp.async``."""
+    ``schedule``: ``"ws"`` the warp-specialised kernel (a TMA producer warp, two consumer warpgroups that
+    run decoupled), ``"plain"`` one 8-warp partition with a CTA barrier per step.
+    ``tma`` (plain only): Q, K and V tiles through TMA with mbarriers (device-side descriptors); False:
+    ``cp.async``."""
+    if schedule not in ("ws", "plain"):
+        raise ValueError(f"schedule must be 'ws' or 'plain', got {schedule!r}")
     why = gluon_forward_unsupported(q, k, v, block_mask, None, scale)
     if why is not None:
         raise ValueError(f"gluon_forward cannot run this call: {why}")
@@ -460,20 +707,30 @@ def gluon_forward(
     docs, (causal, has_w, has_pre) = doc_args(km, lp.dummy_i)
     hg = head_group or launch_head_group(sh, k.element_size(), kv_programs=False)
     grid = (n_qb * (km.QBS // BLOCK_M) * sh.B * sh.Hq,)
-    if tma:
+    if tma or schedule == "ws":
         # device-side descriptors live in global scratch the launcher asks this allocator for (set at every
         # launch: Triton keeps it in a context variable a later thread does not inherit)
         triton.set_allocator(_tma_scratch)
-    _gl_fwd_kernel[grid](
+    args = (
         q, k, v, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         num, idx, fnum, fidx, snb, snh, sib, sih, siq, order, sor_b, sor_h,
         *docs, sh.Hq, sh.groups, sh.Sq, sh.Skv, lp.scale * LOG2E, n_qb, sh.B * sh.Hq, hg,
+    )  # fmt: skip
+    consts = dict(
         D=sh.D, DV=sh.Dv, QBS=km.QBS, KBS=km.KBS, MASK_KIND=km.mask_kind, CAUSAL=causal, HAS_WINDOW=has_w,
         HAS_PREFIX=has_pre, HAS_FULL=km.has_full, EVEN_M=lp.even_m, EVEN_N=lp.even_n,
-        TMA=bool(tma), num_warps=NUM_WARPS, **kernel_layouts(sh.D, sh.Dv),
     )  # fmt: skip
+    if schedule == "ws":
+        _gl_fwd_ws_kernel[grid](
+            *args, **consts, CONSUMER_REGS=CONSUMER_REGS, num_warps=4, maxnreg=WS_MAXNREG,
+            **ws_kernel_layouts(sh.D, sh.Dv),
+        )  # fmt: skip
+    else:
+        _gl_fwd_kernel[grid](
+            *args, **consts, TMA=bool(tma), num_warps=NUM_WARPS, **kernel_layouts(sh.D, sh.Dv)
+        )
     return out, lse
 
 
@@ -488,6 +745,7 @@ def compile_for_sm90(
     even_m: bool = True,
     even_n: bool = True,
     tma: bool = True,
+    ws: bool = False,
 ):
     """Compile one specialisation of the kernel for sm_90a without a GPU (``triton.compile`` with an explicit
     target): how CI checks that it still builds on the installed Triton, and how to read its PTX
@@ -496,11 +754,17 @@ def compile_for_sm90(
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    fn = _gl_fwd_kernel
+    fn = _gl_fwd_ws_kernel if ws else _gl_fwd_kernel
     consts = dict(
         D=D, DV=D, QBS=128, KBS=128, MASK_KIND=mask_kind, CAUSAL=causal, HAS_WINDOW=has_window,
-        HAS_PREFIX=has_prefix, HAS_FULL=has_full, EVEN_M=even_m, EVEN_N=even_n, TMA=tma, **kernel_layouts(D, D),
+        HAS_PREFIX=has_prefix, HAS_FULL=has_full, EVEN_M=even_m, EVEN_N=even_n,
     )  # fmt: skip
+    if ws:
+        consts.update(CONSUMER_REGS=CONSUMER_REGS, **ws_kernel_layouts(D, D))
+        options = {"num_warps": 4, "maxnreg": WS_MAXNREG}
+    else:
+        consts.update(TMA=tma, **kernel_layouts(D, D))
+        options = {"num_warps": NUM_WARPS}
     ptrs = dict.fromkeys(("Q", "K", "V", "O"), f"*{dtype}")
     ptrs.update(dict.fromkeys(("KV_NUM", "KV_IDX", "FULL_NUM", "FULL_IDX", "ORDER"), "*i32"))
     ptrs.update(dict.fromkeys(("QDOC", "KVDOC", "QPOS", "KVPOS", "KVPRE"), "*i32"), LSE="*fp32")
@@ -510,4 +774,4 @@ def compile_for_sm90(
         sig[name] = "constexpr" if name in consts else ptrs.get(name, "fp32" if name == "qk_scale" else "i32")
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in ptrs or n in aligned}
     src = GluonASTSource(fn, sig, consts, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)

@@ -39,6 +39,10 @@ SPECS = {
     "window-prefix": dict(mask_kind=MASK_DOC, causal=True, has_window=True, has_prefix=True),
     "bidirectional-window": dict(causal=False, has_window=True, has_full=False),
     "cp-async": dict(tma=False),
+    "ws-doc-causal": dict(ws=True),
+    "ws-ragged-d64-fp16": dict(ws=True, D=64, dtype="fp16", even_m=False, even_n=False),
+    "ws-no-mask": dict(ws=True, mask_kind=MASK_NONE, causal=False, has_full=False),
+    "ws-window-prefix": dict(ws=True, causal=True, has_window=True, has_prefix=True),
     "cp-async-ragged-d64": dict(D=64, even_m=False, even_n=False, tma=False),
 }
 
@@ -108,8 +112,9 @@ def _qkv(B, Hq, Hkv, S, D, dtype, seed=0):
 
 
 def _check(q, k, v, bm, gqa: bool, what: str, **kw) -> None:
-    _check_one(q, k, v, bm, gqa, what + " (TMA)", **kw)
-    _check_one(q, k, v, bm, gqa, what + " (cp.async)", tma=False, **kw)
+    _check_one(q, k, v, bm, gqa, what + " (warp-specialised)", **kw)
+    _check_one(q, k, v, bm, gqa, what + " (plain, TMA)", schedule="plain", **kw)
+    _check_one(q, k, v, bm, gqa, what + " (plain, cp.async)", schedule="plain", tma=False, **kw)
 
 
 def _check_one(q, k, v, bm, gqa: bool, what: str, **kw) -> None:
