@@ -1,8 +1,12 @@
 """Public entry points of the flex-attention kernel: backend dispatch and the autograd Function.
 
-``backend="auto"`` picks the Triton kernel when ``q`` is on CUDA, or on the CPU when the environment has
-``TRITON_INTERPRET=1`` (read at call time, so tests can switch it); otherwise the dense reference.
-``"triton"`` and ``"reference"`` force a backend.
+``backend="auto"`` picks the Triton kernels when ``q`` is on CUDA, or on the CPU when the environment has
+``TRITON_INTERPRET=1`` (read at call time, so tests can switch it); otherwise the dense reference. On a
+Hopper GPU the forward then runs the warp-specialised Gluon kernel (kernels/gluon_fwd.py) wherever it covers
+the call (fp16 / bf16, D = Dv in {64, 128}, no score mod, the document or no-op mask, 128-multiple blocks,
+TMA-aligned operands; not while torch.compile traces) and the Triton kernel otherwise; the backward is
+always Triton's. ``"triton"`` forces the Triton kernels (the forward too), ``"gluon"`` the Gluon forward (an
+error naming the reason where it cannot run), ``"reference"`` the dense reference.
 
 Score mods: ``None``, :class:`SoftCap`, :class:`ALiBi` and :class:`RelativeBias` run natively in the Triton
 kernel (with their gradients). Any other Python ``score_mod`` cannot be compiled into the kernel: the call
@@ -24,7 +28,7 @@ from .validation import check_qkv
 
 ScoreMod = Callable[..., torch.Tensor]
 
-_BACKENDS = ("auto", "triton", "reference")
+_BACKENDS = ("auto", "triton", "gluon", "reference")
 
 
 def _native_score_mod(score_mod) -> bool:
@@ -32,9 +36,14 @@ def _native_score_mod(score_mod) -> bool:
 
 
 def resolve_backend(backend: str, q: torch.Tensor, score_mod=None) -> str:
-    """``"triton"`` or ``"reference"`` for this call (see module docstring)."""
+    """``"triton"`` (the kernels: Triton, and Gluon for the forward where it applies) or ``"reference"``
+    for this call (see module docstring)."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "gluon":
+        if not q.is_cuda:
+            raise ValueError(f"backend='gluon' needs a CUDA tensor; q is on {q.device}")
+        backend = "triton"
     if backend == "auto":
         use_triton = q.is_cuda or (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
         # the kernel has no float64 path: gradient checks in float64 take the reference
@@ -136,6 +145,17 @@ def flex_attention_forward(
             return out, lse_acc
         out_acc.copy_(merged)
         return out_acc, lse_acc
+    if backend in ("auto", "gluon") and not torch.compiler.is_compiling():
+        from .gluon_fwd import gluon_forward, gluon_forward_unsupported
+
+        why = gluon_forward_unsupported(q, k, v, block_mask, score_mod, scale, out_acc, out)
+        if why is None:
+            return gluon_forward(
+                q, k, v, block_mask, scale, enable_gqa, out_acc=out_acc, lse_acc=lse_acc,
+                head_group=head_group, out=out,
+            )  # fmt: skip
+        if backend == "gluon":
+            raise ValueError(f"backend='gluon' cannot run this forward: {why}")
     from .triton_fwd import triton_forward
 
     return triton_forward(
@@ -236,8 +256,9 @@ class _FlexFunction(torch.autograd.Function):
     """Triton forward/backward; extra inputs are the score mod's learnable tensors (RelativeBias table)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, block_mask, score_mod, scale, enable_gqa, *mod_tensors):
-        out, lse = flex_attention_forward(q, k, v, block_mask, score_mod, scale, enable_gqa, backend="triton")
+    def forward(ctx, q, k, v, block_mask, score_mod, scale, enable_gqa, backend, *mod_tensors):
+        # backend: "auto" (Gluon forward where it applies), "triton" or "gluon"; the backward is Triton's
+        out, lse = flex_attention_forward(q, k, v, block_mask, score_mod, scale, enable_gqa, backend=backend)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.block_mask, ctx.score_mod, ctx.scale, ctx.enable_gqa = block_mask, score_mod, scale, enable_gqa
         ctx.n_mod = len(mod_tensors)
@@ -247,7 +268,7 @@ class _FlexFunction(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         grads = None
-        if ctx.n_mod and any(ctx.needs_input_grad[7:]):
+        if ctx.n_mod and any(ctx.needs_input_grad[8:]):
             grads = [torch.zeros_like(t, dtype=torch.float32) for t in ctx.score_mod.tensors()]
         if dout is None:
             dout = torch.zeros_like(out)
@@ -271,7 +292,7 @@ class _FlexFunction(torch.autograd.Function):
             if grads is not None
             else [None] * ctx.n_mod
         )
-        return dq, dk, dv, None, None, None, None, *mod_grads
+        return dq, dk, dv, None, None, None, None, None, *mod_grads
 
 
 def flex_attention(
@@ -293,5 +314,6 @@ def flex_attention(
     if resolve_backend(backend, q, score_mod) == "reference":
         return flex_attention_reference(q, k, v, score_mod, block_mask, scale, enable_gqa, return_lse)
     mod_tensors = tuple(score_mod.tensors()) if score_mod is not None else ()
-    out, lse = _FlexFunction.apply(q, k, v, block_mask, score_mod, scale, enable_gqa, *mod_tensors)
+    kernel = backend if backend in ("auto", "gluon") else "triton"
+    out, lse = _FlexFunction.apply(q, k, v, block_mask, score_mod, scale, enable_gqa, kernel, *mod_tensors)
     return (out, lse) if return_lse else out

@@ -40,6 +40,8 @@ from .triton_fwd import (
     LOG2E,
     SCORE_NONE,
     _tma_scratch,
+    check_accumulators,
+    check_head_group,
     check_out,
     doc_args,
     launch_head_group,
@@ -391,8 +393,8 @@ def _ws_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.con
     waited for alone, P_{t-1}·V_{t-1} under its softmax), then its rows of O and LSE."""
     q_bar, k_ready, k_empty, v_ready, v_empty = bars
     q_smem, k_smem, v_smem = bufs
-    Ob, LSEb, KVI, FULLI, QDOCb, KVDOC, QPOSb, KVPOS, KVPRE = ptrs
-    start_m, n_part, n, Sq, Skv, window, qk_scale, som = ints
+    Ob, LSEb, KVI, FULLI, QDOCb, KVDOC, QPOSb, KVPOS, KVPRE, OPb = ptrs
+    start_m, n_part, n, Sq, Skv, window, qk_scale, som, sopm = ints
     KBS: gl.constexpr = CONSTS[0]
     BLOCK_N: gl.constexpr = CONSTS[1]
     HALF: gl.constexpr = CONSTS[2]
@@ -406,6 +408,8 @@ def _ws_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.con
     S_LAYOUT: gl.constexpr = CONSTS[10]
     O_LAYOUT: gl.constexpr = CONSTS[11]
     P_LAYOUT: gl.constexpr = CONSTS[12]
+    ACCUM: gl.constexpr = CONSTS[13]
+    ACC_TO_OUT: gl.constexpr = CONSTS[14]
     SUBS: gl.constexpr = KBS // BLOCK_N
     dtype: gl.constexpr = k_smem.dtype
     ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
@@ -462,25 +466,57 @@ def _ws_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.con
         acc, p = warpgroup_mma_wait(0, deps=(o_tok, p))
         mbarrier.arrive(v_empty.index(sp), count=1)
 
-    empty = l_i == 0.0
-    l_safe = gl.where(empty, 1.0, l_i)
-    out = (acc / gl.expand_dims(gl.convert_layout(l_safe, ROW_O), 1)).to(dtype)
-    lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
     o_rows = start_m + WG * HALF + gl.arange(0, HALF, layout=ROW_O)
     o_cols = gl.arange(0, DV, layout=gl.SliceLayout(0, O_LAYOUT))
     o_ptrs = Ob + gl.expand_dims(o_rows, 1) * som + gl.expand_dims(o_cols, 0)
-    if EVEN_M:
-        gl.store(o_ptrs, out)
-        gl.store(LSEb + offs_m, lse)
+    row_ok = gl.expand_dims(o_rows < Sq, 1) & gl.expand_dims(o_cols >= 0, 0)
+    if ACCUM:
+        # merge with the running result of earlier calls (triton_fwd._fwd_kernel's ACCUM epilogue): read
+        # through OPb (O itself, fp32, merged in place, where a tile that visited nothing is left untouched;
+        # or, ACC_TO_OUT, an fp32 buffer whose merge every tile stores into O in O's dtype)
+        if ACC_TO_OUT or n > 0:
+            op_ptrs = OPb + gl.expand_dims(o_rows, 1) * sopm + gl.expand_dims(o_cols, 0)
+            if EVEN_M:
+                prev_lse = gl.load(LSEb + offs_m)
+                prev = gl.load(op_ptrs)
+            else:
+                prev_lse = gl.load(LSEb + offs_m, mask=offs_m < Sq, other=float("-inf"))
+                prev = gl.load(op_ptrs, mask=row_ok, other=0.0)
+            p2 = prev_lse * 1.4426950408889634  # log2 domain, like m_i
+            mx = gl.maximum(p2, m_i)
+            mx = gl.where(mx == float("-inf"), 0.0, mx)  # both sides empty: weights 0, no -inf - -inf
+            w_prev = gl.exp2(p2 - mx)
+            w_new = gl.exp2(m_i - mx)
+            den = w_prev + l_i * w_new
+            den_safe = gl.where(den == 0.0, 1.0, den)
+            wp = gl.expand_dims(gl.convert_layout(w_prev / den_safe, ROW_O), 1)
+            wn = gl.expand_dims(gl.convert_layout(w_new / den_safe, ROW_O), 1)
+            out = (prev * wp + acc * wn).to(Ob.dtype.element_ty)
+            lse = gl.where(den == 0.0, float("-inf"), (mx + gl.log2(den_safe)) * 0.6931471805599453)
+            if EVEN_M:
+                gl.store(o_ptrs, out)
+                gl.store(LSEb + offs_m, lse)
+            else:
+                gl.store(o_ptrs, out, mask=row_ok)
+                gl.store(LSEb + offs_m, lse, mask=offs_m < Sq)
     else:
-        gl.store(o_ptrs, out, mask=gl.expand_dims(o_rows < Sq, 1) & gl.expand_dims(o_cols >= 0, 0))
-        gl.store(LSEb + offs_m, lse, mask=offs_m < Sq)
+        empty = l_i == 0.0
+        l_safe = gl.where(empty, 1.0, l_i)
+        out = (acc / gl.expand_dims(gl.convert_layout(l_safe, ROW_O), 1)).to(Ob.dtype.element_ty)
+        lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+        if EVEN_M:
+            gl.store(o_ptrs, out)
+            gl.store(LSEb + offs_m, lse)
+        else:
+            gl.store(o_ptrs, out, mask=row_ok)
+            gl.store(LSEb + offs_m, lse, mask=offs_m < Sq)
 
 
 @gluon.jit
 def _gl_fwd_ws_kernel(
     Q, K, V, O, LSE,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+    OP, sopb, soph, sopm,
     KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, snb, snh, sib, sih, siq,
     ORDER, sor_b, sor_h,
     QDOC, KVDOC, QPOS, KVPOS, KVPRE, sdq, sdk, window,
@@ -491,6 +527,7 @@ def _gl_fwd_ws_kernel(
     S_LAYOUT: gl.constexpr, O_LAYOUT: gl.constexpr, P_LAYOUT: gl.constexpr,
     QK_SMEM: gl.constexpr, V_SMEM: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    ACCUM: gl.constexpr = False, ACC_TO_OUT: gl.constexpr = False,
 ):  # fmt: skip
     SUBS_M: gl.constexpr = QBS // BLOCK_M
     SUBS: gl.constexpr = KBS // BLOCK_N
@@ -550,12 +587,12 @@ def _gl_fwd_ws_kernel(
     bufs = (q_smem, k_smem, v_smem)
     ptrs = (
         O + b64 * sob + hq.to(gl.int64) * soh, LSE + bh.to(gl.int64) * Sq, KV_IDX + idx_off, FULL_IDX + idx_off,
-        QDOC + b64 * sdq, KVDOC, QPOS + b64 * sdq, KVPOS, KVPRE,
+        QDOC + b64 * sdq, KVDOC, QPOS + b64 * sdq, KVPOS, KVPRE, OP + b64 * sopb + hq.to(gl.int64) * soph,
     )  # fmt: skip
-    ints = (start_m, n_part, n, Sq, Skv, window, qk_scale, som)
+    ints = (start_m, n_part, n, Sq, Skv, window, qk_scale, som, sopm)
     CONSTS: gl.constexpr = (
         KBS, BLOCK_N, HALF, DV, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_PREFIX, EVEN_M, EVEN_N, S_LAYOUT, O_LAYOUT,
-        P_LAYOUT,
+        P_LAYOUT, ACCUM, ACC_TO_OUT,
     )  # fmt: skip
     gl.warp_specialize(
         [
@@ -622,14 +659,32 @@ WS_MAXNREG = 168
 CONSUMER_REGS = 240
 
 
-def gluon_forward_unsupported(q, k, v, block_mask, score_mod, scale, out_acc=None) -> str | None:
-    """Why the Gluon kernel cannot run this call, or None when it can (cheap: dtypes, shapes, mask kind,
-    then the device)."""
+def _tma_problem(name: str, t: torch.Tensor) -> str | None:
+    """TMA's rules for a ``[B, H, S, D]`` operand read through per-(b, h) descriptors: 16-byte aligned base
+    and row / head / batch strides, unit last-dim stride."""
+    es = t.element_size()
+    if t.stride(-1) != 1:
+        return f"{name} has last-dim stride {t.stride(-1)} (TMA needs 1)"
+    if t.data_ptr() % 16:
+        return f"{name}.data_ptr() is not 16-byte aligned (TMA)"
+    for dim, what in ((0, "batch"), (1, "head"), (2, "row")):
+        if (t.shape[dim] > 1 or dim == 2) and (t.stride(dim) * es) % 16:
+            return f"{name}'s {what} stride {t.stride(dim)} × {es} B is not a multiple of 16 bytes (TMA)"
+    return None
+
+
+def gluon_forward_unsupported(
+    q, k, v, block_mask, score_mod, scale, out_acc=None, out=None, schedule: str = "ws"
+) -> str | None:
+    """Why the Gluon kernel cannot run this call, or None when it can. Cheap (dtypes, shapes, strides, the
+    mask kind, then the device): ``flex_attention_forward`` asks it on every call to pick the kernel."""
     from .block_sparse import _is_noop
     from .document_mask import DocumentMaskMod
 
     if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}: it takes fp16 or bf16, all alike"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return "q, k, v must be [B, H, S, D]"
     D, Dv = q.shape[-1], v.shape[-1]
     if Dv != D or D not in (64, 128):
         return f"head dims D={D}, Dv={Dv}: it takes D == Dv in (64, 128)"
@@ -637,8 +692,10 @@ def gluon_forward_unsupported(q, k, v, block_mask, score_mod, scale, out_acc=Non
         return f"score_mod {type(score_mod).__name__}: it has no score mods"
     if scale is not None and float(scale) <= 0:
         return f"scale {scale}: it folds a positive scale into the row max"
-    if out_acc is not None:
-        return "out_acc: it does not merge into a running result"
+    if out_acc is not None and schedule != "ws":
+        return "out_acc: only the warp-specialised schedule merges into a running result"
+    if out is not None and out.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"out dtype {out.dtype}: it stores fp16, bf16 or fp32"
     if block_mask is not None:
         qbs, kbs = block_mask.BLOCK_SIZE
         if qbs % BLOCK_M or kbs % BLOCK_N:
@@ -647,6 +704,10 @@ def gluon_forward_unsupported(q, k, v, block_mask, score_mod, scale, out_acc=Non
         if not isinstance(mm, DocumentMaskMod) and not _is_noop(mm):
             name = getattr(mm, "__name__", type(mm).__name__)
             return f"mask_mod {name}: it evaluates only the document mask (and no mask) in partial blocks"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        why = _tma_problem(name, t)
+        if why is not None:
+            return why
     if not q.is_cuda:
         return f"q is on {q.device}: it runs on a CUDA GPU only"
     major, minor = torch.cuda.get_device_capability(q.device)
@@ -663,43 +724,46 @@ def gluon_forward(
     scale: float | None = None,
     enable_gqa: bool = False,
     *,
+    out_acc: torch.Tensor | None = None,
+    lse_acc: torch.Tensor | None = None,
     head_group: int | None = None,
     out: torch.Tensor | None = None,
     schedule: str = "ws",
     tma: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse forward on Hopper through the Gluon kernel: ``(out [B,Hq,Sq,Dv], lse [B,Hq,Sq] fp32)``,
-    the same result contract as ``triton_fwd.triton_forward`` (without its running-result merge). Raises
-    ``ValueError`` naming the reason for a call it does not cover (``gluon_forward_unsupported``).
+    the contract of ``triton_fwd.triton_forward`` (``out_acc`` / ``lse_acc`` running-result merge, ``out``
+    write target in fp16, bf16 or fp32). Raises ``ValueError`` naming the reason for a call it does not
+    cover (``gluon_forward_unsupported``).
     ``schedule``: ``"ws"`` the warp-specialised kernel (a TMA producer warp, two consumer warpgroups that
-    run decoupled), ``"plain"`` one 8-warp partition with a CTA barrier per step.
-    ``tma`` (plain only): Q, K and V tiles through TMA with mbarriers (device-side descriptors); False:
-    ``cp.async``."""
+    run decoupled); ``"plain"`` one 8-warp partition with a CTA barrier per step (slower: kept to measure
+    what the specialisation buys, bench/results/2026-11-26-s13).
+    ``tma`` (plain only): Q, K and V tiles through TMA with mbarriers; False: ``cp.async``."""
     if schedule not in ("ws", "plain"):
         raise ValueError(f"schedule must be 'ws' or 'plain', got {schedule!r}")
-    why = gluon_forward_unsupported(q, k, v, block_mask, None, scale)
+    why = gluon_forward_unsupported(q, k, v, block_mask, None, scale, out_acc, out, schedule)
     if why is not None:
         raise ValueError(f"gluon_forward cannot run this call: {why}")
+    check_head_group(head_group)
     lp = prepare(q, k, v, block_mask, None, scale, enable_gqa, None, None, dense_block=128)
     sh, km = lp.shape, lp.km
     assert lp.score_kind == SCORE_NONE and km.mask_kind in (MASK_NONE, MASK_DOC)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        # TMA (and cp.async's 16-byte vectors): every row start 16-byte aligned
-        if t.data_ptr() % 16 or any(
-            (t.stride(i) * t.element_size()) % 16 for i in range(3) if t.shape[i] > 1
-        ):
-            raise ValueError(
-                f"gluon_forward: {name} (strides {tuple(t.stride())}, {t.dtype}) needs 16-byte aligned rows "
-                "for TMA / cp.async; pass a contiguous tensor"
-            )
-    if out is None:
-        out = torch.empty(sh.B, sh.Hq, sh.Sq, sh.Dv, dtype=q.dtype, device=q.device)
+    accum = out_acc is not None or lse_acc is not None
+    to_out = accum and out is not None
+    if accum:
+        check_accumulators(out_acc, lse_acc, sh, q.device)
+        if to_out:
+            check_out(out, sh, q.device)
+        else:
+            out = out_acc
+        lse, prev = lse_acc, out_acc
     else:
-        check_out(out, sh, q.device)
-        if out.dtype != q.dtype:
-            raise ValueError(f"gluon_forward: out must have q's dtype {q.dtype}, got {out.dtype}")
-    lse = torch.empty(sh.B, sh.Hq, sh.Sq, dtype=torch.float32, device=q.device)
+        if out is None:
+            out = torch.empty(sh.B, sh.Hq, sh.Sq, sh.Dv, dtype=q.dtype, device=q.device)
+        else:
+            check_out(out, sh, q.device)
+        lse = torch.empty(sh.B, sh.Hq, sh.Sq, dtype=torch.float32, device=q.device)
+        prev = out  # not read without ACCUM
     n_qb = triton.cdiv(sh.Sq, km.QBS)
     (num, idx, fnum, fidx, _pid, snb, snh, sib, sih, siq, order, sor_b, sor_h) = meta_args(
         km, False, lp.dummy_i
@@ -711,10 +775,11 @@ def gluon_forward(
         # device-side descriptors live in global scratch the launcher asks this allocator for (set at every
         # launch: Triton keeps it in a context variable a later thread does not inherit)
         triton.set_allocator(_tma_scratch)
-    args = (
-        q, k, v, out, lse,
+    strides = (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+    )  # fmt: skip
+    rest = (
         num, idx, fnum, fidx, snb, snh, sib, sih, siq, order, sor_b, sor_h,
         *docs, sh.Hq, sh.groups, sh.Sq, sh.Skv, lp.scale * LOG2E, n_qb, sh.B * sh.Hq, hg,
     )  # fmt: skip
@@ -724,13 +789,15 @@ def gluon_forward(
     )  # fmt: skip
     if schedule == "ws":
         _gl_fwd_ws_kernel[grid](
-            *args, **consts, CONSUMER_REGS=CONSUMER_REGS, num_warps=4, maxnreg=WS_MAXNREG,
-            **ws_kernel_layouts(sh.D, sh.Dv),
+            q, k, v, out, lse, *strides, prev, prev.stride(0), prev.stride(1), prev.stride(2), *rest,
+            **consts, ACCUM=accum, ACC_TO_OUT=to_out, CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
+            maxnreg=WS_MAXNREG, **ws_kernel_layouts(sh.D, sh.Dv),
         )  # fmt: skip
     else:
         _gl_fwd_kernel[grid](
-            *args, **consts, TMA=bool(tma), num_warps=NUM_WARPS, **kernel_layouts(sh.D, sh.Dv)
-        )
+            q, k, v, out, lse, *strides, *rest, **consts, TMA=bool(tma), num_warps=NUM_WARPS,
+            **kernel_layouts(sh.D, sh.Dv),
+        )  # fmt: skip
     return out, lse
 
 
@@ -746,6 +813,9 @@ def compile_for_sm90(
     even_n: bool = True,
     tma: bool = True,
     ws: bool = False,
+    accum: bool = False,
+    acc_to_out: bool = False,
+    out_dtype: str | None = None,
 ):
     """Compile one specialisation of the kernel for sm_90a without a GPU (``triton.compile`` with an explicit
     target): how CI checks that it still builds on the installed Triton, and how to read its PTX
@@ -760,15 +830,19 @@ def compile_for_sm90(
         HAS_PREFIX=has_prefix, HAS_FULL=has_full, EVEN_M=even_m, EVEN_N=even_n,
     )  # fmt: skip
     if ws:
-        consts.update(CONSUMER_REGS=CONSUMER_REGS, **ws_kernel_layouts(D, D))
+        consts.update(
+            CONSUMER_REGS=CONSUMER_REGS, ACCUM=accum, ACC_TO_OUT=acc_to_out, **ws_kernel_layouts(D, D)
+        )
         options = {"num_warps": 4, "maxnreg": WS_MAXNREG}
     else:
         consts.update(TMA=tma, **kernel_layouts(D, D))
         options = {"num_warps": NUM_WARPS}
-    ptrs = dict.fromkeys(("Q", "K", "V", "O"), f"*{dtype}")
+    ptrs = dict.fromkeys(("Q", "K", "V"), f"*{dtype}")
+    ptrs.update(O=f"*{out_dtype or ('fp32' if accum and not acc_to_out else dtype)}", OP="*fp32")
     ptrs.update(dict.fromkeys(("KV_NUM", "KV_IDX", "FULL_NUM", "FULL_IDX", "ORDER"), "*i32"))
     ptrs.update(dict.fromkeys(("QDOC", "KVDOC", "QPOS", "KVPOS", "KVPRE"), "*i32"), LSE="*fp32")
     aligned = {"sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh", "som"}
+    aligned |= {"sopb", "soph", "sopm"}
     sig = {}
     for name in fn.arg_names:
         sig[name] = "constexpr" if name in consts else ptrs.get(name, "fp32" if name == "qk_scale" else "i32")

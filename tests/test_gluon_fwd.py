@@ -97,7 +97,10 @@ def test_declines_with_the_reason() -> None:
     assert "D=96" in gluon_forward_unsupported(q96, q96, q96, bm, None, None)
     assert "SoftCap" in gluon_forward_unsupported(q, q, q, bm, SoftCap(20.0), None)
     assert "scale -1" in gluon_forward_unsupported(q, q, q, bm, None, -1.0)
-    assert "out_acc" in gluon_forward_unsupported(q, q, q, bm, None, None, out_acc=q)
+    assert "out_acc" in gluon_forward_unsupported(q, q, q, bm, None, None, out_acc=q, schedule="plain")
+    assert "out dtype torch.float64" in gluon_forward_unsupported(q, q, q, bm, None, None, out=q.double())
+    odd = torch.zeros(1, 2, 256, 68, dtype=torch.bfloat16)[..., :64]  # rows of 136 bytes
+    assert "row stride 68" in gluon_forward_unsupported(odd, odd, odd, bm, None, None)
     small = document_block_mask(_doc_ids([100, 156], 0), block_size=64)
     assert "(64, 64)" in gluon_forward_unsupported(q, q, q, small, None, None)
     causal = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, 256, 256, device="cpu")
@@ -223,3 +226,74 @@ def test_against_torch_flex_attention() -> None:
     to, tlse = torch_flex(q, k, v, block_mask=tbm, enable_gqa=True, return_lse=True)
     torch.testing.assert_close(o, to, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse, tlse.float(), atol=1e-3, rtol=1e-3)
+
+
+def test_backend_gluon_needs_cuda() -> None:
+    from flexdist.kernels import flex_attention_forward
+
+    q = torch.zeros(1, 2, 128, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="backend='gluon' needs a CUDA tensor"):
+        flex_attention_forward(q, q, q, backend="gluon")
+
+
+@needs_hopper
+@pytest.mark.parametrize("to_out", [False, True], ids=["merge-in-place", "merge-to-out"])
+def test_running_result_merge(to_out: bool) -> None:
+    """Two calls over the two halves of the keys merged by LSE (CP's ring / local-first forward) equal one
+    call over all of them; query tiles that see nothing of a half are left as they were (in place)."""
+    doc = _doc_ids([300, 500, 200, 17], 7)  # 1024 tokens
+    S = doc.shape[1]
+    h = 512
+    d = doc.cuda()
+    full = document_block_mask(d, block_size=128)
+    halves = [torch.arange(0, h, device="cuda"), torch.arange(h, S, device="cuda")]
+    masks = [document_block_mask(d, kv_positions=kv, block_size=128) for kv in halves]
+    q, k, v = _qkv(1, 4, 2, S, 128, torch.bfloat16, seed=7)
+    ref_o, ref_l = reference_forward(q.float(), k.float(), v.float(), full, enable_gqa=True)
+    for fwd in (gluon_forward, triton_forward):
+        o_acc = torch.zeros(1, 4, S, 128, device="cuda")
+        l_acc = torch.full((1, 4, S), float("-inf"), device="cuda")
+        final = torch.empty(1, 4, S, 128, device="cuda", dtype=torch.bfloat16) if to_out else None
+        for i, (kv, bm) in enumerate(zip(halves, masks, strict=True)):
+            kw = dict(out=final) if to_out and i == 1 else {}
+            res, lse = fwd(
+                q, k[:, :, kv], v[:, :, kv], bm, enable_gqa=True, out_acc=o_acc, lse_acc=l_acc, **kw
+            )
+        got = final if to_out else o_acc
+        assert res.data_ptr() == got.data_ptr() and lse.data_ptr() == l_acc.data_ptr()
+        fin = torch.isfinite(ref_l)
+        assert torch.equal(torch.isfinite(l_acc), fin), fwd.__name__
+        torch.testing.assert_close(
+            got.float(), ref_o.float(), atol=2e-2, rtol=2e-2, msg=lambda m: f"{fwd.__name__} {m}"
+        )
+        torch.testing.assert_close(l_acc[fin], ref_l[fin], atol=1e-4, rtol=1e-4)
+
+
+@needs_hopper
+def test_auto_backend_picks_gluon_where_it_applies() -> None:
+    """flex_attention_forward(backend="auto") gives the Gluon kernel's result where it covers the call, the
+    Triton kernel's where not (a score mod), and backend="gluon" names why it cannot run."""
+    from flexdist.kernels import flex_attention, flex_attention_forward
+
+    doc = _doc_ids([300, 500, 200], 24)
+    bm = document_block_mask(doc.cuda(), block_size=128)
+    q, k, v = _qkv(1, 4, 2, doc.shape[1], 128, torch.bfloat16, seed=8)
+    auto = flex_attention_forward(q, k, v, bm, enable_gqa=True)
+    glu = gluon_forward(q, k, v, bm, enable_gqa=True)
+    assert torch.equal(auto[0], glu[0]) and torch.equal(auto[1], glu[1])
+    capped = flex_attention_forward(q, k, v, bm, SoftCap(20.0), enable_gqa=True)
+    tri = triton_forward(q, k, v, bm, SoftCap(20.0), enable_gqa=True)
+    assert torch.equal(capped[0], tri[0])
+    with pytest.raises(ValueError, match="backend='gluon' cannot run this forward: score_mod SoftCap"):
+        flex_attention_forward(q, k, v, bm, SoftCap(20.0), enable_gqa=True, backend="gluon")
+    # the differentiable entry point: Gluon forward, Triton backward, gradients as the Triton forward's
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    out = flex_attention(qs, ks, vs, block_mask=bm, enable_gqa=True)
+    assert torch.equal(out, glu[0])
+    out.float().square().sum().backward()
+    qt, kt, vt = (t.clone().requires_grad_() for t in (q, k, v))
+    flex_attention(
+        qt, kt, vt, block_mask=bm, enable_gqa=True, backend="triton"
+    ).float().square().sum().backward()
+    for a, b_ in ((qs, qt), (ks, kt), (vs, vt)):
+        torch.testing.assert_close(a.grad, b_.grad, atol=3e-2, rtol=3e-2)

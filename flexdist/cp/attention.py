@@ -19,7 +19,7 @@ from .direct import direct_backward, direct_forward
 from .merge import _acc_dtype
 from .ring import ring_backward, ring_forward
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "gluon", "reference")
 
 
 @cache
