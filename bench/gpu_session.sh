@@ -45,6 +45,7 @@ part_hgroups() { run_part hgroups "${T_HGROUPS:-150}" python3 bench/bench_kernel
 part_host()    { run_part host    "${T_HOST:-90}" python3 bench/bench_host.py ${HOST_ARGS:-} --out "$R/host_h100.json"; }
 part_masks()   { run_part masks   "${T_MASKS:-120}" python3 bench/bench_masks.py ${MASKS_ARGS:-} --out "$R/masks_h100.json"; }
 part_gluon_fwd() { run_part gluon_fwd "${T_GLUON:-200}" python3 bench/bench_gluon_fwd.py ${GLUON_ARGS:-} --out "$R/gluon_fwd_h100.json"; }
+part_gluon_bwd() { run_part gluon_bwd "${T_GLUON:-200}" python3 bench/bench_gluon_bwd.py ${GLUON_ARGS:-} --out "$R/gluon_bwd_h100.json"; }
 part_cp_sim()  { run_part cp_sim  "${T_CPSIM:-150}" python3 bench/bench_cp_sim.py ${CPSIM_ARGS:-} --out "$R/cp_sim_h100.json"; }
 part_diag()    { run_part diag_rank_calls "${T_DIAG:-150}" python3 bench/diag_rank_calls.py ${DIAG_ARGS:-} --out "$R/diag_rank_calls_h100.json"; }
 part_cp_sim_b() { run_part cp_sim_b "${T_CPSIM:-150}" python3 bench/bench_cp_sim.py ${CPSIM_B_ARGS:-} --out "$R/cp_sim_b_h100.json"; }

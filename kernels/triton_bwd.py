@@ -548,6 +548,7 @@ def triton_backward(
     traceable: bool = False,
     head_group: int | None = None,
     accumulate: bool = True,
+    gluon_dq: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Block-sparse backward given the global ``lse``: ``(dq, dk, dv)`` in the input dtypes.
 
@@ -563,6 +564,8 @@ def triton_backward(
     ``torch.library.triton_op``, traced with FakeTensors under torch.compile); needs compiled (JIT) kernels.
     ``head_group``: heads per launch group of the dK/dV and dQ kernels (``triton_fwd.launch_head_group``; None:
     its choice).
+    ``gluon_dq``: run the dQ pass through the warp-specialised Gluon kernel (kernels/gluon_bwd.py) where it
+    covers the call (``gluon_dq_unsupported``; never when ``traceable``), else the Triton dQ kernel.
     """
     if traceable and not kernels_are_compiled():
         raise ValueError("traceable=True needs compiled Triton kernels, not TRITON_INTERPRET=1's interpreter")
@@ -630,6 +633,16 @@ def triton_backward(
             q, k, v, dout, lse, delta, dk_out, dv_out, lp, km, sh, c1, M1, N1, config, common, traceable,
             head_group, accumulate,
         )  # fmt: skip
+    if run_dq and gluon_dq and not traceable and config is None:
+        from .gluon_bwd import gluon_dq as _gluon_dq
+        from .gluon_bwd import gluon_dq_unsupported
+
+        if gluon_dq_unsupported(q, k, v, dout, block_mask, score_mod, scale, dq_out) is None:
+            dq = _gluon_dq(
+                q, k, v, dout, lse, delta, block_mask, scale, enable_gqa, dq_out=dq_out,
+                accumulate=accumulate, head_group=head_group,
+            )  # fmt: skip
+            run_dq = False
     if run_dq:
         dq = _dq(q, k, v, dout, lse, delta, dq_out, lp, km, sh, c2, M2, N2, config, common, score_mod,
                  score_mod_grads, traceable, head_group, accumulate)  # fmt: skip

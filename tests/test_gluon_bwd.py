@@ -1,0 +1,205 @@
+"""The Gluon Hopper dQ kernel (kernels/gluon_bwd.py).
+
+Without a GPU (CI): its specialisations compile for sm_90a on the installed Triton without register spills
+at the shipped 64-key steps, with the dQ GEMM kept in flight across the next step's waits.
+On a Hopper GPU: dQ equals the fp32 dense reference and the Triton dQ kernel on document-causal masks
+(documents shorter and longer than a block, padding rows that see nothing), windows, prefix-LM, no mask,
+GQA, ragged lengths, fp16 and bf16, D = 64 and 128, both kv step widths; ``dq_out`` added into and written
+over (fp32 and bf16); and ``flex_attention_backward`` takes it on its default backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from flexdist.kernels.block_sparse import MASK_NONE
+from flexdist.kernels.gluon_bwd import gluon_dq, gluon_dq_unsupported
+from flexdist.kernels.reference import reference_backward, reference_forward
+from flexdist.kernels.triton_bwd import triton_backward, triton_delta
+from flexdist.masks import document_block_mask
+
+ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper (sm_90) CUDA device")
+
+SPECS = {
+    "doc-causal": dict(),
+    "d64-fp16-ragged": dict(D=64, dtype="fp16", even_m=False, even_n=False),
+    "no-mask-accum": dict(mask_kind=MASK_NONE, causal=False, has_full=False, accum=True),
+    "window-prefix": dict(has_window=True, has_prefix=True),
+}
+
+# in a child process without TRITON_INTERPRET (see tests/test_gluon_fwd.py); ptxas -v reports the spills
+_COMPILE_ALL = """
+import json, os, subprocess, sys, tempfile
+import triton
+from flexdist.kernels.gluon_bwd import compile_dq_for_sm90
+nv = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+ptxas = next((os.path.join(nv, n) for n in ("ptxas-blackwell", "ptxas") if os.path.exists(os.path.join(nv, n))))
+out = {}
+for name, spec in json.loads(sys.argv[1]).items():
+    try:
+        ptx = compile_dq_for_sm90(**spec).asm["ptx"]
+        with tempfile.TemporaryDirectory() as d:
+            open(os.path.join(d, "k.ptx"), "w").write(ptx)
+            r = subprocess.run([ptxas, "-arch=sm_90a", "-v", os.path.join(d, "k.ptx"), "-o",
+                                os.path.join(d, "k.cubin")], capture_output=True, text=True)
+        out[name] = {"ptx": ptx, "ptxas": r.stderr}
+    except Exception as e:
+        out[name] = {"error": type(e).__name__ + ": " + str(e)[-2000:]}
+print("@@" + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def sm90() -> dict:
+    pytest.importorskip("triton.experimental.gluon._runtime", reason="this Triton cannot compile Gluon ahead")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run(
+        [sys.executable, "-c", _COMPILE_ALL, json.dumps(SPECS)], env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("@@")]
+    assert r.returncode == 0 and lines, f"compile child failed (rc {r.returncode}):\n{r.stderr[-3000:]}"
+    return json.loads(lines[0][2:])
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_dq_compiles_for_sm90(sm90: dict, name: str) -> None:
+    res = sm90[name]
+    assert "error" not in res, res.get("error")
+    ptx = res["ptx"]
+    assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx
+    # dS_{t-1}·K_{t-1} and S_t waited for together while dP_t is still in flight
+    assert "wgmma.wait_group.sync.aligned 1;" in ptx
+    if "spill" in res["ptxas"]:  # this ptxas reports register use: the shipped tiles must not spill
+        assert "0 bytes spill stores" in res["ptxas"], res["ptxas"]
+
+
+def _doc_ids(lengths: list[int], pad: int, B: int = 1) -> torch.Tensor:
+    ids = [torch.full((n,), i) for i, n in enumerate(lengths)] + [torch.full((pad,), -1)]
+    return torch.cat(ids)[None].expand(B, -1).contiguous()
+
+
+def test_declines_with_the_reason() -> None:
+    q = torch.zeros(1, 2, 256, 128, dtype=torch.bfloat16)
+    bm = document_block_mask(_doc_ids([100, 156], 0), block_size=128)
+    assert "CUDA" in gluon_dq_unsupported(q, q, q, q, bm, None, None)
+    assert "dout dtype" in gluon_dq_unsupported(q, q, q, q.half(), bm, None, None)
+    assert "dq_out dtype torch.float64" in gluon_dq_unsupported(q, q, q, q, bm, None, None, q.double())
+    with pytest.raises(ValueError, match="gluon_dq cannot run this call"):
+        gluon_dq(q, q, q, q, torch.zeros(1, 2, 256), torch.zeros(1, 2, 256), bm)
+
+
+def _inputs(B, Hq, Hkv, S, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn(B, h, S, D, generator=g).to("cuda", dtype) for h in (Hq, Hkv, Hkv, Hq))
+    return q, k, v, do
+
+
+def _check(bm, B, Hq, Hkv, S, D, dtype, what, seed=0, block_n=64) -> None:
+    q, k, v, do = _inputs(B, Hq, Hkv, S, D, dtype, seed)
+    gqa = Hq != Hkv
+    ro, rl = reference_forward(q.float(), k.float(), v.float(), bm, enable_gqa=gqa)
+    rdq, _, _ = reference_backward(
+        q.float(), k.float(), v.float(), ro, do.float(), rl, bm, enable_gqa=gqa
+    )  # fmt: skip
+    out = ro.to(dtype)
+    delta = triton_delta(out, do)
+    dq = gluon_dq(q, k, v, do, rl, delta, bm, enable_gqa=gqa, block_n=block_n)
+    tdq, _, _ = triton_backward(q, k, v, out, do, rl, bm, enable_gqa=gqa, delta=delta, which="dq")
+    assert dq.dtype == q.dtype and not torch.isnan(dq).any(), what
+    tol = 5e-2 if dtype == torch.bfloat16 else 1e-2
+    scale = rdq.abs().max().clamp_min(1.0)
+    torch.testing.assert_close(
+        dq.float() / scale, rdq / scale, atol=tol, rtol=0, msg=lambda m: f"{what}: {m}"
+    )
+    torch.testing.assert_close(dq.float() / scale, tdq.float() / scale, atol=tol, rtol=0,
+                               msg=lambda m: f"{what} vs triton: {m}")  # fmt: skip
+    fin = torch.isfinite(rl)
+    assert (dq[~fin] == 0).all(), f"{what}: rows that see nothing get dQ 0"
+
+
+LENGTHS = [3, 200, 7, 1, 530, 60, 129]
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128])
+def test_document_causal(dtype, D) -> None:
+    doc = _doc_ids(LENGTHS, 94, B=2)
+    doc[1, :300] = torch.arange(300) // 37
+    bm = document_block_mask(doc.cuda(), block_size=128)
+    _check(bm, 2, 4, 2, doc.shape[1], D, dtype, f"doc-causal {dtype} D={D}")
+
+
+@needs_hopper
+@pytest.mark.parametrize("block_n", [64, 128])
+@pytest.mark.parametrize("S", [1000, 77])
+def test_ragged_and_step_width(S, block_n) -> None:
+    doc = _doc_ids([S // 3, S - S // 3 - 5], 5)
+    bm = document_block_mask(doc.cuda(), block_size=128)
+    _check(bm, 1, 8, 8, S, 128, torch.bfloat16, f"ragged S={S} block_n={block_n}", seed=S, block_n=block_n)
+
+
+@needs_hopper
+@pytest.mark.parametrize(
+    "kw", [dict(causal=True, window=200), dict(causal=False, window=150), dict(causal=True, prefix_lengths=64),
+           dict(causal=False)],
+    ids=["causal-window", "bidirectional-window", "prefix-lm", "bidirectional-docs"],
+)  # fmt: skip
+def test_mask_variants(kw) -> None:
+    doc = _doc_ids([700, 500, 300], 36)
+    bm = document_block_mask(doc.cuda(), block_size=128, **kw)
+    _check(bm, 1, 4, 1, doc.shape[1], 128, torch.bfloat16, f"mask {kw}", seed=3)
+
+
+@needs_hopper
+def test_no_mask() -> None:
+    from torch.nn.attention.flex_attention import create_block_mask, noop_mask
+
+    bm = create_block_mask(noop_mask, None, None, 640, 640, device="cuda")
+    _check(bm, 1, 2, 2, 640, 128, torch.bfloat16, "noop mask", seed=4)
+
+
+@needs_hopper
+@pytest.mark.parametrize("buf_dtype", [torch.float32, torch.bfloat16])
+def test_dq_out_add_and_overwrite(buf_dtype) -> None:
+    doc = _doc_ids([300, 500, 200], 24)
+    bm = document_block_mask(doc.cuda(), block_size=128)
+    S = doc.shape[1]
+    q, k, v, do = _inputs(1, 4, 2, S, 128, torch.bfloat16, 9)
+    ro, rl = reference_forward(q.float(), k.float(), v.float(), bm, enable_gqa=True)
+    delta = triton_delta(ro.to(q.dtype), do)
+    fresh = gluon_dq(q, k, v, do, rl, delta, bm, enable_gqa=True)
+    base = torch.randn(1, 4, S, 128, device="cuda").to(buf_dtype)
+    added = base.clone()
+    assert gluon_dq(q, k, v, do, rl, delta, bm, enable_gqa=True, dq_out=added) is added
+    torch.testing.assert_close(
+        added.float(), (base.float() + fresh.float()).to(buf_dtype).float(), atol=3e-2, rtol=2e-2
+    )
+    over = torch.full_like(base, 7.0)
+    gluon_dq(q, k, v, do, rl, delta, bm, enable_gqa=True, dq_out=over, accumulate=False)
+    torch.testing.assert_close(over.float(), fresh.float(), atol=2e-2, rtol=2e-2)
+
+
+@needs_hopper
+def test_flex_backward_default_takes_gluon_dq() -> None:
+    from flexdist.kernels import flex_attention_backward
+
+    doc = _doc_ids([333, 900, 47], 0)
+    bm = document_block_mask(doc.cuda(), block_size=128)
+    q, k, v, do = _inputs(1, 8, 2, doc.shape[1], 128, torch.bfloat16, 11)
+    ro, rl = reference_forward(q.float(), k.float(), v.float(), bm, enable_gqa=True)
+    out = ro.to(q.dtype)
+    dq, dk, dv = flex_attention_backward(q, k, v, out, do, rl, bm, enable_gqa=True)
+    g = gluon_dq(q, k, v, do, rl, triton_delta(out, do), bm, enable_gqa=True)
+    assert torch.equal(dq, g)
+    tq, tk, tv = flex_attention_backward(q, k, v, out, do, rl, bm, enable_gqa=True, backend="triton")
+    assert torch.equal(dk, tk) and torch.equal(dv, tv)  # the dK/dV pass is Triton's either way
+    torch.testing.assert_close(dq.float(), tq.float(), atol=5e-2, rtol=5e-2)
