@@ -565,7 +565,8 @@ def triton_backward(
     ``head_group``: heads per launch group of the dK/dV and dQ kernels (``triton_fwd.launch_head_group``; None:
     its choice).
     ``gluon_dq``: run the dQ pass through the warp-specialised Gluon kernel (kernels/gluon_bwd.py) where it
-    covers the call (``gluon_dq_unsupported``; never when ``traceable``), else the Triton dQ kernel.
+    covers the call (``gluon_dq_unsupported``; never when ``traceable``), else the Triton dQ kernel. Opt-in:
+    on an H100 it is 15-20% slower than the Triton dQ kernel (bench/results/2026-11-26-s13/call6).
     """
     if traceable and not kernels_are_compiled():
         raise ValueError("traceable=True needs compiled Triton kernels, not TRITON_INTERPRET=1's interpreter")
