@@ -1,9 +1,9 @@
 """Benchmark: the Gluon Hopper dQ kernel (kernels/gluon_bwd.py) against the Triton dQ kernel, side by side.
 
 Backward TFLOP/s counting only visible (q, kv) pairs (2.5 × the forward's 4·H·D·pairs for the whole
-backward; the dQ pass alone is counted as 3 of its 7 GEMMs, 4·H·D·pairs·3/2), bf16, B = 1, calls interleaved
-in one process (``bench_gluon_fwd.interleaved``). Cases as ``bench_gluon_fwd.py``. Rows: the dQ pass alone
-(Triton, Gluon) and the whole backward as ``flex_attention_backward`` runs it (``backend="triton"``: both
+backward; the dQ pass alone is counted as 3 of its 7 GEMMs, 4·H·D·pairs·3/2, the dK/dV pass as the other 4), bf16, B = 1, calls interleaved
+in one process (``bench_gluon_fwd.interleaved``). Cases as ``bench_gluon_fwd.py``. Rows: the dQ pass and the
+dK/dV pass alone (Triton, Gluon), the whole backward with the Gluon dK/dV pass, and the whole backward as ``flex_attention_backward`` runs it (``backend="triton"``: both
 passes Triton; ``"auto"``: the Gluon dQ pass and the Triton dK/dV pass). dQ of both is compared (max |Δ|).
 
     python bench/bench_gluon_bwd.py --out /tmp/gluon_bwd.json
@@ -26,7 +26,7 @@ from bench_gluon_fwd import case, interleaved
 from bench_kernel import pair_count
 
 from flexdist.kernels import flex_attention_backward, flex_attention_forward
-from flexdist.kernels.gluon_bwd import gluon_dq
+from flexdist.kernels.gluon_bwd import gluon_dkdv, gluon_dq
 from flexdist.kernels.triton_bwd import triton_backward, triton_delta
 from flexdist.masks import document_block_mask
 
@@ -58,12 +58,22 @@ def main() -> None:
         fns = {
             "dq_triton": lambda: triton_backward(q, k, v, out, do, lse, bm, enable_gqa=gqa, delta=delta, which="dq"),
             "dq_gluon": lambda: gluon_dq(q, k, v, do, lse, delta, bm, enable_gqa=gqa),
+            "dkdv_triton": lambda: triton_backward(
+                q, k, v, out, do, lse, bm, enable_gqa=gqa, delta=delta, which="dkdv"
+            ),
+            "dkdv_gluon": lambda: gluon_dkdv(q, k, v, do, lse, delta, bm, enable_gqa=gqa),
+            "bwd_gluon_dkdv": lambda: triton_backward(q, k, v, out, do, lse, bm, enable_gqa=gqa, gluon_dkdv=True),
             "bwd_triton": lambda: flex_attention_backward(q, k, v, out, do, lse, bm, enable_gqa=gqa, backend="triton"),
             "bwd_auto": lambda: flex_attention_backward(q, k, v, out, do, lse, bm, enable_gqa=gqa),
         }  # fmt: skip
         a = fns["dq_triton"]()[0]
         b = fns["dq_gluon"]()
         err = float((a.float() - b.float()).abs().max())
+        _, tk, tv = fns["dkdv_triton"]()
+        gk, gv = fns["dkdv_gluon"]()
+        err_kv = max(
+            float((tk.float() - gk.float()).abs().max()), float((tv.float() - gv.float()).abs().max())
+        )
         ms = interleaved(fns, args.rounds, args.reps)
         flops = {
             "dq_triton": fwd * 1.5,
@@ -77,7 +87,10 @@ def main() -> None:
             row[f"{kname}_tflops"] = round(flops[kname] / (t * 1e-3) / 1e12, 1)
         rows.append(row)
         line = "  ".join(f"{kn} {t:.3f} ms {flops[kn] / (t * 1e-3) / 1e12:.0f}" for kn, t in ms.items())
-        print(f"{name:7} S={S} H={Hq}:{Hkv}  {line}  TFLOP/s | max|ΔdQ| {err:.2e}", flush=True)
+        print(
+            f"{name:7} S={S} H={Hq}:{Hkv}  {line}  TFLOP/s | max|ΔdQ| {err:.2e} max|ΔdK,dV| {err_kv:.2e}",
+            flush=True,
+        )
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 host=platform.node(), args=vars(args))  # fmt: skip
     if args.out:

@@ -41,6 +41,9 @@ from .gluon_fwd import (
 from .triton_fwd import LOG2E, SCORE_NONE, _tma_scratch, doc_args, launch_head_group, meta_args, prepare
 
 DQ_BLOCK_N = 64  # kv rows per step: S, dP (32 registers each), dQ (64) and dS fit a consumer's 240
+# query rows per dK/dV step: with the dK and dV accumulators (64 registers each) and the in-flight P^T / dS^T
+# operands, 64-row steps spill (ptxas: 352 bytes at 240 registers); 32-row steps do not
+DKDV_BLOCK_M = 32
 
 
 @gluon.jit
@@ -264,6 +267,339 @@ def _gl_dq_ws_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------
+# dK / dV: one program per 128 kv rows (two consumer warpgroups of 64) and kv head; it walks, for every query
+# head of its GQA group, the transposed block lists (query blocks of this kv block, partial then full) in
+# 64-row query steps. The producer copies K and V (both halves) once, then Q_t and dO_t into double buffers.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _gl_doc_visible_t(qd, qp, kd, kp, kpre, window, CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr,
+                      HAS_PREFIX: gl.constexpr):  # fmt: skip
+    """``_gl_doc_visible`` on a transposed tile: kv along rows, queries along columns."""
+    same = gl.expand_dims(kd, 1) == gl.expand_dims(qd, 0)
+    rel = gl.expand_dims(qp, 0) - gl.expand_dims(kp, 1)
+    if CAUSAL:
+        vis = rel >= 0
+        if HAS_WINDOW:
+            vis = vis & (rel < window)
+    elif HAS_WINDOW:
+        vis = (rel < window) & (rel > -window)
+    else:
+        vis = rel == rel
+    if HAS_PREFIX:
+        vis = vis | (gl.expand_dims(kpre, 1) != 0)
+    return same & vis
+
+
+@gluon.jit
+def _dkdv_lists(NUMS, hq, ints):
+    """(partial count, steps, partial list, full list) of query head ``hq`` for this program's kv block."""
+    Q_NUM, Q_IDX, FULLQ_NUM, FULLQ_IDX = NUMS
+    kb, b, snb, snh, sib, sih, sik, SUBS, HAS_FULL = ints
+    num_off = b * snb + hq * snh + kb
+    idx_off = b.to(gl.int64) * sib + hq * sih + kb * sik
+    n_part = gl.load(Q_NUM + num_off)
+    n_blocks = n_part
+    if HAS_FULL:
+        n_blocks += gl.load(FULLQ_NUM + num_off)
+    return n_part, n_blocks * SUBS, Q_IDX + idx_off, FULLQ_IDX + idx_off
+
+
+@gluon.jit
+def _dkdv_producer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.constexpr):
+    """The load warp: K and V (both halves) once, then Q_t and dO_t of every step into buffer c % 2
+    (through descriptors of each query head's [Sq, D] slice, made as the walk reaches the head)."""
+    k_desc, v_desc = descs
+    kv_bar, q_ready, q_empty, do_ready, do_empty = bars
+    k_smem, v_smem, q_smem, do_smem = bufs
+    NUMS, Qb, DOb = ptrs[0], ptrs[10], ptrs[11]
+    start_n, G, hk, kb, b, snb, snh, sib, sih, sik = ints[:10]
+    Sq, sqh, sqm, sdoh, sdom = ints[10], ints[17], ints[18], ints[19], ints[20]
+    QBS: gl.constexpr = CONSTS[0]
+    BLOCK_M: gl.constexpr = CONSTS[1]
+    HALF: gl.constexpr = CONSTS[2]
+    HAS_FULL: gl.constexpr = CONSTS[3]
+    D: gl.constexpr = CONSTS[4]
+    SMEM: gl.constexpr = CONSTS[15]
+    SUBS: gl.constexpr = QBS // BLOCK_M
+    mbarrier.expect(kv_bar, 2 * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
+    for h in gl.static_range(2):
+        _tma_load(k_desc, [start_n + h * HALF, 0], kv_bar, k_smem.index(h))
+        _tma_load(v_desc, [start_n + h * HALF, 0], kv_bar, v_smem.index(h))
+    c = 0
+    for g in range(0, G):
+        hq = hk * G + g
+        n_part, n, QI, FQI = _dkdv_lists(NUMS, hq, (kb, b, snb, snh, sib, sih, sik, SUBS, HAS_FULL))
+        hq64 = hq.to(gl.int64)
+        q_desc = tma.make_tensor_descriptor(Qb + hq64 * sqh, [Sq, D], [sqm, 1], [BLOCK_M, D], SMEM)
+        do_desc = tma.make_tensor_descriptor(DOb + hq64 * sdoh, [Sq, D], [sdom, 1], [BLOCK_M, D], SMEM)
+        for t in range(0, n):
+            st = c % 2
+            ph = (c // 2) & 1
+            row0 = _gl_kv_row0(QI, FQI, t, n_part, QBS, BLOCK_M, SUBS)
+            mbarrier.wait(q_empty.index(st), ph ^ 1)
+            mbarrier.expect(q_ready.index(st), q_desc.block_type.nbytes)
+            _tma_load(q_desc, [row0, 0], q_ready.index(st), q_smem.index(st))
+            mbarrier.wait(do_empty.index(st), ph ^ 1)
+            mbarrier.expect(do_ready.index(st), do_desc.block_type.nbytes)
+            _tma_load(do_desc, [row0, 0], do_ready.index(st), do_smem.index(st))
+            c += 1
+
+
+@gluon.jit
+def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.constexpr):
+    """One consumer warpgroup: dK and dV of kv rows ``start_n + WG·64 ..``."""
+    kv_bar, q_ready, q_empty, do_ready, do_empty = bars
+    k_smem, v_smem, q_smem, do_smem = bufs
+    NUMS, DKb, DVb, LSEb, DELTAb, QDOC, QPOS, KVDOC, KVPOS, KVPRE = ptrs[:10]
+    start_n, G, hk, kb, b, snb, snh, sib, sih, sik, Sq, Skv, window, qk_scale, scale, sdkn, sdvn = ints[:17]
+    QBS: gl.constexpr = CONSTS[0]
+    BLOCK_M: gl.constexpr = CONSTS[1]
+    HALF: gl.constexpr = CONSTS[2]
+    HAS_FULL: gl.constexpr = CONSTS[3]
+    D: gl.constexpr = CONSTS[4]
+    MASK_KIND: gl.constexpr = CONSTS[5]
+    CAUSAL: gl.constexpr = CONSTS[6]
+    HAS_WINDOW: gl.constexpr = CONSTS[7]
+    HAS_PREFIX: gl.constexpr = CONSTS[8]
+    # (CONSTS[9], EVEN_M: query rows past Sq come back zero from TMA, and their LSE reads as +inf)
+    EVEN_N: gl.constexpr = CONSTS[10]
+    S_LAYOUT: gl.constexpr = CONSTS[11]
+    ACC_LAYOUT: gl.constexpr = CONSTS[12]
+    OP_LAYOUT: gl.constexpr = CONSTS[13]
+    ACCUM: gl.constexpr = CONSTS[14]
+    SUBS: gl.constexpr = QBS // BLOCK_M
+    dtype: gl.constexpr = k_smem.dtype
+    ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)  # kv rows
+    COL_S: gl.constexpr = gl.SliceLayout(0, S_LAYOUT)  # query columns
+    qk_scale = qk_scale.to(gl.float32)
+    scale = scale.to(gl.float32)
+    k_tile = k_smem.index(WG)
+    v_tile = v_smem.index(WG)
+    offs_n = start_n + WG * HALF + gl.arange(0, HALF, layout=ROW_S)
+    if MASK_KIND == 1:
+        kd = gl.load(KVDOC + offs_n, mask=offs_n < Skv, other=-2)
+        kp = gl.load(KVPOS + offs_n, mask=offs_n < Skv, other=0)
+        if HAS_PREFIX:
+            kpre = gl.load(KVPRE + offs_n, mask=offs_n < Skv, other=0)
+        else:
+            kpre = kp
+    ar_m = gl.arange(0, BLOCK_M, layout=COL_S)
+    s_zero = gl.zeros([HALF, BLOCK_M], gl.float32, layout=S_LAYOUT)
+    dk_tok = warpgroup_mma_init(gl.zeros([HALF, D], gl.float32, layout=ACC_LAYOUT))
+    dv_tok = warpgroup_mma_init(gl.zeros([HALF, D], gl.float32, layout=ACC_LAYOUT))
+    pT = gl.zeros([HALF, BLOCK_M], dtype, layout=OP_LAYOUT)
+    dsT = gl.zeros([HALF, BLOCK_M], dtype, layout=OP_LAYOUT)
+    mbarrier.wait(kv_bar, 0)
+    c = 0
+    for g in range(0, G):
+        hq = hk * G + g
+        n_part, n, QI, FQI = _dkdv_lists(NUMS, hq, (kb, b, snb, snh, sib, sih, sik, SUBS, HAS_FULL))
+        LSEh = LSEb + hq.to(gl.int64) * Sq
+        DELTAh = DELTAb + hq.to(gl.int64) * Sq
+        for t in range(0, n):
+            st = c % 2
+            ph = (c // 2) & 1
+            row0 = _gl_kv_row0(QI, FQI, t, n_part, QBS, BLOCK_M, SUBS)
+            offs_m = row0 + ar_m
+            lse = gl.load(LSEh + offs_m, mask=offs_m < Sq, other=float("inf"))
+            lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            delta = gl.load(DELTAh + offs_m, mask=offs_m < Sq, other=0.0)
+            mbarrier.wait(q_ready.index(st), ph)
+            q_t = q_smem.index(st)
+            st_tok = warpgroup_mma(k_tile, q_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            mbarrier.wait(do_ready.index(st), ph)
+            do_t = do_smem.index(st)
+            dpt_tok = warpgroup_mma(v_tile, do_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            # the previous step's dV and dK GEMMs and S^T_t are back; dP^T_t may still run
+            dv, dk, sT, pT, dsT = warpgroup_mma_wait(1, deps=(dv_tok, dk_tok, st_tok, pT, dsT))
+            if c > 0:
+                mbarrier.arrive(q_empty.index((c - 1) % 2), count=1)
+                mbarrier.arrive(do_empty.index((c - 1) % 2), count=1)
+            if MASK_KIND == 1:  # noqa: SIM102 (a constexpr test, then a runtime one)
+                if t // SUBS < n_part:
+                    qd = gl.load(QDOC + offs_m, mask=offs_m < Sq, other=-1)
+                    qp = gl.load(QPOS + offs_m, mask=offs_m < Sq, other=0)
+                    vis = _gl_doc_visible_t(qd, qp, kd, kp, kpre, window, CAUSAL, HAS_WINDOW, HAS_PREFIX)
+                    sT = gl.where(vis, sT, float("-inf"))
+            if not EVEN_N:
+                sT = gl.where(gl.expand_dims(offs_n < Skv, 1), sT, float("-inf"))
+            p = gl.exp2(sT * qk_scale - gl.expand_dims(lse2, 0))
+            pT = gl.convert_layout(p.to(dtype), OP_LAYOUT)
+            dv_tok = warpgroup_mma(pT, do_t, dv, is_async=True)
+            dpT = warpgroup_mma_wait(1, deps=(dpt_tok,))
+            dsT = gl.convert_layout((p * (dpT - gl.expand_dims(delta, 0))).to(dtype), OP_LAYOUT)
+            dk_tok = warpgroup_mma(dsT, q_t, dk, is_async=True)
+            c += 1
+    dv, dk, pT, dsT = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, pT, dsT))
+    if c > 0:
+        mbarrier.arrive(q_empty.index((c - 1) % 2), count=1)
+        mbarrier.arrive(do_empty.index((c - 1) % 2), count=1)
+
+    dk = dk * scale
+    rows = start_n + WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, ACC_LAYOUT))
+    cols = gl.arange(0, D, layout=gl.SliceLayout(0, ACC_LAYOUT))
+    row_ok = gl.expand_dims(rows < Skv, 1) & gl.expand_dims(cols >= 0, 0)
+    dk_ptrs = DKb + gl.expand_dims(rows, 1) * sdkn + gl.expand_dims(cols, 0)
+    dv_ptrs = DVb + gl.expand_dims(rows, 1) * sdvn + gl.expand_dims(cols, 0)
+    if ACCUM:  # add into the caller's buffers; untouched when this call visited no block
+        if c > 0:
+            if EVEN_N:
+                gl.store(dk_ptrs, (dk + gl.load(dk_ptrs).to(gl.float32)).to(DKb.dtype.element_ty))
+                gl.store(dv_ptrs, (dv + gl.load(dv_ptrs).to(gl.float32)).to(DVb.dtype.element_ty))
+            else:
+                prev_k = gl.load(dk_ptrs, mask=row_ok, other=0.0).to(gl.float32)
+                gl.store(dk_ptrs, (dk + prev_k).to(DKb.dtype.element_ty), mask=row_ok)
+                prev_v = gl.load(dv_ptrs, mask=row_ok, other=0.0).to(gl.float32)
+                gl.store(dv_ptrs, (dv + prev_v).to(DVb.dtype.element_ty), mask=row_ok)
+    else:
+        if EVEN_N:
+            gl.store(dk_ptrs, dk.to(DKb.dtype.element_ty))
+            gl.store(dv_ptrs, dv.to(DVb.dtype.element_ty))
+        else:
+            gl.store(dk_ptrs, dk.to(DKb.dtype.element_ty), mask=row_ok)
+            gl.store(dv_ptrs, dv.to(DVb.dtype.element_ty), mask=row_ok)
+
+
+@gluon.jit
+def _gl_dkdv_ws_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV_,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
+    Q_NUM, Q_IDX, FULLQ_NUM, FULLQ_IDX, snb, snh, sib, sih, sik, ORDER, sor_b, sor_h,
+    QDOC, KVDOC, QPOS, KVPOS, KVPRE, sdq, sdk, window,
+    Hq, Hkv, G, Sq, Skv, scale, qk_scale, NB, BH, HG,
+    D: gl.constexpr, DV: gl.constexpr, QBS: gl.constexpr, KBS: gl.constexpr,
+    MASK_KIND: gl.constexpr, CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr, HAS_PREFIX: gl.constexpr,
+    HAS_FULL: gl.constexpr, EVEN_M: gl.constexpr, EVEN_N: gl.constexpr, ACCUM: gl.constexpr,
+    S_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr, OP_LAYOUT: gl.constexpr, SMEM: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    PRODUCER_REGS: gl.constexpr = 24,
+):  # fmt: skip
+    SUBS_N: gl.constexpr = KBS // BLOCK_N
+    HALF: gl.constexpr = BLOCK_N // 2
+    dtype: gl.constexpr = Q.dtype.element_ty
+    # launch coordinates: triton_fwd._launch_coords over (kv tile, batch·kv head)
+    pid = gl.program_id(0)
+    per_group = HG * (NB * SUBS_N)
+    grp = pid // per_group
+    r = pid - grp * per_group
+    hg = gl.minimum(HG, BH - grp * HG)
+    slot = r // hg
+    bh = grp * HG + r % hg
+    b = bh // Hkv
+    hk = bh % Hkv
+    b64 = b.to(gl.int64)
+    hk64 = hk.to(gl.int64)
+    # launch order: kv blocks with the most work first (order of the group's first query head)
+    kb = gl.load(ORDER + b * sor_b + (hk * G) * sor_h + slot // SUBS_N)
+    start_n = kb * KBS + (slot % SUBS_N) * BLOCK_N
+
+    k_desc = tma.make_tensor_descriptor(K + b64 * skb + hk64 * skh, [Skv, D], [skn, 1], [HALF, D], SMEM)
+    v_desc = tma.make_tensor_descriptor(V + b64 * svb + hk64 * svh, [Skv, DV], [svn, 1], [HALF, DV], SMEM)
+    k_smem = gl.allocate_shared_memory(dtype, [2, HALF, D], SMEM)
+    v_smem = gl.allocate_shared_memory(dtype, [2, HALF, DV], SMEM)
+    q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], SMEM)
+    do_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, DV], SMEM)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    do_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    do_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(2):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(do_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=2)  # both consumers release a buffer
+        mbarrier.init(do_empty.index(i), count=2)
+
+    if MASK_KIND == 1:
+        QDOC = QDOC + b64 * sdq
+        QPOS = QPOS + b64 * sdq
+        KVDOC = KVDOC + b64 * sdk
+        KVPOS = KVPOS + b64 * sdk
+        if HAS_PREFIX:
+            KVPRE = KVPRE + b64 * sdk
+    descs = (k_desc, v_desc)
+    bars = (kv_bar, q_ready, q_empty, do_ready, do_empty)
+    bufs = (k_smem, v_smem, q_smem, do_smem)
+    rows = b64 * Hq * Sq
+    ptrs = (
+        (Q_NUM, Q_IDX, FULLQ_NUM, FULLQ_IDX), DK + b64 * sdkb + hk64 * sdkh, DV_ + b64 * sdvb + hk64 * sdvh,
+        LSE + rows, DELTA + rows, QDOC, QPOS, KVDOC, KVPOS, KVPRE, Q + b64 * sqb, DO + b64 * sdob,
+    )  # fmt: skip
+    ints = (
+        start_n, G, hk, kb, b, snb, snh, sib, sih, sik, Sq, Skv, window, qk_scale, scale, sdkn, sdvn,
+        sqh, sqm, sdoh, sdom,
+    )  # fmt: skip
+    CONSTS: gl.constexpr = (
+        QBS, BLOCK_M, HALF, HAS_FULL, D, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_PREFIX, EVEN_M, EVEN_N, S_LAYOUT,
+        ACC_LAYOUT, OP_LAYOUT, ACCUM, SMEM,
+    )  # fmt: skip
+    gl.warp_specialize(
+        [
+            (_dkdv_consumer, (descs, bars, bufs, ptrs, ints, 0, CONSTS)),
+            (_dkdv_consumer, (descs, bars, bufs, ptrs, ints, 1, CONSTS)),
+            (_dkdv_producer, (descs, bars, bufs, ptrs, ints, 1, CONSTS)),
+        ],
+        [4, 1],
+        [CONSUMER_REGS, PRODUCER_REGS],
+    )
+
+
+def dkdv_kernel_layouts(D: int, block_m: int = DKDV_BLOCK_M) -> dict:
+    """Constexpr layouts of the dK/dV kernel (each consumer warpgroup's 64 kv rows)."""
+    s_layout = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, block_m, 16])
+    acc_layout = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+    return dict(
+        S_LAYOUT=s_layout,
+        ACC_LAYOUT=acc_layout,
+        OP_LAYOUT=gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2),
+        SMEM=gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2),
+        BLOCK_M=block_m,
+        BLOCK_N=BLOCK_M,  # 128 kv rows per program
+    )
+
+
+def compile_dkdv_for_sm90(
+    D: int = 128, dtype: str = "bf16", block_m: int = DKDV_BLOCK_M, consumer_regs: int = CONSUMER_REGS,
+    producer_regs: int = 24, **flags,
+):  # fmt: skip
+    """Compile one specialisation of the dK/dV kernel for sm_90a without a GPU (see ``compile_dq_for_sm90``)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    f = dict(mask_kind=MASK_DOC, causal=True, has_window=False, has_prefix=False, has_full=True, even_m=True)
+    f.update(even_n=True, accum=False)
+    f.update(flags)
+    fn = _gl_dkdv_ws_kernel
+    consts = dict(
+        D=D, DV=D, QBS=128, KBS=128, MASK_KIND=f["mask_kind"], CAUSAL=f["causal"],
+        HAS_WINDOW=f["has_window"], HAS_PREFIX=f["has_prefix"], HAS_FULL=f["has_full"], EVEN_M=f["even_m"],
+        EVEN_N=f["even_n"], ACCUM=f["accum"], CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs,
+        **dkdv_kernel_layouts(D, block_m),
+    )  # fmt: skip
+    ptrs = dict.fromkeys(("Q", "K", "V", "DO", "DK", "DV_"), f"*{dtype}")
+    ptrs.update(dict.fromkeys(("Q_NUM", "Q_IDX", "FULLQ_NUM", "FULLQ_IDX", "ORDER"), "*i32"))
+    ptrs.update(
+        dict.fromkeys(("QDOC", "KVDOC", "QPOS", "KVPOS", "KVPRE"), "*i32"), LSE="*fp32", DELTA="*fp32"
+    )
+    aligned = {"sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sdob", "sdoh", "sdom"}
+    aligned |= {"sdkb", "sdkh", "sdkn", "sdvb", "sdvh", "sdvn"}
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        else:
+            sig[name] = ptrs.get(name, "fp32" if name in ("scale", "qk_scale") else "i32")
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in ptrs or n in aligned}
+    src = GluonASTSource(fn, sig, consts, attrs)
+    return triton.compile(
+        src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": WS_MAXNREG}
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------------------
 
@@ -395,3 +731,80 @@ def compile_dq_for_sm90(D: int = 128, dtype: str = "bf16", block_n: int = DQ_BLO
     return triton.compile(
         src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": WS_MAXNREG}
     )
+
+
+def gluon_dkdv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dout: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    block_mask=None,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    dk_out: torch.Tensor | None = None,
+    dv_out: torch.Tensor | None = None,
+    accumulate: bool = True,
+    head_group: int | None = None,
+    block_m: int = DKDV_BLOCK_M,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dK, dV) through the Gluon kernel (``gluon_dq``'s inputs): new tensors in k's / v's dtype, or added
+    into / (``accumulate=False``) written over ``dk_out`` / ``dv_out`` (given together; fp16, bf16 or fp32,
+    unit last-dim stride), which are returned. Raises ``ValueError`` naming the reason for a call it does not
+    cover (``gluon_dq_unsupported``'s rules)."""
+    why = gluon_dq_unsupported(q, k, v, dout, block_mask, None, scale, dk_out)
+    if (
+        why is None
+        and dv_out is not None
+        and dv_out.dtype not in (torch.float16, torch.bfloat16, torch.float32)
+    ):
+        why = f"dv_out dtype {dv_out.dtype}: it stores fp16, bf16 or fp32"
+    if why is not None:
+        raise ValueError(f"gluon_dkdv cannot run this call: {why}")
+    if (dk_out is None) != (dv_out is None):
+        raise ValueError("dk_out and dv_out must be given together")
+    if block_m not in (32, 64):
+        raise ValueError(f"block_m must be 32 or 64, got {block_m}")
+    lp = prepare(q, k, v, block_mask, None, scale, enable_gqa, None, None, dense_block=128)
+    sh, km = lp.shape, lp.km
+    assert lp.score_kind == SCORE_NONE and km.mask_kind in (MASK_NONE, MASK_DOC)
+    for name, t in (("lse", lse), ("delta", delta)):
+        if tuple(t.shape) != (sh.B, sh.Hq, sh.Sq) or t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(
+                f"{name} must be a contiguous fp32 [B, Hq, Sq] = {(sh.B, sh.Hq, sh.Sq)} tensor, got "
+                f"{t.dtype} {tuple(t.shape)}"
+            )
+    if dk_out is not None:
+        for name, t in (("dk_out", dk_out), ("dv_out", dv_out)):
+            want = (sh.B, sh.Hkv, sh.Skv, sh.D)
+            if tuple(t.shape) != want or t.device != q.device or t.stride(-1) != 1:
+                raise ValueError(
+                    f"{name} must be {want} on {q.device} with unit last-dim stride, got {tuple(t.shape)} "
+                    f"on {t.device} with strides {t.stride()}"
+                )
+        dk, dv = dk_out, dv_out
+    else:
+        dk = torch.empty(sh.B, sh.Hkv, sh.Skv, sh.D, dtype=k.dtype, device=q.device)
+        dv = torch.empty(sh.B, sh.Hkv, sh.Skv, sh.Dv, dtype=v.dtype, device=q.device)
+    n_kb = triton.cdiv(sh.Skv, km.KBS)
+    (num, idx, fnum, fidx, _pid, snb, snh, sib, sih, sik, order, sor_b, sor_h) = meta_args(
+        km, True, lp.dummy_i
+    )
+    docs, (causal, has_w, has_pre) = doc_args(km, lp.dummy_i)
+    hg = head_group or launch_head_group(sh, q.element_size(), kv_programs=True)
+    triton.set_allocator(_tma_scratch)  # the device-side descriptors' global scratch (see gluon_forward)
+    _gl_dkdv_ws_kernel[(n_kb * (km.KBS // BLOCK_M) * sh.B * sh.Hkv,)](
+        q, k, v, dout, lse, delta, dk, dv,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        num, idx, fnum, fidx, snb, snh, sib, sih, sik, order, sor_b, sor_h,
+        *docs, sh.Hq, sh.Hkv, sh.groups, sh.Sq, sh.Skv, lp.scale, lp.scale * LOG2E, n_kb, sh.B * sh.Hkv, hg,
+        D=sh.D, DV=sh.Dv, QBS=km.QBS, KBS=km.KBS, MASK_KIND=km.mask_kind, CAUSAL=causal, HAS_WINDOW=has_w,
+        HAS_PREFIX=has_pre, HAS_FULL=km.has_full, EVEN_M=lp.even_m, EVEN_N=lp.even_n,
+        ACCUM=dk_out is not None and accumulate, CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
+        maxnreg=WS_MAXNREG, **dkdv_kernel_layouts(sh.D, block_m),
+    )  # fmt: skip
+    return dk, dv

@@ -549,6 +549,7 @@ def triton_backward(
     head_group: int | None = None,
     accumulate: bool = True,
     gluon_dq: bool = False,
+    gluon_dkdv: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Block-sparse backward given the global ``lse``: ``(dq, dk, dv)`` in the input dtypes.
 
@@ -567,6 +568,7 @@ def triton_backward(
     ``gluon_dq``: run the dQ pass through the warp-specialised Gluon kernel (kernels/gluon_bwd.py) where it
     covers the call (``gluon_dq_unsupported``; never when ``traceable``), else the Triton dQ kernel. Opt-in:
     on an H100 it is 15-20% slower than the Triton dQ kernel (bench/results/2026-11-26-s13/call6).
+    ``gluon_dkdv``: the same for the dK/dV pass (``gluon_bwd.gluon_dkdv``).
     """
     if traceable and not kernels_are_compiled():
         raise ValueError("traceable=True needs compiled Triton kernels, not TRITON_INTERPRET=1's interpreter")
@@ -629,6 +631,18 @@ def triton_backward(
                     f"{t.dtype} on {t.device} with strides {t.stride()}"
                 )
     dq = dk = dv = None
+    if run_dkdv and gluon_dkdv and not traceable and config is None:
+        from .gluon_bwd import gluon_dkdv as _gluon_dkdv
+        from .gluon_bwd import gluon_dq_unsupported
+
+        if gluon_dq_unsupported(q, k, v, dout, block_mask, score_mod, scale, dk_out) is None and (
+            dv_out is None or dv_out.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        ):
+            dk, dv = _gluon_dkdv(
+                q, k, v, dout, lse, delta, block_mask, scale, enable_gqa, dk_out=dk_out, dv_out=dv_out,
+                accumulate=accumulate, head_group=head_group,
+            )  # fmt: skip
+            run_dkdv = False
     if run_dkdv:
         dk, dv = _dkdv(
             q, k, v, dout, lse, delta, dk_out, dv_out, lp, km, sh, c1, M1, N1, config, common, traceable,

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from flexdist.kernels.block_sparse import MASK_NONE
-from flexdist.kernels.gluon_bwd import gluon_dq, gluon_dq_unsupported
+from flexdist.kernels.gluon_bwd import gluon_dkdv, gluon_dq, gluon_dq_unsupported
 from flexdist.kernels.reference import reference_backward, reference_forward
 from flexdist.kernels.triton_bwd import triton_backward, triton_delta
 from flexdist.masks import document_block_mask
@@ -33,19 +33,23 @@ SPECS = {
     "d64-fp16-ragged": dict(D=64, dtype="fp16", even_m=False, even_n=False),
     "no-mask-accum": dict(mask_kind=MASK_NONE, causal=False, has_full=False, accum=True),
     "window-prefix": dict(has_window=True, has_prefix=True),
+    "dkdv-doc-causal": dict(dkdv=True),
+    "dkdv-d64-fp16-ragged-accum": dict(dkdv=True, D=64, dtype="fp16", even_m=False, even_n=False, accum=True),
+    "dkdv-window-prefix": dict(dkdv=True, has_window=True, has_prefix=True),
 }
 
 # in a child process without TRITON_INTERPRET (see tests/test_gluon_fwd.py); ptxas -v reports the spills
 _COMPILE_ALL = """
 import json, os, subprocess, sys, tempfile
 import triton
-from flexdist.kernels.gluon_bwd import compile_dq_for_sm90
+from flexdist.kernels.gluon_bwd import compile_dkdv_for_sm90, compile_dq_for_sm90
 nv = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 ptxas = next((os.path.join(nv, n) for n in ("ptxas-blackwell", "ptxas") if os.path.exists(os.path.join(nv, n))))
 out = {}
 for name, spec in json.loads(sys.argv[1]).items():
     try:
-        ptx = compile_dq_for_sm90(**spec).asm["ptx"]
+        fn = compile_dkdv_for_sm90 if spec.pop("dkdv", False) else compile_dq_for_sm90
+        ptx = fn(**spec).asm["ptx"]
         with tempfile.TemporaryDirectory() as d:
             open(os.path.join(d, "k.ptx"), "w").write(ptx)
             r = subprocess.run([ptxas, "-arch=sm_90a", "-v", os.path.join(d, "k.ptx"), "-o",
@@ -76,7 +80,7 @@ def test_dq_compiles_for_sm90(sm90: dict, name: str) -> None:
     assert "error" not in res, res.get("error")
     ptx = res["ptx"]
     assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx
-    # dS_{t-1}·K_{t-1} and S_t waited for together while dP_t is still in flight
+    # the previous step's GEMMs and this step's first one waited for together while the next is in flight
     assert "wgmma.wait_group.sync.aligned 1;" in ptx
     if "spill" in res["ptxas"]:  # this ptxas reports register use: the shipped tiles must not spill
         assert "0 bytes spill stores" in res["ptxas"], res["ptxas"]
@@ -124,6 +128,17 @@ def _check(bm, B, Hq, Hkv, S, D, dtype, what, seed=0, block_n=64) -> None:
                                msg=lambda m: f"{what} vs triton: {m}")  # fmt: skip
     fin = torch.isfinite(rl)
     assert (dq[~fin] == 0).all(), f"{what}: rows that see nothing get dQ 0"
+    _, rdk, rdv = reference_backward(q.float(), k.float(), v.float(), ro, do.float(), rl, bm, enable_gqa=gqa)
+    dk, dv = gluon_dkdv(q, k, v, do, rl, delta, bm, enable_gqa=gqa)
+    _, tdk, tdv = triton_backward(q, k, v, out, do, rl, bm, enable_gqa=gqa, delta=delta, which="dkdv")
+    for nm, got, ref, tri in (("dK", dk, rdk, tdk), ("dV", dv, rdv, tdv)):
+        assert got.dtype == k.dtype and not torch.isnan(got).any(), f"{what} {nm}"
+        sc = ref.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(
+            got.float() / sc, ref / sc, atol=tol, rtol=0, msg=lambda m: f"{what} {nm}: {m}"
+        )
+        torch.testing.assert_close(got.float() / sc, tri.float() / sc, atol=tol, rtol=0,
+                                   msg=lambda m: f"{what} {nm} vs triton: {m}")  # fmt: skip
 
 
 LENGTHS = [3, 200, 7, 1, 530, 60, 129]
@@ -190,6 +205,29 @@ def test_dq_out_add_and_overwrite(buf_dtype) -> None:
 
 
 @needs_hopper
+@pytest.mark.parametrize("buf_dtype", [torch.float32, torch.bfloat16])
+def test_dkdv_out_add_and_overwrite(buf_dtype) -> None:
+    doc = _doc_ids([300, 500, 200], 24)
+    bm = document_block_mask(doc.cuda(), block_size=128)
+    S = doc.shape[1]
+    q, k, v, do = _inputs(1, 4, 2, S, 128, torch.bfloat16, 10)
+    ro, rl = reference_forward(q.float(), k.float(), v.float(), bm, enable_gqa=True)
+    delta = triton_delta(ro.to(q.dtype), do)
+    fk, fv = gluon_dkdv(q, k, v, do, rl, delta, bm, enable_gqa=True)
+    bk, bv = (torch.randn(1, 2, S, 128, device="cuda").to(buf_dtype) for _ in range(2))
+    ak, av = bk.clone(), bv.clone()
+    rk, rv = gluon_dkdv(q, k, v, do, rl, delta, bm, enable_gqa=True, dk_out=ak, dv_out=av)
+    assert rk is ak and rv is av
+    for got, base, fresh in ((ak, bk, fk), (av, bv, fv)):
+        want = (base.float() + fresh.float()).to(buf_dtype).float()
+        torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=2e-2)
+    ok, ov = torch.full_like(bk, 7.0), torch.full_like(bv, 7.0)
+    gluon_dkdv(q, k, v, do, rl, delta, bm, enable_gqa=True, dk_out=ok, dv_out=ov, accumulate=False)
+    torch.testing.assert_close(ok.float(), fk.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(ov.float(), fv.float(), atol=2e-2, rtol=2e-2)
+
+
+@needs_hopper
 def test_triton_backward_gluon_dq_option() -> None:
     from flexdist.kernels import flex_attention_backward
 
@@ -202,5 +240,10 @@ def test_triton_backward_gluon_dq_option() -> None:
     g = gluon_dq(q, k, v, do, rl, triton_delta(out, do), bm, enable_gqa=True)
     assert torch.equal(dq, g)
     tq, tk, tv = flex_attention_backward(q, k, v, out, do, rl, bm, enable_gqa=True)
+    _, gk, gv = triton_backward(q, k, v, out, do, rl, bm, enable_gqa=True, gluon_dkdv=True)
+    wk, wv = gluon_dkdv(q, k, v, do, rl, triton_delta(out, do), bm, enable_gqa=True)
+    assert torch.equal(gk, wk) and torch.equal(gv, wv)
+    torch.testing.assert_close(gk.float(), tk.float(), atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(gv.float(), tv.float(), atol=5e-2, rtol=5e-2)
     assert torch.equal(dk, tk) and torch.equal(dv, tv)  # the dK/dV pass is Triton's either way
     torch.testing.assert_close(dq.float(), tq.float(), atol=5e-2, rtol=5e-2)
