@@ -75,13 +75,11 @@ def main() -> None:
             float((tk.float() - gk.float()).abs().max()), float((tv.float() - gv.float()).abs().max())
         )
         ms = interleaved(fns, args.rounds, args.reps)
-        flops = {
-            "dq_triton": fwd * 1.5,
-            "dq_gluon": fwd * 1.5,
-            "bwd_triton": fwd * 2.5,
-            "bwd_auto": fwd * 2.5,
-        }
-        row = dict(case=name, S=S, Hq=Hq, Hkv=Hkv, D=D, pairs=pairs, dq_max_abs_diff=err)
+        flops = dict(dq_triton=fwd * 1.5, dq_gluon=fwd * 1.5, dkdv_triton=fwd * 2.0, dkdv_gluon=fwd * 2.0)
+        flops.update(bwd_triton=fwd * 2.5, bwd_auto=fwd * 2.5, bwd_gluon_dkdv=fwd * 2.5)
+        row = dict(
+            case=name, S=S, Hq=Hq, Hkv=Hkv, D=D, pairs=pairs, dq_max_abs_diff=err, dkdv_max_abs_diff=err_kv
+        )
         for kname, t in ms.items():
             row[f"{kname}_ms"] = round(t, 4)
             row[f"{kname}_tflops"] = round(flops[kname] / (t * 1e-3) / 1e12, 1)

@@ -8,9 +8,11 @@ overwriting it. Deterministic: every dQ tile belongs to one program.
 
 Schedule: a producer warp copies Q and dO (both halves of the 128-row tile) once and then K_t, V_t into
 double buffers (ready / empty mbarriers); two consumer warpgroups own 64 query rows each. A consumer issues
-``S_t`` and ``dP_t`` as asynchronous wgmma behind the still running ``dQ += dS_{t-1}·K_{t-1}``, waits for
-``dQ`` and ``S_t`` together (K_{t-1} is then released), runs the exponentials while ``dP_t`` finishes, and
-issues ``dS_t·K_t`` to run under the next step's waits.
+``S_t`` and ``dP_t`` as asynchronous wgmma, waits for ``S_t`` alone, runs the exponentials while ``dP_t``
+finishes, then issues ``dS_t·K_t``. ``SERIAL`` (the default) waits for that GEMM before the next step:
+keeping it in flight across the step (its dS operand and accumulator held) leaves ptxas short of registers
+at the 168 a thread of this 12-warp launch may use, and it then serialises every wgmma (warning C7512).
+The dK/dV kernel below follows the same pattern with kv rows per consumer and query steps.
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ def _dq_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.con
     DQ_LAYOUT: gl.constexpr = CONSTS[11]
     DS_LAYOUT: gl.constexpr = CONSTS[12]
     ACCUM: gl.constexpr = CONSTS[13]
+    SERIAL: gl.constexpr = CONSTS[14]
     SUBS: gl.constexpr = KBS // BLOCK_N
     dtype: gl.constexpr = k_smem.dtype
     ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
@@ -150,6 +153,9 @@ def _dq_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.con
         mbarrier.arrive(v_empty.index(st), count=1)
         ds = gl.convert_layout((p * (dp - gl.expand_dims(delta, 1))).to(dtype), DS_LAYOUT)
         dq_tok = warpgroup_mma(ds, k_smem.index(st), dq, is_async=True)
+        if SERIAL:
+            dq, ds = warpgroup_mma_wait(0, deps=(dq_tok, ds))
+            dq_tok = warpgroup_mma_init(dq)
     dq, ds = warpgroup_mma_wait(0, deps=(dq_tok, ds))
     if n > 0:
         mbarrier.arrive(k_empty.index((n - 1) % 2), count=1)
@@ -184,7 +190,7 @@ def _gl_dq_ws_kernel(
     MASK_KIND: gl.constexpr, CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr, HAS_PREFIX: gl.constexpr,
     HAS_FULL: gl.constexpr, EVEN_M: gl.constexpr, EVEN_N: gl.constexpr, ACCUM: gl.constexpr,
     S_LAYOUT: gl.constexpr, DQ_LAYOUT: gl.constexpr, DS_LAYOUT: gl.constexpr, SMEM: gl.constexpr,
-    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CONSUMER_REGS: gl.constexpr, SERIAL: gl.constexpr = True,
 ):  # fmt: skip
     SUBS_M: gl.constexpr = QBS // BLOCK_M
     SUBS: gl.constexpr = KBS // BLOCK_N
@@ -253,7 +259,7 @@ def _gl_dq_ws_kernel(
     ints = (start_m, n_part, n, Sq, Skv, window, qk_scale, scale, sdqm)
     CONSTS: gl.constexpr = (
         KBS, BLOCK_N, HALF, D, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_PREFIX, EVEN_M, EVEN_N, S_LAYOUT, DQ_LAYOUT,
-        DS_LAYOUT, ACCUM,
+        DS_LAYOUT, ACCUM, SERIAL,
     )  # fmt: skip
     gl.warp_specialize(
         [
@@ -369,6 +375,7 @@ def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
     ACC_LAYOUT: gl.constexpr = CONSTS[12]
     OP_LAYOUT: gl.constexpr = CONSTS[13]
     ACCUM: gl.constexpr = CONSTS[14]
+    SERIAL: gl.constexpr = CONSTS[16]
     SUBS: gl.constexpr = QBS // BLOCK_M
     dtype: gl.constexpr = k_smem.dtype
     ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)  # kv rows
@@ -431,6 +438,10 @@ def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
             dpT = warpgroup_mma_wait(1, deps=(dpt_tok,))
             dsT = gl.convert_layout((p * (dpT - gl.expand_dims(delta, 0))).to(dtype), OP_LAYOUT)
             dk_tok = warpgroup_mma(dsT, q_t, dk, is_async=True)
+            if SERIAL:
+                dv, dk, pT, dsT = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, pT, dsT))
+                dv_tok = warpgroup_mma_init(dv)
+                dk_tok = warpgroup_mma_init(dk)
             c += 1
     dv, dk, pT, dsT = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, pT, dsT))
     if c > 0:
@@ -475,6 +486,7 @@ def _gl_dkdv_ws_kernel(
     S_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr, OP_LAYOUT: gl.constexpr, SMEM: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CONSUMER_REGS: gl.constexpr,
     PRODUCER_REGS: gl.constexpr = 24,
+    SERIAL: gl.constexpr = True,
 ):  # fmt: skip
     SUBS_N: gl.constexpr = KBS // BLOCK_N
     HALF: gl.constexpr = BLOCK_N // 2
@@ -534,7 +546,7 @@ def _gl_dkdv_ws_kernel(
     )  # fmt: skip
     CONSTS: gl.constexpr = (
         QBS, BLOCK_M, HALF, HAS_FULL, D, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_PREFIX, EVEN_M, EVEN_N, S_LAYOUT,
-        ACC_LAYOUT, OP_LAYOUT, ACCUM, SMEM,
+        ACC_LAYOUT, OP_LAYOUT, ACCUM, SMEM, SERIAL,
     )  # fmt: skip
     gl.warp_specialize(
         [
@@ -563,7 +575,7 @@ def dkdv_kernel_layouts(D: int, block_m: int = DKDV_BLOCK_M) -> dict:
 
 def compile_dkdv_for_sm90(
     D: int = 128, dtype: str = "bf16", block_m: int = DKDV_BLOCK_M, consumer_regs: int = CONSUMER_REGS,
-    producer_regs: int = 24, **flags,
+    producer_regs: int = 24, serial: bool = True, **flags,
 ):  # fmt: skip
     """Compile one specialisation of the dK/dV kernel for sm_90a without a GPU (see ``compile_dq_for_sm90``)."""
     from triton.backends.compiler import GPUTarget
@@ -576,7 +588,7 @@ def compile_dkdv_for_sm90(
     consts = dict(
         D=D, DV=D, QBS=128, KBS=128, MASK_KIND=f["mask_kind"], CAUSAL=f["causal"],
         HAS_WINDOW=f["has_window"], HAS_PREFIX=f["has_prefix"], HAS_FULL=f["has_full"], EVEN_M=f["even_m"],
-        EVEN_N=f["even_n"], ACCUM=f["accum"], CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs,
+        EVEN_N=f["even_n"], ACCUM=f["accum"], CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, SERIAL=serial,
         **dkdv_kernel_layouts(D, block_m),
     )  # fmt: skip
     ptrs = dict.fromkeys(("Q", "K", "V", "DO", "DK", "DV_"), f"*{dtype}")
@@ -697,7 +709,9 @@ def gluon_dq(
     return dq
 
 
-def compile_dq_for_sm90(D: int = 128, dtype: str = "bf16", block_n: int = DQ_BLOCK_N, **flags):
+def compile_dq_for_sm90(
+    D: int = 128, dtype: str = "bf16", block_n: int = DQ_BLOCK_N, serial: bool = True, **flags
+):  # fmt: skip
     """Compile one specialisation of the dQ kernel for sm_90a without a GPU (see
     ``gluon_fwd.compile_for_sm90``); ``flags``: mask_kind, causal, has_window, has_prefix, has_full, even_m,
     even_n, accum."""
@@ -711,7 +725,8 @@ def compile_dq_for_sm90(D: int = 128, dtype: str = "bf16", block_n: int = DQ_BLO
     consts = dict(
         D=D, DV=D, QBS=128, KBS=128, MASK_KIND=f["mask_kind"], CAUSAL=f["causal"],
         HAS_WINDOW=f["has_window"], HAS_PREFIX=f["has_prefix"], HAS_FULL=f["has_full"], EVEN_M=f["even_m"],
-        EVEN_N=f["even_n"], ACCUM=f["accum"], CONSUMER_REGS=CONSUMER_REGS, **dq_kernel_layouts(D, block_n),
+        EVEN_N=f["even_n"], ACCUM=f["accum"], CONSUMER_REGS=CONSUMER_REGS, SERIAL=serial,
+        **dq_kernel_layouts(D, block_n),
     )  # fmt: skip
     ptrs = dict.fromkeys(("Q", "K", "V", "DO", "DQ"), f"*{dtype}")
     ptrs.update(dict.fromkeys(("KV_NUM", "KV_IDX", "FULL_NUM", "FULL_IDX", "ORDER"), "*i32"))
