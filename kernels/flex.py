@@ -4,8 +4,9 @@
 ``TRITON_INTERPRET=1`` (read at call time, so tests can switch it); otherwise the dense reference. On a
 Hopper GPU the forward then runs the warp-specialised Gluon kernel (kernels/gluon_fwd.py) wherever it covers
 the call (fp16 / bf16, D = Dv in {64, 128}, no score mod, the document or no-op mask, 128-multiple blocks,
-TMA-aligned operands; not while torch.compile traces) and the Triton kernel otherwise; the backward is
-Triton's (the Gluon dQ kernel of kernels/gluon_bwd.py measured slower, bench/results/2026-11-26-s13/call6). ``"triton"`` forces the Triton kernels (the forward too), ``"gluon"`` the Gluon forward (an
+TMA-aligned operands; not while torch.compile traces) and the Triton kernel otherwise; in the backward the
+dQ pass runs the Gluon dQ kernel (kernels/gluon_bwd.py) under the same conditions and the dK/dV pass stays
+Triton's (the Gluon dK/dV kernel measured slower, bench/results/2026-11-26-s13/call8). ``"triton"`` forces the Triton kernels (the forward too), ``"gluon"`` the Gluon forward (an
 error naming the reason where it cannot run), ``"reference"`` the dense reference.
 
 Score mods: ``None``, :class:`SoftCap`, :class:`ALiBi` and :class:`RelativeBias` run natively in the Triton
@@ -248,7 +249,8 @@ def flex_attention_backward(
     return triton_backward(
         q, k, v, out, dout, lse, block_mask, score_mod, scale, enable_gqa,
         dq_out=dq_out, dk_out=dk_out, dv_out=dv_out, which=which, head_group=head_group,
-        accumulate=accumulate, **kw,
+        accumulate=accumulate, gluon_dq=backend in ("auto", "gluon") and not torch.compiler.is_compiling(),
+        **kw,
     )  # fmt: skip
 
 

@@ -566,9 +566,11 @@ def triton_backward(
     ``head_group``: heads per launch group of the dK/dV and dQ kernels (``triton_fwd.launch_head_group``; None:
     its choice).
     ``gluon_dq``: run the dQ pass through the warp-specialised Gluon kernel (kernels/gluon_bwd.py) where it
-    covers the call (``gluon_dq_unsupported``; never when ``traceable``), else the Triton dQ kernel. Opt-in:
-    on an H100 it is 15-20% slower than the Triton dQ kernel (bench/results/2026-11-26-s13/call6).
-    ``gluon_dkdv``: the same for the dK/dV pass (``gluon_bwd.gluon_dkdv``).
+    covers the call (``gluon_dq_unsupported``; never when ``traceable``), else the Triton dQ kernel
+    (``flex_attention_backward`` asks for it on its default backend: 10-18% faster on an H100,
+    bench/results/2026-11-26-s13/call8).
+    ``gluon_dkdv``: the same for the dK/dV pass (``gluon_bwd.gluon_dkdv``); opt-in, 5-15% slower than the
+    Triton dK/dV kernel there.
     """
     if traceable and not kernels_are_compiled():
         raise ValueError("traceable=True needs compiled Triton kernels, not TRITON_INTERPRET=1's interpreter")
