@@ -194,7 +194,7 @@ def attention(
             ``tensors()`` method (flexdist's built-in mods) receive this rank's partial gradient.
         scale: softmax scale (default ``D ** -0.5``).
         return_lse: also return the global natural-log LSE ``[B, Hq, L]`` (fp32), differentiable.
-        kernel_backend: override ``plan.kernel_backend`` ("auto", "triton", "reference").
+        kernel_backend: override ``plan.kernel_backend`` ("auto", "triton", "gluon", "reference").
     Returns: the local output ``[B, Hq, L, Dv]`` in q's dtype (and the LSE).
     """
     _check_inputs(q, k, v, plan)

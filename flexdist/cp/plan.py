@@ -527,7 +527,7 @@ def plan(
         causal, window: the document mask (same document, causal, sliding window of W tokens).
         prefix_lengths: prefix-LM: each document's first P tokens are visible to all its queries (int P).
         block_size: the BlockMask block (and the document planner's unit of assignment).
-        kernel_backend: passed to ``flexdist.kernels`` ("auto", "triton" or "reference").
+        kernel_backend: passed to ``flexdist.kernels`` ("auto", "triton", "gluon" or "reference").
         mask_builder: "masks" (`flexdist.masks.document_block_mask`) or "intervals" (see `build_pair_masks`).
         comm_weight: time to move one K/V block relative to computing one block (see `balance.CostModel`).
         tile_overhead: cost of each (query block, ring step) with any work, in blocks (see
