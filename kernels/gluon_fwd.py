@@ -1,23 +1,26 @@
-"""Hopper (sm_90) forward kernel written in Gluon: asynchronous wgmma with the next scores under the softmax.
+"""Hopper (sm_90) forward kernels written in Gluon: asynchronous wgmma with the next scores under the softmax.
 
-Same contract as ``triton_fwd._fwd_kernel`` for the cases it covers (one program per query tile and
+Same contract as ``triton_fwd._fwd_kernel`` for the cases they cover (one program per 128-row query tile and
 batch·head, the BlockMask's partial kv blocks and then its full ones, exp2 softmax with the scale folded in,
 natural-log fp32 LSE, −inf LSE and a zero output for a row that sees nothing, GQA through ``hq // groups``,
-longest query tiles first). What Triton's own pipeliner cannot be asked for (s12: ``pipe_qk``), Gluon
-states explicitly, after FlashAttention-3's intra-warpgroup overlap:
+longest query tiles first). What Triton's own pipeliner cannot be asked for (s10 warp specialisation, s12
+``pipe_qk``), Gluon states explicitly, after FlashAttention-3:
 
-- two warpgroups (8 warps) own 64 query rows each of a 128-row tile; Q stays in shared memory;
-- step ``t`` issues ``S_t = Q·K_tᵀ`` and ``O += P_{t-1}·V_{t-1}`` as asynchronous wgmma, waits for ``S_t``
-  only, runs the mask and softmax of ``S_t`` while ``P_{t-1}·V_{t-1}`` is still on the tensor cores, and
-  only then waits for it and rescales ``O``;
-- K and V tiles are double-buffered and copied with ``cp.async`` one step ahead: the copies of step ``t``
-  (``K_{t+1}`` and ``V_t``) go out right after step ``t``'s GEMMs and are waited for at step ``t+1``. One
-  CTA barrier per step orders both warpgroups' reads of a buffer before the next copy into it.
+- ``_gl_fwd_ws_kernel`` (the one ``flex_attention_forward`` runs): a producer warp issues every TMA copy (Q
+  once, then K_t and V_t into double buffers guarded by ready / empty mbarriers); two consumer warpgroups of
+  64 rows each run decoupled, so one's softmax can run under the other's GEMMs. Each consumer issues
+  ``S_t = Q·K_tᵀ`` and ``O += P_{t-1}·V_{t-1}`` as asynchronous wgmma, waits for ``S_t`` only, runs the mask
+  and softmax while ``P_{t-1}·V_{t-1}`` is still on the tensor cores, then waits for it and rescales ``O``.
+  Its epilogue also merges into a running result (CP's ``out_acc`` / ``lse_acc``, ``out=``).
+- ``_gl_fwd_kernel`` (``schedule="plain"``): the same loop in one 8-warp partition with TMA or ``cp.async``
+  copies one step ahead and a CTA barrier per step. Slower than the Triton kernel (s13 calls 2–4): Gluon
+  inserts further CTA barriers at every shared-memory hazard it cannot rule out, which keeps the two
+  warpgroups in lockstep. Kept to measure what the specialisation buys.
 
-Covered (``gluon_forward_supported`` says why not otherwise): CUDA capability 9.x, fp16 / bf16, head dims
+Covered (``gluon_forward_unsupported`` names why not otherwise): CUDA capability 9.x, fp16 / bf16, head dims
 ``D == Dv`` in {64, 128}, no score mod, the no-op and document masks (causal, window, prefix), BlockMask
-blocks that are multiples of 128, no running-result merge. Gluon runs only on the GPU (there is no
-interpreter for it); CI compiles it for sm_90a without one (tests/test_gluon_fwd.py).
+blocks that are multiples of 128, TMA-aligned operands. Gluon runs only on the GPU (there is no interpreter
+for it); CI compiles the kernels for sm_90a without one (tests/test_gluon_fwd.py).
 """
 
 from __future__ import annotations
