@@ -105,7 +105,6 @@ def main() -> None:
         fns = {
             "triton": lambda: flex_attention_forward(q, k, v, bm, enable_gqa=gqa, backend="triton"),
             "gluon_ws": lambda: gluon_forward(q, k, v, bm, enable_gqa=gqa),
-            "gluon_plain": lambda: gluon_forward(q, k, v, bm, enable_gqa=gqa, schedule="plain"),
         }
         for c in parse_cfgs(args.triton_cfgs):
             fns[f"triton{c}"] = lambda c=c: triton_forward(q, k, v, bm, enable_gqa=gqa, config=c)

@@ -147,14 +147,11 @@ def flex_attention_forward(
         out_acc.copy_(merged)
         return out_acc, lse_acc
     if backend in ("auto", "gluon") and not torch.compiler.is_compiling():
-        from .gluon_fwd import gluon_forward, gluon_forward_unsupported
+        from .gluon_fwd import gluon_forward_unsupported, launch_forward
 
-        why = gluon_forward_unsupported(q, k, v, block_mask, score_mod, scale, out_acc, out)
+        why = gluon_forward_unsupported(q, k, v, block_mask, score_mod, scale, out)
         if why is None:
-            return gluon_forward(
-                q, k, v, block_mask, scale, enable_gqa, out_acc=out_acc, lse_acc=lse_acc,
-                head_group=head_group, out=out,
-            )  # fmt: skip
+            return launch_forward(q, k, v, block_mask, scale, enable_gqa, out_acc, lse_acc, head_group, out)
         if backend == "gluon":
             raise ValueError(f"backend='gluon' cannot run this forward: {why}")
     from .triton_fwd import triton_forward

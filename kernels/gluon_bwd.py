@@ -9,9 +9,9 @@ overwriting it. Deterministic: every dQ tile belongs to one program.
 Schedule: a producer warp copies Q and dO (both halves of the 128-row tile) once and then K_t, V_t into
 double buffers (ready / empty mbarriers); two consumer warpgroups own 64 query rows each. A consumer issues
 ``S_t`` and ``dP_t`` as asynchronous wgmma, waits for ``S_t`` alone, runs the exponentials while ``dP_t``
-finishes, then issues ``dS_t·K_t``. ``SERIAL`` (the default) waits for that GEMM before the next step:
-keeping it in flight across the step (its dS operand and accumulator held) leaves ptxas short of registers
-at the 168 a thread of this 12-warp launch may use, and it then serialises every wgmma (warning C7512).
+finishes, then issues ``dS_t·K_t`` and waits for it before the next step. (Kept in flight across the step,
+with its dS operand and accumulator held, it left ptxas short of registers at the 168 a thread of this
+12-warp launch may use, and ptxas then serialised every wgmma, warning C7512: s13 call 6 against call 8.)
 The dK/dV kernel below follows the same pattern with kv rows per consumer and query steps.
 """
 
@@ -34,10 +34,15 @@ from .gluon_fwd import (
     BLOCK_M,
     CONSUMER_REGS,
     WS_MAXNREG,
-    _gl_doc_visible,
-    _gl_kv_row0,
+    _gl_block_lists,
+    _gl_launch_coords,
+    _gl_mask_scores,
+    _gl_pipeline_barriers,
+    _gl_query_docs,
+    _gl_step_row0,
     _tma_load,
     _tma_problem,
+    compile_sm90,
     gluon_forward_unsupported,
 )
 from .triton_fwd import LOG2E, SCORE_NONE, _tma_scratch, doc_args, launch_head_group, meta_args, prepare
@@ -67,7 +72,7 @@ def _dq_producer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.con
     for t in range(0, n):
         st = t % 2
         ph = (t // 2) & 1
-        row0 = _gl_kv_row0(KVI, FULLI, t, n_part, KBS, BLOCK_N, SUBS)
+        row0 = _gl_step_row0(KVI, FULLI, t, n_part, KBS, BLOCK_N, SUBS)
         mbarrier.wait(k_empty.index(st), ph ^ 1)
         mbarrier.expect(k_ready.index(st), k_desc.block_type.nbytes)
         _tma_load(k_desc, [row0, 0], k_ready.index(st), k_smem.index(st))
@@ -97,7 +102,6 @@ def _dq_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.con
     DQ_LAYOUT: gl.constexpr = CONSTS[11]
     DS_LAYOUT: gl.constexpr = CONSTS[12]
     ACCUM: gl.constexpr = CONSTS[13]
-    SERIAL: gl.constexpr = CONSTS[14]
     SUBS: gl.constexpr = KBS // BLOCK_N
     dtype: gl.constexpr = k_smem.dtype
     ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)
@@ -111,51 +115,39 @@ def _dq_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.con
     # rows that see nothing (LSE −inf) -> +inf, so exp2(s − lse2) is exactly 0 for every s
     lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     delta = gl.load(DELTAb + offs_m, mask=offs_m < Sq, other=0.0)
-    if MASK_KIND == 1:
-        qd = gl.load(QDOCb + offs_m, mask=offs_m < Sq, other=-1)
-        qp = gl.load(QPOSb + offs_m, mask=offs_m < Sq, other=0)
-    else:
-        qd = offs_m  # not read
-        qp = offs_m
+    qd, qp = _gl_query_docs(QDOCb, QPOSb, offs_m, Sq, MASK_KIND)
     s_zero = gl.zeros([HALF, BLOCK_N], gl.float32, layout=S_LAYOUT)
+    # (the loop carries dQ as a wgmma accumulator token and waits on it twice, at the step's end and again,
+    # already complete, beside S_t: the code measured in s13 call 8)
     dq_tok = warpgroup_mma_init(gl.zeros([HALF, D], gl.float32, layout=DQ_LAYOUT))
     ds = gl.zeros([HALF, BLOCK_N], dtype, layout=DS_LAYOUT)
     mbarrier.wait(q_bar, 0)
     for t in range(0, n):
         st = t % 2
         ph = (t // 2) & 1
-        row0 = _gl_kv_row0(KVI, FULLI, t, n_part, KBS, BLOCK_N, SUBS)
+        row0 = _gl_step_row0(KVI, FULLI, t, n_part, KBS, BLOCK_N, SUBS)
         mbarrier.wait(k_ready.index(st), ph)
         s_tok = warpgroup_mma(q_tile, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         mbarrier.wait(v_ready.index(st), ph)
         dp_tok = warpgroup_mma(
             do_tile, v_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True
         )
-        # dS_{t-1}·K_{t-1} and S_t are back (wgmma groups retire in order); dP_t may still run
+        # S_t is back; dP_t may still run
         dq, s, ds = warpgroup_mma_wait(1, deps=(dq_tok, s_tok, ds))
-        if t > 0:
+        if t > 0:  # K_{t-1}'s last reader, dS_{t-1}·K_{t-1}, was waited for in step t-1
             mbarrier.arrive(k_empty.index((t - 1) % 2), count=1)
         offs_n = row0 + gl.arange(0, BLOCK_N, layout=COL_S)
-        if MASK_KIND == 1:  # noqa: SIM102 (a constexpr test, then a runtime one)
-            if t // SUBS < n_part:
-                kd = gl.load(KVDOC + offs_n, mask=offs_n < Skv, other=-2)
-                kp = gl.load(KVPOS + offs_n, mask=offs_n < Skv, other=0)
-                if HAS_PREFIX:
-                    kpre = gl.load(KVPRE + offs_n, mask=offs_n < Skv, other=0)
-                else:
-                    kpre = kp
-                vis = _gl_doc_visible(qd, qp, kd, kp, kpre, window, CAUSAL, HAS_WINDOW, HAS_PREFIX)
-                s = gl.where(vis, s, float("-inf"))
-        if not EVEN_N:
-            s = gl.where(gl.expand_dims(offs_n < Skv, 0), s, float("-inf"))
+        s = _gl_mask_scores(
+            s, offs_n, t // SUBS < n_part, qd, qp, KVDOC, KVPOS, KVPRE, Skv, window, MASK_KIND, CAUSAL,
+            HAS_WINDOW, HAS_PREFIX, EVEN_N,
+        )  # fmt: skip
         p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 1))
         dp = warpgroup_mma_wait(0, deps=(dp_tok,))
         mbarrier.arrive(v_empty.index(st), count=1)
         ds = gl.convert_layout((p * (dp - gl.expand_dims(delta, 1))).to(dtype), DS_LAYOUT)
         dq_tok = warpgroup_mma(ds, k_smem.index(st), dq, is_async=True)
-        if SERIAL:
-            dq, ds = warpgroup_mma_wait(0, deps=(dq_tok, ds))
-            dq_tok = warpgroup_mma_init(dq)
+        dq, ds = warpgroup_mma_wait(0, deps=(dq_tok, ds))
+        dq_tok = warpgroup_mma_init(dq)
     dq, ds = warpgroup_mma_wait(0, deps=(dq_tok, ds))
     if n > 0:
         mbarrier.arrive(k_empty.index((n - 1) % 2), count=1)
@@ -190,20 +182,13 @@ def _gl_dq_ws_kernel(
     MASK_KIND: gl.constexpr, CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr, HAS_PREFIX: gl.constexpr,
     HAS_FULL: gl.constexpr, EVEN_M: gl.constexpr, EVEN_N: gl.constexpr, ACCUM: gl.constexpr,
     S_LAYOUT: gl.constexpr, DQ_LAYOUT: gl.constexpr, DS_LAYOUT: gl.constexpr, SMEM: gl.constexpr,
-    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CONSUMER_REGS: gl.constexpr, SERIAL: gl.constexpr = True,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):  # fmt: skip
     SUBS_M: gl.constexpr = QBS // BLOCK_M
     SUBS: gl.constexpr = KBS // BLOCK_N
     HALF: gl.constexpr = BLOCK_M // 2
     dtype: gl.constexpr = Q.dtype.element_ty
-    # launch coordinates: triton_fwd._launch_coords
-    pid = gl.program_id(0)
-    per_group = HG * (NB * SUBS_M)
-    grp = pid // per_group
-    r = pid - grp * per_group
-    hg = gl.minimum(HG, BH - grp * HG)
-    slot = r // hg
-    bh = grp * HG + r % hg
+    slot, bh = _gl_launch_coords(NB, BH, HG, SUBS_M)
     b = bh // Hq
     hq = bh % Hq
     hk = hq // G
@@ -211,13 +196,10 @@ def _gl_dq_ws_kernel(
     hq64 = hq.to(gl.int64)
     qb = gl.load(ORDER + b * sor_b + hq * sor_h + slot // SUBS_M)
     start_m = qb * QBS + (slot % SUBS_M) * BLOCK_M
-    num_off = b * snb + hq * snh + qb
-    idx_off = b64 * sib + hq * sih + qb * siq
-    n_part = gl.load(KV_NUM + num_off)
-    n_blocks = n_part
-    if HAS_FULL:
-        n_blocks += gl.load(FULL_NUM + num_off)
-    n = n_blocks * SUBS
+    n_part, n, KVI, FULLI = _gl_block_lists(
+        KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, b * snb + hq * snh + qb, b64 * sib + hq * sih + qb * siq, SUBS,
+        HAS_FULL,
+    )  # fmt: skip
 
     q_desc = tma.make_tensor_descriptor(Q + b64 * sqb + hq64 * sqh, [Sq, D], [sqm, 1], [HALF, D], SMEM)
     do_desc = tma.make_tensor_descriptor(DO + b64 * sdob + hq64 * sdoh, [Sq, DV], [sdom, 1], [HALF, DV], SMEM)
@@ -231,17 +213,7 @@ def _gl_dq_ws_kernel(
     do_smem = gl.allocate_shared_memory(dtype, [2, HALF, DV], SMEM)
     k_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D], SMEM)
     v_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, DV], SMEM)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(2):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)  # both consumers release a buffer
-        mbarrier.init(v_empty.index(i), count=2)
+    bars = _gl_pipeline_barriers()  # (Q and dO, K ready / empty, V ready / empty)
 
     if MASK_KIND == 1:
         KVDOC = KVDOC + b64 * sdk
@@ -249,17 +221,16 @@ def _gl_dq_ws_kernel(
         if HAS_PREFIX:
             KVPRE = KVPRE + b64 * sdk
     descs = (q_desc, do_desc, k_desc, v_desc)
-    bars = (q_bar, k_ready, k_empty, v_ready, v_empty)
     bufs = (q_smem, do_smem, k_smem, v_smem)
     row = bh.to(gl.int64) * Sq
     ptrs = (
-        DQ + b64 * sdqb + hq64 * sdqh, LSE + row, DELTA + row, KV_IDX + idx_off, FULL_IDX + idx_off,
+        DQ + b64 * sdqb + hq64 * sdqh, LSE + row, DELTA + row, KVI, FULLI,
         QDOC + b64 * sdq, KVDOC, QPOS + b64 * sdq, KVPOS, KVPRE,
     )  # fmt: skip
     ints = (start_m, n_part, n, Sq, Skv, window, qk_scale, scale, sdqm)
     CONSTS: gl.constexpr = (
         KBS, BLOCK_N, HALF, D, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_PREFIX, EVEN_M, EVEN_N, S_LAYOUT, DQ_LAYOUT,
-        DS_LAYOUT, ACCUM, SERIAL,
+        DS_LAYOUT, ACCUM,
     )  # fmt: skip
     gl.warp_specialize(
         [
@@ -299,17 +270,14 @@ def _gl_doc_visible_t(qd, qp, kd, kp, kpre, window, CAUSAL: gl.constexpr, HAS_WI
 
 
 @gluon.jit
-def _dkdv_lists(NUMS, hq, ints):
-    """(partial count, steps, partial list, full list) of query head ``hq`` for this program's kv block."""
+def _dkdv_lists(NUMS, hq, ints, SUBS: gl.constexpr, HAS_FULL: gl.constexpr):
+    """``_gl_block_lists`` of query head ``hq`` for this program's kv block (the transposed tables)."""
     Q_NUM, Q_IDX, FULLQ_NUM, FULLQ_IDX = NUMS
-    kb, b, snb, snh, sib, sih, sik, SUBS, HAS_FULL = ints
-    num_off = b * snb + hq * snh + kb
-    idx_off = b.to(gl.int64) * sib + hq * sih + kb * sik
-    n_part = gl.load(Q_NUM + num_off)
-    n_blocks = n_part
-    if HAS_FULL:
-        n_blocks += gl.load(FULLQ_NUM + num_off)
-    return n_part, n_blocks * SUBS, Q_IDX + idx_off, FULLQ_IDX + idx_off
+    kb, b, snb, snh, sib, sih, sik = ints
+    return _gl_block_lists(
+        Q_NUM, Q_IDX, FULLQ_NUM, FULLQ_IDX, b * snb + hq * snh + kb, b.to(gl.int64) * sib + hq * sih + kb * sik,
+        SUBS, HAS_FULL,
+    )  # fmt: skip
 
 
 @gluon.jit
@@ -336,14 +304,14 @@ def _dkdv_producer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
     c = 0
     for g in range(0, G):
         hq = hk * G + g
-        n_part, n, QI, FQI = _dkdv_lists(NUMS, hq, (kb, b, snb, snh, sib, sih, sik, SUBS, HAS_FULL))
+        n_part, n, QI, FQI = _dkdv_lists(NUMS, hq, (kb, b, snb, snh, sib, sih, sik), SUBS, HAS_FULL)
         hq64 = hq.to(gl.int64)
         q_desc = tma.make_tensor_descriptor(Qb + hq64 * sqh, [Sq, D], [sqm, 1], [BLOCK_M, D], SMEM)
         do_desc = tma.make_tensor_descriptor(DOb + hq64 * sdoh, [Sq, D], [sdom, 1], [BLOCK_M, D], SMEM)
         for t in range(0, n):
             st = c % 2
             ph = (c // 2) & 1
-            row0 = _gl_kv_row0(QI, FQI, t, n_part, QBS, BLOCK_M, SUBS)
+            row0 = _gl_step_row0(QI, FQI, t, n_part, QBS, BLOCK_M, SUBS)
             mbarrier.wait(q_empty.index(st), ph ^ 1)
             mbarrier.expect(q_ready.index(st), q_desc.block_type.nbytes)
             _tma_load(q_desc, [row0, 0], q_ready.index(st), q_smem.index(st))
@@ -375,7 +343,6 @@ def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
     ACC_LAYOUT: gl.constexpr = CONSTS[12]
     OP_LAYOUT: gl.constexpr = CONSTS[13]
     ACCUM: gl.constexpr = CONSTS[14]
-    SERIAL: gl.constexpr = CONSTS[16]
     SUBS: gl.constexpr = QBS // BLOCK_M
     dtype: gl.constexpr = k_smem.dtype
     ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)  # kv rows
@@ -394,6 +361,8 @@ def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
             kpre = kp
     ar_m = gl.arange(0, BLOCK_M, layout=COL_S)
     s_zero = gl.zeros([HALF, BLOCK_M], gl.float32, layout=S_LAYOUT)
+    # (dK and dV travel the loop as accumulator tokens, waited for at each step's end and again, already
+    # complete, beside S^T: the code measured in s13 call 8)
     dk_tok = warpgroup_mma_init(gl.zeros([HALF, D], gl.float32, layout=ACC_LAYOUT))
     dv_tok = warpgroup_mma_init(gl.zeros([HALF, D], gl.float32, layout=ACC_LAYOUT))
     pT = gl.zeros([HALF, BLOCK_M], dtype, layout=OP_LAYOUT)
@@ -402,13 +371,13 @@ def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
     c = 0
     for g in range(0, G):
         hq = hk * G + g
-        n_part, n, QI, FQI = _dkdv_lists(NUMS, hq, (kb, b, snb, snh, sib, sih, sik, SUBS, HAS_FULL))
+        n_part, n, QI, FQI = _dkdv_lists(NUMS, hq, (kb, b, snb, snh, sib, sih, sik), SUBS, HAS_FULL)
         LSEh = LSEb + hq.to(gl.int64) * Sq
         DELTAh = DELTAb + hq.to(gl.int64) * Sq
         for t in range(0, n):
             st = c % 2
             ph = (c // 2) & 1
-            row0 = _gl_kv_row0(QI, FQI, t, n_part, QBS, BLOCK_M, SUBS)
+            row0 = _gl_step_row0(QI, FQI, t, n_part, QBS, BLOCK_M, SUBS)
             offs_m = row0 + ar_m
             lse = gl.load(LSEh + offs_m, mask=offs_m < Sq, other=float("inf"))
             lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -419,9 +388,9 @@ def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
             mbarrier.wait(do_ready.index(st), ph)
             do_t = do_smem.index(st)
             dpt_tok = warpgroup_mma(v_tile, do_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            # the previous step's dV and dK GEMMs and S^T_t are back; dP^T_t may still run
+            # S^T_t is back; dP^T_t may still run
             dv, dk, sT, pT, dsT = warpgroup_mma_wait(1, deps=(dv_tok, dk_tok, st_tok, pT, dsT))
-            if c > 0:
+            if c > 0:  # Q_{c-1} and dO_{c-1}: their last readers were waited for in step c-1
                 mbarrier.arrive(q_empty.index((c - 1) % 2), count=1)
                 mbarrier.arrive(do_empty.index((c - 1) % 2), count=1)
             if MASK_KIND == 1:  # noqa: SIM102 (a constexpr test, then a runtime one)
@@ -438,10 +407,9 @@ def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
             dpT = warpgroup_mma_wait(1, deps=(dpt_tok,))
             dsT = gl.convert_layout((p * (dpT - gl.expand_dims(delta, 0))).to(dtype), OP_LAYOUT)
             dk_tok = warpgroup_mma(dsT, q_t, dk, is_async=True)
-            if SERIAL:
-                dv, dk, pT, dsT = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, pT, dsT))
-                dv_tok = warpgroup_mma_init(dv)
-                dk_tok = warpgroup_mma_init(dk)
+            dv, dk, pT, dsT = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, pT, dsT))
+            dv_tok = warpgroup_mma_init(dv)
+            dk_tok = warpgroup_mma_init(dk)
             c += 1
     dv, dk, pT, dsT = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, pT, dsT))
     if c > 0:
@@ -486,19 +454,11 @@ def _gl_dkdv_ws_kernel(
     S_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr, OP_LAYOUT: gl.constexpr, SMEM: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CONSUMER_REGS: gl.constexpr,
     PRODUCER_REGS: gl.constexpr = 24,
-    SERIAL: gl.constexpr = True,
 ):  # fmt: skip
     SUBS_N: gl.constexpr = KBS // BLOCK_N
     HALF: gl.constexpr = BLOCK_N // 2
     dtype: gl.constexpr = Q.dtype.element_ty
-    # launch coordinates: triton_fwd._launch_coords over (kv tile, batch·kv head)
-    pid = gl.program_id(0)
-    per_group = HG * (NB * SUBS_N)
-    grp = pid // per_group
-    r = pid - grp * per_group
-    hg = gl.minimum(HG, BH - grp * HG)
-    slot = r // hg
-    bh = grp * HG + r % hg
+    slot, bh = _gl_launch_coords(NB, BH, HG, SUBS_N)  # over (kv tile, batch·kv head)
     b = bh // Hkv
     hk = bh % Hkv
     b64 = b.to(gl.int64)
@@ -513,17 +473,7 @@ def _gl_dkdv_ws_kernel(
     v_smem = gl.allocate_shared_memory(dtype, [2, HALF, DV], SMEM)
     q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], SMEM)
     do_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, DV], SMEM)
-    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    do_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    do_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(kv_bar, count=1)
-    for i in gl.static_range(2):
-        mbarrier.init(q_ready.index(i), count=1)
-        mbarrier.init(do_ready.index(i), count=1)
-        mbarrier.init(q_empty.index(i), count=2)  # both consumers release a buffer
-        mbarrier.init(do_empty.index(i), count=2)
+    bars = _gl_pipeline_barriers()  # (K and V, Q ready / empty, dO ready / empty)
 
     if MASK_KIND == 1:
         QDOC = QDOC + b64 * sdq
@@ -533,7 +483,6 @@ def _gl_dkdv_ws_kernel(
         if HAS_PREFIX:
             KVPRE = KVPRE + b64 * sdk
     descs = (k_desc, v_desc)
-    bars = (kv_bar, q_ready, q_empty, do_ready, do_empty)
     bufs = (k_smem, v_smem, q_smem, do_smem)
     rows = b64 * Hq * Sq
     ptrs = (
@@ -546,7 +495,7 @@ def _gl_dkdv_ws_kernel(
     )  # fmt: skip
     CONSTS: gl.constexpr = (
         QBS, BLOCK_M, HALF, HAS_FULL, D, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_PREFIX, EVEN_M, EVEN_N, S_LAYOUT,
-        ACC_LAYOUT, OP_LAYOUT, ACCUM, SMEM, SERIAL,
+        ACC_LAYOUT, OP_LAYOUT, ACCUM, SMEM,
     )  # fmt: skip
     gl.warp_specialize(
         [
@@ -573,44 +522,6 @@ def dkdv_kernel_layouts(D: int, block_m: int = DKDV_BLOCK_M) -> dict:
     )
 
 
-def compile_dkdv_for_sm90(
-    D: int = 128, dtype: str = "bf16", block_m: int = DKDV_BLOCK_M, consumer_regs: int = CONSUMER_REGS,
-    producer_regs: int = 24, serial: bool = True, **flags,
-):  # fmt: skip
-    """Compile one specialisation of the dK/dV kernel for sm_90a without a GPU (see ``compile_dq_for_sm90``)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    f = dict(mask_kind=MASK_DOC, causal=True, has_window=False, has_prefix=False, has_full=True, even_m=True)
-    f.update(even_n=True, accum=False)
-    f.update(flags)
-    fn = _gl_dkdv_ws_kernel
-    consts = dict(
-        D=D, DV=D, QBS=128, KBS=128, MASK_KIND=f["mask_kind"], CAUSAL=f["causal"],
-        HAS_WINDOW=f["has_window"], HAS_PREFIX=f["has_prefix"], HAS_FULL=f["has_full"], EVEN_M=f["even_m"],
-        EVEN_N=f["even_n"], ACCUM=f["accum"], CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, SERIAL=serial,
-        **dkdv_kernel_layouts(D, block_m),
-    )  # fmt: skip
-    ptrs = dict.fromkeys(("Q", "K", "V", "DO", "DK", "DV_"), f"*{dtype}")
-    ptrs.update(dict.fromkeys(("Q_NUM", "Q_IDX", "FULLQ_NUM", "FULLQ_IDX", "ORDER"), "*i32"))
-    ptrs.update(
-        dict.fromkeys(("QDOC", "KVDOC", "QPOS", "KVPOS", "KVPRE"), "*i32"), LSE="*fp32", DELTA="*fp32"
-    )
-    aligned = {"sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sdob", "sdoh", "sdom"}
-    aligned |= {"sdkb", "sdkh", "sdkn", "sdvb", "sdvh", "sdvn"}
-    sig = {}
-    for name in fn.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        else:
-            sig[name] = ptrs.get(name, "fp32" if name in ("scale", "qk_scale") else "i32")
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in ptrs or n in aligned}
-    src = GluonASTSource(fn, sig, consts, attrs)
-    return triton.compile(
-        src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": WS_MAXNREG}
-    )
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------------------
@@ -630,17 +541,93 @@ def dq_kernel_layouts(D: int, block_n: int = DQ_BLOCK_N) -> dict:
     )
 
 
-def gluon_dq_unsupported(q, k, v, dout, block_mask, score_mod, scale, dq_out=None) -> str | None:
-    """Why the Gluon dQ kernel cannot run this call, or None (the forward's rules, plus dO's TMA alignment
-    and the dq_out dtype)."""
+def gluon_backward_unsupported(q, k, v, dout, block_mask, score_mod, scale, **outs) -> str | None:
+    """Why the Gluon backward kernels cannot run this call, or None: the forward's rules, plus dO's dtype
+    and TMA alignment and the dtypes of the given output buffers (``dq_out=`` / ``dk_out=`` / ``dv_out=``)."""
     if dout.dtype != q.dtype:
         return f"dout dtype {dout.dtype} differs from q's {q.dtype}"
-    if dq_out is not None and dq_out.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dq_out dtype {dq_out.dtype}: it stores fp16, bf16 or fp32"
+    for name, t in outs.items():
+        if t is not None and t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"{name} dtype {t.dtype}: it stores fp16, bf16 or fp32"
     why = _tma_problem("dout", dout)
     if why is not None:
         return why
     return gluon_forward_unsupported(q, k, v, block_mask, score_mod, scale)
+
+
+def _checked(fn: str, q, k, v, dout, lse, delta, block_mask, scale, enable_gqa, **outs):
+    """The checks and launch parameters shared by ``gluon_dq`` and ``gluon_dkdv``."""
+    why = gluon_backward_unsupported(q, k, v, dout, block_mask, None, scale, **outs)
+    if why is not None:
+        raise ValueError(f"{fn} cannot run this call: {why}")
+    lp = prepare(q, k, v, block_mask, None, scale, enable_gqa, None, None, dense_block=128)
+    sh = lp.shape
+    for name, t in (("lse", lse), ("delta", delta)):
+        if tuple(t.shape) != (sh.B, sh.Hq, sh.Sq) or t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(
+                f"{name} must be a contiguous fp32 [B, Hq, Sq] = {(sh.B, sh.Hq, sh.Sq)} tensor, got "
+                f"{t.dtype} {tuple(t.shape)}"
+            )
+    for name, t in outs.items():
+        want = (sh.B, sh.Hq, sh.Sq, sh.D) if name == "dq_out" else (sh.B, sh.Hkv, sh.Skv, sh.D)
+        if t is not None and (tuple(t.shape) != want or t.device != q.device or t.stride(-1) != 1):
+            raise ValueError(
+                f"{name} must be {want} on {q.device} with unit last-dim stride, got {tuple(t.shape)} "
+                f"on {t.device} with strides {t.stride()}"
+            )
+    return lp
+
+
+def launch_dq(q, k, v, dout, lse, delta, dq, accum: bool, lp, head_group=None, block_n: int = DQ_BLOCK_N):
+    """Launch the dQ kernel into ``dq`` (added into when ``accum``) for checked inputs: ``lp`` is
+    ``triton_fwd.prepare``'s result for this call (``triton_backward`` passes its own)."""
+    sh, km = lp.shape, lp.km
+    assert lp.score_kind == SCORE_NONE and km.mask_kind in (MASK_NONE, MASK_DOC)
+    n_qb = triton.cdiv(sh.Sq, km.QBS)
+    (num, idx, fnum, fidx, _pid, snb, snh, sib, sih, siq, order, sor_b, sor_h) = meta_args(
+        km, False, lp.dummy_i
+    )
+    docs, (causal, has_w, has_pre) = doc_args(km, lp.dummy_i)
+    hg = head_group or launch_head_group(sh, k.element_size(), kv_programs=False)
+    triton.set_allocator(_tma_scratch)  # the device-side descriptors' global scratch (see gluon_forward)
+    _gl_dq_ws_kernel[(n_qb * (km.QBS // BLOCK_M) * sh.B * sh.Hq,)](
+        q, k, v, dout, lse, delta, dq,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        num, idx, fnum, fidx, snb, snh, sib, sih, siq, order, sor_b, sor_h,
+        *docs, sh.Hq, sh.groups, sh.Sq, sh.Skv, lp.scale, lp.scale * LOG2E, n_qb, sh.B * sh.Hq, hg,
+        D=sh.D, DV=sh.Dv, QBS=km.QBS, KBS=km.KBS, MASK_KIND=km.mask_kind, CAUSAL=causal, HAS_WINDOW=has_w,
+        HAS_PREFIX=has_pre, HAS_FULL=km.has_full, EVEN_M=lp.even_m, EVEN_N=lp.even_n, ACCUM=accum,
+        CONSUMER_REGS=CONSUMER_REGS, num_warps=4, maxnreg=WS_MAXNREG, **dq_kernel_layouts(sh.D, block_n),
+    )  # fmt: skip
+    return dq
+
+
+def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, accum: bool, lp, head_group=None, block_m=DKDV_BLOCK_M):
+    """Launch the dK/dV kernel into ``dk`` / ``dv`` (added into when ``accum``) for checked inputs (see
+    ``launch_dq``)."""
+    sh, km = lp.shape, lp.km
+    assert lp.score_kind == SCORE_NONE and km.mask_kind in (MASK_NONE, MASK_DOC)
+    n_kb = triton.cdiv(sh.Skv, km.KBS)
+    (num, idx, fnum, fidx, _pid, snb, snh, sib, sih, sik, order, sor_b, sor_h) = meta_args(
+        km, True, lp.dummy_i
+    )
+    docs, (causal, has_w, has_pre) = doc_args(km, lp.dummy_i)
+    hg = head_group or launch_head_group(sh, q.element_size(), kv_programs=True)
+    triton.set_allocator(_tma_scratch)
+    _gl_dkdv_ws_kernel[(n_kb * (km.KBS // BLOCK_M) * sh.B * sh.Hkv,)](
+        q, k, v, dout, lse, delta, dk, dv,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        num, idx, fnum, fidx, snb, snh, sib, sih, sik, order, sor_b, sor_h,
+        *docs, sh.Hq, sh.Hkv, sh.groups, sh.Sq, sh.Skv, lp.scale, lp.scale * LOG2E, n_kb, sh.B * sh.Hkv, hg,
+        D=sh.D, DV=sh.Dv, QBS=km.QBS, KBS=km.KBS, MASK_KIND=km.mask_kind, CAUSAL=causal, HAS_WINDOW=has_w,
+        HAS_PREFIX=has_pre, HAS_FULL=km.has_full, EVEN_M=lp.even_m, EVEN_N=lp.even_n, ACCUM=accum,
+        CONSUMER_REGS=CONSUMER_REGS, num_warps=4, maxnreg=WS_MAXNREG, **dkdv_kernel_layouts(sh.D, block_m),
+    )  # fmt: skip
+    return dk, dv
 
 
 def gluon_dq(
@@ -662,89 +649,18 @@ def gluon_dq(
     """dQ through the Gluon kernel, given the global natural-log ``lse`` and ``delta = rowsum(dO·O) − dLSE``
     (fp32, ``[B, Hq, Sq]``): a new tensor in q's dtype, or added into / (``accumulate=False``) written over
     ``dq_out`` (fp16, bf16 or fp32, unit last-dim stride), which is returned. Raises ``ValueError`` naming
-    the reason for a call it does not cover (``gluon_dq_unsupported``)."""
-    why = gluon_dq_unsupported(q, k, v, dout, block_mask, None, scale, dq_out)
-    if why is not None:
-        raise ValueError(f"gluon_dq cannot run this call: {why}")
+    the reason for a call it does not cover (``gluon_backward_unsupported``)."""
+    lp = _checked("gluon_dq", q, k, v, dout, lse, delta, block_mask, scale, enable_gqa, dq_out=dq_out)
     if block_n not in (64, 128):
         raise ValueError(f"block_n must be 64 or 128, got {block_n}")
-    lp = prepare(q, k, v, block_mask, None, scale, enable_gqa, None, None, dense_block=128)
-    sh, km = lp.shape, lp.km
-    assert lp.score_kind == SCORE_NONE and km.mask_kind in (MASK_NONE, MASK_DOC)
-    for name, t in (("lse", lse), ("delta", delta)):
-        if tuple(t.shape) != (sh.B, sh.Hq, sh.Sq) or t.dtype != torch.float32 or not t.is_contiguous():
-            raise ValueError(
-                f"{name} must be a contiguous fp32 [B, Hq, Sq] = {(sh.B, sh.Hq, sh.Sq)} tensor, got "
-                f"{t.dtype} {tuple(t.shape)}"
-            )
-    if dq_out is not None:
-        want = (sh.B, sh.Hq, sh.Sq, sh.D)
-        if tuple(dq_out.shape) != want or dq_out.device != q.device or dq_out.stride(-1) != 1:
-            raise ValueError(
-                f"dq_out must be {want} on {q.device} with unit last-dim stride, got {tuple(dq_out.shape)} "
-                f"on {dq_out.device} with strides {dq_out.stride()}"
-            )
-        dq = dq_out
-    else:
-        dq = torch.empty(sh.B, sh.Hq, sh.Sq, sh.D, dtype=q.dtype, device=q.device)
-    n_qb = triton.cdiv(sh.Sq, km.QBS)
-    (num, idx, fnum, fidx, _pid, snb, snh, sib, sih, siq, order, sor_b, sor_h) = meta_args(
-        km, False, lp.dummy_i
+    sh = lp.shape
+    dq = (
+        dq_out
+        if dq_out is not None
+        else torch.empty(sh.B, sh.Hq, sh.Sq, sh.D, dtype=q.dtype, device=q.device)
     )
-    docs, (causal, has_w, has_pre) = doc_args(km, lp.dummy_i)
-    hg = head_group or launch_head_group(sh, k.element_size(), kv_programs=False)
-    triton.set_allocator(_tma_scratch)  # the device-side descriptors' global scratch (see gluon_forward)
-    _gl_dq_ws_kernel[(n_qb * (km.QBS // BLOCK_M) * sh.B * sh.Hq,)](
-        q, k, v, dout, lse, delta, dq,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        num, idx, fnum, fidx, snb, snh, sib, sih, siq, order, sor_b, sor_h,
-        *docs, sh.Hq, sh.groups, sh.Sq, sh.Skv, lp.scale, lp.scale * LOG2E, n_qb, sh.B * sh.Hq, hg,
-        D=sh.D, DV=sh.Dv, QBS=km.QBS, KBS=km.KBS, MASK_KIND=km.mask_kind, CAUSAL=causal, HAS_WINDOW=has_w,
-        HAS_PREFIX=has_pre, HAS_FULL=km.has_full, EVEN_M=lp.even_m, EVEN_N=lp.even_n,
-        ACCUM=dq_out is not None and accumulate, CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
-        maxnreg=WS_MAXNREG, **dq_kernel_layouts(sh.D, block_n),
-    )  # fmt: skip
-    return dq
-
-
-def compile_dq_for_sm90(
-    D: int = 128, dtype: str = "bf16", block_n: int = DQ_BLOCK_N, serial: bool = True, **flags
-):  # fmt: skip
-    """Compile one specialisation of the dQ kernel for sm_90a without a GPU (see
-    ``gluon_fwd.compile_for_sm90``); ``flags``: mask_kind, causal, has_window, has_prefix, has_full, even_m,
-    even_n, accum."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    f = dict(mask_kind=MASK_DOC, causal=True, has_window=False, has_prefix=False, has_full=True, even_m=True)
-    f.update(even_n=True, accum=False)
-    f.update(flags)
-    fn = _gl_dq_ws_kernel
-    consts = dict(
-        D=D, DV=D, QBS=128, KBS=128, MASK_KIND=f["mask_kind"], CAUSAL=f["causal"],
-        HAS_WINDOW=f["has_window"], HAS_PREFIX=f["has_prefix"], HAS_FULL=f["has_full"], EVEN_M=f["even_m"],
-        EVEN_N=f["even_n"], ACCUM=f["accum"], CONSUMER_REGS=CONSUMER_REGS, SERIAL=serial,
-        **dq_kernel_layouts(D, block_n),
-    )  # fmt: skip
-    ptrs = dict.fromkeys(("Q", "K", "V", "DO", "DQ"), f"*{dtype}")
-    ptrs.update(dict.fromkeys(("KV_NUM", "KV_IDX", "FULL_NUM", "FULL_IDX", "ORDER"), "*i32"))
-    ptrs.update(
-        dict.fromkeys(("QDOC", "KVDOC", "QPOS", "KVPOS", "KVPRE"), "*i32"), LSE="*fp32", DELTA="*fp32"
-    )
-    aligned = {"sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sdob", "sdoh", "sdom"}
-    aligned |= {"sdqb", "sdqh", "sdqm"}
-    sig = {}
-    for name in fn.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        else:
-            sig[name] = ptrs.get(name, "fp32" if name in ("scale", "qk_scale") else "i32")
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in ptrs or n in aligned}
-    src = GluonASTSource(fn, sig, consts, attrs)
-    return triton.compile(
-        src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": WS_MAXNREG}
+    return launch_dq(
+        q, k, v, dout, lse, delta, dq, dq_out is not None and accumulate, lp, head_group, block_n
     )
 
 
@@ -768,58 +684,54 @@ def gluon_dkdv(
     """(dK, dV) through the Gluon kernel (``gluon_dq``'s inputs): new tensors in k's / v's dtype, or added
     into / (``accumulate=False``) written over ``dk_out`` / ``dv_out`` (given together; fp16, bf16 or fp32,
     unit last-dim stride), which are returned. Raises ``ValueError`` naming the reason for a call it does not
-    cover (``gluon_dq_unsupported``'s rules)."""
-    why = gluon_dq_unsupported(q, k, v, dout, block_mask, None, scale, dk_out)
-    if (
-        why is None
-        and dv_out is not None
-        and dv_out.dtype not in (torch.float16, torch.bfloat16, torch.float32)
-    ):
-        why = f"dv_out dtype {dv_out.dtype}: it stores fp16, bf16 or fp32"
-    if why is not None:
-        raise ValueError(f"gluon_dkdv cannot run this call: {why}")
+    cover (``gluon_backward_unsupported``)."""
     if (dk_out is None) != (dv_out is None):
         raise ValueError("dk_out and dv_out must be given together")
     if block_m not in (32, 64):
         raise ValueError(f"block_m must be 32 or 64, got {block_m}")
-    lp = prepare(q, k, v, block_mask, None, scale, enable_gqa, None, None, dense_block=128)
-    sh, km = lp.shape, lp.km
-    assert lp.score_kind == SCORE_NONE and km.mask_kind in (MASK_NONE, MASK_DOC)
-    for name, t in (("lse", lse), ("delta", delta)):
-        if tuple(t.shape) != (sh.B, sh.Hq, sh.Sq) or t.dtype != torch.float32 or not t.is_contiguous():
-            raise ValueError(
-                f"{name} must be a contiguous fp32 [B, Hq, Sq] = {(sh.B, sh.Hq, sh.Sq)} tensor, got "
-                f"{t.dtype} {tuple(t.shape)}"
-            )
+    lp = _checked(
+        "gluon_dkdv", q, k, v, dout, lse, delta, block_mask, scale, enable_gqa, dk_out=dk_out, dv_out=dv_out
+    )
+    sh = lp.shape
     if dk_out is not None:
-        for name, t in (("dk_out", dk_out), ("dv_out", dv_out)):
-            want = (sh.B, sh.Hkv, sh.Skv, sh.D)
-            if tuple(t.shape) != want or t.device != q.device or t.stride(-1) != 1:
-                raise ValueError(
-                    f"{name} must be {want} on {q.device} with unit last-dim stride, got {tuple(t.shape)} "
-                    f"on {t.device} with strides {t.stride()}"
-                )
         dk, dv = dk_out, dv_out
     else:
         dk = torch.empty(sh.B, sh.Hkv, sh.Skv, sh.D, dtype=k.dtype, device=q.device)
         dv = torch.empty(sh.B, sh.Hkv, sh.Skv, sh.Dv, dtype=v.dtype, device=q.device)
-    n_kb = triton.cdiv(sh.Skv, km.KBS)
-    (num, idx, fnum, fidx, _pid, snb, snh, sib, sih, sik, order, sor_b, sor_h) = meta_args(
-        km, True, lp.dummy_i
-    )
-    docs, (causal, has_w, has_pre) = doc_args(km, lp.dummy_i)
-    hg = head_group or launch_head_group(sh, q.element_size(), kv_programs=True)
-    triton.set_allocator(_tma_scratch)  # the device-side descriptors' global scratch (see gluon_forward)
-    _gl_dkdv_ws_kernel[(n_kb * (km.KBS // BLOCK_M) * sh.B * sh.Hkv,)](
-        q, k, v, dout, lse, delta, dk, dv,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        num, idx, fnum, fidx, snb, snh, sib, sih, sik, order, sor_b, sor_h,
-        *docs, sh.Hq, sh.Hkv, sh.groups, sh.Sq, sh.Skv, lp.scale, lp.scale * LOG2E, n_kb, sh.B * sh.Hkv, hg,
-        D=sh.D, DV=sh.Dv, QBS=km.QBS, KBS=km.KBS, MASK_KIND=km.mask_kind, CAUSAL=causal, HAS_WINDOW=has_w,
-        HAS_PREFIX=has_pre, HAS_FULL=km.has_full, EVEN_M=lp.even_m, EVEN_N=lp.even_n,
-        ACCUM=dk_out is not None and accumulate, CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
-        maxnreg=WS_MAXNREG, **dkdv_kernel_layouts(sh.D, block_m),
+    accum = dk_out is not None and accumulate
+    return launch_dkdv(q, k, v, dout, lse, delta, dk, dv, accum, lp, head_group, block_m)
+
+
+# the constexpr flags of the backward kernels an ahead-of-time compile may set, and their defaults
+_BWD_FLAGS = dict(
+    mask_kind=MASK_DOC, causal=True, has_window=False, has_prefix=False, has_full=True, even_m=True,
+    even_n=True, accum=False,
+)  # fmt: skip
+
+
+def _bwd_consts(D: int, flags: dict) -> dict:
+    f = {**_BWD_FLAGS, **flags}
+    return dict(
+        D=D, DV=D, QBS=128, KBS=128, MASK_KIND=f["mask_kind"], CAUSAL=f["causal"], HAS_WINDOW=f["has_window"],
+        HAS_PREFIX=f["has_prefix"], HAS_FULL=f["has_full"], EVEN_M=f["even_m"], EVEN_N=f["even_n"],
+        ACCUM=f["accum"],
     )  # fmt: skip
-    return dk, dv
+
+
+def compile_dq_for_sm90(D: int = 128, dtype: str = "bf16", block_n: int = DQ_BLOCK_N, **flags):
+    """``gluon_fwd.compile_sm90`` of the dQ kernel; ``flags``: those of ``_BWD_FLAGS``."""
+    consts = dict(_bwd_consts(D, flags), CONSUMER_REGS=CONSUMER_REGS, **dq_kernel_layouts(D, block_n))
+    return compile_sm90(_gl_dq_ws_kernel, consts, dict.fromkeys(("Q", "K", "V", "DO", "DQ"), f"*{dtype}"))
+
+
+def compile_dkdv_for_sm90(
+    D: int = 128, dtype: str = "bf16", block_m: int = DKDV_BLOCK_M, consumer_regs: int = CONSUMER_REGS,
+    producer_regs: int = 24, **flags,
+):  # fmt: skip
+    """``gluon_fwd.compile_sm90`` of the dK/dV kernel (register budgets settable to study its spills)."""
+    consts = dict(
+        _bwd_consts(D, flags), CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs,
+        **dkdv_kernel_layouts(D, block_m),
+    )  # fmt: skip
+    ptrs = dict.fromkeys(("Q", "K", "V", "DO", "DK", "DV_"), f"*{dtype}")
+    return compile_sm90(_gl_dkdv_ws_kernel, consts, ptrs)

@@ -566,7 +566,7 @@ def triton_backward(
     ``head_group``: heads per launch group of the dK/dV and dQ kernels (``triton_fwd.launch_head_group``; None:
     its choice).
     ``gluon_dq``: run the dQ pass through the warp-specialised Gluon kernel (kernels/gluon_bwd.py) where it
-    covers the call (``gluon_dq_unsupported``; never when ``traceable``), else the Triton dQ kernel
+    covers the call (``gluon_backward_unsupported``; never when ``traceable``), else the Triton dQ kernel
     (``flex_attention_backward`` asks for it on its default backend: 10-18% faster on an H100,
     bench/results/2026-11-26-s13/call8).
     ``gluon_dkdv``: the same for the dK/dV pass (``gluon_bwd.gluon_dkdv``); opt-in, 5-15% slower than the
@@ -633,33 +633,37 @@ def triton_backward(
                     f"{t.dtype} on {t.device} with strides {t.stride()}"
                 )
     dq = dk = dv = None
-    if run_dkdv and gluon_dkdv and not traceable and config is None:
-        from .gluon_bwd import gluon_dkdv as _gluon_dkdv
-        from .gluon_bwd import gluon_dq_unsupported
+    use_gluon = (gluon_dq or gluon_dkdv) and not traceable and config is None
+    if use_gluon:
+        from . import gluon_bwd
 
-        if gluon_dq_unsupported(q, k, v, dout, block_mask, score_mod, scale, dk_out) is None and (
-            dv_out is None or dv_out.dtype in (torch.float16, torch.bfloat16, torch.float32)
-        ):
-            dk, dv = _gluon_dkdv(
-                q, k, v, dout, lse, delta, block_mask, scale, enable_gqa, dk_out=dk_out, dv_out=dv_out,
-                accumulate=accumulate, head_group=head_group,
-            )  # fmt: skip
-            run_dkdv = False
+        use_gluon = (
+            gluon_bwd.gluon_backward_unsupported(
+                q, k, v, dout, block_mask, score_mod, scale, dq_out=dq_out, dk_out=dk_out, dv_out=dv_out
+            )
+            is None
+        )
+    if run_dkdv and gluon_dkdv and use_gluon:
+        if dk_out is not None:
+            dk, dv = dk_out, dv_out
+        else:
+            dk = torch.empty(sh.B, sh.Hkv, sh.Skv, sh.D, dtype=k.dtype, device=dev)
+            dv = torch.empty(sh.B, sh.Hkv, sh.Skv, sh.Dv, dtype=v.dtype, device=dev)
+        gluon_bwd.launch_dkdv(
+            q, k, v, dout, lse, delta, dk, dv, dk_out is not None and accumulate, lp, head_group
+        )  # fmt: skip
+        run_dkdv = False
     if run_dkdv:
         dk, dv = _dkdv(
             q, k, v, dout, lse, delta, dk_out, dv_out, lp, km, sh, c1, M1, N1, config, common, traceable,
             head_group, accumulate,
         )  # fmt: skip
-    if run_dq and gluon_dq and not traceable and config is None:
-        from .gluon_bwd import gluon_dq as _gluon_dq
-        from .gluon_bwd import gluon_dq_unsupported
-
-        if gluon_dq_unsupported(q, k, v, dout, block_mask, score_mod, scale, dq_out) is None:
-            dq = _gluon_dq(
-                q, k, v, dout, lse, delta, block_mask, scale, enable_gqa, dq_out=dq_out,
-                accumulate=accumulate, head_group=head_group,
-            )  # fmt: skip
-            run_dq = False
+    if run_dq and gluon_dq and use_gluon:
+        dq = (
+            dq_out if dq_out is not None else torch.empty(sh.B, sh.Hq, sh.Sq, sh.D, dtype=q.dtype, device=dev)
+        )
+        gluon_bwd.launch_dq(q, k, v, dout, lse, delta, dq, dq_out is not None and accumulate, lp, head_group)
+        run_dq = False
     if run_dq:
         dq = _dq(q, k, v, dout, lse, delta, dq_out, lp, km, sh, c2, M2, N2, config, common, score_mod,
                  score_mod_grads, traceable, head_group, accumulate)  # fmt: skip

@@ -861,6 +861,35 @@ def check_out(out: torch.Tensor, sh: AttnShape, device: torch.device) -> None:
         raise ValueError(f"out needs a unit last-dim stride, got strides {out.stride()}")
 
 
+def forward_buffers(
+    q: torch.Tensor,
+    sh: AttnShape,
+    out: torch.Tensor | None,
+    out_acc: torch.Tensor | None,
+    lse_acc: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, bool]:
+    """The forward kernels' write targets, checked: ``(out, lse, prev, accum, acc_to_out)``. ``prev`` is the
+    running output an accumulating call merges with (``out_acc``; not read otherwise); with ``out_acc`` and
+    no ``out`` the merge goes back into ``out_acc``, with both into ``out`` (``triton_forward``'s contract)."""
+    accum = out_acc is not None or lse_acc is not None
+    to_out = accum and out is not None
+    if accum:
+        check_accumulators(out_acc, lse_acc, sh, q.device)
+        if to_out:
+            check_out(out, sh, q.device)
+        else:
+            out = out_acc
+        return out, lse_acc, out_acc, True, to_out
+    # (non-accumulate epilogue: every program stores its whole tile through out's strides, zeros for rows
+    # that see nothing, and the launch order covers every query block in use: no pre-fill needed)
+    if out is None:
+        out = torch.empty(sh.B, sh.Hq, sh.Sq, sh.Dv, dtype=q.dtype, device=q.device)
+    else:
+        check_out(out, sh, q.device)
+    lse = torch.empty(sh.B, sh.Hq, sh.Sq, dtype=torch.float32, device=q.device)
+    return out, lse, out, False, False
+
+
 def meta_args(km: KernelMask, transposed: bool, dummy_i: torch.Tensor):
     """(NUM, IDX, FULL_NUM, FULL_IDX, PID, num strides (b, h), idx strides (b, h, row))."""
     if transposed:
@@ -984,24 +1013,7 @@ def triton_forward(
             # set at every such launch: Triton keeps the allocator in a context variable, which a thread
             # started later (an autograd or CP worker) does not inherit (inductor's launcher does the same)
             triton.set_allocator(_tma_scratch)
-    accum = out_acc is not None or lse_acc is not None
-    to_out = accum and out is not None
-    if accum:
-        check_accumulators(out_acc, lse_acc, sh, q.device)
-        if to_out:
-            check_out(out, sh, q.device)
-        else:
-            out = out_acc
-        lse, prev = lse_acc, out_acc
-    else:
-        # (non-accumulate epilogue: every program stores its whole tile through out's strides, zeros for
-        # rows that see nothing, and the launch order covers every query block in use: no pre-fill needed)
-        if out is None:
-            out = torch.empty(sh.B, sh.Hq, sh.Sq, sh.Dv, dtype=q.dtype, device=q.device)
-        else:
-            check_out(out, sh, q.device)
-        lse = torch.empty(sh.B, sh.Hq, sh.Sq, dtype=torch.float32, device=q.device)
-        prev = out  # not read without ACCUM
+    out, lse, prev, accum, to_out = forward_buffers(q, sh, out, out_acc, lse_acc)
     dummy_i = lp.dummy_i
     n_qb = triton.cdiv(sh.Sq, km.QBS)  # query blocks in use (the BlockMask may list more)
     meta = meta_args(km, False, dummy_i)

@@ -11,16 +11,12 @@ over (fp32 and bf16); ``flex_attention_backward``'s default backend takes it for
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from gluon_sm90 import compile_in_child
 
 from flexdist.kernels.block_sparse import MASK_NONE
-from flexdist.kernels.gluon_bwd import gluon_dkdv, gluon_dq, gluon_dq_unsupported
+from flexdist.kernels.gluon_bwd import gluon_backward_unsupported, gluon_dkdv, gluon_dq
 from flexdist.kernels.reference import reference_backward, reference_forward
 from flexdist.kernels.triton_bwd import triton_backward, triton_delta
 from flexdist.masks import document_block_mask
@@ -28,50 +24,26 @@ from flexdist.masks import document_block_mask
 ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper (sm_90) CUDA device")
 
-SPECS = {
+DQ_SPECS = {
     "doc-causal": dict(),
     "d64-fp16-ragged": dict(D=64, dtype="fp16", even_m=False, even_n=False),
     "no-mask-accum": dict(mask_kind=MASK_NONE, causal=False, has_full=False, accum=True),
     "window-prefix": dict(has_window=True, has_prefix=True),
-    "dkdv-doc-causal": dict(dkdv=True),
-    "dkdv-d64-fp16-ragged-accum": dict(dkdv=True, D=64, dtype="fp16", even_m=False, even_n=False, accum=True),
-    "dkdv-window-prefix": dict(dkdv=True, has_window=True, has_prefix=True),
 }
-
-# in a child process without TRITON_INTERPRET (see tests/test_gluon_fwd.py); ptxas -v reports the spills
-_COMPILE_ALL = """
-import json, os, subprocess, sys, tempfile
-import triton
-from flexdist.kernels.gluon_bwd import compile_dkdv_for_sm90, compile_dq_for_sm90
-nv = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-ptxas = next((os.path.join(nv, n) for n in ("ptxas-blackwell", "ptxas") if os.path.exists(os.path.join(nv, n))))
-out = {}
-for name, spec in json.loads(sys.argv[1]).items():
-    try:
-        fn = compile_dkdv_for_sm90 if spec.pop("dkdv", False) else compile_dq_for_sm90
-        ptx = fn(**spec).asm["ptx"]
-        with tempfile.TemporaryDirectory() as d:
-            open(os.path.join(d, "k.ptx"), "w").write(ptx)
-            r = subprocess.run([ptxas, "-arch=sm_90a", "-v", os.path.join(d, "k.ptx"), "-o",
-                                os.path.join(d, "k.cubin")], capture_output=True, text=True)
-        out[name] = {"ptx": ptx, "ptxas": r.stderr}
-    except Exception as e:
-        out[name] = {"error": type(e).__name__ + ": " + str(e)[-2000:]}
-print("@@" + json.dumps(out))
-"""
+DKDV_SPECS = {
+    "dkdv-doc-causal": dict(),
+    "dkdv-d64-fp16-ragged-accum": dict(D=64, dtype="fp16", even_m=False, even_n=False, accum=True),
+    "dkdv-window-prefix": dict(has_window=True, has_prefix=True),
+}
+SPECS = {**DQ_SPECS, **DKDV_SPECS}
 
 
 @pytest.fixture(scope="module")
 def sm90() -> dict:
-    pytest.importorskip("triton.experimental.gluon._runtime", reason="this Triton cannot compile Gluon ahead")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run(
-        [sys.executable, "-c", _COMPILE_ALL, json.dumps(SPECS)], env=env, capture_output=True, text=True,
-        timeout=600,
-    )  # fmt: skip
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("@@")]
-    assert r.returncode == 0 and lines, f"compile child failed (rc {r.returncode}):\n{r.stderr[-3000:]}"
-    return json.loads(lines[0][2:])
+    return {
+        **compile_in_child("flexdist.kernels.gluon_bwd.compile_dq_for_sm90", DQ_SPECS),
+        **compile_in_child("flexdist.kernels.gluon_bwd.compile_dkdv_for_sm90", DKDV_SPECS),
+    }
 
 
 @pytest.mark.parametrize("name", list(SPECS))
@@ -99,9 +71,14 @@ def _doc_ids(lengths: list[int], pad: int, B: int = 1) -> torch.Tensor:
 def test_declines_with_the_reason() -> None:
     q = torch.zeros(1, 2, 256, 128, dtype=torch.bfloat16)
     bm = document_block_mask(_doc_ids([100, 156], 0), block_size=128)
-    assert "CUDA" in gluon_dq_unsupported(q, q, q, q, bm, None, None)
-    assert "dout dtype" in gluon_dq_unsupported(q, q, q, q.half(), bm, None, None)
-    assert "dq_out dtype torch.float64" in gluon_dq_unsupported(q, q, q, q, bm, None, None, q.double())
+    assert "CUDA" in gluon_backward_unsupported(q, q, q, q, bm, None, None)
+    assert "dout dtype" in gluon_backward_unsupported(q, q, q, q.half(), bm, None, None)
+    assert "dq_out dtype torch.float64" in gluon_backward_unsupported(
+        q, q, q, q, bm, None, None, dq_out=q.double()
+    )
+    assert "dv_out dtype torch.float64" in gluon_backward_unsupported(
+        q, q, q, q, bm, None, None, dv_out=q.double()
+    )
     with pytest.raises(ValueError, match="gluon_dq cannot run this call"):
         gluon_dq(q, q, q, q, torch.zeros(1, 2, 256), torch.zeros(1, 2, 256), bm)
 

@@ -11,13 +11,9 @@ an ``out=`` target.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from gluon_sm90 import compile_in_child
 from torch.nn.attention.flex_attention import create_block_mask
 
 from flexdist.kernels import SoftCap
@@ -38,46 +34,21 @@ SPECS = {
     "no-mask": dict(mask_kind=MASK_NONE, causal=False, has_full=False),
     "window-prefix": dict(mask_kind=MASK_DOC, causal=True, has_window=True, has_prefix=True),
     "bidirectional-window": dict(causal=False, has_window=True, has_full=False),
-    "cp-async": dict(tma=False),
-    "ws-doc-causal": dict(ws=True),
-    "ws-ragged-d64-fp16": dict(ws=True, D=64, dtype="fp16", even_m=False, even_n=False),
-    "ws-no-mask": dict(ws=True, mask_kind=MASK_NONE, causal=False, has_full=False),
-    "ws-window-prefix": dict(ws=True, causal=True, has_window=True, has_prefix=True),
-    "cp-async-ragged-d64": dict(D=64, even_m=False, even_n=False, tma=False),
+    "merge": dict(accum=True),
+    "merge-to-out-ragged": dict(accum=True, acc_to_out=True, even_m=False),
 }
-
-# Compiled in a child process without TRITON_INTERPRET: under the interpreter (the CPU suite's setting) the
-# @triton.jit combine functions behind Gluon's reductions are interpreted ones, which Gluon cannot compile.
-_COMPILE_ALL = """
-import json, sys
-from flexdist.kernels.gluon_fwd import compile_for_sm90
-out = {}
-for name, spec in json.loads(sys.argv[1]).items():
-    try:
-        out[name] = compile_for_sm90(**spec).asm["ptx"]
-    except Exception as e:  # reported per specialisation
-        out[name] = "ERROR " + type(e).__name__ + ": " + str(e)[-2000:]
-print("@@" + json.dumps(out))
-"""
 
 
 @pytest.fixture(scope="module")
 def sm90_ptx() -> dict:
-    pytest.importorskip("triton.experimental.gluon._runtime", reason="this Triton cannot compile Gluon ahead")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run(
-        [sys.executable, "-c", _COMPILE_ALL, json.dumps(SPECS)], env=env, capture_output=True, text=True,
-        timeout=600,
-    )  # fmt: skip
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("@@")]
-    assert r.returncode == 0 and lines, f"compile child failed (rc {r.returncode}):\n{r.stderr[-3000:]}"
-    return json.loads(lines[0][2:])
+    return compile_in_child("flexdist.kernels.gluon_fwd.compile_for_sm90", SPECS)
 
 
 @pytest.mark.parametrize("name", list(SPECS))
 def test_compiles_for_sm90_with_the_overlap(sm90_ptx: dict, name: str) -> None:
-    ptx = sm90_ptx[name]
-    assert not ptx.startswith("ERROR"), ptx
+    res = sm90_ptx[name]
+    assert "error" not in res, res.get("error")
+    ptx = res["ptx"]
     assert "wgmma.mma_async" in ptx and "cp.async" in ptx
     # S_t waited for alone while P_{t-1}·V_{t-1} stays in flight under the softmax
     assert "wgmma.wait_group.sync.aligned 1;" in ptx
@@ -97,7 +68,6 @@ def test_declines_with_the_reason() -> None:
     assert "D=96" in gluon_forward_unsupported(q96, q96, q96, bm, None, None)
     assert "SoftCap" in gluon_forward_unsupported(q, q, q, bm, SoftCap(20.0), None)
     assert "scale -1" in gluon_forward_unsupported(q, q, q, bm, None, -1.0)
-    assert "out_acc" in gluon_forward_unsupported(q, q, q, bm, None, None, out_acc=q, schedule="plain")
     assert "out dtype torch.float64" in gluon_forward_unsupported(q, q, q, bm, None, None, out=q.double())
     odd = torch.zeros(1, 2, 256, 68, dtype=torch.bfloat16)[..., :64]  # rows of 136 bytes
     assert "row stride 68" in gluon_forward_unsupported(odd, odd, odd, bm, None, None)
@@ -115,12 +85,6 @@ def _qkv(B, Hq, Hkv, S, D, dtype, seed=0):
 
 
 def _check(q, k, v, bm, gqa: bool, what: str, **kw) -> None:
-    _check_one(q, k, v, bm, gqa, what + " (warp-specialised)", **kw)
-    _check_one(q, k, v, bm, gqa, what + " (plain, TMA)", schedule="plain", **kw)
-    _check_one(q, k, v, bm, gqa, what + " (plain, cp.async)", schedule="plain", tma=False, **kw)
-
-
-def _check_one(q, k, v, bm, gqa: bool, what: str, **kw) -> None:
     o, lse = gluon_forward(q, k, v, bm, enable_gqa=gqa, **kw)
     ro, rl = reference_forward(q.float(), k.float(), v.float(), bm, enable_gqa=gqa)
     to, tl_ = triton_forward(q, k, v, bm, enable_gqa=gqa)
