@@ -22,6 +22,7 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
     mbarrier,
     tma,
     warpgroup_mma,
@@ -35,6 +36,7 @@ from .gluon_fwd import (
     CONSUMER_REGS,
     WS_MAXNREG,
     _gl_block_lists,
+    _gl_doc_visible,
     _gl_launch_coords,
     _gl_mask_scores,
     _gl_pipeline_barriers,
@@ -48,9 +50,22 @@ from .gluon_fwd import (
 from .triton_fwd import LOG2E, SCORE_NONE, _tma_scratch, doc_args, launch_head_group, meta_args, prepare
 
 DQ_BLOCK_N = 64  # kv rows per step: S, dP (32 registers each), dQ (64) and dS fit a consumer's 240
-# query rows per dK/dV step: with the dK and dV accumulators (64 registers each) and the in-flight P^T / dS^T
-# operands, 64-row steps spill (ptxas: 352 bytes at 240 registers); 32-row steps do not
-DKDV_BLOCK_M = 32
+
+# Schedules of the dK/dV kernel: (query rows per step, P and dS through shared memory, dP issued beside S)
+# - "query": S = Q·Kᵀ and dP = dO·Vᵀ as [query, kv] tiles, P and dS stored to shared memory and read back
+#   transposed by the dV / dK GEMMs (``_dkdv_consumer_smem``); 64-row steps, dP in flight under the softmax;
+# - "query_late_dp": the same with dP issued after P is stored (fewer registers live under the mask);
+# - "kv": Sᵀ and dPᵀ as [kv, query] tiles, Pᵀ and dSᵀ in registers (``_dkdv_consumer``): with the dK and dV
+#   accumulators and the in-flight operands, 64-row steps spill (ptxas: 352 bytes at 240 registers), so 32.
+DKDV_SCHEDULES = {
+    "query": (64, True, True),
+    "query_late_dp": (64, True, False),
+    "kv": (32, False, True),
+}
+DKDV_SCHEDULE = "query"
+
+# a barrier over the calling partition's warps: ``thread_barrier`` in triton 3.6, ``barrier`` in 3.9
+_gl_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 
 @gluon.jit
@@ -286,7 +301,7 @@ def _dkdv_producer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
     (through descriptors of each query head's [Sq, D] slice, made as the walk reaches the head)."""
     k_desc, v_desc = descs
     kv_bar, q_ready, q_empty, do_ready, do_empty = bars
-    k_smem, v_smem, q_smem, do_smem = bufs
+    k_smem, v_smem, q_smem, do_smem = bufs[:4]
     NUMS, Qb, DOb = ptrs[0], ptrs[10], ptrs[11]
     start_n, G, hk, kb, b, snb, snh, sib, sih, sik = ints[:10]
     Sq, sqh, sqm, sdoh, sdom = ints[10], ints[17], ints[18], ints[19], ints[20]
@@ -442,6 +457,146 @@ def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
 
 
 @gluon.jit
+def _dkdv_consumer_smem(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.constexpr):
+    """One consumer warpgroup of the query-major schedule: dK and dV of kv rows ``start_n + WG·64 ..``.
+
+    ``S = Q_t·Kᵀ`` and ``dP = dO_t·Vᵀ`` come back as [query, kv] tiles, so a query's LSE, Δ and document
+    are two registers a thread, not the 16 of a kv-major tile. P and dS go through this warpgroup's shared
+    buffers, whence ``dV += Pᵀ·dO_t`` and ``dK += dSᵀ·Q_t`` read them transposed. The registers left over
+    let the steps be 64 query rows wide with no spill."""
+    kv_bar, q_ready, q_empty, do_ready, do_empty = bars
+    k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_docs = bufs
+    NUMS, DKb, DVb, LSEb, DELTAb, QDOC, QPOS, KVDOC, KVPOS, KVPRE = ptrs[:10]
+    start_n, G, hk, kb, b, snb, snh, sib, sih, sik, Sq, Skv, window, qk_scale, scale, sdkn, sdvn = ints[:17]
+    QBS: gl.constexpr = CONSTS[0]
+    BLOCK_M: gl.constexpr = CONSTS[1]
+    HALF: gl.constexpr = CONSTS[2]
+    HAS_FULL: gl.constexpr = CONSTS[3]
+    D: gl.constexpr = CONSTS[4]
+    MASK_KIND: gl.constexpr = CONSTS[5]
+    CAUSAL: gl.constexpr = CONSTS[6]
+    HAS_WINDOW: gl.constexpr = CONSTS[7]
+    HAS_PREFIX: gl.constexpr = CONSTS[8]
+    EVEN_N: gl.constexpr = CONSTS[10]
+    S_LAYOUT: gl.constexpr = CONSTS[11]
+    ACC_LAYOUT: gl.constexpr = CONSTS[12]
+    ACCUM: gl.constexpr = CONSTS[14]
+    DP_EARLY: gl.constexpr = CONSTS[16]
+    SUBS: gl.constexpr = QBS // BLOCK_M
+    dtype: gl.constexpr = k_smem.dtype
+    ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)  # query rows
+    COL_S: gl.constexpr = gl.SliceLayout(0, S_LAYOUT)  # kv columns
+    qk_scale = qk_scale.to(gl.float32)
+    scale = scale.to(gl.float32)
+    kT = k_smem.index(WG).permute((1, 0))
+    vT = v_smem.index(WG).permute((1, 0))
+    p_buf = p_smem.index(WG)
+    ds_buf = ds_smem.index(WG)
+    offs_n = start_n + WG * HALF + gl.arange(0, HALF, layout=COL_S)
+    if MASK_KIND == 1:
+        # this warpgroup's kv documents, positions and prefix flags, parked in shared memory: kept in registers
+        # (or their 48 addresses, which LLVM hoists out of the loop) they made ptxas spill
+        kv_docs.index(3 * WG).store(gl.load(KVDOC + offs_n, mask=offs_n < Skv, other=-2))
+        kv_docs.index(3 * WG + 1).store(gl.load(KVPOS + offs_n, mask=offs_n < Skv, other=0))
+        if HAS_PREFIX:
+            kv_docs.index(3 * WG + 2).store(gl.load(KVPRE + offs_n, mask=offs_n < Skv, other=0))
+        _gl_barrier()
+    ar_m = gl.arange(0, BLOCK_M, layout=ROW_S)
+    s_zero = gl.zeros([BLOCK_M, HALF], gl.float32, layout=S_LAYOUT)
+    dk = gl.zeros([HALF, D], gl.float32, layout=ACC_LAYOUT)
+    dv = gl.zeros([HALF, D], gl.float32, layout=ACC_LAYOUT)
+    mbarrier.wait(kv_bar, 0)
+    c = 0
+    for g in range(0, G):
+        hq = hk * G + g
+        n_part, n, QI, FQI = _dkdv_lists(NUMS, hq, (kb, b, snb, snh, sib, sih, sik), SUBS, HAS_FULL)
+        LSEh = LSEb + hq.to(gl.int64) * Sq
+        DELTAh = DELTAb + hq.to(gl.int64) * Sq
+        for t in range(0, n):
+            st = c % 2
+            ph = (c // 2) & 1
+            row0 = _gl_step_row0(QI, FQI, t, n_part, QBS, BLOCK_M, SUBS)
+            offs_m = row0 + ar_m
+            mbarrier.wait(q_ready.index(st), ph)
+            q_t = q_smem.index(st)
+            s_tok = warpgroup_mma(q_t, kT, s_zero, use_acc=False, is_async=True)
+            do_t = do_smem.index(st)
+            if DP_EARLY:  # dP_t runs under the exponentials
+                mbarrier.wait(do_ready.index(st), ph)
+                dp_tok = warpgroup_mma(do_t, vT, s_zero, use_acc=False, is_async=True)
+            lse = gl.load(LSEh + offs_m, mask=offs_m < Sq, other=float("inf"))
+            # rows that see nothing (LSE −inf) and rows past Sq (+inf) -> P exactly 0
+            lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            qd, qp = _gl_query_docs(QDOC, QPOS, offs_m, Sq, MASK_KIND)
+            if DP_EARLY:
+                s = warpgroup_mma_wait(1, deps=(s_tok,))  # S_t is back; dP_t may still run
+            else:
+                s = warpgroup_mma_wait(0, deps=(s_tok,))
+            if MASK_KIND == 1:  # noqa: SIM102 (a constexpr test, then a runtime one)
+                if t // SUBS < n_part:
+                    kd = kv_docs.index(3 * WG).load(COL_S)
+                    kp = kv_docs.index(3 * WG + 1).load(COL_S)
+                    kpre = kp
+                    if HAS_PREFIX:
+                        kpre = kv_docs.index(3 * WG + 2).load(COL_S)
+                    vis = _gl_doc_visible(qd, qp, kd, kp, kpre, window, CAUSAL, HAS_WINDOW, HAS_PREFIX)
+                    s = gl.where(vis, s, float("-inf"))
+            if not EVEN_N:
+                s = gl.where(gl.expand_dims(offs_n < Skv, 0), s, float("-inf"))
+            p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 1))
+            p_buf.store(p.to(dtype))
+            fence_async_shared()
+            _gl_barrier()  # every thread's part of P is in shared memory before the wgmma reads it
+            if not DP_EARLY:  # dP_t runs beside dV_t
+                mbarrier.wait(do_ready.index(st), ph)
+                dp_tok = warpgroup_mma(do_t, vT, s_zero, use_acc=False, is_async=True)
+            dv_tok = warpgroup_mma(p_buf.permute((1, 0)), do_t, dv, is_async=True)
+            delta = gl.load(DELTAh + offs_m, mask=offs_m < Sq, other=0.0)
+            dp = warpgroup_mma_wait(1, deps=(dp_tok,))  # dP_t is back; dV may still run
+            ds_buf.store((p * (dp - gl.expand_dims(delta, 1))).to(dtype))
+            fence_async_shared()
+            _gl_barrier()
+            dk_tok = warpgroup_mma(ds_buf.permute((1, 0)), q_t, dk, is_async=True)
+            dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
+            # Q_t, dO_t and this warpgroup's P / dS buffers are free again
+            mbarrier.arrive(q_empty.index(st), count=1)
+            mbarrier.arrive(do_empty.index(st), count=1)
+            c += 1
+
+    dk = dk * scale
+    _dkdv_store(dk, dv, DKb, DVb, start_n + WG * HALF, Skv, sdkn, sdvn, c, D, HALF, ACC_LAYOUT, EVEN_N, ACCUM)
+
+
+@gluon.jit
+def _dkdv_store(dk, dv, DKb, DVb, row0, Skv, sdkn, sdvn, c, D: gl.constexpr, HALF: gl.constexpr,
+                ACC_LAYOUT: gl.constexpr, EVEN_N: gl.constexpr, ACCUM: gl.constexpr):  # fmt: skip
+    """Store (or, ACCUM, add into the caller's buffers, untouched when the walk visited no block: ``c`` is
+    its step count) the finished dK and dV of kv rows ``row0 ..``."""
+    rows = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, ACC_LAYOUT))
+    cols = gl.arange(0, D, layout=gl.SliceLayout(0, ACC_LAYOUT))
+    row_ok = gl.expand_dims(rows < Skv, 1) & gl.expand_dims(cols >= 0, 0)
+    dk_ptrs = DKb + gl.expand_dims(rows, 1) * sdkn + gl.expand_dims(cols, 0)
+    dv_ptrs = DVb + gl.expand_dims(rows, 1) * sdvn + gl.expand_dims(cols, 0)
+    if ACCUM:
+        if c > 0:
+            if EVEN_N:
+                gl.store(dk_ptrs, (dk + gl.load(dk_ptrs).to(gl.float32)).to(DKb.dtype.element_ty))
+                gl.store(dv_ptrs, (dv + gl.load(dv_ptrs).to(gl.float32)).to(DVb.dtype.element_ty))
+            else:
+                prev_k = gl.load(dk_ptrs, mask=row_ok, other=0.0).to(gl.float32)
+                gl.store(dk_ptrs, (dk + prev_k).to(DKb.dtype.element_ty), mask=row_ok)
+                prev_v = gl.load(dv_ptrs, mask=row_ok, other=0.0).to(gl.float32)
+                gl.store(dv_ptrs, (dv + prev_v).to(DVb.dtype.element_ty), mask=row_ok)
+    else:
+        if EVEN_N:
+            gl.store(dk_ptrs, dk.to(DKb.dtype.element_ty))
+            gl.store(dv_ptrs, dv.to(DVb.dtype.element_ty))
+        else:
+            gl.store(dk_ptrs, dk.to(DKb.dtype.element_ty), mask=row_ok)
+            gl.store(dv_ptrs, dv.to(DVb.dtype.element_ty), mask=row_ok)
+
+
+@gluon.jit
 def _gl_dkdv_ws_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV_,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
@@ -453,7 +608,8 @@ def _gl_dkdv_ws_kernel(
     HAS_FULL: gl.constexpr, EVEN_M: gl.constexpr, EVEN_N: gl.constexpr, ACCUM: gl.constexpr,
     S_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr, OP_LAYOUT: gl.constexpr, SMEM: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-    PRODUCER_REGS: gl.constexpr = 24,
+    PRODUCER_REGS: gl.constexpr = 24, P_SMEM: gl.constexpr = False, PS_SMEM: gl.constexpr = None,
+    DP_EARLY: gl.constexpr = True,
 ):  # fmt: skip
     SUBS_N: gl.constexpr = KBS // BLOCK_N
     HALF: gl.constexpr = BLOCK_N // 2
@@ -483,7 +639,14 @@ def _gl_dkdv_ws_kernel(
         if HAS_PREFIX:
             KVPRE = KVPRE + b64 * sdk
     descs = (k_desc, v_desc)
-    bufs = (k_smem, v_smem, q_smem, do_smem)
+    if P_SMEM:  # each consumer's P and dS tiles of the query-major schedule
+        p_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HALF], PS_SMEM)
+        ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HALF], PS_SMEM)
+        # each consumer's kv documents, positions, prefix flags
+        kv_docs = gl.allocate_shared_memory(gl.int32, [6, HALF], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        bufs = (k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_docs)
+    else:
+        bufs = (k_smem, v_smem, q_smem, do_smem)
     rows = b64 * Hq * Sq
     ptrs = (
         (Q_NUM, Q_IDX, FULLQ_NUM, FULLQ_IDX), DK + b64 * sdkb + hk64 * sdkh, DV_ + b64 * sdvb + hk64 * sdvh,
@@ -495,30 +658,53 @@ def _gl_dkdv_ws_kernel(
     )  # fmt: skip
     CONSTS: gl.constexpr = (
         QBS, BLOCK_M, HALF, HAS_FULL, D, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_PREFIX, EVEN_M, EVEN_N, S_LAYOUT,
-        ACC_LAYOUT, OP_LAYOUT, ACCUM, SMEM,
+        ACC_LAYOUT, OP_LAYOUT, ACCUM, SMEM, DP_EARLY,
     )  # fmt: skip
-    gl.warp_specialize(
-        [
-            (_dkdv_consumer, (descs, bars, bufs, ptrs, ints, 0, CONSTS)),
-            (_dkdv_consumer, (descs, bars, bufs, ptrs, ints, 1, CONSTS)),
-            (_dkdv_producer, (descs, bars, bufs, ptrs, ints, 1, CONSTS)),
-        ],
-        [4, 1],
-        [CONSUMER_REGS, PRODUCER_REGS],
-    )
+    if P_SMEM:
+        gl.warp_specialize(
+            [
+                (_dkdv_consumer_smem, (descs, bars, bufs, ptrs, ints, 0, CONSTS)),
+                (_dkdv_consumer_smem, (descs, bars, bufs, ptrs, ints, 1, CONSTS)),
+                (_dkdv_producer, (descs, bars, bufs, ptrs, ints, 1, CONSTS)),
+            ],
+            [4, 1],
+            [CONSUMER_REGS, PRODUCER_REGS],
+        )
+    else:
+        gl.warp_specialize(
+            [
+                (_dkdv_consumer, (descs, bars, bufs, ptrs, ints, 0, CONSTS)),
+                (_dkdv_consumer, (descs, bars, bufs, ptrs, ints, 1, CONSTS)),
+                (_dkdv_producer, (descs, bars, bufs, ptrs, ints, 1, CONSTS)),
+            ],
+            [4, 1],
+            [CONSUMER_REGS, PRODUCER_REGS],
+        )
 
 
-def dkdv_kernel_layouts(D: int, block_m: int = DKDV_BLOCK_M) -> dict:
-    """Constexpr layouts of the dK/dV kernel (each consumer warpgroup's 64 kv rows)."""
-    s_layout = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, block_m, 16])
+def dkdv_kernel_layouts(D: int, schedule: str = DKDV_SCHEDULE) -> dict:
+    """Constexpr layouts and flags of the dK/dV kernel (each consumer warpgroup's 64 kv rows) for one of
+    ``DKDV_SCHEDULES``."""
+    if schedule not in DKDV_SCHEDULES:
+        raise ValueError(f"schedule must be one of {sorted(DKDV_SCHEDULES)}, got {schedule!r}")
+    block_m, p_smem, dp_early = DKDV_SCHEDULES[schedule]
+    half = BLOCK_M // 2
     acc_layout = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+    smem = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    if p_smem:  # S, dP: [block_m queries, 64 kv]
+        s_layout = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, half, 16])
+    else:  # S^T, dP^T: [64 kv, block_m queries]
+        s_layout = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, block_m, 16])
     return dict(
         S_LAYOUT=s_layout,
         ACC_LAYOUT=acc_layout,
         OP_LAYOUT=gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2),
-        SMEM=gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2),
+        SMEM=smem,
         BLOCK_M=block_m,
         BLOCK_N=BLOCK_M,  # 128 kv rows per program
+        P_SMEM=p_smem,
+        PS_SMEM=smem if p_smem else None,
+        DP_EARLY=dp_early,
     )
 
 
@@ -604,7 +790,9 @@ def launch_dq(q, k, v, dout, lse, delta, dq, accum: bool, lp, head_group=None, b
     return dq
 
 
-def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, accum: bool, lp, head_group=None, block_m=DKDV_BLOCK_M):
+def launch_dkdv(
+    q, k, v, dout, lse, delta, dk, dv, accum: bool, lp, head_group=None, schedule: str = DKDV_SCHEDULE
+):
     """Launch the dK/dV kernel into ``dk`` / ``dv`` (added into when ``accum``) for checked inputs (see
     ``launch_dq``)."""
     sh, km = lp.shape, lp.km
@@ -625,7 +813,7 @@ def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, accum: bool, lp, head_group=N
         *docs, sh.Hq, sh.Hkv, sh.groups, sh.Sq, sh.Skv, lp.scale, lp.scale * LOG2E, n_kb, sh.B * sh.Hkv, hg,
         D=sh.D, DV=sh.Dv, QBS=km.QBS, KBS=km.KBS, MASK_KIND=km.mask_kind, CAUSAL=causal, HAS_WINDOW=has_w,
         HAS_PREFIX=has_pre, HAS_FULL=km.has_full, EVEN_M=lp.even_m, EVEN_N=lp.even_n, ACCUM=accum,
-        CONSUMER_REGS=CONSUMER_REGS, num_warps=4, maxnreg=WS_MAXNREG, **dkdv_kernel_layouts(sh.D, block_m),
+        CONSUMER_REGS=CONSUMER_REGS, num_warps=4, maxnreg=WS_MAXNREG, **dkdv_kernel_layouts(sh.D, schedule),
     )  # fmt: skip
     return dk, dv
 
@@ -679,7 +867,7 @@ def gluon_dkdv(
     dv_out: torch.Tensor | None = None,
     accumulate: bool = True,
     head_group: int | None = None,
-    block_m: int = DKDV_BLOCK_M,
+    schedule: str = DKDV_SCHEDULE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dK, dV) through the Gluon kernel (``gluon_dq``'s inputs): new tensors in k's / v's dtype, or added
     into / (``accumulate=False``) written over ``dk_out`` / ``dv_out`` (given together; fp16, bf16 or fp32,
@@ -687,8 +875,8 @@ def gluon_dkdv(
     cover (``gluon_backward_unsupported``)."""
     if (dk_out is None) != (dv_out is None):
         raise ValueError("dk_out and dv_out must be given together")
-    if block_m not in (32, 64):
-        raise ValueError(f"block_m must be 32 or 64, got {block_m}")
+    if schedule not in DKDV_SCHEDULES:
+        raise ValueError(f"schedule must be one of {sorted(DKDV_SCHEDULES)}, got {schedule!r}")
     lp = _checked(
         "gluon_dkdv", q, k, v, dout, lse, delta, block_mask, scale, enable_gqa, dk_out=dk_out, dv_out=dv_out
     )
@@ -699,7 +887,7 @@ def gluon_dkdv(
         dk = torch.empty(sh.B, sh.Hkv, sh.Skv, sh.D, dtype=k.dtype, device=q.device)
         dv = torch.empty(sh.B, sh.Hkv, sh.Skv, sh.Dv, dtype=v.dtype, device=q.device)
     accum = dk_out is not None and accumulate
-    return launch_dkdv(q, k, v, dout, lse, delta, dk, dv, accum, lp, head_group, block_m)
+    return launch_dkdv(q, k, v, dout, lse, delta, dk, dv, accum, lp, head_group, schedule)
 
 
 # the constexpr flags of the backward kernels an ahead-of-time compile may set, and their defaults
@@ -725,13 +913,13 @@ def compile_dq_for_sm90(D: int = 128, dtype: str = "bf16", block_n: int = DQ_BLO
 
 
 def compile_dkdv_for_sm90(
-    D: int = 128, dtype: str = "bf16", block_m: int = DKDV_BLOCK_M, consumer_regs: int = CONSUMER_REGS,
+    D: int = 128, dtype: str = "bf16", schedule: str = DKDV_SCHEDULE, consumer_regs: int = CONSUMER_REGS,
     producer_regs: int = 24, **flags,
 ):  # fmt: skip
     """``gluon_fwd.compile_sm90`` of the dK/dV kernel (register budgets settable to study its spills)."""
     consts = dict(
         _bwd_consts(D, flags), CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs,
-        **dkdv_kernel_layouts(D, block_m),
+        **dkdv_kernel_layouts(D, schedule),
     )  # fmt: skip
     ptrs = dict.fromkeys(("Q", "K", "V", "DO", "DK", "DV_"), f"*{dtype}")
     return compile_sm90(_gl_dkdv_ws_kernel, consts, ptrs)

@@ -150,12 +150,18 @@ def _gl_mask_scores(
     ``offs_n``), and keys past Skv (``triton_fwd._mask_scores`` for the masks the Gluon kernels take)."""
     if MASK_KIND == 1:  # noqa: SIM102 (a constexpr test, then a runtime one)
         if partial:
-            kd = gl.load(KVDOC + offs_n, mask=offs_n < Skv, other=-2)
-            kp = gl.load(KVPOS + offs_n, mask=offs_n < Skv, other=0)
-            if HAS_PREFIX:
-                kpre = gl.load(KVPRE + offs_n, mask=offs_n < Skv, other=0)
-            else:
+            if EVEN_N:  # unmasked: the addresses stay one base plus constants, not a predicate per column
+                kd = gl.load(KVDOC + offs_n)
+                kp = gl.load(KVPOS + offs_n)
                 kpre = kp
+                if HAS_PREFIX:
+                    kpre = gl.load(KVPRE + offs_n)
+            else:
+                kd = gl.load(KVDOC + offs_n, mask=offs_n < Skv, other=-2)
+                kp = gl.load(KVPOS + offs_n, mask=offs_n < Skv, other=0)
+                kpre = kp
+                if HAS_PREFIX:
+                    kpre = gl.load(KVPRE + offs_n, mask=offs_n < Skv, other=0)
             vis = _gl_doc_visible(qd, qp, kd, kp, kpre, window, CAUSAL, HAS_WINDOW, HAS_PREFIX)
             s = gl.where(vis, s, float("-inf"))
     if not EVEN_N:

@@ -16,7 +16,7 @@ import torch
 from gluon_sm90 import compile_in_child
 
 from flexdist.kernels.block_sparse import MASK_NONE
-from flexdist.kernels.gluon_bwd import gluon_backward_unsupported, gluon_dkdv, gluon_dq
+from flexdist.kernels.gluon_bwd import DKDV_SCHEDULES, gluon_backward_unsupported, gluon_dkdv, gluon_dq
 from flexdist.kernels.reference import reference_backward, reference_forward
 from flexdist.kernels.triton_bwd import triton_backward, triton_delta
 from flexdist.masks import document_block_mask
@@ -34,6 +34,8 @@ DKDV_SPECS = {
     "dkdv-doc-causal": dict(),
     "dkdv-d64-fp16-ragged-accum": dict(D=64, dtype="fp16", even_m=False, even_n=False, accum=True),
     "dkdv-window-prefix": dict(has_window=True, has_prefix=True),
+    "dkdv-late-dp-no-mask": dict(schedule="query_late_dp", mask_kind=MASK_NONE, causal=False, has_full=False),
+    "dkdv-kv-major-ragged": dict(schedule="kv", even_m=False, even_n=False),
 }
 SPECS = {**DQ_SPECS, **DKDV_SPECS}
 
@@ -89,7 +91,7 @@ def _inputs(B, Hq, Hkv, S, D, dtype, seed):
     return q, k, v, do
 
 
-def _check(bm, B, Hq, Hkv, S, D, dtype, what, seed=0, block_n=64) -> None:
+def _check(bm, B, Hq, Hkv, S, D, dtype, what, seed=0, block_n=64, schedule=None) -> None:
     q, k, v, do = _inputs(B, Hq, Hkv, S, D, dtype, seed)
     gqa = Hq != Hkv
     ro, rl = reference_forward(q.float(), k.float(), v.float(), bm, enable_gqa=gqa)
@@ -111,7 +113,8 @@ def _check(bm, B, Hq, Hkv, S, D, dtype, what, seed=0, block_n=64) -> None:
     fin = torch.isfinite(rl)
     assert (dq[~fin] == 0).all(), f"{what}: rows that see nothing get dQ 0"
     _, rdk, rdv = reference_backward(q.float(), k.float(), v.float(), ro, do.float(), rl, bm, enable_gqa=gqa)
-    dk, dv = gluon_dkdv(q, k, v, do, rl, delta, bm, enable_gqa=gqa)
+    sched = {} if schedule is None else dict(schedule=schedule)
+    dk, dv = gluon_dkdv(q, k, v, do, rl, delta, bm, enable_gqa=gqa, **sched)
     _, tdk, tdv = triton_backward(q, k, v, out, do, rl, bm, enable_gqa=gqa, delta=delta, which="dkdv")
     for nm, got, ref, tri in (("dK", dk, rdk, tdk), ("dV", dv, rdv, tdv)):
         assert got.dtype == k.dtype and not torch.isnan(got).any(), f"{what} {nm}"
@@ -134,6 +137,17 @@ def test_document_causal(dtype, D) -> None:
     doc[1, :300] = torch.arange(300) // 37
     bm = document_block_mask(doc.cuda(), block_size=128)
     _check(bm, 2, 4, 2, doc.shape[1], D, dtype, f"doc-causal {dtype} D={D}")
+
+
+@needs_hopper
+@pytest.mark.parametrize("schedule", list(DKDV_SCHEDULES))
+@pytest.mark.parametrize("D", [64, 128])
+def test_dkdv_schedules(schedule, D) -> None:
+    """Every dK/dV schedule exact on ragged documents with GQA, padding and a batch of two layouts."""
+    doc = _doc_ids(LENGTHS, 94, B=2)
+    doc[1, :300] = torch.arange(300) // 37
+    bm = document_block_mask(doc.cuda(), block_size=128, window=300)
+    _check(bm, 2, 6, 2, doc.shape[1], D, torch.bfloat16, f"{schedule} D={D}", seed=D, schedule=schedule)
 
 
 @needs_hopper
