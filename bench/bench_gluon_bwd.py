@@ -85,7 +85,9 @@ def main() -> None:
                 float((tk.float() - gk.float()).abs().max()), float((tv.float() - gv.float()).abs().max())
             )
         ms = interleaved(fns, args.rounds, args.reps)
-        flops = {kn: fwd * (1.5 if kn.startswith("dq") else 2.0 if kn.startswith("dkdv") else 2.5) for kn in fns}
+        flops = {
+            kn: fwd * (1.5 if kn.startswith("dq") else 2.0 if kn.startswith("dkdv") else 2.5) for kn in fns
+        }
         row = dict(
             case=name, S=S, Hq=Hq, Hkv=Hkv, D=D, pairs=pairs, dq_max_abs_diff=err, dkdv_max_abs_diff=err_kv
         )

@@ -243,11 +243,12 @@ def flex_attention_backward(
         )
     from .triton_bwd import triton_backward
 
+    # the Gluon dQ and dK/dV kernels where they cover the call (triton_backward checks), never under compile
+    gluon = backend in ("auto", "gluon") and not torch.compiler.is_compiling()
     return triton_backward(
         q, k, v, out, dout, lse, block_mask, score_mod, scale, enable_gqa,
         dq_out=dq_out, dk_out=dk_out, dv_out=dv_out, which=which, head_group=head_group,
-        accumulate=accumulate, gluon_dq=backend in ("auto", "gluon") and not torch.compiler.is_compiling(),
-        **kw,
+        accumulate=accumulate, gluon_dq=gluon, gluon_dkdv=gluon, **kw,
     )  # fmt: skip
 
 

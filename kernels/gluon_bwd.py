@@ -51,18 +51,21 @@ from .triton_fwd import LOG2E, SCORE_NONE, _tma_scratch, doc_args, launch_head_g
 
 DQ_BLOCK_N = 64  # kv rows per step: S, dP (32 registers each), dQ (64) and dS fit a consumer's 240
 
-# Schedules of the dK/dV kernel: (query rows per step, P and dS through shared memory, dP issued beside S)
+# Schedules of the dK/dV kernel: (query rows per step, P and dS through shared memory, dP issued beside S,
+# Q / dO buffers, S_{t+1} issued before dK_t)
 # - "query": S = Q·Kᵀ and dP = dO·Vᵀ as [query, kv] tiles, P and dS stored to shared memory and read back
 #   transposed by the dV / dK GEMMs (``_dkdv_consumer_smem``); 64-row steps, dP in flight under the softmax;
 # - "query_late_dp": the same with dP issued after P is stored (fewer registers live under the mask);
 # - "kv": Sᵀ and dPᵀ as [kv, query] tiles, Pᵀ and dSᵀ in registers (``_dkdv_consumer``): with the dK and dV
 #   accumulators and the in-flight operands, 64-row steps spill (ptxas: 352 bytes at 240 registers), so 32.
 DKDV_SCHEDULES = {
-    "query": (64, True, True),
-    "query_late_dp": (64, True, False),
-    "kv": (32, False, True),
+    "query": (64, True, True, 2, False),
+    "query_late_dp": (64, True, False, 2, False),
+    "query_late_dp_3stage": (64, True, False, 3, False),
+    "query_pipelined": (64, True, False, 2, True),
+    "kv": (32, False, True, 2, False),
 }
-DKDV_SCHEDULE = "query"
+DKDV_SCHEDULE = "query_late_dp"  # the fastest on an H100 (bench/results/2026-11-26-s14/call1)
 
 # a barrier over the calling partition's warps: ``thread_barrier`` in triton 3.6, ``barrier`` in 3.9
 _gl_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
@@ -297,7 +300,7 @@ def _dkdv_lists(NUMS, hq, ints, SUBS: gl.constexpr, HAS_FULL: gl.constexpr):
 
 @gluon.jit
 def _dkdv_producer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.constexpr):
-    """The load warp: K and V (both halves) once, then Q_t and dO_t of every step into buffer c % 2
+    """The load warp: K and V (both halves) once, then Q_t and dO_t of every step into buffer c % STAGES
     (through descriptors of each query head's [Sq, D] slice, made as the walk reaches the head)."""
     k_desc, v_desc = descs
     kv_bar, q_ready, q_empty, do_ready, do_empty = bars
@@ -311,6 +314,7 @@ def _dkdv_producer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
     HAS_FULL: gl.constexpr = CONSTS[3]
     D: gl.constexpr = CONSTS[4]
     SMEM: gl.constexpr = CONSTS[15]
+    STAGES: gl.constexpr = CONSTS[17]
     SUBS: gl.constexpr = QBS // BLOCK_M
     mbarrier.expect(kv_bar, 2 * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
     for h in gl.static_range(2):
@@ -324,8 +328,8 @@ def _dkdv_producer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
         q_desc = tma.make_tensor_descriptor(Qb + hq64 * sqh, [Sq, D], [sqm, 1], [BLOCK_M, D], SMEM)
         do_desc = tma.make_tensor_descriptor(DOb + hq64 * sdoh, [Sq, D], [sdom, 1], [BLOCK_M, D], SMEM)
         for t in range(0, n):
-            st = c % 2
-            ph = (c // 2) & 1
+            st = c % STAGES
+            ph = (c // STAGES) & 1
             row0 = _gl_step_row0(QI, FQI, t, n_part, QBS, BLOCK_M, SUBS)
             mbarrier.wait(q_empty.index(st), ph ^ 1)
             mbarrier.expect(q_ready.index(st), q_desc.block_type.nbytes)
@@ -457,6 +461,111 @@ def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
 
 
 @gluon.jit
+def _dkdv_probs(s, partial, qd, qp, lse2, kv_docs, offs_n, Skv, window, qk_scale, WG: gl.constexpr,
+                CONSTS: gl.constexpr):  # fmt: skip
+    """P of a query-major score tile: a partial block's document mask (this warpgroup's kv documents read
+    back from shared memory), kv rows past Skv, then ``exp2(S·scale·log2e − LSE·log2e)``."""
+    MASK_KIND: gl.constexpr = CONSTS[5]
+    CAUSAL: gl.constexpr = CONSTS[6]
+    HAS_WINDOW: gl.constexpr = CONSTS[7]
+    HAS_PREFIX: gl.constexpr = CONSTS[8]
+    EVEN_N: gl.constexpr = CONSTS[10]
+    S_LAYOUT: gl.constexpr = CONSTS[11]
+    COL_S: gl.constexpr = gl.SliceLayout(0, S_LAYOUT)
+    if MASK_KIND == 1:  # noqa: SIM102 (a constexpr test, then a runtime one)
+        if partial:
+            kd = kv_docs.index(3 * WG).load(COL_S)
+            kp = kv_docs.index(3 * WG + 1).load(COL_S)
+            kpre = kp
+            if HAS_PREFIX:
+                kpre = kv_docs.index(3 * WG + 2).load(COL_S)
+            vis = _gl_doc_visible(qd, qp, kd, kp, kpre, window, CAUSAL, HAS_WINDOW, HAS_PREFIX)
+            s = gl.where(vis, s, float("-inf"))
+    if not EVEN_N:
+        s = gl.where(gl.expand_dims(offs_n < Skv, 0), s, float("-inf"))
+    return gl.exp2(s * qk_scale - gl.expand_dims(lse2, 1))
+
+
+@gluon.jit
+def _dkdv_steps_pipelined(bars, bufs, ptrs, ints, dk, dv, s_zero, ar_m, offs_n, WG: gl.constexpr,
+                          CONSTS: gl.constexpr):  # fmt: skip
+    """The query-major steps with ``S_{t+1}`` issued before ``dK_t``: the next step's exponentials run
+    while dK_t is in flight. Order within step t: wait for S_t (dK_{t-1} may still run); P_t to shared
+    memory; dP_t and dV_t; wait for dP_t (dK_{t-1} and dP_t done: Q_{t-1}, dO_{t-1} and the dS buffer are
+    free); dS_t to shared memory; S_{t+1}; dK_t. Each head's walk ends with everything waited for.
+    Returns (steps taken, dK, dV)."""
+    _kv_bar, q_ready, q_empty, do_ready, do_empty = bars
+    kT, vT, q_smem, do_smem, p_buf, ds_buf, kv_docs = bufs
+    NUMS, _DKb, _DVb, LSEb, DELTAb, QDOC, QPOS, _KVDOC, _KVPOS, _KVPRE = ptrs[:10]
+    _start_n, G, hk, kb, b, snb, snh, sib, sih, sik, Sq, Skv, window, qk_scale, _scale, _sdkn, _sdvn = ints[:17]
+    QBS: gl.constexpr = CONSTS[0]
+    BLOCK_M: gl.constexpr = CONSTS[1]
+    HAS_FULL: gl.constexpr = CONSTS[3]
+    MASK_KIND: gl.constexpr = CONSTS[5]
+    STAGES: gl.constexpr = CONSTS[17]
+    SUBS: gl.constexpr = QBS // BLOCK_M
+    dtype: gl.constexpr = q_smem.dtype
+    qk_scale = qk_scale.to(gl.float32)
+    s_tok = warpgroup_mma_init(s_zero)
+    dv_tok = warpgroup_mma_init(dv)
+    dk_tok = warpgroup_mma_init(dk)
+    c = 0
+    for g in range(0, G):
+        hq = hk * G + g
+        n_part, n, QI, FQI = _dkdv_lists(NUMS, hq, (kb, b, snb, snh, sib, sih, sik), SUBS, HAS_FULL)
+        LSEh = LSEb + hq.to(gl.int64) * Sq
+        DELTAh = DELTAb + hq.to(gl.int64) * Sq
+        for t in range(0, n):
+            st = c % STAGES
+            ph = (c // STAGES) & 1
+            q_t = q_smem.index(st)
+            do_t = do_smem.index(st)
+            if t == 0:  # the head's first S (later ones were issued by the step before)
+                mbarrier.wait(q_ready.index(st), ph)
+                s_tok = warpgroup_mma(q_t, kT, s_zero, use_acc=False, is_async=True)
+            offs_m = _gl_step_row0(QI, FQI, t, n_part, QBS, BLOCK_M, SUBS) + ar_m
+            lse = gl.load(LSEh + offs_m, mask=offs_m < Sq, other=float("inf"))
+            # rows that see nothing (LSE −inf) and rows past Sq (+inf) -> P exactly 0
+            lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            qd, qp = _gl_query_docs(QDOC, QPOS, offs_m, Sq, MASK_KIND)
+            if t == 0:
+                s, dv = warpgroup_mma_wait(0, deps=(s_tok, dv_tok))
+            else:  # S_t and dV_{t-1} back; dK_{t-1} may still run
+                s, dv = warpgroup_mma_wait(1, deps=(s_tok, dv_tok))
+            p = _dkdv_probs(
+                s, t // SUBS < n_part, qd, qp, lse2, kv_docs, offs_n, Skv, window, qk_scale, WG, CONSTS
+            )
+            p_buf.store(p.to(dtype))  # (its last reader, dV_{t-1}, is done)
+            fence_async_shared()
+            _gl_barrier()  # every thread's part of P is in shared memory before the wgmma reads it
+            mbarrier.wait(do_ready.index(st), ph)
+            dp_tok = warpgroup_mma(do_t, vT, s_zero, use_acc=False, is_async=True)
+            dv_tok = warpgroup_mma(p_buf.permute((1, 0)), do_t, dv, is_async=True)
+            delta = gl.load(DELTAh + offs_m, mask=offs_m < Sq, other=0.0)
+            dp, dk = warpgroup_mma_wait(1, deps=(dp_tok, dk_tok))  # dK_{t-1}, dP_t back; dV_t may run
+            if t > 0:  # Q_{t-1} and dO_{t-1}: their last readers are done
+                mbarrier.arrive(q_empty.index((c - 1) % STAGES), count=1)
+                mbarrier.arrive(do_empty.index((c - 1) % STAGES), count=1)
+            ds_buf.store((p * (dp - gl.expand_dims(delta, 1))).to(dtype))
+            fence_async_shared()
+            _gl_barrier()
+            if t + 1 < n:
+                nst = (c + 1) % STAGES
+                mbarrier.wait(q_ready.index(nst), ((c + 1) // STAGES) & 1)
+                s_tok = warpgroup_mma(q_smem.index(nst), kT, s_zero, use_acc=False, is_async=True)
+            dk_tok = warpgroup_mma(ds_buf.permute((1, 0)), q_t, dk, is_async=True)
+            c += 1
+        if n > 0:  # the head's last step: everything back, its buffers released
+            dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
+            dv_tok = warpgroup_mma_init(dv)
+            dk_tok = warpgroup_mma_init(dk)
+            mbarrier.arrive(q_empty.index((c - 1) % STAGES), count=1)
+            mbarrier.arrive(do_empty.index((c - 1) % STAGES), count=1)
+    dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
+    return c, dk, dv
+
+
+@gluon.jit
 def _dkdv_consumer_smem(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.constexpr):
     """One consumer warpgroup of the query-major schedule: dK and dV of kv rows ``start_n + WG·64 ..``.
 
@@ -474,14 +583,16 @@ def _dkdv_consumer_smem(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS:
     HAS_FULL: gl.constexpr = CONSTS[3]
     D: gl.constexpr = CONSTS[4]
     MASK_KIND: gl.constexpr = CONSTS[5]
-    CAUSAL: gl.constexpr = CONSTS[6]
-    HAS_WINDOW: gl.constexpr = CONSTS[7]
+    CONSTS[6]
+    CONSTS[7]
     HAS_PREFIX: gl.constexpr = CONSTS[8]
     EVEN_N: gl.constexpr = CONSTS[10]
     S_LAYOUT: gl.constexpr = CONSTS[11]
     ACC_LAYOUT: gl.constexpr = CONSTS[12]
     ACCUM: gl.constexpr = CONSTS[14]
     DP_EARLY: gl.constexpr = CONSTS[16]
+    STAGES: gl.constexpr = CONSTS[17]
+    PIPE: gl.constexpr = CONSTS[18]
     SUBS: gl.constexpr = QBS // BLOCK_M
     dtype: gl.constexpr = k_smem.dtype
     ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)  # query rows
@@ -507,61 +618,58 @@ def _dkdv_consumer_smem(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS:
     dv = gl.zeros([HALF, D], gl.float32, layout=ACC_LAYOUT)
     mbarrier.wait(kv_bar, 0)
     c = 0
-    for g in range(0, G):
-        hq = hk * G + g
-        n_part, n, QI, FQI = _dkdv_lists(NUMS, hq, (kb, b, snb, snh, sib, sih, sik), SUBS, HAS_FULL)
-        LSEh = LSEb + hq.to(gl.int64) * Sq
-        DELTAh = DELTAb + hq.to(gl.int64) * Sq
-        for t in range(0, n):
-            st = c % 2
-            ph = (c // 2) & 1
-            row0 = _gl_step_row0(QI, FQI, t, n_part, QBS, BLOCK_M, SUBS)
-            offs_m = row0 + ar_m
-            mbarrier.wait(q_ready.index(st), ph)
-            q_t = q_smem.index(st)
-            s_tok = warpgroup_mma(q_t, kT, s_zero, use_acc=False, is_async=True)
-            do_t = do_smem.index(st)
-            if DP_EARLY:  # dP_t runs under the exponentials
-                mbarrier.wait(do_ready.index(st), ph)
-                dp_tok = warpgroup_mma(do_t, vT, s_zero, use_acc=False, is_async=True)
-            lse = gl.load(LSEh + offs_m, mask=offs_m < Sq, other=float("inf"))
-            # rows that see nothing (LSE −inf) and rows past Sq (+inf) -> P exactly 0
-            lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            qd, qp = _gl_query_docs(QDOC, QPOS, offs_m, Sq, MASK_KIND)
-            if DP_EARLY:
-                s = warpgroup_mma_wait(1, deps=(s_tok,))  # S_t is back; dP_t may still run
-            else:
-                s = warpgroup_mma_wait(0, deps=(s_tok,))
-            if MASK_KIND == 1:  # noqa: SIM102 (a constexpr test, then a runtime one)
-                if t // SUBS < n_part:
-                    kd = kv_docs.index(3 * WG).load(COL_S)
-                    kp = kv_docs.index(3 * WG + 1).load(COL_S)
-                    kpre = kp
-                    if HAS_PREFIX:
-                        kpre = kv_docs.index(3 * WG + 2).load(COL_S)
-                    vis = _gl_doc_visible(qd, qp, kd, kp, kpre, window, CAUSAL, HAS_WINDOW, HAS_PREFIX)
-                    s = gl.where(vis, s, float("-inf"))
-            if not EVEN_N:
-                s = gl.where(gl.expand_dims(offs_n < Skv, 0), s, float("-inf"))
-            p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 1))
-            p_buf.store(p.to(dtype))
-            fence_async_shared()
-            _gl_barrier()  # every thread's part of P is in shared memory before the wgmma reads it
-            if not DP_EARLY:  # dP_t runs beside dV_t
-                mbarrier.wait(do_ready.index(st), ph)
-                dp_tok = warpgroup_mma(do_t, vT, s_zero, use_acc=False, is_async=True)
-            dv_tok = warpgroup_mma(p_buf.permute((1, 0)), do_t, dv, is_async=True)
-            delta = gl.load(DELTAh + offs_m, mask=offs_m < Sq, other=0.0)
-            dp = warpgroup_mma_wait(1, deps=(dp_tok,))  # dP_t is back; dV may still run
-            ds_buf.store((p * (dp - gl.expand_dims(delta, 1))).to(dtype))
-            fence_async_shared()
-            _gl_barrier()
-            dk_tok = warpgroup_mma(ds_buf.permute((1, 0)), q_t, dk, is_async=True)
-            dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
-            # Q_t, dO_t and this warpgroup's P / dS buffers are free again
-            mbarrier.arrive(q_empty.index(st), count=1)
-            mbarrier.arrive(do_empty.index(st), count=1)
-            c += 1
+    if PIPE:
+        c, dk, dv = _dkdv_steps_pipelined(
+            bars, (kT, vT, q_smem, do_smem, p_buf, ds_buf, kv_docs), ptrs, ints, dk, dv, s_zero, ar_m, offs_n,
+            WG, CONSTS,
+        )  # fmt: skip
+    else:
+        for g in range(0, G):
+            hq = hk * G + g
+            n_part, n, QI, FQI = _dkdv_lists(NUMS, hq, (kb, b, snb, snh, sib, sih, sik), SUBS, HAS_FULL)
+            LSEh = LSEb + hq.to(gl.int64) * Sq
+            DELTAh = DELTAb + hq.to(gl.int64) * Sq
+            for t in range(0, n):
+                st = c % STAGES
+                ph = (c // STAGES) & 1
+                row0 = _gl_step_row0(QI, FQI, t, n_part, QBS, BLOCK_M, SUBS)
+                offs_m = row0 + ar_m
+                mbarrier.wait(q_ready.index(st), ph)
+                q_t = q_smem.index(st)
+                s_tok = warpgroup_mma(q_t, kT, s_zero, use_acc=False, is_async=True)
+                do_t = do_smem.index(st)
+                if DP_EARLY:  # dP_t runs under the exponentials
+                    mbarrier.wait(do_ready.index(st), ph)
+                    dp_tok = warpgroup_mma(do_t, vT, s_zero, use_acc=False, is_async=True)
+                lse = gl.load(LSEh + offs_m, mask=offs_m < Sq, other=float("inf"))
+                # rows that see nothing (LSE −inf) and rows past Sq (+inf) -> P exactly 0
+                lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+                qd, qp = _gl_query_docs(QDOC, QPOS, offs_m, Sq, MASK_KIND)
+                if DP_EARLY:
+                    s = warpgroup_mma_wait(1, deps=(s_tok,))  # S_t is back; dP_t may still run
+                else:
+                    s = warpgroup_mma_wait(0, deps=(s_tok,))
+                p = _dkdv_probs(
+                    s, t // SUBS < n_part, qd, qp, lse2, kv_docs, offs_n, Skv, window, qk_scale, WG, CONSTS
+                )
+                p_buf.store(p.to(dtype))
+                fence_async_shared()
+                _gl_barrier()  # every thread's part of P is in shared memory before the wgmma reads it
+                if not DP_EARLY:  # dP_t runs beside dV_t
+                    mbarrier.wait(do_ready.index(st), ph)
+                    dp_tok = warpgroup_mma(do_t, vT, s_zero, use_acc=False, is_async=True)
+                dv_tok = warpgroup_mma(p_buf.permute((1, 0)), do_t, dv, is_async=True)
+                delta = gl.load(DELTAh + offs_m, mask=offs_m < Sq, other=0.0)
+                dp = warpgroup_mma_wait(1, deps=(dp_tok,))  # dP_t is back; dV may still run
+                ds_buf.store((p * (dp - gl.expand_dims(delta, 1))).to(dtype))
+                fence_async_shared()
+                _gl_barrier()
+                dk_tok = warpgroup_mma(ds_buf.permute((1, 0)), q_t, dk, is_async=True)
+                dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
+                # Q_t, dO_t and this warpgroup's P / dS buffers are free again
+                mbarrier.arrive(q_empty.index(st), count=1)
+                mbarrier.arrive(do_empty.index(st), count=1)
+                c += 1
 
     dk = dk * scale
     _dkdv_store(dk, dv, DKb, DVb, start_n + WG * HALF, Skv, sdkn, sdvn, c, D, HALF, ACC_LAYOUT, EVEN_N, ACCUM)
@@ -609,7 +717,7 @@ def _gl_dkdv_ws_kernel(
     S_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr, OP_LAYOUT: gl.constexpr, SMEM: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CONSUMER_REGS: gl.constexpr,
     PRODUCER_REGS: gl.constexpr = 24, P_SMEM: gl.constexpr = False, PS_SMEM: gl.constexpr = None,
-    DP_EARLY: gl.constexpr = True,
+    DP_EARLY: gl.constexpr = True, STAGES: gl.constexpr = 2, PIPE: gl.constexpr = False,
 ):  # fmt: skip
     SUBS_N: gl.constexpr = KBS // BLOCK_N
     HALF: gl.constexpr = BLOCK_N // 2
@@ -627,9 +735,9 @@ def _gl_dkdv_ws_kernel(
     v_desc = tma.make_tensor_descriptor(V + b64 * svb + hk64 * svh, [Skv, DV], [svn, 1], [HALF, DV], SMEM)
     k_smem = gl.allocate_shared_memory(dtype, [2, HALF, D], SMEM)
     v_smem = gl.allocate_shared_memory(dtype, [2, HALF, DV], SMEM)
-    q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], SMEM)
-    do_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, DV], SMEM)
-    bars = _gl_pipeline_barriers()  # (K and V, Q ready / empty, dO ready / empty)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], SMEM)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, DV], SMEM)
+    bars = _gl_pipeline_barriers(STAGES)  # (K and V, Q ready / empty, dO ready / empty)
 
     if MASK_KIND == 1:
         QDOC = QDOC + b64 * sdq
@@ -658,7 +766,7 @@ def _gl_dkdv_ws_kernel(
     )  # fmt: skip
     CONSTS: gl.constexpr = (
         QBS, BLOCK_M, HALF, HAS_FULL, D, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_PREFIX, EVEN_M, EVEN_N, S_LAYOUT,
-        ACC_LAYOUT, OP_LAYOUT, ACCUM, SMEM, DP_EARLY,
+        ACC_LAYOUT, OP_LAYOUT, ACCUM, SMEM, DP_EARLY, STAGES, PIPE,
     )  # fmt: skip
     if P_SMEM:
         gl.warp_specialize(
@@ -687,14 +795,16 @@ def dkdv_kernel_layouts(D: int, schedule: str = DKDV_SCHEDULE) -> dict:
     ``DKDV_SCHEDULES``."""
     if schedule not in DKDV_SCHEDULES:
         raise ValueError(f"schedule must be one of {sorted(DKDV_SCHEDULES)}, got {schedule!r}")
-    block_m, p_smem, dp_early = DKDV_SCHEDULES[schedule]
+    block_m, p_smem, dp_early, stages, pipe = DKDV_SCHEDULES[schedule]
     half = BLOCK_M // 2
     acc_layout = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     smem = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     if p_smem:  # S, dP: [block_m queries, 64 kv]
         s_layout = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, half, 16])
     else:  # S^T, dP^T: [64 kv, block_m queries]
-        s_layout = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, block_m, 16])
+        s_layout = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, block_m, 16]
+        )
     return dict(
         S_LAYOUT=s_layout,
         ACC_LAYOUT=acc_layout,
@@ -705,6 +815,8 @@ def dkdv_kernel_layouts(D: int, schedule: str = DKDV_SCHEDULE) -> dict:
         P_SMEM=p_smem,
         PS_SMEM=smem if p_smem else None,
         DP_EARLY=dp_early,
+        STAGES=stages,
+        PIPE=pipe,
     )
 
 
