@@ -3,9 +3,10 @@
 Backward TFLOP/s counting only visible (q, kv) pairs (2.5 × the forward's 4·H·D·pairs for the whole
 backward; the dQ pass alone is counted as 3 of its 7 GEMMs, 4·H·D·pairs·3/2, the dK/dV pass as the other 4), bf16, B = 1, calls interleaved
 in one process (``bench_gluon_fwd.interleaved``). Cases as ``bench_gluon_fwd.py``. Rows: the dQ pass and the
-dK/dV pass alone (Triton; Gluon in each of ``gluon_bwd.DKDV_SCHEDULES``), the whole backward with both Gluon
-passes, and the whole backward as ``flex_attention_backward`` runs it (``backend="triton"``: both passes
-Triton; ``"auto"``: its default). dQ, dK and dV of each Gluon kernel are compared with Triton's (max |Δ|).
+dK/dV pass alone (Triton, Gluon), and the whole backward as ``flex_attention_backward`` runs it
+(``backend="triton"``: both passes Triton; ``"auto"``: both Gluon where they cover the call). dQ, dK and dV of
+the Gluon kernels are compared with Triton's (max |Δ|). (s14 calls 1–2 also timed the dK/dV schedules since
+removed; the rows there name them.)
 
     python bench/bench_gluon_bwd.py --out /tmp/gluon_bwd.json
 """
@@ -27,7 +28,7 @@ from bench_gluon_fwd import case, interleaved
 from bench_kernel import pair_count
 
 from flexdist.kernels import flex_attention_backward, flex_attention_forward
-from flexdist.kernels.gluon_bwd import DKDV_SCHEDULES, gluon_dkdv, gluon_dq
+from flexdist.kernels.gluon_bwd import gluon_dkdv, gluon_dq
 from flexdist.kernels.triton_bwd import triton_backward, triton_delta
 from flexdist.masks import document_block_mask
 
@@ -62,15 +63,7 @@ def main() -> None:
             "dkdv_triton": lambda: triton_backward(
                 q, k, v, out, do, lse, bm, enable_gqa=gqa, delta=delta, which="dkdv"
             ),
-            **{
-                f"dkdv_gluon_{sch}": (
-                    lambda sch=sch: gluon_dkdv(q, k, v, do, lse, delta, bm, enable_gqa=gqa, schedule=sch)
-                )
-                for sch in DKDV_SCHEDULES
-            },
-            "bwd_gluon_both": lambda: triton_backward(
-                q, k, v, out, do, lse, bm, enable_gqa=gqa, gluon_dq=True, gluon_dkdv=True
-            ),
+            "dkdv_gluon": lambda: gluon_dkdv(q, k, v, do, lse, delta, bm, enable_gqa=gqa),
             "bwd_triton": lambda: flex_attention_backward(q, k, v, out, do, lse, bm, enable_gqa=gqa, backend="triton"),
             "bwd_auto": lambda: flex_attention_backward(q, k, v, out, do, lse, bm, enable_gqa=gqa),
         }  # fmt: skip
@@ -78,12 +71,10 @@ def main() -> None:
         b = fns["dq_gluon"]()
         err = float((a.float() - b.float()).abs().max())
         _, tk, tv = fns["dkdv_triton"]()
-        err_kv = {}
-        for sch in DKDV_SCHEDULES:
-            gk, gv = fns[f"dkdv_gluon_{sch}"]()
-            err_kv[sch] = max(
-                float((tk.float() - gk.float()).abs().max()), float((tv.float() - gv.float()).abs().max())
-            )
+        gk, gv = fns["dkdv_gluon"]()
+        err_kv = max(
+            float((tk.float() - gk.float()).abs().max()), float((tv.float() - gv.float()).abs().max())
+        )
         ms = interleaved(fns, args.rounds, args.reps)
         flops = {
             kn: fwd * (1.5 if kn.startswith("dq") else 2.0 if kn.startswith("dkdv") else 2.5) for kn in fns
@@ -97,8 +88,7 @@ def main() -> None:
         rows.append(row)
         line = "  ".join(f"{kn} {t:.3f} ms {flops[kn] / (t * 1e-3) / 1e12:.0f}" for kn, t in ms.items())
         print(
-            f"{name:7} S={S} H={Hq}:{Hkv}  {line}  TFLOP/s | max|ΔdQ| {err:.2e} max|ΔdK,dV| "
-            + " ".join(f"{sch} {e:.2e}" for sch, e in err_kv.items()),
+            f"{name:7} S={S} H={Hq}:{Hkv}  {line}  TFLOP/s | max|ΔdQ| {err:.2e} max|ΔdK,dV| {err_kv:.2e}",
             flush=True,
         )
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,

@@ -1,4 +1,4 @@
-"""Hopper (sm_90) dQ kernel of the backward, written in Gluon, warp-specialised like kernels/gluon_fwd.py.
+"""Hopper (sm_90) backward kernels, dQ and dK/dV, written in Gluon, warp-specialised like kernels/gluon_fwd.py.
 
 Same contract as ``triton_bwd._dq_kernel`` for the cases the Gluon forward covers (no score mod, the no-op
 and document masks, fp16 / bf16, ``D == Dv`` in {64, 128}): per query tile, over the BlockMask's partial and
@@ -12,7 +12,12 @@ double buffers (ready / empty mbarriers); two consumer warpgroups own 64 query r
 finishes, then issues ``dS_t·K_t`` and waits for it before the next step. (Kept in flight across the step,
 with its dS operand and accumulator held, it left ptxas short of registers at the 168 a thread of this
 12-warp launch may use, and ptxas then serialised every wgmma, warning C7512: s13 call 6 against call 8.)
-The dK/dV kernel below follows the same pattern with kv rows per consumer and query steps.
+
+The dK/dV kernel (``gluon_dkdv``) has the same layout with the roles swapped: K and V of the program's 128 kv
+rows are copied once, Q_t and dO_t of every 64-row query step (every query head of the kv head's group) into
+double buffers, and each consumer warpgroup holds dK and dV of 64 kv rows. P and dS go through shared memory
+(see ``_dkdv_consumer``). ``flex_attention_backward``'s default backend runs both kernels where they cover the
+call: on an H100 the backward of the 64k pack is 11-13% faster than with the Triton kernels (s14 calls 1-2).
 """
 
 from __future__ import annotations
@@ -51,21 +56,7 @@ from .triton_fwd import LOG2E, SCORE_NONE, _tma_scratch, doc_args, launch_head_g
 
 DQ_BLOCK_N = 64  # kv rows per step: S, dP (32 registers each), dQ (64) and dS fit a consumer's 240
 
-# Schedules of the dK/dV kernel: (query rows per step, P and dS through shared memory, dP issued beside S,
-# Q / dO buffers, S_{t+1} issued before dK_t)
-# - "query": S = Q·Kᵀ and dP = dO·Vᵀ as [query, kv] tiles, P and dS stored to shared memory and read back
-#   transposed by the dV / dK GEMMs (``_dkdv_consumer_smem``); 64-row steps, dP in flight under the softmax;
-# - "query_late_dp": the same with dP issued after P is stored (fewer registers live under the mask);
-# - "kv": Sᵀ and dPᵀ as [kv, query] tiles, Pᵀ and dSᵀ in registers (``_dkdv_consumer``): with the dK and dV
-#   accumulators and the in-flight operands, 64-row steps spill (ptxas: 352 bytes at 240 registers), so 32.
-DKDV_SCHEDULES = {
-    "query": (64, True, True, 2, False),
-    "query_late_dp": (64, True, False, 2, False),
-    "query_late_dp_3stage": (64, True, False, 3, False),
-    "query_pipelined": (64, True, False, 2, True),
-    "kv": (32, False, True, 2, False),
-}
-DKDV_SCHEDULE = "query_late_dp"  # the fastest on an H100 (bench/results/2026-11-26-s14/call1)
+DKDV_BLOCK_M = 64  # query rows per dK/dV step
 
 # a barrier over the calling partition's warps: ``thread_barrier`` in triton 3.6, ``barrier`` in 3.9
 _gl_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
@@ -269,25 +260,6 @@ def _gl_dq_ws_kernel(
 
 
 @gluon.jit
-def _gl_doc_visible_t(qd, qp, kd, kp, kpre, window, CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr,
-                      HAS_PREFIX: gl.constexpr):  # fmt: skip
-    """``_gl_doc_visible`` on a transposed tile: kv along rows, queries along columns."""
-    same = gl.expand_dims(kd, 1) == gl.expand_dims(qd, 0)
-    rel = gl.expand_dims(qp, 0) - gl.expand_dims(kp, 1)
-    if CAUSAL:
-        vis = rel >= 0
-        if HAS_WINDOW:
-            vis = vis & (rel < window)
-    elif HAS_WINDOW:
-        vis = (rel < window) & (rel > -window)
-    else:
-        vis = rel == rel
-    if HAS_PREFIX:
-        vis = vis | (gl.expand_dims(kpre, 1) != 0)
-    return same & vis
-
-
-@gluon.jit
 def _dkdv_lists(NUMS, hq, ints, SUBS: gl.constexpr, HAS_FULL: gl.constexpr):
     """``_gl_block_lists`` of query head ``hq`` for this program's kv block (the transposed tables)."""
     Q_NUM, Q_IDX, FULLQ_NUM, FULLQ_IDX = NUMS
@@ -300,7 +272,7 @@ def _dkdv_lists(NUMS, hq, ints, SUBS: gl.constexpr, HAS_FULL: gl.constexpr):
 
 @gluon.jit
 def _dkdv_producer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.constexpr):
-    """The load warp: K and V (both halves) once, then Q_t and dO_t of every step into buffer c % STAGES
+    """The load warp: K and V (both halves) once, then Q_t and dO_t of every step into buffer c % 2
     (through descriptors of each query head's [Sq, D] slice, made as the walk reaches the head)."""
     k_desc, v_desc = descs
     kv_bar, q_ready, q_empty, do_ready, do_empty = bars
@@ -313,8 +285,7 @@ def _dkdv_producer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
     HALF: gl.constexpr = CONSTS[2]
     HAS_FULL: gl.constexpr = CONSTS[3]
     D: gl.constexpr = CONSTS[4]
-    SMEM: gl.constexpr = CONSTS[15]
-    STAGES: gl.constexpr = CONSTS[17]
+    SMEM: gl.constexpr = CONSTS[14]
     SUBS: gl.constexpr = QBS // BLOCK_M
     mbarrier.expect(kv_bar, 2 * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
     for h in gl.static_range(2):
@@ -328,8 +299,8 @@ def _dkdv_producer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
         q_desc = tma.make_tensor_descriptor(Qb + hq64 * sqh, [Sq, D], [sqm, 1], [BLOCK_M, D], SMEM)
         do_desc = tma.make_tensor_descriptor(DOb + hq64 * sdoh, [Sq, D], [sdom, 1], [BLOCK_M, D], SMEM)
         for t in range(0, n):
-            st = c % STAGES
-            ph = (c // STAGES) & 1
+            st = c % 2
+            ph = (c // 2) & 1
             row0 = _gl_step_row0(QI, FQI, t, n_part, QBS, BLOCK_M, SUBS)
             mbarrier.wait(q_empty.index(st), ph ^ 1)
             mbarrier.expect(q_ready.index(st), q_desc.block_type.nbytes)
@@ -338,126 +309,6 @@ def _dkdv_producer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
             mbarrier.expect(do_ready.index(st), do_desc.block_type.nbytes)
             _tma_load(do_desc, [row0, 0], do_ready.index(st), do_smem.index(st))
             c += 1
-
-
-@gluon.jit
-def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.constexpr):
-    """One consumer warpgroup: dK and dV of kv rows ``start_n + WG·64 ..``."""
-    kv_bar, q_ready, q_empty, do_ready, do_empty = bars
-    k_smem, v_smem, q_smem, do_smem = bufs
-    NUMS, DKb, DVb, LSEb, DELTAb, QDOC, QPOS, KVDOC, KVPOS, KVPRE = ptrs[:10]
-    start_n, G, hk, kb, b, snb, snh, sib, sih, sik, Sq, Skv, window, qk_scale, scale, sdkn, sdvn = ints[:17]
-    QBS: gl.constexpr = CONSTS[0]
-    BLOCK_M: gl.constexpr = CONSTS[1]
-    HALF: gl.constexpr = CONSTS[2]
-    HAS_FULL: gl.constexpr = CONSTS[3]
-    D: gl.constexpr = CONSTS[4]
-    MASK_KIND: gl.constexpr = CONSTS[5]
-    CAUSAL: gl.constexpr = CONSTS[6]
-    HAS_WINDOW: gl.constexpr = CONSTS[7]
-    HAS_PREFIX: gl.constexpr = CONSTS[8]
-    # (CONSTS[9], EVEN_M: query rows past Sq come back zero from TMA, and their LSE reads as +inf)
-    EVEN_N: gl.constexpr = CONSTS[10]
-    S_LAYOUT: gl.constexpr = CONSTS[11]
-    ACC_LAYOUT: gl.constexpr = CONSTS[12]
-    OP_LAYOUT: gl.constexpr = CONSTS[13]
-    ACCUM: gl.constexpr = CONSTS[14]
-    SUBS: gl.constexpr = QBS // BLOCK_M
-    dtype: gl.constexpr = k_smem.dtype
-    ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)  # kv rows
-    COL_S: gl.constexpr = gl.SliceLayout(0, S_LAYOUT)  # query columns
-    qk_scale = qk_scale.to(gl.float32)
-    scale = scale.to(gl.float32)
-    k_tile = k_smem.index(WG)
-    v_tile = v_smem.index(WG)
-    offs_n = start_n + WG * HALF + gl.arange(0, HALF, layout=ROW_S)
-    if MASK_KIND == 1:
-        kd = gl.load(KVDOC + offs_n, mask=offs_n < Skv, other=-2)
-        kp = gl.load(KVPOS + offs_n, mask=offs_n < Skv, other=0)
-        if HAS_PREFIX:
-            kpre = gl.load(KVPRE + offs_n, mask=offs_n < Skv, other=0)
-        else:
-            kpre = kp
-    ar_m = gl.arange(0, BLOCK_M, layout=COL_S)
-    s_zero = gl.zeros([HALF, BLOCK_M], gl.float32, layout=S_LAYOUT)
-    # (dK and dV travel the loop as accumulator tokens, waited for at each step's end and again, already
-    # complete, beside S^T: the code measured in s13 call 8)
-    dk_tok = warpgroup_mma_init(gl.zeros([HALF, D], gl.float32, layout=ACC_LAYOUT))
-    dv_tok = warpgroup_mma_init(gl.zeros([HALF, D], gl.float32, layout=ACC_LAYOUT))
-    pT = gl.zeros([HALF, BLOCK_M], dtype, layout=OP_LAYOUT)
-    dsT = gl.zeros([HALF, BLOCK_M], dtype, layout=OP_LAYOUT)
-    mbarrier.wait(kv_bar, 0)
-    c = 0
-    for g in range(0, G):
-        hq = hk * G + g
-        n_part, n, QI, FQI = _dkdv_lists(NUMS, hq, (kb, b, snb, snh, sib, sih, sik), SUBS, HAS_FULL)
-        LSEh = LSEb + hq.to(gl.int64) * Sq
-        DELTAh = DELTAb + hq.to(gl.int64) * Sq
-        for t in range(0, n):
-            st = c % 2
-            ph = (c // 2) & 1
-            row0 = _gl_step_row0(QI, FQI, t, n_part, QBS, BLOCK_M, SUBS)
-            offs_m = row0 + ar_m
-            lse = gl.load(LSEh + offs_m, mask=offs_m < Sq, other=float("inf"))
-            lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            delta = gl.load(DELTAh + offs_m, mask=offs_m < Sq, other=0.0)
-            mbarrier.wait(q_ready.index(st), ph)
-            q_t = q_smem.index(st)
-            st_tok = warpgroup_mma(k_tile, q_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            mbarrier.wait(do_ready.index(st), ph)
-            do_t = do_smem.index(st)
-            dpt_tok = warpgroup_mma(v_tile, do_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            # S^T_t is back; dP^T_t may still run
-            dv, dk, sT, pT, dsT = warpgroup_mma_wait(1, deps=(dv_tok, dk_tok, st_tok, pT, dsT))
-            if c > 0:  # Q_{c-1} and dO_{c-1}: their last readers were waited for in step c-1
-                mbarrier.arrive(q_empty.index((c - 1) % 2), count=1)
-                mbarrier.arrive(do_empty.index((c - 1) % 2), count=1)
-            if MASK_KIND == 1:  # noqa: SIM102 (a constexpr test, then a runtime one)
-                if t // SUBS < n_part:
-                    qd = gl.load(QDOC + offs_m, mask=offs_m < Sq, other=-1)
-                    qp = gl.load(QPOS + offs_m, mask=offs_m < Sq, other=0)
-                    vis = _gl_doc_visible_t(qd, qp, kd, kp, kpre, window, CAUSAL, HAS_WINDOW, HAS_PREFIX)
-                    sT = gl.where(vis, sT, float("-inf"))
-            if not EVEN_N:
-                sT = gl.where(gl.expand_dims(offs_n < Skv, 1), sT, float("-inf"))
-            p = gl.exp2(sT * qk_scale - gl.expand_dims(lse2, 0))
-            pT = gl.convert_layout(p.to(dtype), OP_LAYOUT)
-            dv_tok = warpgroup_mma(pT, do_t, dv, is_async=True)
-            dpT = warpgroup_mma_wait(1, deps=(dpt_tok,))
-            dsT = gl.convert_layout((p * (dpT - gl.expand_dims(delta, 0))).to(dtype), OP_LAYOUT)
-            dk_tok = warpgroup_mma(dsT, q_t, dk, is_async=True)
-            dv, dk, pT, dsT = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, pT, dsT))
-            dv_tok = warpgroup_mma_init(dv)
-            dk_tok = warpgroup_mma_init(dk)
-            c += 1
-    dv, dk, pT, dsT = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, pT, dsT))
-    if c > 0:
-        mbarrier.arrive(q_empty.index((c - 1) % 2), count=1)
-        mbarrier.arrive(do_empty.index((c - 1) % 2), count=1)
-
-    dk = dk * scale
-    rows = start_n + WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, ACC_LAYOUT))
-    cols = gl.arange(0, D, layout=gl.SliceLayout(0, ACC_LAYOUT))
-    row_ok = gl.expand_dims(rows < Skv, 1) & gl.expand_dims(cols >= 0, 0)
-    dk_ptrs = DKb + gl.expand_dims(rows, 1) * sdkn + gl.expand_dims(cols, 0)
-    dv_ptrs = DVb + gl.expand_dims(rows, 1) * sdvn + gl.expand_dims(cols, 0)
-    if ACCUM:  # add into the caller's buffers; untouched when this call visited no block
-        if c > 0:
-            if EVEN_N:
-                gl.store(dk_ptrs, (dk + gl.load(dk_ptrs).to(gl.float32)).to(DKb.dtype.element_ty))
-                gl.store(dv_ptrs, (dv + gl.load(dv_ptrs).to(gl.float32)).to(DVb.dtype.element_ty))
-            else:
-                prev_k = gl.load(dk_ptrs, mask=row_ok, other=0.0).to(gl.float32)
-                gl.store(dk_ptrs, (dk + prev_k).to(DKb.dtype.element_ty), mask=row_ok)
-                prev_v = gl.load(dv_ptrs, mask=row_ok, other=0.0).to(gl.float32)
-                gl.store(dv_ptrs, (dv + prev_v).to(DVb.dtype.element_ty), mask=row_ok)
-    else:
-        if EVEN_N:
-            gl.store(dk_ptrs, dk.to(DKb.dtype.element_ty))
-            gl.store(dv_ptrs, dv.to(DVb.dtype.element_ty))
-        else:
-            gl.store(dk_ptrs, dk.to(DKb.dtype.element_ty), mask=row_ok)
-            gl.store(dv_ptrs, dv.to(DVb.dtype.element_ty), mask=row_ok)
 
 
 @gluon.jit
@@ -487,92 +338,15 @@ def _dkdv_probs(s, partial, qd, qp, lse2, kv_docs, offs_n, Skv, window, qk_scale
 
 
 @gluon.jit
-def _dkdv_steps_pipelined(bars, bufs, ptrs, ints, dk, dv, s_zero, ar_m, offs_n, WG: gl.constexpr,
-                          CONSTS: gl.constexpr):  # fmt: skip
-    """The query-major steps with ``S_{t+1}`` issued before ``dK_t``: the next step's exponentials run
-    while dK_t is in flight. Order within step t: wait for S_t (dK_{t-1} may still run); P_t to shared
-    memory; dP_t and dV_t; wait for dP_t (dK_{t-1} and dP_t done: Q_{t-1}, dO_{t-1} and the dS buffer are
-    free); dS_t to shared memory; S_{t+1}; dK_t. Each head's walk ends with everything waited for.
-    Returns (steps taken, dK, dV)."""
-    _kv_bar, q_ready, q_empty, do_ready, do_empty = bars
-    kT, vT, q_smem, do_smem, p_buf, ds_buf, kv_docs = bufs
-    NUMS, _DKb, _DVb, LSEb, DELTAb, QDOC, QPOS, _KVDOC, _KVPOS, _KVPRE = ptrs[:10]
-    _start_n, G, hk, kb, b, snb, snh, sib, sih, sik, Sq, Skv, window, qk_scale, _scale, _sdkn, _sdvn = ints[:17]
-    QBS: gl.constexpr = CONSTS[0]
-    BLOCK_M: gl.constexpr = CONSTS[1]
-    HAS_FULL: gl.constexpr = CONSTS[3]
-    MASK_KIND: gl.constexpr = CONSTS[5]
-    STAGES: gl.constexpr = CONSTS[17]
-    SUBS: gl.constexpr = QBS // BLOCK_M
-    dtype: gl.constexpr = q_smem.dtype
-    qk_scale = qk_scale.to(gl.float32)
-    s_tok = warpgroup_mma_init(s_zero)
-    dv_tok = warpgroup_mma_init(dv)
-    dk_tok = warpgroup_mma_init(dk)
-    c = 0
-    for g in range(0, G):
-        hq = hk * G + g
-        n_part, n, QI, FQI = _dkdv_lists(NUMS, hq, (kb, b, snb, snh, sib, sih, sik), SUBS, HAS_FULL)
-        LSEh = LSEb + hq.to(gl.int64) * Sq
-        DELTAh = DELTAb + hq.to(gl.int64) * Sq
-        for t in range(0, n):
-            st = c % STAGES
-            ph = (c // STAGES) & 1
-            q_t = q_smem.index(st)
-            do_t = do_smem.index(st)
-            if t == 0:  # the head's first S (later ones were issued by the step before)
-                mbarrier.wait(q_ready.index(st), ph)
-                s_tok = warpgroup_mma(q_t, kT, s_zero, use_acc=False, is_async=True)
-            offs_m = _gl_step_row0(QI, FQI, t, n_part, QBS, BLOCK_M, SUBS) + ar_m
-            lse = gl.load(LSEh + offs_m, mask=offs_m < Sq, other=float("inf"))
-            # rows that see nothing (LSE −inf) and rows past Sq (+inf) -> P exactly 0
-            lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            qd, qp = _gl_query_docs(QDOC, QPOS, offs_m, Sq, MASK_KIND)
-            if t == 0:
-                s, dv = warpgroup_mma_wait(0, deps=(s_tok, dv_tok))
-            else:  # S_t and dV_{t-1} back; dK_{t-1} may still run
-                s, dv = warpgroup_mma_wait(1, deps=(s_tok, dv_tok))
-            p = _dkdv_probs(
-                s, t // SUBS < n_part, qd, qp, lse2, kv_docs, offs_n, Skv, window, qk_scale, WG, CONSTS
-            )
-            p_buf.store(p.to(dtype))  # (its last reader, dV_{t-1}, is done)
-            fence_async_shared()
-            _gl_barrier()  # every thread's part of P is in shared memory before the wgmma reads it
-            mbarrier.wait(do_ready.index(st), ph)
-            dp_tok = warpgroup_mma(do_t, vT, s_zero, use_acc=False, is_async=True)
-            dv_tok = warpgroup_mma(p_buf.permute((1, 0)), do_t, dv, is_async=True)
-            delta = gl.load(DELTAh + offs_m, mask=offs_m < Sq, other=0.0)
-            dp, dk = warpgroup_mma_wait(1, deps=(dp_tok, dk_tok))  # dK_{t-1}, dP_t back; dV_t may run
-            if t > 0:  # Q_{t-1} and dO_{t-1}: their last readers are done
-                mbarrier.arrive(q_empty.index((c - 1) % STAGES), count=1)
-                mbarrier.arrive(do_empty.index((c - 1) % STAGES), count=1)
-            ds_buf.store((p * (dp - gl.expand_dims(delta, 1))).to(dtype))
-            fence_async_shared()
-            _gl_barrier()
-            if t + 1 < n:
-                nst = (c + 1) % STAGES
-                mbarrier.wait(q_ready.index(nst), ((c + 1) // STAGES) & 1)
-                s_tok = warpgroup_mma(q_smem.index(nst), kT, s_zero, use_acc=False, is_async=True)
-            dk_tok = warpgroup_mma(ds_buf.permute((1, 0)), q_t, dk, is_async=True)
-            c += 1
-        if n > 0:  # the head's last step: everything back, its buffers released
-            dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
-            dv_tok = warpgroup_mma_init(dv)
-            dk_tok = warpgroup_mma_init(dk)
-            mbarrier.arrive(q_empty.index((c - 1) % STAGES), count=1)
-            mbarrier.arrive(do_empty.index((c - 1) % STAGES), count=1)
-    dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
-    return c, dk, dv
+def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.constexpr):
+    """One consumer warpgroup: dK and dV of kv rows ``start_n + WG·64 ..``, over query steps of 64 rows.
 
-
-@gluon.jit
-def _dkdv_consumer_smem(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.constexpr):
-    """One consumer warpgroup of the query-major schedule: dK and dV of kv rows ``start_n + WG·64 ..``.
-
-    ``S = Q_t·Kᵀ`` and ``dP = dO_t·Vᵀ`` come back as [query, kv] tiles, so a query's LSE, Δ and document
-    are two registers a thread, not the 16 of a kv-major tile. P and dS go through this warpgroup's shared
-    buffers, whence ``dV += Pᵀ·dO_t`` and ``dK += dSᵀ·Q_t`` read them transposed. The registers left over
-    let the steps be 64 query rows wide with no spill."""
+    ``S = Q_t·Kᵀ`` comes back as a [query, kv] tile, so a query's LSE, Δ and document are two registers a
+    thread (a kv-major Sᵀ tile holds 16 of each; with Pᵀ and dSᵀ kept in registers for the dV / dK GEMMs,
+    that schedule spilled at 64-row steps and ran 32-row ones, 5-15% slower than this one: s14 call 1).
+    P_t goes to this warpgroup's shared buffer, then ``dP_t = dO_t·Vᵀ`` and ``dV += P_tᵀ·dO_t`` are issued
+    together (dP issued beside S_t, under the exponentials, was 1-3% slower: more registers live under the
+    mask); dS_t goes to shared memory after dP_t is back, and ``dK += dS_tᵀ·Q_t`` reads it transposed."""
     kv_bar, q_ready, q_empty, do_ready, do_empty = bars
     k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_docs = bufs
     NUMS, DKb, DVb, LSEb, DELTAb, QDOC, QPOS, KVDOC, KVPOS, KVPRE = ptrs[:10]
@@ -583,16 +357,11 @@ def _dkdv_consumer_smem(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS:
     HAS_FULL: gl.constexpr = CONSTS[3]
     D: gl.constexpr = CONSTS[4]
     MASK_KIND: gl.constexpr = CONSTS[5]
-    CONSTS[6]
-    CONSTS[7]
     HAS_PREFIX: gl.constexpr = CONSTS[8]
     EVEN_N: gl.constexpr = CONSTS[10]
     S_LAYOUT: gl.constexpr = CONSTS[11]
     ACC_LAYOUT: gl.constexpr = CONSTS[12]
-    ACCUM: gl.constexpr = CONSTS[14]
-    DP_EARLY: gl.constexpr = CONSTS[16]
-    STAGES: gl.constexpr = CONSTS[17]
-    PIPE: gl.constexpr = CONSTS[18]
+    ACCUM: gl.constexpr = CONSTS[13]
     SUBS: gl.constexpr = QBS // BLOCK_M
     dtype: gl.constexpr = k_smem.dtype
     ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)  # query rows
@@ -618,58 +387,44 @@ def _dkdv_consumer_smem(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS:
     dv = gl.zeros([HALF, D], gl.float32, layout=ACC_LAYOUT)
     mbarrier.wait(kv_bar, 0)
     c = 0
-    if PIPE:
-        c, dk, dv = _dkdv_steps_pipelined(
-            bars, (kT, vT, q_smem, do_smem, p_buf, ds_buf, kv_docs), ptrs, ints, dk, dv, s_zero, ar_m, offs_n,
-            WG, CONSTS,
-        )  # fmt: skip
-    else:
-        for g in range(0, G):
-            hq = hk * G + g
-            n_part, n, QI, FQI = _dkdv_lists(NUMS, hq, (kb, b, snb, snh, sib, sih, sik), SUBS, HAS_FULL)
-            LSEh = LSEb + hq.to(gl.int64) * Sq
-            DELTAh = DELTAb + hq.to(gl.int64) * Sq
-            for t in range(0, n):
-                st = c % STAGES
-                ph = (c // STAGES) & 1
-                row0 = _gl_step_row0(QI, FQI, t, n_part, QBS, BLOCK_M, SUBS)
-                offs_m = row0 + ar_m
-                mbarrier.wait(q_ready.index(st), ph)
-                q_t = q_smem.index(st)
-                s_tok = warpgroup_mma(q_t, kT, s_zero, use_acc=False, is_async=True)
-                do_t = do_smem.index(st)
-                if DP_EARLY:  # dP_t runs under the exponentials
-                    mbarrier.wait(do_ready.index(st), ph)
-                    dp_tok = warpgroup_mma(do_t, vT, s_zero, use_acc=False, is_async=True)
-                lse = gl.load(LSEh + offs_m, mask=offs_m < Sq, other=float("inf"))
-                # rows that see nothing (LSE −inf) and rows past Sq (+inf) -> P exactly 0
-                lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-                qd, qp = _gl_query_docs(QDOC, QPOS, offs_m, Sq, MASK_KIND)
-                if DP_EARLY:
-                    s = warpgroup_mma_wait(1, deps=(s_tok,))  # S_t is back; dP_t may still run
-                else:
-                    s = warpgroup_mma_wait(0, deps=(s_tok,))
-                p = _dkdv_probs(
-                    s, t // SUBS < n_part, qd, qp, lse2, kv_docs, offs_n, Skv, window, qk_scale, WG, CONSTS
-                )
-                p_buf.store(p.to(dtype))
-                fence_async_shared()
-                _gl_barrier()  # every thread's part of P is in shared memory before the wgmma reads it
-                if not DP_EARLY:  # dP_t runs beside dV_t
-                    mbarrier.wait(do_ready.index(st), ph)
-                    dp_tok = warpgroup_mma(do_t, vT, s_zero, use_acc=False, is_async=True)
-                dv_tok = warpgroup_mma(p_buf.permute((1, 0)), do_t, dv, is_async=True)
-                delta = gl.load(DELTAh + offs_m, mask=offs_m < Sq, other=0.0)
-                dp = warpgroup_mma_wait(1, deps=(dp_tok,))  # dP_t is back; dV may still run
-                ds_buf.store((p * (dp - gl.expand_dims(delta, 1))).to(dtype))
-                fence_async_shared()
-                _gl_barrier()
-                dk_tok = warpgroup_mma(ds_buf.permute((1, 0)), q_t, dk, is_async=True)
-                dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
-                # Q_t, dO_t and this warpgroup's P / dS buffers are free again
-                mbarrier.arrive(q_empty.index(st), count=1)
-                mbarrier.arrive(do_empty.index(st), count=1)
-                c += 1
+    for g in range(0, G):
+        hq = hk * G + g
+        n_part, n, QI, FQI = _dkdv_lists(NUMS, hq, (kb, b, snb, snh, sib, sih, sik), SUBS, HAS_FULL)
+        LSEh = LSEb + hq.to(gl.int64) * Sq
+        DELTAh = DELTAb + hq.to(gl.int64) * Sq
+        for t in range(0, n):
+            st = c % 2
+            ph = (c // 2) & 1
+            offs_m = _gl_step_row0(QI, FQI, t, n_part, QBS, BLOCK_M, SUBS) + ar_m
+            mbarrier.wait(q_ready.index(st), ph)
+            q_t = q_smem.index(st)
+            s_tok = warpgroup_mma(q_t, kT, s_zero, use_acc=False, is_async=True)
+            lse = gl.load(LSEh + offs_m, mask=offs_m < Sq, other=float("inf"))
+            # rows that see nothing (LSE −inf) and rows past Sq (+inf) -> P exactly 0
+            lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            qd, qp = _gl_query_docs(QDOC, QPOS, offs_m, Sq, MASK_KIND)
+            s = warpgroup_mma_wait(0, deps=(s_tok,))
+            p = _dkdv_probs(
+                s, t // SUBS < n_part, qd, qp, lse2, kv_docs, offs_n, Skv, window, qk_scale, WG, CONSTS
+            )
+            p_buf.store(p.to(dtype))
+            fence_async_shared()
+            _gl_barrier()  # every thread's part of P is in shared memory before the wgmma reads it
+            mbarrier.wait(do_ready.index(st), ph)
+            do_t = do_smem.index(st)
+            dp_tok = warpgroup_mma(do_t, vT, s_zero, use_acc=False, is_async=True)
+            dv_tok = warpgroup_mma(p_buf.permute((1, 0)), do_t, dv, is_async=True)
+            delta = gl.load(DELTAh + offs_m, mask=offs_m < Sq, other=0.0)
+            dp = warpgroup_mma_wait(1, deps=(dp_tok,))  # dP_t is back; dV_t may still run
+            ds_buf.store((p * (dp - gl.expand_dims(delta, 1))).to(dtype))
+            fence_async_shared()
+            _gl_barrier()
+            dk_tok = warpgroup_mma(ds_buf.permute((1, 0)), q_t, dk, is_async=True)
+            dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
+            # Q_t, dO_t and this warpgroup's P / dS buffers are free again
+            mbarrier.arrive(q_empty.index(st), count=1)
+            mbarrier.arrive(do_empty.index(st), count=1)
+            c += 1
 
     dk = dk * scale
     _dkdv_store(dk, dv, DKb, DVb, start_n + WG * HALF, Skv, sdkn, sdvn, c, D, HALF, ACC_LAYOUT, EVEN_N, ACCUM)
@@ -714,10 +469,9 @@ def _gl_dkdv_ws_kernel(
     D: gl.constexpr, DV: gl.constexpr, QBS: gl.constexpr, KBS: gl.constexpr,
     MASK_KIND: gl.constexpr, CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr, HAS_PREFIX: gl.constexpr,
     HAS_FULL: gl.constexpr, EVEN_M: gl.constexpr, EVEN_N: gl.constexpr, ACCUM: gl.constexpr,
-    S_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr, OP_LAYOUT: gl.constexpr, SMEM: gl.constexpr,
+    S_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr, SMEM: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-    PRODUCER_REGS: gl.constexpr = 24, P_SMEM: gl.constexpr = False, PS_SMEM: gl.constexpr = None,
-    DP_EARLY: gl.constexpr = True, STAGES: gl.constexpr = 2, PIPE: gl.constexpr = False,
+    PRODUCER_REGS: gl.constexpr = 24,
 ):  # fmt: skip
     SUBS_N: gl.constexpr = KBS // BLOCK_N
     HALF: gl.constexpr = BLOCK_N // 2
@@ -735,9 +489,13 @@ def _gl_dkdv_ws_kernel(
     v_desc = tma.make_tensor_descriptor(V + b64 * svb + hk64 * svh, [Skv, DV], [svn, 1], [HALF, DV], SMEM)
     k_smem = gl.allocate_shared_memory(dtype, [2, HALF, D], SMEM)
     v_smem = gl.allocate_shared_memory(dtype, [2, HALF, DV], SMEM)
-    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], SMEM)
-    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, DV], SMEM)
-    bars = _gl_pipeline_barriers(STAGES)  # (K and V, Q ready / empty, dO ready / empty)
+    q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], SMEM)
+    do_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, DV], SMEM)
+    # each consumer's P and dS tiles, and its kv documents, positions and prefix flags
+    p_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HALF], SMEM)
+    ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HALF], SMEM)
+    kv_docs = gl.allocate_shared_memory(gl.int32, [6, HALF], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    bars = _gl_pipeline_barriers()  # (K and V, Q ready / empty, dO ready / empty)
 
     if MASK_KIND == 1:
         QDOC = QDOC + b64 * sdq
@@ -747,14 +505,7 @@ def _gl_dkdv_ws_kernel(
         if HAS_PREFIX:
             KVPRE = KVPRE + b64 * sdk
     descs = (k_desc, v_desc)
-    if P_SMEM:  # each consumer's P and dS tiles of the query-major schedule
-        p_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HALF], PS_SMEM)
-        ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HALF], PS_SMEM)
-        # each consumer's kv documents, positions, prefix flags
-        kv_docs = gl.allocate_shared_memory(gl.int32, [6, HALF], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-        bufs = (k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_docs)
-    else:
-        bufs = (k_smem, v_smem, q_smem, do_smem)
+    bufs = (k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_docs)
     rows = b64 * Hq * Sq
     ptrs = (
         (Q_NUM, Q_IDX, FULLQ_NUM, FULLQ_IDX), DK + b64 * sdkb + hk64 * sdkh, DV_ + b64 * sdvb + hk64 * sdvh,
@@ -766,57 +517,31 @@ def _gl_dkdv_ws_kernel(
     )  # fmt: skip
     CONSTS: gl.constexpr = (
         QBS, BLOCK_M, HALF, HAS_FULL, D, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_PREFIX, EVEN_M, EVEN_N, S_LAYOUT,
-        ACC_LAYOUT, OP_LAYOUT, ACCUM, SMEM, DP_EARLY, STAGES, PIPE,
+        ACC_LAYOUT, ACCUM, SMEM,
     )  # fmt: skip
-    if P_SMEM:
-        gl.warp_specialize(
-            [
-                (_dkdv_consumer_smem, (descs, bars, bufs, ptrs, ints, 0, CONSTS)),
-                (_dkdv_consumer_smem, (descs, bars, bufs, ptrs, ints, 1, CONSTS)),
-                (_dkdv_producer, (descs, bars, bufs, ptrs, ints, 1, CONSTS)),
-            ],
-            [4, 1],
-            [CONSUMER_REGS, PRODUCER_REGS],
-        )
-    else:
-        gl.warp_specialize(
-            [
-                (_dkdv_consumer, (descs, bars, bufs, ptrs, ints, 0, CONSTS)),
-                (_dkdv_consumer, (descs, bars, bufs, ptrs, ints, 1, CONSTS)),
-                (_dkdv_producer, (descs, bars, bufs, ptrs, ints, 1, CONSTS)),
-            ],
-            [4, 1],
-            [CONSUMER_REGS, PRODUCER_REGS],
-        )
+    gl.warp_specialize(
+        [
+            (_dkdv_consumer, (descs, bars, bufs, ptrs, ints, 0, CONSTS)),
+            (_dkdv_consumer, (descs, bars, bufs, ptrs, ints, 1, CONSTS)),
+            (_dkdv_producer, (descs, bars, bufs, ptrs, ints, 1, CONSTS)),
+        ],
+        [4, 1],
+        [CONSUMER_REGS, PRODUCER_REGS],
+    )
 
 
-def dkdv_kernel_layouts(D: int, schedule: str = DKDV_SCHEDULE) -> dict:
-    """Constexpr layouts and flags of the dK/dV kernel (each consumer warpgroup's 64 kv rows) for one of
-    ``DKDV_SCHEDULES``."""
-    if schedule not in DKDV_SCHEDULES:
-        raise ValueError(f"schedule must be one of {sorted(DKDV_SCHEDULES)}, got {schedule!r}")
-    block_m, p_smem, dp_early, stages, pipe = DKDV_SCHEDULES[schedule]
+def dkdv_kernel_layouts(D: int) -> dict:
+    """Constexpr layouts of the dK/dV kernel: each consumer warpgroup's 64 kv rows, DKDV_BLOCK_M-row
+    query steps."""
     half = BLOCK_M // 2
     acc_layout = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
-    smem = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    if p_smem:  # S, dP: [block_m queries, 64 kv]
-        s_layout = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, half, 16])
-    else:  # S^T, dP^T: [64 kv, block_m queries]
-        s_layout = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, block_m, 16]
-        )
     return dict(
-        S_LAYOUT=s_layout,
+        # S, dP: [DKDV_BLOCK_M queries, 64 kv]
+        S_LAYOUT=gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, half, 16]),
         ACC_LAYOUT=acc_layout,
-        OP_LAYOUT=gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2),
-        SMEM=smem,
-        BLOCK_M=block_m,
+        SMEM=gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2),
+        BLOCK_M=DKDV_BLOCK_M,
         BLOCK_N=BLOCK_M,  # 128 kv rows per program
-        P_SMEM=p_smem,
-        PS_SMEM=smem if p_smem else None,
-        DP_EARLY=dp_early,
-        STAGES=stages,
-        PIPE=pipe,
     )
 
 
@@ -902,9 +627,7 @@ def launch_dq(q, k, v, dout, lse, delta, dq, accum: bool, lp, head_group=None, b
     return dq
 
 
-def launch_dkdv(
-    q, k, v, dout, lse, delta, dk, dv, accum: bool, lp, head_group=None, schedule: str = DKDV_SCHEDULE
-):
+def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, accum: bool, lp, head_group=None):
     """Launch the dK/dV kernel into ``dk`` / ``dv`` (added into when ``accum``) for checked inputs (see
     ``launch_dq``)."""
     sh, km = lp.shape, lp.km
@@ -925,7 +648,7 @@ def launch_dkdv(
         *docs, sh.Hq, sh.Hkv, sh.groups, sh.Sq, sh.Skv, lp.scale, lp.scale * LOG2E, n_kb, sh.B * sh.Hkv, hg,
         D=sh.D, DV=sh.Dv, QBS=km.QBS, KBS=km.KBS, MASK_KIND=km.mask_kind, CAUSAL=causal, HAS_WINDOW=has_w,
         HAS_PREFIX=has_pre, HAS_FULL=km.has_full, EVEN_M=lp.even_m, EVEN_N=lp.even_n, ACCUM=accum,
-        CONSUMER_REGS=CONSUMER_REGS, num_warps=4, maxnreg=WS_MAXNREG, **dkdv_kernel_layouts(sh.D, schedule),
+        CONSUMER_REGS=CONSUMER_REGS, num_warps=4, maxnreg=WS_MAXNREG, **dkdv_kernel_layouts(sh.D),
     )  # fmt: skip
     return dk, dv
 
@@ -979,7 +702,6 @@ def gluon_dkdv(
     dv_out: torch.Tensor | None = None,
     accumulate: bool = True,
     head_group: int | None = None,
-    schedule: str = DKDV_SCHEDULE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dK, dV) through the Gluon kernel (``gluon_dq``'s inputs): new tensors in k's / v's dtype, or added
     into / (``accumulate=False``) written over ``dk_out`` / ``dv_out`` (given together; fp16, bf16 or fp32,
@@ -987,8 +709,6 @@ def gluon_dkdv(
     cover (``gluon_backward_unsupported``)."""
     if (dk_out is None) != (dv_out is None):
         raise ValueError("dk_out and dv_out must be given together")
-    if schedule not in DKDV_SCHEDULES:
-        raise ValueError(f"schedule must be one of {sorted(DKDV_SCHEDULES)}, got {schedule!r}")
     lp = _checked(
         "gluon_dkdv", q, k, v, dout, lse, delta, block_mask, scale, enable_gqa, dk_out=dk_out, dv_out=dv_out
     )
@@ -999,7 +719,7 @@ def gluon_dkdv(
         dk = torch.empty(sh.B, sh.Hkv, sh.Skv, sh.D, dtype=k.dtype, device=q.device)
         dv = torch.empty(sh.B, sh.Hkv, sh.Skv, sh.Dv, dtype=v.dtype, device=q.device)
     accum = dk_out is not None and accumulate
-    return launch_dkdv(q, k, v, dout, lse, delta, dk, dv, accum, lp, head_group, schedule)
+    return launch_dkdv(q, k, v, dout, lse, delta, dk, dv, accum, lp, head_group)
 
 
 # the constexpr flags of the backward kernels an ahead-of-time compile may set, and their defaults
@@ -1025,13 +745,12 @@ def compile_dq_for_sm90(D: int = 128, dtype: str = "bf16", block_n: int = DQ_BLO
 
 
 def compile_dkdv_for_sm90(
-    D: int = 128, dtype: str = "bf16", schedule: str = DKDV_SCHEDULE, consumer_regs: int = CONSUMER_REGS,
-    producer_regs: int = 24, **flags,
+    D: int = 128, dtype: str = "bf16", consumer_regs: int = CONSUMER_REGS, producer_regs: int = 24, **flags,
 ):  # fmt: skip
     """``gluon_fwd.compile_sm90`` of the dK/dV kernel (register budgets settable to study its spills)."""
     consts = dict(
         _bwd_consts(D, flags), CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs,
-        **dkdv_kernel_layouts(D, schedule),
+        **dkdv_kernel_layouts(D),
     )  # fmt: skip
     ptrs = dict.fromkeys(("Q", "K", "V", "DO", "DK", "DV_"), f"*{dtype}")
     return compile_sm90(_gl_dkdv_ws_kernel, consts, ptrs)

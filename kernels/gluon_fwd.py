@@ -92,17 +92,16 @@ def _gl_step_row0(IDX, FULL_IDX, t, n_part, BS: gl.constexpr, STEP: gl.constexpr
 
 
 @gluon.jit
-def _gl_pipeline_barriers(STAGES: gl.constexpr = 2):
+def _gl_pipeline_barriers():
     """mbarriers of a producer / two-consumer pipeline: one for the operands copied once, then ready (count
-    1, the copy's bytes) and empty (count 2, both consumers release) for each of STAGES buffers of two
-    operands."""
+    1, the copy's bytes) and empty (count 2, both consumers release) for each of two buffers of two operands."""
     once = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    a_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    a_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    b_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    b_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    a_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    a_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    b_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    b_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(once, count=1)
-    for i in gl.static_range(STAGES):
+    for i in gl.static_range(2):
         mbarrier.init(a_ready.index(i), count=1)
         mbarrier.init(b_ready.index(i), count=1)
         mbarrier.init(a_empty.index(i), count=2)

@@ -5,7 +5,7 @@ without register spills or wgmma serialisation, with two GEMMs in flight at the 
 On a Hopper GPU: dQ equals the fp32 dense reference and the Triton dQ kernel on document-causal masks
 (documents shorter and longer than a block, padding rows that see nothing), windows, prefix-LM, no mask,
 GQA, ragged lengths, fp16 and bf16, D = 64 and 128, both kv step widths; ``dq_out`` added into and written
-over (fp32 and bf16); likewise dK / dV in every schedule of ``DKDV_SCHEDULES``; ``flex_attention_backward``'s
+over (fp32 and bf16); likewise dK and dV (``gluon_dkdv``); ``flex_attention_backward``'s
 default backend takes both kernels where they cover the call and the Triton ones where not.
 """
 
@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 from gluon_sm90 import compile_in_child
 
 from flexdist.kernels.block_sparse import MASK_NONE
-from flexdist.kernels.gluon_bwd import DKDV_SCHEDULES, gluon_backward_unsupported, gluon_dkdv, gluon_dq
+from flexdist.kernels.gluon_bwd import gluon_backward_unsupported, gluon_dkdv, gluon_dq
 from flexdist.kernels.reference import reference_backward, reference_forward
 from flexdist.kernels.triton_bwd import triton_backward, triton_delta
 from flexdist.masks import document_block_mask
 
+_TRITON = tuple(int(x) for x in triton.__version__.split(".")[:2])
 ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper (sm_90) CUDA device")
 
@@ -34,8 +36,7 @@ DKDV_SPECS = {
     "dkdv-doc-causal": dict(),
     "dkdv-d64-fp16-ragged-accum": dict(D=64, dtype="fp16", even_m=False, even_n=False, accum=True),
     "dkdv-window-prefix": dict(has_window=True, has_prefix=True),
-    "dkdv-late-dp-no-mask": dict(schedule="query_late_dp", mask_kind=MASK_NONE, causal=False, has_full=False),
-    "dkdv-kv-major-ragged": dict(schedule="kv", even_m=False, even_n=False),
+    "dkdv-no-mask": dict(mask_kind=MASK_NONE, causal=False, has_full=False),
 }
 SPECS = {**DQ_SPECS, **DKDV_SPECS}
 
@@ -57,9 +58,9 @@ def test_dq_compiles_for_sm90(sm90: dict, name: str) -> None:
     # the step's first GEMM waited for while its second is still in flight
     assert "wgmma.wait_group.sync.aligned 1;" in ptx
     if "spill" in res["ptxas"]:  # this ptxas reports register use: the shipped dQ tiles must not spill
-        # (the dK/dV kernel spills on triton 3.6, 92 bytes of per-head scalars outside the step loop in the
-        # default schedule, and no spill on 3.9; s14),
-        if not name.startswith("dkdv"):
+        # (the dK/dV kernel spills on triton 3.6, 44-104 bytes of per-head scalars, outside the step loop;
+        # none on 3.9: s14),
+        if not name.startswith("dkdv") or _TRITON >= (3, 9):
             assert "0 bytes spill stores" in res["ptxas"], res["ptxas"]
         # nor run short of registers to keep the asynchronous wgmmas in flight (ptxas C7512 then
         # serialises them: what the in-flight accumulators across steps cost before SERIAL)
@@ -92,7 +93,7 @@ def _inputs(B, Hq, Hkv, S, D, dtype, seed):
     return q, k, v, do
 
 
-def _check(bm, B, Hq, Hkv, S, D, dtype, what, seed=0, block_n=64, schedule=None) -> None:
+def _check(bm, B, Hq, Hkv, S, D, dtype, what, seed=0, block_n=64) -> None:
     q, k, v, do = _inputs(B, Hq, Hkv, S, D, dtype, seed)
     gqa = Hq != Hkv
     ro, rl = reference_forward(q.float(), k.float(), v.float(), bm, enable_gqa=gqa)
@@ -114,8 +115,7 @@ def _check(bm, B, Hq, Hkv, S, D, dtype, what, seed=0, block_n=64, schedule=None)
     fin = torch.isfinite(rl)
     assert (dq[~fin] == 0).all(), f"{what}: rows that see nothing get dQ 0"
     _, rdk, rdv = reference_backward(q.float(), k.float(), v.float(), ro, do.float(), rl, bm, enable_gqa=gqa)
-    sched = {} if schedule is None else dict(schedule=schedule)
-    dk, dv = gluon_dkdv(q, k, v, do, rl, delta, bm, enable_gqa=gqa, **sched)
+    dk, dv = gluon_dkdv(q, k, v, do, rl, delta, bm, enable_gqa=gqa)
     _, tdk, tdv = triton_backward(q, k, v, out, do, rl, bm, enable_gqa=gqa, delta=delta, which="dkdv")
     for nm, got, ref, tri in (("dK", dk, rdk, tdk), ("dV", dv, rdv, tdv)):
         assert got.dtype == k.dtype and not torch.isnan(got).any(), f"{what} {nm}"
@@ -141,14 +141,13 @@ def test_document_causal(dtype, D) -> None:
 
 
 @needs_hopper
-@pytest.mark.parametrize("schedule", list(DKDV_SCHEDULES))
 @pytest.mark.parametrize("D", [64, 128])
-def test_dkdv_schedules(schedule, D) -> None:
-    """Every dK/dV schedule exact on ragged documents with GQA, padding and a batch of two layouts."""
+def test_window_gqa_batch(D) -> None:
+    """Sliding windows over ragged documents, GQA 3:1, padding, and a batch of two document layouts."""
     doc = _doc_ids(LENGTHS, 94, B=2)
     doc[1, :300] = torch.arange(300) // 37
     bm = document_block_mask(doc.cuda(), block_size=128, window=300)
-    _check(bm, 2, 6, 2, doc.shape[1], D, torch.bfloat16, f"{schedule} D={D}", seed=D, schedule=schedule)
+    _check(bm, 2, 6, 2, doc.shape[1], D, torch.bfloat16, f"window GQA batch D={D}", seed=D)
 
 
 @needs_hopper
