@@ -243,12 +243,16 @@ def flex_attention_backward(
         )
     from .triton_bwd import triton_backward
 
-    # the Gluon dQ and dK/dV kernels where they cover the call (triton_backward checks), never under compile
+    # the Gluon kernels where they cover the call (triton_backward checks), never under compile; "auto" takes
+    # the Gluon dK/dV kernel for GQA only: on an H100 it was 6-10% faster than Triton's with 8 query heads per
+    # kv head and 3-10% slower on the doc-4k MHA case, where each kv program walks one head
+    # (bench/results/2026-11-26-s14, calls 1-3)
     gluon = backend in ("auto", "gluon") and not torch.compiler.is_compiling()
+    gluon_dkdv = gluon and (backend == "gluon" or q.shape[-3] != k.shape[-3])
     return triton_backward(
         q, k, v, out, dout, lse, block_mask, score_mod, scale, enable_gqa,
         dq_out=dq_out, dk_out=dk_out, dv_out=dv_out, which=which, head_group=head_group,
-        accumulate=accumulate, gluon_dq=gluon, gluon_dkdv=gluon, **kw,
+        accumulate=accumulate, gluon_dq=gluon, gluon_dkdv=gluon_dkdv, **kw,
     )  # fmt: skip
 
 
