@@ -275,7 +275,7 @@ def _dkdv_producer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
     """The load warp: K and V (both halves) once, then Q_t and dO_t of every step into buffer c % 2
     (through descriptors of each query head's [Sq, D] slice, made as the walk reaches the head)."""
     k_desc, v_desc = descs
-    kv_bar, q_ready, q_empty, do_ready, do_empty = bars
+    kv_bar, q_ready, q_empty, do_ready, _ = bars
     k_smem, v_smem, q_smem, do_smem = bufs[:4]
     NUMS, Qb, DOb = ptrs[0], ptrs[10], ptrs[11]
     start_n, G, hk, kb, b, snb, snh, sib, sih, sik = ints[:10]
@@ -302,10 +302,10 @@ def _dkdv_producer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
             st = c % 2
             ph = (c // 2) & 1
             row0 = _gl_step_row0(QI, FQI, t, n_part, QBS, BLOCK_M, SUBS)
+            # (the consumers release Q and dO of a step together, on q_empty: one arrive a step, not two)
             mbarrier.wait(q_empty.index(st), ph ^ 1)
             mbarrier.expect(q_ready.index(st), q_desc.block_type.nbytes)
             _tma_load(q_desc, [row0, 0], q_ready.index(st), q_smem.index(st))
-            mbarrier.wait(do_empty.index(st), ph ^ 1)
             mbarrier.expect(do_ready.index(st), do_desc.block_type.nbytes)
             _tma_load(do_desc, [row0, 0], do_ready.index(st), do_smem.index(st))
             c += 1
@@ -347,7 +347,7 @@ def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
     P_t goes to this warpgroup's shared buffer, then ``dP_t = dO_t·Vᵀ`` and ``dV += P_tᵀ·dO_t`` are issued
     together (dP issued beside S_t, under the exponentials, was 1-3% slower: more registers live under the
     mask); dS_t goes to shared memory after dP_t is back, and ``dK += dS_tᵀ·Q_t`` reads it transposed."""
-    kv_bar, q_ready, q_empty, do_ready, do_empty = bars
+    kv_bar, q_ready, q_empty, do_ready, _ = bars  # (dO is released with Q, on q_empty)
     k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_docs = bufs
     NUMS, DKb, DVb, LSEb, DELTAb, QDOC, QPOS, KVDOC, KVPOS, KVPRE = ptrs[:10]
     start_n, G, hk, kb, b, snb, snh, sib, sih, sik, Sq, Skv, window, qk_scale, scale, sdkn, sdvn = ints[:17]
@@ -392,17 +392,22 @@ def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
         n_part, n, QI, FQI = _dkdv_lists(NUMS, hq, (kb, b, snb, snh, sib, sih, sik), SUBS, HAS_FULL)
         LSEh = LSEb + hq.to(gl.int64) * Sq
         DELTAh = DELTAb + hq.to(gl.int64) * Sq
+        row0 = 0
         for t in range(0, n):
             st = c % 2
             ph = (c // 2) & 1
-            offs_m = _gl_step_row0(QI, FQI, t, n_part, QBS, BLOCK_M, SUBS) + ar_m
+            if t == 0:  # (later steps' rows were read a step ahead, off the path to this step's loads)
+                row0 = _gl_step_row0(QI, FQI, 0, n_part, QBS, BLOCK_M, SUBS)
+            offs_m = row0 + ar_m
+            lse = gl.load(LSEh + offs_m, mask=offs_m < Sq, other=float("inf"))
+            qd, qp = _gl_query_docs(QDOC, QPOS, offs_m, Sq, MASK_KIND)
+            if t + 1 < n:
+                row0 = _gl_step_row0(QI, FQI, t + 1, n_part, QBS, BLOCK_M, SUBS)
             mbarrier.wait(q_ready.index(st), ph)
             q_t = q_smem.index(st)
             s_tok = warpgroup_mma(q_t, kT, s_zero, use_acc=False, is_async=True)
-            lse = gl.load(LSEh + offs_m, mask=offs_m < Sq, other=float("inf"))
             # rows that see nothing (LSE −inf) and rows past Sq (+inf) -> P exactly 0
             lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            qd, qp = _gl_query_docs(QDOC, QPOS, offs_m, Sq, MASK_KIND)
             s = warpgroup_mma_wait(0, deps=(s_tok,))
             p = _dkdv_probs(
                 s, t // SUBS < n_part, qd, qp, lse2, kv_docs, offs_n, Skv, window, qk_scale, WG, CONSTS
@@ -423,7 +428,6 @@ def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
             dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
             # Q_t, dO_t and this warpgroup's P / dS buffers are free again
             mbarrier.arrive(q_empty.index(st), count=1)
-            mbarrier.arrive(do_empty.index(st), count=1)
             c += 1
 
     dk = dk * scale
