@@ -5,9 +5,10 @@
 Hopper GPU the forward then runs the warp-specialised Gluon kernel (kernels/gluon_fwd.py) wherever it covers
 the call (fp16 / bf16, D = Dv in {64, 128}, no score mod, the document or no-op mask, 128-multiple blocks,
 TMA-aligned operands; not while torch.compile traces) and the Triton kernel otherwise; in the backward the
-dQ pass runs the Gluon dQ kernel (kernels/gluon_bwd.py) under the same conditions and the dK/dV pass stays
-Triton's (the Gluon dK/dV kernel measured slower, bench/results/2026-11-26-s13/call8). ``"triton"`` forces the Triton kernels (the forward too), ``"gluon"`` the Gluon forward (an
-error naming the reason where it cannot run), ``"reference"`` the dense reference.
+dQ and dK/dV passes run the Gluon kernels (kernels/gluon_bwd.py) under the same conditions
+(bench/results/2026-11-26-s14/call6: dQ 10-14% and dK/dV 0-6% faster than Triton's on an H100).
+``"triton"`` forces the Triton kernels (the forward too), ``"gluon"`` the Gluon forward (an error naming the
+reason where it cannot run), ``"reference"`` the dense reference.
 
 Score mods: ``None``, :class:`SoftCap`, :class:`ALiBi` and :class:`RelativeBias` run natively in the Triton
 kernel (with their gradients). Any other Python ``score_mod`` cannot be compiled into the kernel: the call
@@ -243,16 +244,12 @@ def flex_attention_backward(
         )
     from .triton_bwd import triton_backward
 
-    # the Gluon kernels where they cover the call (triton_backward checks), never under compile; "auto" takes
-    # the Gluon dK/dV kernel for GQA only: on an H100 it was 6-10% faster than Triton's with 8 query heads per
-    # kv head and 3-10% slower on the doc-4k MHA case, where each kv program walks one head
-    # (bench/results/2026-11-26-s14, calls 1-3)
+    # the Gluon dQ and dK/dV kernels where they cover the call (triton_backward checks), never under compile
     gluon = backend in ("auto", "gluon") and not torch.compiler.is_compiling()
-    gluon_dkdv = gluon and (backend == "gluon" or q.shape[-3] != k.shape[-3])
     return triton_backward(
         q, k, v, out, dout, lse, block_mask, score_mod, scale, enable_gqa,
         dq_out=dq_out, dk_out=dk_out, dv_out=dv_out, which=which, head_group=head_group,
-        accumulate=accumulate, gluon_dq=gluon, gluon_dkdv=gluon_dkdv, **kw,
+        accumulate=accumulate, gluon_dq=gluon, gluon_dkdv=gluon, **kw,
     )  # fmt: skip
 
 
@@ -261,7 +258,7 @@ class _FlexFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, block_mask, score_mod, scale, enable_gqa, backend, *mod_tensors):
-        # backend: "auto" (Gluon forward where it applies), "triton" or "gluon"; the backward is Triton's
+        # backend: "auto" (the Gluon kernels where they apply), "triton" or "gluon"
         out, lse = flex_attention_forward(q, k, v, block_mask, score_mod, scale, enable_gqa, backend=backend)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.block_mask, ctx.score_mod, ctx.scale, ctx.enable_gqa = block_mask, score_mod, scale, enable_gqa

@@ -6,8 +6,8 @@ On a Hopper GPU: dQ equals the fp32 dense reference and the Triton dQ kernel on 
 (documents shorter and longer than a block, padding rows that see nothing), windows, prefix-LM, no mask,
 GQA, ragged lengths, fp16 and bf16, D = 64 and 128, both kv step widths; ``dq_out`` added into and written
 over (fp32 and bf16); likewise dK and dV (``gluon_dkdv``); ``flex_attention_backward``'s
-default backend takes the Gluon dQ kernel where it covers the call, the Gluon dK/dV kernel with GQA
-(``backend="gluon"``: always), and the Triton kernels where not.
+default backend takes both where they cover the call, with and without GQA, and the Triton kernels where
+not.
 """
 
 from __future__ import annotations
@@ -243,18 +243,13 @@ def test_flex_backward_default_dispatch() -> None:
     assert torch.equal(tk, sk) and torch.equal(tv, sv)  # backend="triton": the Triton dK/dV kernel
     for got, want in ((dq, tq), (dk, tk), (dv, tv)):
         torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=5e-2)
-    # without GQA the default takes Triton's dK/dV kernel (faster there), backend="gluon" the Gluon one
-    mq, mk, mv = q[:, :2], k, v
-    mo, ml = reference_forward(mq.float(), mk.float(), mv.float(), bm)
+    # without GQA too
+    mq, mdo = q[:, :2], do[:, :2]
+    mo, ml = reference_forward(mq.float(), k.float(), v.float(), bm)
     mo = mo.to(q.dtype)
-    mdo = do[:, :2]
-    md = triton_delta(mo, mdo)
-    _, ak, av = flex_attention_backward(mq, mk, mv, mo, mdo, ml, bm)
-    _, sk, sv = triton_backward(mq, mk, mv, mo, mdo, ml, bm, delta=md, which="dkdv")
-    assert torch.equal(ak, sk) and torch.equal(av, sv)
-    _, fk, fv = flex_attention_backward(mq, mk, mv, mo, mdo, ml, bm, backend="gluon")
-    wk, wv = gluon_dkdv(mq, mk, mv, mdo, ml, md, bm)
-    assert torch.equal(fk, wk) and torch.equal(fv, wv)
+    _, ak, av = flex_attention_backward(mq, k, v, mo, mdo, ml, bm)
+    wk, wv = gluon_dkdv(mq, k, v, mdo, ml, triton_delta(mo, mdo), bm)
+    assert torch.equal(ak, wk) and torch.equal(av, wv)
     # a call the Gluon kernels do not cover (a score mod) runs the Triton ones under the default backend
     from flexdist.kernels.score_mods import SoftCap
 
