@@ -17,7 +17,7 @@ The dK/dV kernel (``gluon_dkdv``) has the same layout with the roles swapped: K 
 rows are copied once, Q_t and dO_t of every 64-row query step (every query head of the kv head's group) into
 double buffers, and each consumer warpgroup holds dK and dV of 64 kv rows. P and dS go through shared memory
 (see ``_dkdv_consumer``). ``flex_attention_backward``'s default backend runs both kernels where they cover the
-call: on an H100 the backward of the 64k pack is 11-13% faster than with the Triton kernels (s14 calls 1-2).
+call: on an H100 the backward of the 64k pack is 10-12% faster than with the Triton kernels (s14 calls 2, 6).
 """
 
 from __future__ import annotations
