@@ -63,6 +63,29 @@ _gl_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 
 @gluon.jit
+def _gl_store_grad(g, BASE, row0, stride, n_rows, visited, ROWS: gl.constexpr, D: gl.constexpr,
+                   LAYOUT: gl.constexpr, EVEN: gl.constexpr, ACCUM: gl.constexpr):  # fmt: skip
+    """Store a finished fp32 gradient tile ``g`` (rows ``row0 ..`` of ``n_rows``, row stride ``stride``) in
+    BASE's dtype; ACCUM: add it into BASE instead, left untouched when the walk ``visited`` no block."""
+    rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, LAYOUT))
+    cols = gl.arange(0, D, layout=gl.SliceLayout(0, LAYOUT))
+    ptrs = BASE + gl.expand_dims(rows, 1) * stride + gl.expand_dims(cols, 0)
+    row_ok = gl.expand_dims(rows < n_rows, 1) & gl.expand_dims(cols >= 0, 0)
+    if ACCUM:
+        if visited:
+            if EVEN:
+                gl.store(ptrs, (g + gl.load(ptrs).to(gl.float32)).to(BASE.dtype.element_ty))
+            else:
+                prev = gl.load(ptrs, mask=row_ok, other=0.0).to(gl.float32)
+                gl.store(ptrs, (g + prev).to(BASE.dtype.element_ty), mask=row_ok)
+    else:
+        if EVEN:
+            gl.store(ptrs, g.to(BASE.dtype.element_ty))
+        else:
+            gl.store(ptrs, g.to(BASE.dtype.element_ty), mask=row_ok)
+
+
+@gluon.jit
 def _dq_producer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.constexpr):
     """The load warp: Q and dO (both halves) once, then K_t and V_t of every step into buffer t % 2."""
     q_desc, do_desc, k_desc, v_desc = descs
@@ -161,23 +184,7 @@ def _dq_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.con
     if n > 0:
         mbarrier.arrive(k_empty.index((n - 1) % 2), count=1)
 
-    dq = dq * scale
-    rows = start_m + WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, DQ_LAYOUT))
-    cols = gl.arange(0, D, layout=gl.SliceLayout(0, DQ_LAYOUT))
-    ptrs_dq = DQb + gl.expand_dims(rows, 1) * sdqm + gl.expand_dims(cols, 0)
-    row_ok = gl.expand_dims(rows < Sq, 1) & gl.expand_dims(cols >= 0, 0)
-    if ACCUM:  # add into the caller's buffer; untouched when this call visited no block
-        if n > 0:
-            if EVEN_M:
-                gl.store(ptrs_dq, (dq + gl.load(ptrs_dq).to(gl.float32)).to(DQb.dtype.element_ty))
-            else:
-                prev = gl.load(ptrs_dq, mask=row_ok, other=0.0).to(gl.float32)
-                gl.store(ptrs_dq, (dq + prev).to(DQb.dtype.element_ty), mask=row_ok)
-    else:
-        if EVEN_M:
-            gl.store(ptrs_dq, dq.to(DQb.dtype.element_ty))
-        else:
-            gl.store(ptrs_dq, dq.to(DQb.dtype.element_ty), mask=row_ok)
+    _gl_store_grad(dq * scale, DQb, start_m + WG * HALF, sdqm, Sq, n > 0, HALF, D, DQ_LAYOUT, EVEN_M, ACCUM)
 
 
 @gluon.jit
@@ -430,37 +437,9 @@ def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
             mbarrier.arrive(q_empty.index(st), count=1)
             c += 1
 
-    dk = dk * scale
-    _dkdv_store(dk, dv, DKb, DVb, start_n + WG * HALF, Skv, sdkn, sdvn, c, D, HALF, ACC_LAYOUT, EVEN_N, ACCUM)
-
-
-@gluon.jit
-def _dkdv_store(dk, dv, DKb, DVb, row0, Skv, sdkn, sdvn, c, D: gl.constexpr, HALF: gl.constexpr,
-                ACC_LAYOUT: gl.constexpr, EVEN_N: gl.constexpr, ACCUM: gl.constexpr):  # fmt: skip
-    """Store (or, ACCUM, add into the caller's buffers, untouched when the walk visited no block: ``c`` is
-    its step count) the finished dK and dV of kv rows ``row0 ..``."""
-    rows = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, ACC_LAYOUT))
-    cols = gl.arange(0, D, layout=gl.SliceLayout(0, ACC_LAYOUT))
-    row_ok = gl.expand_dims(rows < Skv, 1) & gl.expand_dims(cols >= 0, 0)
-    dk_ptrs = DKb + gl.expand_dims(rows, 1) * sdkn + gl.expand_dims(cols, 0)
-    dv_ptrs = DVb + gl.expand_dims(rows, 1) * sdvn + gl.expand_dims(cols, 0)
-    if ACCUM:
-        if c > 0:
-            if EVEN_N:
-                gl.store(dk_ptrs, (dk + gl.load(dk_ptrs).to(gl.float32)).to(DKb.dtype.element_ty))
-                gl.store(dv_ptrs, (dv + gl.load(dv_ptrs).to(gl.float32)).to(DVb.dtype.element_ty))
-            else:
-                prev_k = gl.load(dk_ptrs, mask=row_ok, other=0.0).to(gl.float32)
-                gl.store(dk_ptrs, (dk + prev_k).to(DKb.dtype.element_ty), mask=row_ok)
-                prev_v = gl.load(dv_ptrs, mask=row_ok, other=0.0).to(gl.float32)
-                gl.store(dv_ptrs, (dv + prev_v).to(DVb.dtype.element_ty), mask=row_ok)
-    else:
-        if EVEN_N:
-            gl.store(dk_ptrs, dk.to(DKb.dtype.element_ty))
-            gl.store(dv_ptrs, dv.to(DVb.dtype.element_ty))
-        else:
-            gl.store(dk_ptrs, dk.to(DKb.dtype.element_ty), mask=row_ok)
-            gl.store(dv_ptrs, dv.to(DVb.dtype.element_ty), mask=row_ok)
+    row0 = start_n + WG * HALF
+    _gl_store_grad(dk * scale, DKb, row0, sdkn, Skv, c > 0, HALF, D, ACC_LAYOUT, EVEN_N, ACCUM)
+    _gl_store_grad(dv, DVb, row0, sdvn, Skv, c > 0, HALF, D, ACC_LAYOUT, EVEN_N, ACCUM)
 
 
 @gluon.jit
