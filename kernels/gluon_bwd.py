@@ -86,6 +86,23 @@ def _gl_store_grad(g, BASE, row0, stride, n_rows, visited, ROWS: gl.constexpr, D
 
 
 @gluon.jit
+def _gl_red_add(row_ptrs, cols, vals, mask):
+    """``row_ptrs[cols] += vals`` where ``mask``, as fire-and-forget ``red.global.add.v2.f32`` of each
+    thread's column pairs (adjacent in a wgmma accumulator; ``gl.atomic_add`` is ``atom``, which returns the
+    old values, on triton 3.6). The row pointers and int32 columns go in apart, and the address is formed in
+    the asm: formed before it, the loop-invariant column part of 16 64-bit addresses a thread was hoisted."""
+    gl.inline_asm_elementwise(
+        "{ .reg .pred p; .reg .b64 a; setp.ne.b32 p, $8, 0; mad.wide.s32 a, $4, 4, $2; "
+        "@p red.global.gpu.relaxed.add.v2.f32 [a], {$6, $7}; mov.b32 $0, 0; mov.b32 $1, 0; }",
+        "=r,=r,l,l,r,r,f,f,r,r",
+        [row_ptrs.to(gl.int64), cols, vals, mask.to(gl.int32)],
+        dtype=gl.int32,
+        is_pure=False,
+        pack=2,
+    )
+
+
+@gluon.jit
 def _dq_producer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.constexpr):
     """The load warp: Q and dO (both halves) once, then K_t and V_t of every step into buffer t % 2."""
     q_desc, do_desc, k_desc, v_desc = descs
@@ -369,6 +386,7 @@ def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
     S_LAYOUT: gl.constexpr = CONSTS[11]
     ACC_LAYOUT: gl.constexpr = CONSTS[12]
     ACCUM: gl.constexpr = CONSTS[13]
+    FUSED_DQ: gl.constexpr = CONSTS[15]
     SUBS: gl.constexpr = QBS // BLOCK_M
     dtype: gl.constexpr = k_smem.dtype
     ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)  # query rows
@@ -392,6 +410,14 @@ def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
     s_zero = gl.zeros([BLOCK_M, HALF], gl.float32, layout=S_LAYOUT)
     dk = gl.zeros([HALF, D], gl.float32, layout=ACC_LAYOUT)
     dv = gl.zeros([HALF, D], gl.float32, layout=ACC_LAYOUT)
+    if FUSED_DQ:
+        k_wg = k_smem.index(WG)
+        DH: gl.constexpr = D // 2
+        DQ_LAYOUT: gl.constexpr = CONSTS[16]
+        dq_zero = gl.zeros([BLOCK_M, DH], gl.float32, layout=DQ_LAYOUT)
+        ar_dq = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, DQ_LAYOUT))
+        cols_dq = gl.expand_dims(gl.arange(0, DH, layout=gl.SliceLayout(0, DQ_LAYOUT)), 0)
+        DQb, sdqh, sdqm = ptrs[12], ints[21], ints[22]
     mbarrier.wait(kv_bar, 0)
     c = 0
     for g in range(0, G):
@@ -399,6 +425,8 @@ def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
         n_part, n, QI, FQI = _dkdv_lists(NUMS, hq, (kb, b, snb, snh, sib, sih, sik), SUBS, HAS_FULL)
         LSEh = LSEb + hq.to(gl.int64) * Sq
         DELTAh = DELTAb + hq.to(gl.int64) * Sq
+        if FUSED_DQ:
+            DQh = DQb + hq.to(gl.int64) * sdqh
         row0 = 0
         for t in range(0, n):
             st = c % 2
@@ -406,6 +434,8 @@ def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
             if t == 0:  # (later steps' rows were read a step ahead, off the path to this step's loads)
                 row0 = _gl_step_row0(QI, FQI, 0, n_part, QBS, BLOCK_M, SUBS)
             offs_m = row0 + ar_m
+            if FUSED_DQ:
+                dq_rows = row0 + ar_dq
             lse = gl.load(LSEh + offs_m, mask=offs_m < Sq, other=float("inf"))
             qd, qp = _gl_query_docs(QDOC, QPOS, offs_m, Sq, MASK_KIND)
             if t + 1 < n:
@@ -432,9 +462,24 @@ def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
             fence_async_shared()
             _gl_barrier()
             dk_tok = warpgroup_mma(ds_buf.permute((1, 0)), q_t, dk, is_async=True)
-            dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
-            # Q_t, dO_t and this warpgroup's P / dS buffers are free again
-            mbarrier.arrive(q_empty.index(st), count=1)
+            if FUSED_DQ:
+                # this warpgroup's share of dQ_t, dS_t of its 64 kv rows times their K, added into the fp32
+                # dQ buffer (every kv program that sees these query rows adds its share), in two halves of D
+                # (a whole [64, D] accumulator beside dK and dV spilled)
+                dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
+                for hd in gl.static_range(2):
+                    dq_tok = warpgroup_mma(ds_buf, k_wg.slice(hd * DH, DH, dim=1), dq_zero, use_acc=False,
+                                           is_async=True)  # fmt: skip
+                    dq = warpgroup_mma_wait(0, deps=(dq_tok,))
+                    if hd == 1:
+                        mbarrier.arrive(q_empty.index(st), count=1)
+                    dq_row_ptrs = gl.expand_dims(DQh + dq_rows * sdqm, 1) + gl.zeros_like(cols_dq)
+                    ok = gl.expand_dims(dq_rows < Sq, 1) & (cols_dq >= 0)
+                    _gl_red_add(dq_row_ptrs, cols_dq + hd * DH, dq * scale, ok)
+            else:
+                dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
+                # Q_t, dO_t and this warpgroup's P / dS buffers are free again
+                mbarrier.arrive(q_empty.index(st), count=1)
             c += 1
 
     row0 = start_n + WG * HALF
@@ -444,17 +489,18 @@ def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
 
 @gluon.jit
 def _gl_dkdv_ws_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV_,
+    Q, K, V, DO, LSE, DELTA, DK, DV_, DQ,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
+    sdqb, sdqh, sdqm,
     Q_NUM, Q_IDX, FULLQ_NUM, FULLQ_IDX, snb, snh, sib, sih, sik, ORDER, sor_b, sor_h,
     QDOC, KVDOC, QPOS, KVPOS, KVPRE, sdq, sdk, window,
     Hq, Hkv, G, Sq, Skv, scale, qk_scale, NB, BH, HG,
     D: gl.constexpr, DV: gl.constexpr, QBS: gl.constexpr, KBS: gl.constexpr,
     MASK_KIND: gl.constexpr, CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr, HAS_PREFIX: gl.constexpr,
     HAS_FULL: gl.constexpr, EVEN_M: gl.constexpr, EVEN_N: gl.constexpr, ACCUM: gl.constexpr,
-    S_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr, SMEM: gl.constexpr,
+    S_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr, DQ_LAYOUT: gl.constexpr, SMEM: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-    PRODUCER_REGS: gl.constexpr = 24,
+    PRODUCER_REGS: gl.constexpr = 24, FUSED_DQ: gl.constexpr = False,
 ):  # fmt: skip
     SUBS_N: gl.constexpr = KBS // BLOCK_N
     HALF: gl.constexpr = BLOCK_N // 2
@@ -493,14 +539,15 @@ def _gl_dkdv_ws_kernel(
     ptrs = (
         (Q_NUM, Q_IDX, FULLQ_NUM, FULLQ_IDX), DK + b64 * sdkb + hk64 * sdkh, DV_ + b64 * sdvb + hk64 * sdvh,
         LSE + rows, DELTA + rows, QDOC, QPOS, KVDOC, KVPOS, KVPRE, Q + b64 * sqb, DO + b64 * sdob,
+        DQ + b64 * sdqb,
     )  # fmt: skip
     ints = (
         start_n, G, hk, kb, b, snb, snh, sib, sih, sik, Sq, Skv, window, qk_scale, scale, sdkn, sdvn,
-        sqh, sqm, sdoh, sdom,
+        sqh, sqm, sdoh, sdom, sdqh, sdqm,
     )  # fmt: skip
     CONSTS: gl.constexpr = (
         QBS, BLOCK_M, HALF, HAS_FULL, D, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_PREFIX, EVEN_M, EVEN_N, S_LAYOUT,
-        ACC_LAYOUT, ACCUM, SMEM,
+        ACC_LAYOUT, ACCUM, SMEM, FUSED_DQ, DQ_LAYOUT,
     )  # fmt: skip
     gl.warp_specialize(
         [
@@ -522,6 +569,10 @@ def dkdv_kernel_layouts(D: int) -> dict:
         # S, dP: [DKDV_BLOCK_M queries, 64 kv]
         S_LAYOUT=gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, half, 16]),
         ACC_LAYOUT=acc_layout,
+        # the fused dQ's [DKDV_BLOCK_M queries, D / 2] halves
+        DQ_LAYOUT=gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D // 2, 16]
+        ),
         SMEM=gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2),
         BLOCK_M=DKDV_BLOCK_M,
         BLOCK_N=BLOCK_M,  # 128 kv rows per program
@@ -610,9 +661,10 @@ def launch_dq(q, k, v, dout, lse, delta, dq, accum: bool, lp, head_group=None, b
     return dq
 
 
-def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, accum: bool, lp, head_group=None):
+def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, accum: bool, lp, head_group=None, dq_acc=None):
     """Launch the dK/dV kernel into ``dk`` / ``dv`` (added into when ``accum``) for checked inputs (see
-    ``launch_dq``)."""
+    ``launch_dq``); with ``dq_acc`` (fp32 ``[B, Hq, Sq, D]``, unit last-dim stride) the fused variant, which
+    also adds ``dS·K·scale`` into it."""
     sh, km = lp.shape, lp.km
     assert lp.score_kind == SCORE_NONE and km.mask_kind in (MASK_NONE, MASK_DOC)
     n_kb = triton.cdiv(sh.Skv, km.KBS)
@@ -622,16 +674,20 @@ def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, accum: bool, lp, head_group=N
     docs, (causal, has_w, has_pre) = doc_args(km, lp.dummy_i)
     hg = head_group or launch_head_group(sh, q.element_size(), kv_programs=True)
     triton.set_allocator(_tma_scratch)
+    fused = dq_acc is not None
+    dqa = dq_acc if fused else lse  # (an fp32 pointer the variant without dQ never reads)
+    dqs = (dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2)) if fused else (0, 0, 0)
     _gl_dkdv_ws_kernel[(n_kb * (km.KBS // BLOCK_M) * sh.B * sh.Hkv,)](
-        q, k, v, dout, lse, delta, dk, dv,
+        q, k, v, dout, lse, delta, dk, dv, dqa,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *dqs,
         num, idx, fnum, fidx, snb, snh, sib, sih, sik, order, sor_b, sor_h,
         *docs, sh.Hq, sh.Hkv, sh.groups, sh.Sq, sh.Skv, lp.scale, lp.scale * LOG2E, n_kb, sh.B * sh.Hkv, hg,
         D=sh.D, DV=sh.Dv, QBS=km.QBS, KBS=km.KBS, MASK_KIND=km.mask_kind, CAUSAL=causal, HAS_WINDOW=has_w,
         HAS_PREFIX=has_pre, HAS_FULL=km.has_full, EVEN_M=lp.even_m, EVEN_N=lp.even_n, ACCUM=accum,
-        CONSUMER_REGS=CONSUMER_REGS, num_warps=4, maxnreg=WS_MAXNREG, **dkdv_kernel_layouts(sh.D),
+        CONSUMER_REGS=CONSUMER_REGS, FUSED_DQ=fused, num_warps=4, maxnreg=WS_MAXNREG,
+        **dkdv_kernel_layouts(sh.D),
     )  # fmt: skip
     return dk, dv
 
@@ -685,24 +741,29 @@ def gluon_dkdv(
     dv_out: torch.Tensor | None = None,
     accumulate: bool = True,
     head_group: int | None = None,
+    dq_acc: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dK, dV) through the Gluon kernel (``gluon_dq``'s inputs): new tensors in k's / v's dtype, or added
     into / (``accumulate=False``) written over ``dk_out`` / ``dv_out`` (given together; fp16, bf16 or fp32,
-    unit last-dim stride), which are returned. Raises ``ValueError`` naming the reason for a call it does not
-    cover (``gluon_backward_unsupported``)."""
+    unit last-dim stride), which are returned. ``dq_acc``: an fp32 ``[B, Hq, Sq, D]`` tensor (unit last-dim
+    stride) the kernel also adds ``dQ`` (scaled) into, so that no dQ pass is needed. Raises ``ValueError``
+    naming the reason for a call it does not cover (``gluon_backward_unsupported``)."""
     if (dk_out is None) != (dv_out is None):
         raise ValueError("dk_out and dv_out must be given together")
     lp = _checked(
-        "gluon_dkdv", q, k, v, dout, lse, delta, block_mask, scale, enable_gqa, dk_out=dk_out, dv_out=dv_out
-    )
+        "gluon_dkdv", q, k, v, dout, lse, delta, block_mask, scale, enable_gqa, dk_out=dk_out, dv_out=dv_out,
+        dq_out=dq_acc,
+    )  # fmt: skip
     sh = lp.shape
+    if dq_acc is not None and dq_acc.dtype != torch.float32:
+        raise ValueError(f"dq_acc must be fp32 (atomically added into), got {dq_acc.dtype}")
     if dk_out is not None:
         dk, dv = dk_out, dv_out
     else:
         dk = torch.empty(sh.B, sh.Hkv, sh.Skv, sh.D, dtype=k.dtype, device=q.device)
         dv = torch.empty(sh.B, sh.Hkv, sh.Skv, sh.Dv, dtype=v.dtype, device=q.device)
     accum = dk_out is not None and accumulate
-    return launch_dkdv(q, k, v, dout, lse, delta, dk, dv, accum, lp, head_group)
+    return launch_dkdv(q, k, v, dout, lse, delta, dk, dv, accum, lp, head_group, dq_acc)
 
 
 # the constexpr flags of the backward kernels an ahead-of-time compile may set, and their defaults
@@ -728,12 +789,14 @@ def compile_dq_for_sm90(D: int = 128, dtype: str = "bf16", block_n: int = DQ_BLO
 
 
 def compile_dkdv_for_sm90(
-    D: int = 128, dtype: str = "bf16", consumer_regs: int = CONSUMER_REGS, producer_regs: int = 24, **flags,
+    D: int = 128, dtype: str = "bf16", consumer_regs: int = CONSUMER_REGS, producer_regs: int = 24,
+    fused_dq: bool = False, **flags,
 ):  # fmt: skip
-    """``gluon_fwd.compile_sm90`` of the dK/dV kernel (register budgets settable to study its spills)."""
+    """``gluon_fwd.compile_sm90`` of the dK/dV kernel (register budgets settable to study its spills;
+    ``fused_dq``: the variant that also adds dQ into an fp32 buffer)."""
     consts = dict(
-        _bwd_consts(D, flags), CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs,
+        _bwd_consts(D, flags), CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, FUSED_DQ=fused_dq,
         **dkdv_kernel_layouts(D),
     )  # fmt: skip
-    ptrs = dict.fromkeys(("Q", "K", "V", "DO", "DK", "DV_"), f"*{dtype}")
+    ptrs = dict(dict.fromkeys(("Q", "K", "V", "DO", "DK", "DV_"), f"*{dtype}"), DQ="*fp32")
     return compile_sm90(_gl_dkdv_ws_kernel, consts, ptrs)
