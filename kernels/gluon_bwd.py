@@ -87,18 +87,19 @@ def _gl_store_grad(g, BASE, row0, stride, n_rows, visited, ROWS: gl.constexpr, D
 
 @gluon.jit
 def _gl_red_add(row_ptrs, cols, vals, mask):
-    """``row_ptrs[cols] += vals`` where ``mask``, as fire-and-forget ``red.global.add.v2.f32`` of each
-    thread's column pairs (adjacent in a wgmma accumulator; ``gl.atomic_add`` is ``atom``, which returns the
-    old values, on triton 3.6). The row pointers and int32 columns go in apart, and the address is formed in
-    the asm: formed before it, the loop-invariant column part of 16 64-bit addresses a thread was hoisted."""
+    """``row_ptrs[cols] += vals`` where ``mask``, as fire-and-forget ``red.global.add.v4.f32`` of each
+    thread's runs of 4 columns (``gl.atomic_add`` is ``atom``, which returns the old values, on triton 3.6).
+    Row pointers and int32 columns go in apart and the address is formed in the asm: formed before it, the
+    loop-invariant column part of every address was hoisted out of the step loop, a register each."""
     gl.inline_asm_elementwise(
-        "{ .reg .pred p; .reg .b64 a; setp.ne.b32 p, $8, 0; mad.wide.s32 a, $4, 4, $2; "
-        "@p red.global.gpu.relaxed.add.v2.f32 [a], {$6, $7}; mov.b32 $0, 0; mov.b32 $1, 0; }",
-        "=r,=r,l,l,r,r,f,f,r,r",
+        "{ .reg .pred p; .reg .b64 a; setp.ne.b32 p, $16, 0; mad.wide.s32 a, $8, 4, $4; "
+        "@p red.global.gpu.relaxed.add.v4.f32 [a], {$12, $13, $14, $15}; "
+        "mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0; }",
+        "=r,=r,=r,=r,l,l,l,l,r,r,r,r,f,f,f,f,r,r,r,r",
         [row_ptrs.to(gl.int64), cols, vals, mask.to(gl.int32)],
         dtype=gl.int32,
         is_pure=False,
-        pack=2,
+        pack=4,
     )
 
 
@@ -411,13 +412,17 @@ def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
     dk = gl.zeros([HALF, D], gl.float32, layout=ACC_LAYOUT)
     dv = gl.zeros([HALF, D], gl.float32, layout=ACC_LAYOUT)
     if FUSED_DQ:
-        k_wg = k_smem.index(WG)
+        # this warpgroup's half of dQ_t's columns, over both warpgroups' dS_t (see the step's end)
         DH: gl.constexpr = D // 2
         DQ_LAYOUT: gl.constexpr = CONSTS[16]
+        RED_LAYOUT: gl.constexpr = CONSTS[17]
         dq_zero = gl.zeros([BLOCK_M, DH], gl.float32, layout=DQ_LAYOUT)
-        ar_dq = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, DQ_LAYOUT))
-        cols_dq = gl.expand_dims(gl.arange(0, DH, layout=gl.SliceLayout(0, DQ_LAYOUT)), 0)
+        ar_dq = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, RED_LAYOUT))
+        cols_dq = gl.expand_dims(WG * DH + gl.arange(0, DH, layout=gl.SliceLayout(0, RED_LAYOUT)), 0)
+        k_cols0 = k_smem.index(0).slice(WG * DH, DH, dim=1)
+        k_cols1 = k_smem.index(1).slice(WG * DH, DH, dim=1)
         DQb, sdqh, sdqm = ptrs[12], ints[21], ints[22]
+        ds_ready = bars[4]  # (count 2: both warpgroups' dS_t are in shared memory)
     mbarrier.wait(kv_bar, 0)
     c = 0
     for g in range(0, G):
@@ -435,7 +440,7 @@ def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
                 row0 = _gl_step_row0(QI, FQI, 0, n_part, QBS, BLOCK_M, SUBS)
             offs_m = row0 + ar_m
             if FUSED_DQ:
-                dq_rows = row0 + ar_dq
+                dq_row0 = row0
             lse = gl.load(LSEh + offs_m, mask=offs_m < Sq, other=float("inf"))
             qd, qp = _gl_query_docs(QDOC, QPOS, offs_m, Sq, MASK_KIND)
             if t + 1 < n:
@@ -458,24 +463,29 @@ def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
             dv_tok = warpgroup_mma(p_buf.permute((1, 0)), do_t, dv, is_async=True)
             delta = gl.load(DELTAh + offs_m, mask=offs_m < Sq, other=0.0)
             dp = warpgroup_mma_wait(1, deps=(dp_tok,))  # dP_t is back; dV_t may still run
+            if FUSED_DQ:  # (dS double-buffered by stage: the other warpgroup reads it for dQ_t)
+                ds_buf = ds_smem.index(2 * st + WG)
             ds_buf.store((p * (dp - gl.expand_dims(delta, 1))).to(dtype))
             fence_async_shared()
             _gl_barrier()
+            if FUSED_DQ:
+                mbarrier.arrive(ds_ready.index(st), count=1)
             dk_tok = warpgroup_mma(ds_buf.permute((1, 0)), q_t, dk, is_async=True)
             if FUSED_DQ:
-                # this warpgroup's share of dQ_t, dS_t of its 64 kv rows times their K, added into the fp32
-                # dQ buffer (every kv program that sees these query rows adds its share), in two halves of D
-                # (a whole [64, D] accumulator beside dK and dV spilled)
-                dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
-                for hd in gl.static_range(2):
-                    dq_tok = warpgroup_mma(ds_buf, k_wg.slice(hd * DH, DH, dim=1), dq_zero, use_acc=False,
-                                           is_async=True)  # fmt: skip
-                    dq = warpgroup_mma_wait(0, deps=(dq_tok,))
-                    if hd == 1:
-                        mbarrier.arrive(q_empty.index(st), count=1)
-                    dq_row_ptrs = gl.expand_dims(DQh + dq_rows * sdqm, 1) + gl.zeros_like(cols_dq)
-                    ok = gl.expand_dims(dq_rows < Sq, 1) & (cols_dq >= 0)
-                    _gl_red_add(dq_row_ptrs, cols_dq + hd * DH, dq * scale, ok)
+                # dQ_t[:, this half] = dS_t of all 128 kv rows times K of those columns, added into the fp32 dQ
+                # buffer (every kv program that sees these query rows adds its part): one [64, D/2] partial per
+                # warpgroup, not a [64, D] one per warpgroup's kv rows (half the reduction traffic, 32 fewer
+                # registers); the stage's next reuse of both dS buffers waits for q_empty, as Q_t's does
+                mbarrier.wait(ds_ready.index(st), ph)
+                dq_tok = warpgroup_mma(ds_smem.index(2 * st), k_cols0, dq_zero, use_acc=False, is_async=True)
+                dq_tok = warpgroup_mma(ds_smem.index(2 * st + 1), k_cols1, dq_tok, is_async=True)
+                dv, dk, dq = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, dq_tok))
+                mbarrier.arrive(q_empty.index(st), count=1)
+                # each thread adds runs of 4 columns, a warp 2 whole rows of the half: coalesced reductions
+                dq = gl.convert_layout(dq * scale, RED_LAYOUT)
+                dq_row_ptrs = gl.expand_dims(DQh + (dq_row0 + ar_dq) * sdqm, 1) + gl.zeros_like(cols_dq)
+                ok = gl.expand_dims(dq_row0 + ar_dq < Sq, 1) & (cols_dq >= 0)
+                _gl_red_add(dq_row_ptrs, cols_dq, dq, ok)
             else:
                 dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
                 # Q_t, dO_t and this warpgroup's P / dS buffers are free again
@@ -498,7 +508,8 @@ def _gl_dkdv_ws_kernel(
     D: gl.constexpr, DV: gl.constexpr, QBS: gl.constexpr, KBS: gl.constexpr,
     MASK_KIND: gl.constexpr, CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr, HAS_PREFIX: gl.constexpr,
     HAS_FULL: gl.constexpr, EVEN_M: gl.constexpr, EVEN_N: gl.constexpr, ACCUM: gl.constexpr,
-    S_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr, DQ_LAYOUT: gl.constexpr, SMEM: gl.constexpr,
+    S_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr, DQ_LAYOUT: gl.constexpr, RED_LAYOUT: gl.constexpr,
+    SMEM: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CONSUMER_REGS: gl.constexpr,
     PRODUCER_REGS: gl.constexpr = 24, FUSED_DQ: gl.constexpr = False,
 ):  # fmt: skip
@@ -522,9 +533,10 @@ def _gl_dkdv_ws_kernel(
     do_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, DV], SMEM)
     # each consumer's P and dS tiles, and its kv documents, positions and prefix flags
     p_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HALF], SMEM)
-    ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HALF], SMEM)
+    ds_smem = gl.allocate_shared_memory(dtype, [4 if FUSED_DQ else 2, BLOCK_M, HALF], SMEM)
     kv_docs = gl.allocate_shared_memory(gl.int32, [6, HALF], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    bars = _gl_pipeline_barriers()  # (K and V, Q ready / empty, dO ready / empty)
+    # (K and V, Q ready / empty, dO ready, and dO empty, which the fused variant uses as "both dS_t stored")
+    bars = _gl_pipeline_barriers()
 
     if MASK_KIND == 1:
         QDOC = QDOC + b64 * sdq
@@ -547,7 +559,7 @@ def _gl_dkdv_ws_kernel(
     )  # fmt: skip
     CONSTS: gl.constexpr = (
         QBS, BLOCK_M, HALF, HAS_FULL, D, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_PREFIX, EVEN_M, EVEN_N, S_LAYOUT,
-        ACC_LAYOUT, ACCUM, SMEM, FUSED_DQ, DQ_LAYOUT,
+        ACC_LAYOUT, ACCUM, SMEM, FUSED_DQ, DQ_LAYOUT, RED_LAYOUT,
     )  # fmt: skip
     gl.warp_specialize(
         [
@@ -573,6 +585,8 @@ def dkdv_kernel_layouts(D: int) -> dict:
         DQ_LAYOUT=gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D // 2, 16]
         ),
+        # ... and how they are added into the fp32 dQ: runs of 4 columns a thread, whole rows a warp
+        RED_LAYOUT=gl.BlockedLayout([1, 4], [32 // (D // 8), D // 8], [4, 1], [1, 0]),
         SMEM=gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2),
         BLOCK_M=DKDV_BLOCK_M,
         BLOCK_N=BLOCK_M,  # 128 kv rows per program
