@@ -363,6 +363,25 @@ def _dkdv_probs(s, partial, qd, qp, lse2, kv_docs, offs_n, Skv, window, qk_scale
 
 
 @gluon.jit
+def _dkdv_dq_issue(ds_smem, k_cols0, k_cols1, dq_zero, ds_ready, c):
+    """Issue this warpgroup's half of dQ of step ``c - 1``: both warpgroups' dS of that step (waited for
+    on ``ds_ready``) times K of this half's columns."""
+    pst = (c - 1) % 2
+    mbarrier.wait(ds_ready.index(pst), ((c - 1) // 2) & 1)
+    tok = warpgroup_mma(ds_smem.index(2 * pst), k_cols0, dq_zero, use_acc=False, is_async=True)
+    return warpgroup_mma(ds_smem.index(2 * pst + 1), k_cols1, tok, is_async=True)
+
+
+@gluon.jit
+def _dkdv_dq_add(dq, scale, row_ptr, row0, ar, cols, sdqm, Sq, RED_LAYOUT: gl.constexpr):
+    """Add a finished dQ half (rows ``row0 ..``, from ``row_ptr`` = its first row) into the fp32 dQ, each
+    thread runs of 4 columns, a warp whole rows of the half: coalesced reductions."""
+    dq = gl.convert_layout(dq * scale, RED_LAYOUT)
+    row_ptrs = gl.expand_dims(row_ptr + ar * sdqm, 1) + gl.zeros_like(cols)
+    _gl_red_add(row_ptrs, cols, dq, gl.expand_dims(row0 + ar < Sq, 1) & (cols >= 0))
+
+
+@gluon.jit
 def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.constexpr):
     """One consumer warpgroup: dK and dV of kv rows ``start_n + WG·64 ..``, over query steps of 64 rows.
 
@@ -373,7 +392,7 @@ def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
     together (dP issued beside S_t, under the exponentials, was 1-3% slower: more registers live under the
     mask); dS_t goes to shared memory after dP_t is back, and ``dK += dS_tᵀ·Q_t`` reads it transposed."""
     kv_bar, q_ready, q_empty, do_ready, _ = bars  # (dO is released with Q, on q_empty)
-    k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_docs = bufs
+    k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_docs = bufs[:7]
     NUMS, DKb, DVb, LSEb, DELTAb, QDOC, QPOS, KVDOC, KVPOS, KVPRE = ptrs[:10]
     start_n, G, hk, kb, b, snb, snh, sib, sih, sik, Sq, Skv, window, qk_scale, scale, sdkn, sdvn = ints[:17]
     QBS: gl.constexpr = CONSTS[0]
@@ -422,7 +441,10 @@ def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
         k_cols0 = k_smem.index(0).slice(WG * DH, DH, dim=1)
         k_cols1 = k_smem.index(1).slice(WG * DH, DH, dim=1)
         DQb, sdqh, sdqm = ptrs[12], ints[21], ints[22]
-        ds_ready = bars[4]  # (count 2: both warpgroups' dS_t are in shared memory)
+        ds_ready = bars[4]  # (count 2: both warpgroups' dS of a step are in shared memory)
+        ds_empty = bufs[7]  # (count 2: both warpgroups' dQ GEMMs of a step have read them)
+        dq_prev = DQb
+        dq_prev_row0 = 0
     mbarrier.wait(kv_bar, 0)
     c = 0
     for g in range(0, G):
@@ -463,8 +485,11 @@ def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
             dv_tok = warpgroup_mma(p_buf.permute((1, 0)), do_t, dv, is_async=True)
             delta = gl.load(DELTAh + offs_m, mask=offs_m < Sq, other=0.0)
             dp = warpgroup_mma_wait(1, deps=(dp_tok,))  # dP_t is back; dV_t may still run
-            if FUSED_DQ:  # (dS double-buffered by stage: the other warpgroup reads it for dQ_t)
+            if FUSED_DQ:
+                # dS double-buffered by stage: the other warpgroup reads it for dQ, a step later; the dQ
+                # GEMMs of step c - 2 have read this stage's buffer
                 ds_buf = ds_smem.index(2 * st + WG)
+                mbarrier.wait(ds_empty.index(st), ph ^ 1)
             ds_buf.store((p * (dp - gl.expand_dims(delta, 1))).to(dtype))
             fence_async_shared()
             _gl_barrier()
@@ -472,25 +497,31 @@ def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
                 mbarrier.arrive(ds_ready.index(st), count=1)
             dk_tok = warpgroup_mma(ds_buf.permute((1, 0)), q_t, dk, is_async=True)
             if FUSED_DQ:
-                # dQ_t[:, this half] = dS_t of all 128 kv rows times K of those columns, added into the fp32 dQ
-                # buffer (every kv program that sees these query rows adds its part): one [64, D/2] partial per
-                # warpgroup, not a [64, D] one per warpgroup's kv rows (half the reduction traffic, 32 fewer
-                # registers); the stage's next reuse of both dS buffers waits for q_empty, as Q_t's does
-                mbarrier.wait(ds_ready.index(st), ph)
-                dq_tok = warpgroup_mma(ds_smem.index(2 * st), k_cols0, dq_zero, use_acc=False, is_async=True)
-                dq_tok = warpgroup_mma(ds_smem.index(2 * st + 1), k_cols1, dq_tok, is_async=True)
-                dv, dk, dq = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, dq_tok))
-                mbarrier.arrive(q_empty.index(st), count=1)
-                # each thread adds runs of 4 columns, a warp 2 whole rows of the half: coalesced reductions
-                dq = gl.convert_layout(dq * scale, RED_LAYOUT)
-                dq_row_ptrs = gl.expand_dims(DQh + (dq_row0 + ar_dq) * sdqm, 1) + gl.zeros_like(cols_dq)
-                ok = gl.expand_dims(dq_row0 + ar_dq < Sq, 1) & (cols_dq >= 0)
-                _gl_red_add(dq_row_ptrs, cols_dq, dq, ok)
+                # dQ of the previous step: by now the other warpgroup has almost always stored its dS of it, so
+                # the two do not wait for each other in lockstep (waiting for this step's dS here, both
+                # warpgroups ran their non-GEMM work at the same time and the fused backward was 8-17% slower
+                # than the two kernels: s15 call 2)
+                if c > 0:
+                    dq_tok = _dkdv_dq_issue(ds_smem, k_cols0, k_cols1, dq_zero, ds_ready, c)
+                    dv, dk, dq = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, dq_tok))
+                    mbarrier.arrive(q_empty.index(st), count=1)
+                    mbarrier.arrive(ds_empty.index((c - 1) % 2), count=1)
+                    _dkdv_dq_add(dq, scale, dq_prev, dq_prev_row0, ar_dq, cols_dq, sdqm, Sq, RED_LAYOUT)
+                else:
+                    dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
+                    mbarrier.arrive(q_empty.index(st), count=1)
+                dq_prev = DQh + dq_row0.to(gl.int64) * sdqm
+                dq_prev_row0 = dq_row0
             else:
                 dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
                 # Q_t, dO_t and this warpgroup's P / dS buffers are free again
                 mbarrier.arrive(q_empty.index(st), count=1)
             c += 1
+    if FUSED_DQ:  # noqa: SIM102 (a constexpr test, then a runtime one): the last step's dQ
+        if c > 0:
+            dq_tok = _dkdv_dq_issue(ds_smem, k_cols0, k_cols1, dq_zero, ds_ready, c)
+            dq = warpgroup_mma_wait(0, deps=(dq_tok,))
+            _dkdv_dq_add(dq, scale, dq_prev, dq_prev_row0, ar_dq, cols_dq, sdqm, Sq, RED_LAYOUT)
 
     row0 = start_n + WG * HALF
     _gl_store_grad(dk * scale, DKb, row0, sdkn, Skv, c > 0, HALF, D, ACC_LAYOUT, EVEN_N, ACCUM)
@@ -546,7 +577,10 @@ def _gl_dkdv_ws_kernel(
         if HAS_PREFIX:
             KVPRE = KVPRE + b64 * sdk
     descs = (k_desc, v_desc)
-    bufs = (k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_docs)
+    ds_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(ds_empty.index(i), count=2)
+    bufs = (k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_docs, ds_empty)
     rows = b64 * Hq * Sq
     ptrs = (
         (Q_NUM, Q_IDX, FULLQ_NUM, FULLQ_IDX), DK + b64 * sdkb + hk64 * sdkh, DV_ + b64 * sdvb + hk64 * sdvh,
