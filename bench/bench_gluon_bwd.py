@@ -33,14 +33,6 @@ from flexdist.kernels.triton_bwd import triton_backward, triton_delta
 from flexdist.masks import document_block_mask
 
 
-def fused(q, k, v, out, do, lse, bm, gqa):
-    """The whole backward through the fused dK/dV + dQ kernel: Δ, a zeroed fp32 dQ, the kernel, dQ cast."""
-    delta = triton_delta(out, do)
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    dk, dv = gluon_dkdv(q, k, v, do, lse, delta, bm, enable_gqa=gqa, dq_acc=dq)
-    return dq.to(q.dtype), dk, dv
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="pack,doc4k,causal")
@@ -74,7 +66,6 @@ def main() -> None:
             "dkdv_gluon": lambda: gluon_dkdv(q, k, v, do, lse, delta, bm, enable_gqa=gqa),
             "bwd_triton": lambda: flex_attention_backward(q, k, v, out, do, lse, bm, enable_gqa=gqa, backend="triton"),
             "bwd_auto": lambda: flex_attention_backward(q, k, v, out, do, lse, bm, enable_gqa=gqa),
-            "bwd_fused": lambda: fused(q, k, v, out, do, lse, bm, gqa),
         }  # fmt: skip
         a = fns["dq_triton"]()[0]
         b = fns["dq_gluon"]()
@@ -84,22 +75,12 @@ def main() -> None:
         err_kv = max(
             float((tk.float() - gk.float()).abs().max()), float((tv.float() - gv.float()).abs().max())
         )
-        fq, fk, fv = fns["bwd_fused"]()
-        err_f = max(float((x.float() - y.float()).abs().max()) for x, y in ((a, fq), (tk, fk), (tv, fv)))
         ms = interleaved(fns, args.rounds, args.reps)
         flops = {
             kn: fwd * (1.5 if kn.startswith("dq") else 2.0 if kn.startswith("dkdv") else 2.5) for kn in fns
         }
         row = dict(
-            case=name,
-            S=S,
-            Hq=Hq,
-            Hkv=Hkv,
-            D=D,
-            pairs=pairs,
-            dq_max_abs_diff=err,
-            dkdv_max_abs_diff=err_kv,
-            fused_max_abs_diff=err_f,
+            case=name, S=S, Hq=Hq, Hkv=Hkv, D=D, pairs=pairs, dq_max_abs_diff=err, dkdv_max_abs_diff=err_kv
         )
         for kname, t in ms.items():
             row[f"{kname}_ms"] = round(t, 4)
@@ -107,7 +88,7 @@ def main() -> None:
         rows.append(row)
         line = "  ".join(f"{kn} {t:.3f} ms {flops[kn] / (t * 1e-3) / 1e12:.0f}" for kn, t in ms.items())
         print(
-            f"{name:7} S={S} H={Hq}:{Hkv}  {line}  TFLOP/s | max|ΔdQ| {err:.2e} max|ΔdK,dV| {err_kv:.2e} fused {err_f:.2e}",
+            f"{name:7} S={S} H={Hq}:{Hkv}  {line}  TFLOP/s | max|ΔdQ| {err:.2e} max|ΔdK,dV| {err_kv:.2e}",
             flush=True,
         )
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,

@@ -86,24 +86,6 @@ def _gl_store_grad(g, BASE, row0, stride, n_rows, visited, ROWS: gl.constexpr, D
 
 
 @gluon.jit
-def _gl_red_add(row_ptrs, cols, vals, mask):
-    """``row_ptrs[cols] += vals`` where ``mask``, as fire-and-forget ``red.global.add.v4.f32`` of each
-    thread's runs of 4 columns (``gl.atomic_add`` is ``atom``, which returns the old values, on triton 3.6).
-    Row pointers and int32 columns go in apart and the address is formed in the asm: formed before it, the
-    loop-invariant column part of every address was hoisted out of the step loop, a register each."""
-    gl.inline_asm_elementwise(
-        "{ .reg .pred p; .reg .b64 a; setp.ne.b32 p, $16, 0; mad.wide.s32 a, $8, 4, $4; "
-        "@p red.global.gpu.relaxed.add.v4.f32 [a], {$12, $13, $14, $15}; "
-        "mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0; }",
-        "=r,=r,=r,=r,l,l,l,l,r,r,r,r,f,f,f,f,r,r,r,r",
-        [row_ptrs.to(gl.int64), cols, vals, mask.to(gl.int32)],
-        dtype=gl.int32,
-        is_pure=False,
-        pack=4,
-    )
-
-
-@gluon.jit
 def _dq_producer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.constexpr):
     """The load warp: Q and dO (both halves) once, then K_t and V_t of every step into buffer t % 2."""
     q_desc, do_desc, k_desc, v_desc = descs
@@ -363,25 +345,6 @@ def _dkdv_probs(s, partial, qd, qp, lse2, kv_docs, offs_n, Skv, window, qk_scale
 
 
 @gluon.jit
-def _dkdv_dq_issue(ds_smem, k_cols0, k_cols1, dq_zero, ds_ready, c):
-    """Issue this warpgroup's half of dQ of step ``c - 1``: both warpgroups' dS of that step (waited for
-    on ``ds_ready``) times K of this half's columns."""
-    pst = (c - 1) % 2
-    mbarrier.wait(ds_ready.index(pst), ((c - 1) // 2) & 1)
-    tok = warpgroup_mma(ds_smem.index(2 * pst), k_cols0, dq_zero, use_acc=False, is_async=True)
-    return warpgroup_mma(ds_smem.index(2 * pst + 1), k_cols1, tok, is_async=True)
-
-
-@gluon.jit
-def _dkdv_dq_add(dq, scale, row_ptr, row0, ar, cols, sdqm, Sq, RED_LAYOUT: gl.constexpr):
-    """Add a finished dQ half (rows ``row0 ..``, from ``row_ptr`` = its first row) into the fp32 dQ, each
-    thread runs of 4 columns, a warp whole rows of the half: coalesced reductions."""
-    dq = gl.convert_layout(dq * scale, RED_LAYOUT)
-    row_ptrs = gl.expand_dims(row_ptr + ar * sdqm, 1) + gl.zeros_like(cols)
-    _gl_red_add(row_ptrs, cols, dq, gl.expand_dims(row0 + ar < Sq, 1) & (cols >= 0))
-
-
-@gluon.jit
 def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.constexpr):
     """One consumer warpgroup: dK and dV of kv rows ``start_n + WG·64 ..``, over query steps of 64 rows.
 
@@ -392,7 +355,7 @@ def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
     together (dP issued beside S_t, under the exponentials, was 1-3% slower: more registers live under the
     mask); dS_t goes to shared memory after dP_t is back, and ``dK += dS_tᵀ·Q_t`` reads it transposed."""
     kv_bar, q_ready, q_empty, do_ready, _ = bars  # (dO is released with Q, on q_empty)
-    k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_docs = bufs[:7]
+    k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_docs = bufs
     NUMS, DKb, DVb, LSEb, DELTAb, QDOC, QPOS, KVDOC, KVPOS, KVPRE = ptrs[:10]
     start_n, G, hk, kb, b, snb, snh, sib, sih, sik, Sq, Skv, window, qk_scale, scale, sdkn, sdvn = ints[:17]
     QBS: gl.constexpr = CONSTS[0]
@@ -406,7 +369,6 @@ def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
     S_LAYOUT: gl.constexpr = CONSTS[11]
     ACC_LAYOUT: gl.constexpr = CONSTS[12]
     ACCUM: gl.constexpr = CONSTS[13]
-    FUSED_DQ: gl.constexpr = CONSTS[15]
     SUBS: gl.constexpr = QBS // BLOCK_M
     dtype: gl.constexpr = k_smem.dtype
     ROW_S: gl.constexpr = gl.SliceLayout(1, S_LAYOUT)  # query rows
@@ -430,21 +392,6 @@ def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
     s_zero = gl.zeros([BLOCK_M, HALF], gl.float32, layout=S_LAYOUT)
     dk = gl.zeros([HALF, D], gl.float32, layout=ACC_LAYOUT)
     dv = gl.zeros([HALF, D], gl.float32, layout=ACC_LAYOUT)
-    if FUSED_DQ:
-        # this warpgroup's half of dQ_t's columns, over both warpgroups' dS_t (see the step's end)
-        DH: gl.constexpr = D // 2
-        DQ_LAYOUT: gl.constexpr = CONSTS[16]
-        RED_LAYOUT: gl.constexpr = CONSTS[17]
-        dq_zero = gl.zeros([BLOCK_M, DH], gl.float32, layout=DQ_LAYOUT)
-        ar_dq = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, RED_LAYOUT))
-        cols_dq = gl.expand_dims(WG * DH + gl.arange(0, DH, layout=gl.SliceLayout(0, RED_LAYOUT)), 0)
-        k_cols0 = k_smem.index(0).slice(WG * DH, DH, dim=1)
-        k_cols1 = k_smem.index(1).slice(WG * DH, DH, dim=1)
-        DQb, sdqh, sdqm = ptrs[12], ints[21], ints[22]
-        ds_ready = bars[4]  # (count 2: both warpgroups' dS of a step are in shared memory)
-        ds_empty = bufs[7]  # (count 2: both warpgroups' dQ GEMMs of a step have read them)
-        dq_prev = DQb
-        dq_prev_row0 = 0
     mbarrier.wait(kv_bar, 0)
     c = 0
     for g in range(0, G):
@@ -452,8 +399,6 @@ def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
         n_part, n, QI, FQI = _dkdv_lists(NUMS, hq, (kb, b, snb, snh, sib, sih, sik), SUBS, HAS_FULL)
         LSEh = LSEb + hq.to(gl.int64) * Sq
         DELTAh = DELTAb + hq.to(gl.int64) * Sq
-        if FUSED_DQ:
-            DQh = DQb + hq.to(gl.int64) * sdqh
         row0 = 0
         for t in range(0, n):
             st = c % 2
@@ -461,8 +406,6 @@ def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
             if t == 0:  # (later steps' rows were read a step ahead, off the path to this step's loads)
                 row0 = _gl_step_row0(QI, FQI, 0, n_part, QBS, BLOCK_M, SUBS)
             offs_m = row0 + ar_m
-            if FUSED_DQ:
-                dq_row0 = row0
             lse = gl.load(LSEh + offs_m, mask=offs_m < Sq, other=float("inf"))
             qd, qp = _gl_query_docs(QDOC, QPOS, offs_m, Sq, MASK_KIND)
             if t + 1 < n:
@@ -485,43 +428,14 @@ def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
             dv_tok = warpgroup_mma(p_buf.permute((1, 0)), do_t, dv, is_async=True)
             delta = gl.load(DELTAh + offs_m, mask=offs_m < Sq, other=0.0)
             dp = warpgroup_mma_wait(1, deps=(dp_tok,))  # dP_t is back; dV_t may still run
-            if FUSED_DQ:
-                # dS double-buffered by stage: the other warpgroup reads it for dQ, a step later; the dQ
-                # GEMMs of step c - 2 have read this stage's buffer
-                ds_buf = ds_smem.index(2 * st + WG)
-                mbarrier.wait(ds_empty.index(st), ph ^ 1)
             ds_buf.store((p * (dp - gl.expand_dims(delta, 1))).to(dtype))
             fence_async_shared()
             _gl_barrier()
-            if FUSED_DQ:
-                mbarrier.arrive(ds_ready.index(st), count=1)
             dk_tok = warpgroup_mma(ds_buf.permute((1, 0)), q_t, dk, is_async=True)
-            if FUSED_DQ:
-                # dQ of the previous step: by now the other warpgroup has almost always stored its dS of it, so
-                # the two do not wait for each other in lockstep (waiting for this step's dS here, both
-                # warpgroups ran their non-GEMM work at the same time and the fused backward was 8-17% slower
-                # than the two kernels: s15 call 2)
-                if c > 0:
-                    dq_tok = _dkdv_dq_issue(ds_smem, k_cols0, k_cols1, dq_zero, ds_ready, c)
-                    dv, dk, dq = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, dq_tok))
-                    mbarrier.arrive(q_empty.index(st), count=1)
-                    mbarrier.arrive(ds_empty.index((c - 1) % 2), count=1)
-                    _dkdv_dq_add(dq, scale, dq_prev, dq_prev_row0, ar_dq, cols_dq, sdqm, Sq, RED_LAYOUT)
-                else:
-                    dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
-                    mbarrier.arrive(q_empty.index(st), count=1)
-                dq_prev = DQh + dq_row0.to(gl.int64) * sdqm
-                dq_prev_row0 = dq_row0
-            else:
-                dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
-                # Q_t, dO_t and this warpgroup's P / dS buffers are free again
-                mbarrier.arrive(q_empty.index(st), count=1)
+            dv, dk = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok))
+            # Q_t, dO_t and this warpgroup's P / dS buffers are free again
+            mbarrier.arrive(q_empty.index(st), count=1)
             c += 1
-    if FUSED_DQ:  # noqa: SIM102 (a constexpr test, then a runtime one): the last step's dQ
-        if c > 0:
-            dq_tok = _dkdv_dq_issue(ds_smem, k_cols0, k_cols1, dq_zero, ds_ready, c)
-            dq = warpgroup_mma_wait(0, deps=(dq_tok,))
-            _dkdv_dq_add(dq, scale, dq_prev, dq_prev_row0, ar_dq, cols_dq, sdqm, Sq, RED_LAYOUT)
 
     row0 = start_n + WG * HALF
     _gl_store_grad(dk * scale, DKb, row0, sdkn, Skv, c > 0, HALF, D, ACC_LAYOUT, EVEN_N, ACCUM)
@@ -530,19 +444,17 @@ def _dkdv_consumer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
 
 @gluon.jit
 def _gl_dkdv_ws_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV_, DQ,
+    Q, K, V, DO, LSE, DELTA, DK, DV_,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
-    sdqb, sdqh, sdqm,
     Q_NUM, Q_IDX, FULLQ_NUM, FULLQ_IDX, snb, snh, sib, sih, sik, ORDER, sor_b, sor_h,
     QDOC, KVDOC, QPOS, KVPOS, KVPRE, sdq, sdk, window,
     Hq, Hkv, G, Sq, Skv, scale, qk_scale, NB, BH, HG,
     D: gl.constexpr, DV: gl.constexpr, QBS: gl.constexpr, KBS: gl.constexpr,
     MASK_KIND: gl.constexpr, CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr, HAS_PREFIX: gl.constexpr,
     HAS_FULL: gl.constexpr, EVEN_M: gl.constexpr, EVEN_N: gl.constexpr, ACCUM: gl.constexpr,
-    S_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr, DQ_LAYOUT: gl.constexpr, RED_LAYOUT: gl.constexpr,
-    SMEM: gl.constexpr,
+    S_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr, SMEM: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-    PRODUCER_REGS: gl.constexpr = 24, FUSED_DQ: gl.constexpr = False,
+    PRODUCER_REGS: gl.constexpr = 24,
 ):  # fmt: skip
     SUBS_N: gl.constexpr = KBS // BLOCK_N
     HALF: gl.constexpr = BLOCK_N // 2
@@ -564,10 +476,9 @@ def _gl_dkdv_ws_kernel(
     do_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, DV], SMEM)
     # each consumer's P and dS tiles, and its kv documents, positions and prefix flags
     p_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HALF], SMEM)
-    ds_smem = gl.allocate_shared_memory(dtype, [4 if FUSED_DQ else 2, BLOCK_M, HALF], SMEM)
+    ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HALF], SMEM)
     kv_docs = gl.allocate_shared_memory(gl.int32, [6, HALF], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    # (K and V, Q ready / empty, dO ready, and dO empty, which the fused variant uses as "both dS_t stored")
-    bars = _gl_pipeline_barriers()
+    bars = _gl_pipeline_barriers()  # (K and V, Q ready / empty, dO ready / empty)
 
     if MASK_KIND == 1:
         QDOC = QDOC + b64 * sdq
@@ -577,23 +488,19 @@ def _gl_dkdv_ws_kernel(
         if HAS_PREFIX:
             KVPRE = KVPRE + b64 * sdk
     descs = (k_desc, v_desc)
-    ds_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(2):
-        mbarrier.init(ds_empty.index(i), count=2)
-    bufs = (k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_docs, ds_empty)
+    bufs = (k_smem, v_smem, q_smem, do_smem, p_smem, ds_smem, kv_docs)
     rows = b64 * Hq * Sq
     ptrs = (
         (Q_NUM, Q_IDX, FULLQ_NUM, FULLQ_IDX), DK + b64 * sdkb + hk64 * sdkh, DV_ + b64 * sdvb + hk64 * sdvh,
         LSE + rows, DELTA + rows, QDOC, QPOS, KVDOC, KVPOS, KVPRE, Q + b64 * sqb, DO + b64 * sdob,
-        DQ + b64 * sdqb,
     )  # fmt: skip
     ints = (
         start_n, G, hk, kb, b, snb, snh, sib, sih, sik, Sq, Skv, window, qk_scale, scale, sdkn, sdvn,
-        sqh, sqm, sdoh, sdom, sdqh, sdqm,
+        sqh, sqm, sdoh, sdom,
     )  # fmt: skip
     CONSTS: gl.constexpr = (
         QBS, BLOCK_M, HALF, HAS_FULL, D, MASK_KIND, CAUSAL, HAS_WINDOW, HAS_PREFIX, EVEN_M, EVEN_N, S_LAYOUT,
-        ACC_LAYOUT, ACCUM, SMEM, FUSED_DQ, DQ_LAYOUT, RED_LAYOUT,
+        ACC_LAYOUT, ACCUM, SMEM,
     )  # fmt: skip
     gl.warp_specialize(
         [
@@ -615,12 +522,6 @@ def dkdv_kernel_layouts(D: int) -> dict:
         # S, dP: [DKDV_BLOCK_M queries, 64 kv]
         S_LAYOUT=gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, half, 16]),
         ACC_LAYOUT=acc_layout,
-        # the fused dQ's [DKDV_BLOCK_M queries, D / 2] halves
-        DQ_LAYOUT=gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D // 2, 16]
-        ),
-        # ... and how they are added into the fp32 dQ: runs of 4 columns a thread, whole rows a warp
-        RED_LAYOUT=gl.BlockedLayout([1, 4], [32 // (D // 8), D // 8], [4, 1], [1, 0]),
         SMEM=gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2),
         BLOCK_M=DKDV_BLOCK_M,
         BLOCK_N=BLOCK_M,  # 128 kv rows per program
@@ -709,10 +610,9 @@ def launch_dq(q, k, v, dout, lse, delta, dq, accum: bool, lp, head_group=None, b
     return dq
 
 
-def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, accum: bool, lp, head_group=None, dq_acc=None):
+def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, accum: bool, lp, head_group=None):
     """Launch the dK/dV kernel into ``dk`` / ``dv`` (added into when ``accum``) for checked inputs (see
-    ``launch_dq``); with ``dq_acc`` (fp32 ``[B, Hq, Sq, D]``, unit last-dim stride) the fused variant, which
-    also adds ``dS·K·scale`` into it."""
+    ``launch_dq``)."""
     sh, km = lp.shape, lp.km
     assert lp.score_kind == SCORE_NONE and km.mask_kind in (MASK_NONE, MASK_DOC)
     n_kb = triton.cdiv(sh.Skv, km.KBS)
@@ -722,20 +622,16 @@ def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, accum: bool, lp, head_group=N
     docs, (causal, has_w, has_pre) = doc_args(km, lp.dummy_i)
     hg = head_group or launch_head_group(sh, q.element_size(), kv_programs=True)
     triton.set_allocator(_tma_scratch)
-    fused = dq_acc is not None
-    dqa = dq_acc if fused else lse  # (an fp32 pointer the variant without dQ never reads)
-    dqs = (dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2)) if fused else (0, 0, 0)
     _gl_dkdv_ws_kernel[(n_kb * (km.KBS // BLOCK_M) * sh.B * sh.Hkv,)](
-        q, k, v, dout, lse, delta, dk, dv, dqa,
+        q, k, v, dout, lse, delta, dk, dv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *dqs,
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         num, idx, fnum, fidx, snb, snh, sib, sih, sik, order, sor_b, sor_h,
         *docs, sh.Hq, sh.Hkv, sh.groups, sh.Sq, sh.Skv, lp.scale, lp.scale * LOG2E, n_kb, sh.B * sh.Hkv, hg,
         D=sh.D, DV=sh.Dv, QBS=km.QBS, KBS=km.KBS, MASK_KIND=km.mask_kind, CAUSAL=causal, HAS_WINDOW=has_w,
         HAS_PREFIX=has_pre, HAS_FULL=km.has_full, EVEN_M=lp.even_m, EVEN_N=lp.even_n, ACCUM=accum,
-        CONSUMER_REGS=CONSUMER_REGS, FUSED_DQ=fused, num_warps=4, maxnreg=WS_MAXNREG,
-        **dkdv_kernel_layouts(sh.D),
+        CONSUMER_REGS=CONSUMER_REGS, num_warps=4, maxnreg=WS_MAXNREG, **dkdv_kernel_layouts(sh.D),
     )  # fmt: skip
     return dk, dv
 
@@ -789,29 +685,24 @@ def gluon_dkdv(
     dv_out: torch.Tensor | None = None,
     accumulate: bool = True,
     head_group: int | None = None,
-    dq_acc: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dK, dV) through the Gluon kernel (``gluon_dq``'s inputs): new tensors in k's / v's dtype, or added
     into / (``accumulate=False``) written over ``dk_out`` / ``dv_out`` (given together; fp16, bf16 or fp32,
-    unit last-dim stride), which are returned. ``dq_acc``: an fp32 ``[B, Hq, Sq, D]`` tensor (unit last-dim
-    stride) the kernel also adds ``dQ`` (scaled) into, so that no dQ pass is needed. Raises ``ValueError``
-    naming the reason for a call it does not cover (``gluon_backward_unsupported``)."""
+    unit last-dim stride), which are returned. Raises ``ValueError`` naming the reason for a call it does not
+    cover (``gluon_backward_unsupported``)."""
     if (dk_out is None) != (dv_out is None):
         raise ValueError("dk_out and dv_out must be given together")
     lp = _checked(
-        "gluon_dkdv", q, k, v, dout, lse, delta, block_mask, scale, enable_gqa, dk_out=dk_out, dv_out=dv_out,
-        dq_out=dq_acc,
-    )  # fmt: skip
+        "gluon_dkdv", q, k, v, dout, lse, delta, block_mask, scale, enable_gqa, dk_out=dk_out, dv_out=dv_out
+    )
     sh = lp.shape
-    if dq_acc is not None and dq_acc.dtype != torch.float32:
-        raise ValueError(f"dq_acc must be fp32 (atomically added into), got {dq_acc.dtype}")
     if dk_out is not None:
         dk, dv = dk_out, dv_out
     else:
         dk = torch.empty(sh.B, sh.Hkv, sh.Skv, sh.D, dtype=k.dtype, device=q.device)
         dv = torch.empty(sh.B, sh.Hkv, sh.Skv, sh.Dv, dtype=v.dtype, device=q.device)
     accum = dk_out is not None and accumulate
-    return launch_dkdv(q, k, v, dout, lse, delta, dk, dv, accum, lp, head_group, dq_acc)
+    return launch_dkdv(q, k, v, dout, lse, delta, dk, dv, accum, lp, head_group)
 
 
 # the constexpr flags of the backward kernels an ahead-of-time compile may set, and their defaults
@@ -837,14 +728,12 @@ def compile_dq_for_sm90(D: int = 128, dtype: str = "bf16", block_n: int = DQ_BLO
 
 
 def compile_dkdv_for_sm90(
-    D: int = 128, dtype: str = "bf16", consumer_regs: int = CONSUMER_REGS, producer_regs: int = 24,
-    fused_dq: bool = False, **flags,
+    D: int = 128, dtype: str = "bf16", consumer_regs: int = CONSUMER_REGS, producer_regs: int = 24, **flags,
 ):  # fmt: skip
-    """``gluon_fwd.compile_sm90`` of the dK/dV kernel (register budgets settable to study its spills;
-    ``fused_dq``: the variant that also adds dQ into an fp32 buffer)."""
+    """``gluon_fwd.compile_sm90`` of the dK/dV kernel (register budgets settable to study its spills)."""
     consts = dict(
-        _bwd_consts(D, flags), CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, FUSED_DQ=fused_dq,
+        _bwd_consts(D, flags), CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs,
         **dkdv_kernel_layouts(D),
     )  # fmt: skip
-    ptrs = dict(dict.fromkeys(("Q", "K", "V", "DO", "DK", "DV_"), f"*{dtype}"), DQ="*fp32")
+    ptrs = dict.fromkeys(("Q", "K", "V", "DO", "DK", "DV_"), f"*{dtype}")
     return compile_sm90(_gl_dkdv_ws_kernel, consts, ptrs)
