@@ -201,18 +201,14 @@ def replay_backward(
     pack: float,
     unpack: float,
     pack_rest: float = 0.0,
-    local: list[float] | None = None,
 ) -> float:
     """Makespan of the pipelined backward: per chunk wait gather c, post gather c+1, dK/dV kernel (fp32 into
     the reduce-scatter buffer), post reduce-scatter c, dQ kernel; at the end wait for every reduce-scatter and
-    unpack. NCCL order G0, G1, RS0, G2, RS1, ..., each after the compute enqueued before its post.
-    ``local[r]``: rank r's own-keys dK/dV call of chunk 0 (``local_first``), issued after the packs, before
-    the first wait, as in `replay_forward` (``K[0]`` is then the call over the other ranks' keys and the
-    add of the own part)."""
+    unpack. NCCL order G0, G1, RS0, G2, RS1, ..., each after the compute enqueued before its post."""
     N = len(K[0])
     nccl = pack + G[0]
     done = [nccl]
-    prev = [pack + pack_rest + (local[r] if local else 0.0) for r in range(N)]
+    prev = [pack + pack_rest] * N
     for c in range(len(G)):
         start = [max(prev[r], done[c]) for r in range(N)]
         if c + 1 < len(G):
@@ -414,81 +410,6 @@ def local_first_forward(
     if torch_packs is not None:
         extra["torch_copies"] = dict(pred_fwd_s=replay_forward([remote, *C_rest], G, *torch_packs, local))
     return T_f, extra
-
-
-def local_first_backward(
-    spec: str,
-    perm,
-    shards,
-    local_masks,
-    remote_masks,
-    ks,
-    vs,
-    qs,
-    douts,
-    outs,
-    lses,
-    deltas,
-    kb,
-    gqa,
-    hg,
-    tm,
-    extra: dict,
-) -> tuple[float, dict]:
-    """(backward s, JSON extras) of ``local_first=True``: every rank's dK/dV call of chunk 0's heads over its
-    own shard (fp32), issued before the first wait, then chunk 0's dK/dV call over the other ranks' keys
-    (``remote_masks[r]``, into the reduce-scatter buffer) and the add of the own part into it, timed as
-    `flexdist.cp.allgather` makes them; the dQ calls and the later chunks are those of the row without
-    local_first (``extra``: `allgather_pipeline`'s extras). Replayed by `replay_backward` with ``local``."""
-    from flexdist.cp.allgather import _seq_view
-    from flexdist.cp.kv_pack import pack as _pack
-
-    N, L, D, Dv, g, dev, sizes = _chunk_shapes(spec, qs, ks, vs)
-    h1 = sizes[0]
-    n0 = h1 * g
-    kw = dict(enable_gqa=gqa, backend=kb, accumulate=False, which="dkdv", **hg)
-    buf = torch.stack([_pack(ks[r], vs[r], 0, h1) for r in range(N)])
-    kv = _seq_view(buf)
-    kc, vc = kv[..., :D], kv[..., D:]
-    grad = torch.empty(buf.shape, dtype=torch.float32, device=dev)
-    gseq = _seq_view(grad)
-    fl, fr = [], []
-    for r in range(N):
-        b = (outs[r][:, :n0], douts[r][:, :n0], lses[r][:, :n0])
-        rkw = dict(kw, delta=deltas[r][:, :n0], q_global_idx=shards[r])
-        own = None
-        if local_masks[r] is not None:
-            own = torch.empty(1, h1, L, D + Dv, dtype=torch.float32, device=dev)
-            a = (qs[r][:, :n0], ks[r][:, :h1], vs[r][:, :h1])
-            okw = dict(rkw, kv_global_idx=shards[r], dk_out=own[..., :D], dv_out=own[..., D:])
-            fl.append(lambda a=a, b=b, m=local_masks[r], okw=okw: flex_attention_backward(*a, *b, m, **okw))
-        else:
-            fl.append(None)
-        mkw = dict(rkw, kv_global_idx=perm.to(dev), dk_out=gseq[..., :D], dv_out=gseq[..., D:])
-
-        def remote_and_add(r=r, b=b, m=remote_masks[r], mkw=mkw, own=own):
-            if m is None:
-                gseq.zero_()
-            else:
-                flex_attention_backward(qs[r][:, :n0], kc, vc, *b, m, **mkw)
-            if own is not None:
-                gseq[:, :, r * L : (r + 1) * L] += own
-
-        fr.append(remote_and_add)
-
-    def timed(fns):
-        t = iter(tm.many([f for f in fns if f is not None]))
-        return [0.0 if f is None else next(t) for f in fns]
-
-    local, remote = timed(fl), timed(fr)
-    s_ = lambda xs: [x / 1e3 for x in xs]
-    K = [remote] + [s_(c) for c in extra["chunk_dkdv_ms"][1:]]
-    Q = [s_(c) for c in extra["chunk_dq_ms"]]
-    G, R = s_(extra["gather_ms"]), s_(extra["reduce_scatter_ms"])
-    pack, pack_rest, unpack = (extra[k] / 1e3 for k in ("pack_ms", "pack_rest_ms", "unpack_ms"))
-    T_b = replay_backward(K, Q, G, R, pack, unpack, pack_rest, local)
-    ms = lambda xs: [round(x * 1e3, 4) for x in xs]
-    return T_b, dict(local_dkdv_ms=ms(local), chunk0_remote_dkdv_ms=ms(remote))
 
 
 def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dict]:
@@ -844,13 +765,9 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
                         extra["pack_ms"] / 1e3, extra["pack_rest_ms"] / 1e3,
                         (extra["torch_copies"]["pack_ms"] / 1e3, extra["torch_copies"]["pack_rest_ms"] / 1e3),
                     )  # fmt: skip
-                    T_lfb, extra_lfb = local_first_backward(
-                        spec, perm, shards, [masks[r][r] for r in range(N)], remote, ks, vs, qs, douts, outs,
-                        lses, deltas, kb, gqa, hg, tm, extra,
-                    )  # fmt: skip
-                    # (the torch-copies variant of the backward: the row's, without the split)
+                    # the backward is the same as without local_first (it runs the whole mask per chunk)
                     extra_lf["torch_copies"]["pred_bwd_s"] = extra["torch_copies"]["pred_bwd_s"]
-                    add_row(f"{name}+lf", T_lf, T_lfb, **extra_lf, **extra_lfb)
+                    add_row(f"{name}+lf", T_lf, T_b, backward_of=name, **extra_lf)
         for rr in rows[n_before:]:
             print(
                 f"  {balance:11} {rr['strategy']:15} fwd {rr['pred_fwd_s'] * 1e3:8.2f} ms {rr['tflops_fwd']:6.0f} TFLOP/s "

@@ -7,8 +7,7 @@ nothing overlapped. With c > 1 chunks of key/value heads (and their GQA query he
   with ``local_first`` not even that: chunk 0's heads first attend to the rank's own keys during it;
 - backward: K/V are gathered again the same way; chunk i's dK/dV kernel writes fp32 gradients straight into
   the reduce-scatter buffer, whose reduce-scatter then runs while chunk i's dQ kernel and the later chunks
-  do; only the first gather and what is left of the last reduce-scatter are exposed, and with
-  ``local_first`` not the first gather either: chunk 0's dK/dV over the rank's own keys runs during it.
+  do; only the first gather and what is left of the last reduce-scatter are exposed.
 
 Every call sees all keys of its heads, so no partial results are merged (unlike the ring: each query tile
 loads Q and writes its output once). Memory: a rank holds the whole sequence's K/V for at most two chunks at a
@@ -140,33 +139,8 @@ def allgather_forward(q, k, v, plan, full_mask, fwd: Callable, kw: dict):
     return out, torch.cat(lses, dim=1) if len(lses) > 1 else lses[0]
 
 
-def _own_dkdv(q, k, v, out, dout, lse, delta, plan, chunk, g, acc, bwd: Callable, kw: dict, whole: bool):
-    """fp32 ``[B, hc, L, D + Dv]`` dK|dV of the first chunk's heads over the rank's own keys (the shard it
-    holds: nothing to wait for), or None when no query of the shard sees one of them."""
-    own = plan.masks_on(q.device)[0][plan.rank]
-    if own is None:
-        return None
-    (h0, h1), L = chunk, q.shape[2]
-    q0, q1 = h0 * g, h1 * g
-    D, Dv = k.shape[-1], v.shape[-1]
-    grad = torch.empty(q.shape[0], h1 - h0, L, D + Dv, dtype=acc, device=q.device)
-    q_idx = plan.index_on(q.device, plan.rank)
-    bwd(
-        q[:, q0:q1], k[:, h0:h1], v[:, h0:h1], out[:, q0:q1], dout[:, q0:q1], lse[:, q0:q1], own,
-        dk_out=grad[..., :D], dv_out=grad[..., D:], which="dkdv", delta=delta[:, q0:q1], q_global_idx=q_idx,
-        kv_global_idx=q_idx, accumulate=False, **_chunk_kw(kw, q0, q1, whole),
-    )  # fmt: skip
-    return grad
-
-
 def allgather_backward(q, k, v, out, dout, lse, delta, plan, full_mask, bwd: Callable, kw: dict):
-    """dq, dk, dv of this rank's shards; dK/dV are summed over ranks in fp32 by reduce-scatters.
-
-    With ``plan.local_first`` the first chunk's dK/dV kernel is split as the forward's call is: its heads'
-    dK/dV over the rank's own keys run while that chunk's gather does (the backward's one exposed transfer
-    otherwise), the call over the gathered keys then covers the other ranks' keys (``plan.remote_mask``) and
-    the own part is added into the reduce-scatter's input. The dQ kernels are not split (a split dQ would
-    add a second rounding, or an fp32 round trip, to the first chunk's dQ)."""
+    """dq, dk, dv of this rank's shards; dK/dV are summed over ranks in fp32 by reduce-scatters."""
     dev = q.device
     N = plan.world_size
     B, Hq, L, _ = q.shape
@@ -178,11 +152,6 @@ def allgather_backward(q, k, v, out, dout, lse, delta, plan, full_mask, bwd: Cal
     dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
     dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
     pending, rest = _pack_all(k, v, chunks, plan)
-    own_dkv = None
-    if plan.local_first:  # chunk 0's dK/dV over the rank's own keys, while chunk 0's gather is in flight
-        own_dkv = _own_dkdv(
-            q, k, v, out, dout, lse, delta, plan, chunks[0], g, acc, bwd, kw, len(chunks) == 1
-        )
     scattered = []  # (first head, this rank's summed dK|dV, the reduce-scatter's work, its input kept alive)
     for i, (h0, h1) in enumerate(chunks):
         buf, works = pending
@@ -208,18 +177,7 @@ def allgather_backward(q, k, v, out, dout, lse, delta, plan, full_mask, bwd: Cal
         hc = h1 - h0
         grad = torch.empty(N, B, L, hc, D + Dv, dtype=acc, device=dev)
         gseq = _seq_view(grad) if B == 1 else torch.empty(B, hc, N * L, D + Dv, dtype=acc, device=dev)
-        if i == 0 and plan.local_first:
-            # the other ranks' keys only (their tiles overwritten, the own ones with zeros), then the own keys'
-            # dK/dV added into their rows: the reduce-scatter's input is the same sum as the one-call path's
-            remote = plan.remote_mask_on(dev)
-            if remote is None:  # nothing visible outside the own shard
-                gseq.zero_()
-            else:
-                bwd(*args[:6], remote, dk_out=gseq[..., :D], dv_out=gseq[..., D:], which="dkdv", **ckw)
-            if own_dkv is not None:
-                gseq[:, :, plan.rank * L : (plan.rank + 1) * L] += own_dkv
-        else:
-            bwd(*args, dk_out=gseq[..., :D], dv_out=gseq[..., D:], which="dkdv", **ckw)
+        bwd(*args, dk_out=gseq[..., :D], dv_out=gseq[..., D:], which="dkdv", **ckw)
         if B > 1:
             grad.copy_(gseq.view(B, hc, N, L, D + Dv).permute(2, 0, 3, 1, 4))
         mine = grad.new_empty(grad.shape[1:])
