@@ -294,6 +294,10 @@ def _dkdv_producer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
     D: gl.constexpr = CONSTS[4]
     SMEM: gl.constexpr = CONSTS[14]
     SUBS: gl.constexpr = QBS // BLOCK_M
+    mbarrier.expect(kv_bar, 2 * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
+    for h in gl.static_range(2):
+        _tma_load(k_desc, [start_n + h * HALF, 0], kv_bar, k_smem.index(h))
+        _tma_load(v_desc, [start_n + h * HALF, 0], kv_bar, v_smem.index(h))
     c = 0
     for g in range(0, G):
         hq = hk * G + g
@@ -304,11 +308,6 @@ def _dkdv_producer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
         for t in range(0, n):
             st = c % 2
             ph = (c // 2) & 1
-            if c == 0:  # K and V, at the program's first step: see below
-                mbarrier.expect(kv_bar, 2 * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
-                for h in gl.static_range(2):
-                    _tma_load(k_desc, [start_n + h * HALF, 0], kv_bar, k_smem.index(h))
-                    _tma_load(v_desc, [start_n + h * HALF, 0], kv_bar, v_smem.index(h))
             row0 = _gl_step_row0(QI, FQI, t, n_part, QBS, BLOCK_M, SUBS)
             # (the consumers release Q and dO of a step together, on q_empty: one arrive a step, not two)
             mbarrier.wait(q_empty.index(st), ph ^ 1)
@@ -317,11 +316,6 @@ def _dkdv_producer(descs, bars, bufs, ptrs, ints, WG: gl.constexpr, CONSTS: gl.c
             mbarrier.expect(do_ready.index(st), do_desc.block_type.nbytes)
             _tma_load(do_desc, [row0, 0], do_ready.index(st), do_smem.index(st))
             c += 1
-    # K and V are copied only for a program with query steps: in a CP rank's call over the whole gathered
-    # sequence most kv blocks see none of the rank's queries, and their programs only write zeros. Without
-    # steps a plain arrive releases the consumers' wait.
-    if c == 0:
-        mbarrier.arrive(kv_bar, count=1)
 
 
 @gluon.jit
