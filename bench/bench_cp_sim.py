@@ -64,7 +64,8 @@ class timer:
     ``many(fns)`` times calls that stand for *different ranks* (whose maximum the simulation takes): with
     ``interleaved`` (the default, ``--timing interleaved``) round i of every call runs before round i + 1 of
     any, so a slow stretch of the GPU (clocks, a busy neighbour) falls on every rank alike instead of on the
-    ranks timed during it. Timed one after another (``--timing sequential``, how sessions up to s8 timed), the
+    ranks timed during it; every other round runs the calls in reverse order (s15: in s13-s14 the ranks
+    timed last in each round often measured 3-6% slower in the forward). Timed one after another (``--timing sequential``, how sessions up to s8 timed), the
     chunk-0 and chunk-1 calls of one rank, which have the same mask and shapes, differed by up to 8%
     (``bench/results/2026-11-26-s8/call4``), and the maximum over ranks picks up such noise.
     """
@@ -126,9 +127,11 @@ class timer:
             f()
         if self.device.type == "cuda":
             best = [float("inf")] * len(fns)
-            for _ in range(self.rounds):
-                for i, f in enumerate(fns):
-                    best[i] = min(best[i], self._round(f))
+            for k in range(self.rounds):
+                # every other round in reverse, so no rank is always timed first or last within a round
+                order = range(len(fns)) if k % 2 == 0 else range(len(fns) - 1, -1, -1)
+                for i in order:
+                    best[i] = min(best[i], self._round(fns[i]))
             return best
         ts = [[] for _ in fns]
         for _ in range(self.reps):
