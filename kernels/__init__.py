@@ -15,7 +15,7 @@ Public API (semantics of ``torch.nn.attention.flex_attention``; layout ``[B, H, 
   -> (dq, dk, dv)`` where ``lse`` is the global (merged) natural-log LSE; ``*_out`` are added into
   (``accumulate=True``) or overwritten (``accumulate=False``).
 - ``backend="auto"``: the kernels on CUDA (or on CPU with ``TRITON_INTERPRET=1``), else the reference; on
-  Hopper the forward and the dQ pass run the Gluon kernels (``gluon_fwd.py``, ``gluon_bwd.py``) where they
+  Hopper the forward and the dQ and dK/dV passes run the Gluon kernels (``gluon_fwd.py``, ``gluon_bwd.py``) where they
   cover the call; ``"triton"`` / ``"gluon"`` / ``"reference"`` force one. Built-in score mods (SoftCap, ALiBi, RelativeBias) run in the
   kernel; another Python score_mod falls back to the reference with a warning. See kernels/README.md.
 - the dense references ``reference_forward``, ``reference_backward``, ``flex_attention_reference``.

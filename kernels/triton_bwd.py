@@ -569,8 +569,8 @@ def triton_backward(
     covers the call (``gluon_backward_unsupported``; never when ``traceable``), else the Triton dQ kernel
     (``flex_attention_backward`` asks for it on its default backend: 10-18% faster on an H100,
     bench/results/2026-11-26-s13/call8).
-    ``gluon_dkdv``: the same for the dK/dV pass (``gluon_bwd.gluon_dkdv``, its ``DKDV_SCHEDULE``), which
-    ``flex_attention_backward``'s default backend also asks for (bench/results/2026-11-26-s14).
+    ``gluon_dkdv``: the same for the dK/dV pass (``gluon_bwd.gluon_dkdv``), which ``flex_attention_backward``'s
+    default backend also asks for (bench/results/2026-11-26-s14).
     """
     if traceable and not kernels_are_compiled():
         raise ValueError("traceable=True needs compiled Triton kernels, not TRITON_INTERPRET=1's interpreter")
