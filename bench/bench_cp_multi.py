@@ -193,6 +193,21 @@ def say(rank: int, msg: str) -> None:
         print(msg, flush=True)
 
 
+def _strategy_knobs(strategy: str) -> dict:
+    """plan() keywords of a row name: "ring/g<g>", "allgather/hc<c>[+lf][/b<k,k,...>]"."""
+    kw = dict(ring_group=1, head_chunks=1, local_first=False, bwd_head_chunks=None)
+    for part in strategy.split("/")[1:]:
+        if part.startswith("g"):
+            kw["ring_group"] = int(part[1:])
+        elif part.startswith("hc"):
+            kw["head_chunks"] = int(part[2:].removesuffix("+lf"))
+            kw["local_first"] = part.endswith("+lf")
+        elif part.startswith("b"):
+            sizes = tuple(int(x) for x in part[1:].split(","))
+            kw["bwd_head_chunks"] = sizes[0] if len(sizes) == 1 else sizes
+    return kw
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="CPU + gloo + reference kernel, tiny shapes")
@@ -220,6 +235,13 @@ def main() -> None:
         nargs="*",
         default=[],
         help="also the pipelined all-gather with local_first=True over this many chunks (rows allgather/hc<c>+lf)",
+    )
+    ap.add_argument(
+        "--bwd-head-chunks",
+        nargs="*",
+        default=[],
+        help="also every allgather/hc row with its backward pipelined over these chunks of K/V heads, e.g. "
+        "'1,7' (plan(bwd_head_chunks=(1, 7)); rows allgather/hc<c>[+lf]/b<spec>)",
     )
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument(
@@ -375,6 +397,8 @@ def config(args, res, base, mask_kind, S, N, rank, device, dtype, kb, tm, mesh, 
         # ("+lf": plan(local_first=True), the own shard's call during the first gather)
         extra = [f"ring/g{g}" for g in args.ring_groups] + [f"allgather/hc{c}" for c in args.head_chunks]
         extra += [f"allgather/hc{c}+lf" for c in args.local_first]
+        # "/b<spec>": the same forward, the backward pipelined over other chunks (plan(bwd_head_chunks=...))
+        extra += [f"{x}/b{b}" for x in extra if x.startswith("allgather/hc") for b in args.bwd_head_chunks]
         for strategy in args.strategies + extra:
             row = dict(base, impl="flexdist", balance=balance, strategy=strategy)
             peak, out = 0.0, None
@@ -388,9 +412,7 @@ def config(args, res, base, mask_kind, S, N, rank, device, dtype, kb, tm, mesh, 
                     strategy=strategy.split("/")[0],
                     block_size=args.block_size,
                     kernel_backend=kb,
-                    ring_group=int(strategy.split("/g")[1]) if "/g" in strategy else 1,
-                    head_chunks=int(strategy.split("/hc")[1].split("+")[0]) if "/hc" in strategy else 1,
-                    local_first=strategy.endswith("+lf"),
+                    **_strategy_knobs(strategy),
                 )
             except ValueError as e:  # this balance/strategy does not apply here (e.g. heads not divisible)
                 say(rank, f"skip {balance}/{strategy}: {e}")

@@ -233,7 +233,24 @@ def _chunk_shapes(spec: str, qs, ks, vs) -> tuple:
 
 
 def allgather_pipeline(
-    spec: str, perm, shards, masks, ks, vs, qs, douts, outs, lses, deltas, kb, gqa, hg, fwd_hg, tm, link
+    spec: str,
+    perm,
+    shards,
+    masks,
+    ks,
+    vs,
+    qs,
+    douts,
+    outs,
+    lses,
+    deltas,
+    kb,
+    gqa,
+    hg,
+    fwd_hg,
+    tm,
+    link,
+    dq_hg: int | None = None,
 ) -> tuple[float, float, dict]:
     """(forward s, backward s, JSON extras) of ``strategy="allgather", head_chunks=spec`` at N = len(shards).
 
@@ -242,7 +259,8 @@ def allgather_pipeline(
     head slices, fp32 dK/dV written into the reduce-scatter layout. Transfers cost bytes / link: the gather
     moves (N-1) shards' K/V of the chunk, the reduce-scatter (N-1) shards' fp32 dK/dV. The pipeline is then
     replayed as issued (`replay_forward`, `replay_backward`). Forward calls launch all their heads in one
-    group as the strategy does (``fwd_hg`` overrides), backward calls use ``hg`` (default: the kernels' rule).
+    group as the strategy does (``fwd_hg`` overrides), backward calls use ``hg`` (default: the kernels' rule),
+    the dQ calls ``dq_hg`` where given (``0``: every head of the call in one group).
     ``masks[r]``: rank r's queries against every key in plan order; ``ks`` / ``vs``: every rank's shard.
     """
     from flexdist.cp import kv_pack
@@ -281,8 +299,9 @@ def allgather_pipeline(
                     *a, *b, dk_out=gseq[..., :D], dv_out=gseq[..., D:], which="dkdv", **bkw
                 )
             )
+            qkw = bkw if dq_hg is None else dict(bkw, head_group=dq_hg or (q1 - q0))
             fq.append(
-                lambda a=a, b=b, bkw=bkw, d=dq_buf: flex_attention_backward(
+                lambda a=a, b=b, bkw=qkw, d=dq_buf: flex_attention_backward(
                     *a, *b, dq_out=d[:, q0:q1], which="dq", **bkw
                 )
             )
@@ -319,6 +338,7 @@ def allgather_pipeline(
         pack_ms=round(pack * 1e3, 4),
         pack_rest_ms=round(pack_rest * 1e3, 4),
         fwd_head_group=fwd_hg or "heads of the call",
+        dq_head_group="backward's" if dq_hg is None else (dq_hg or "heads of the call"),
         unpack_ms=round(unpack * 1e3, 4),
         kv_tokens_moved=N * (N - 1) * L,
         torch_copies=dict(
@@ -413,6 +433,15 @@ def local_first_forward(
     if torch_packs is not None:
         extra["torch_copies"] = dict(pred_fwd_s=replay_forward([remote, *C_rest], G, *torch_packs, local))
     return T_f, extra
+
+
+def _dq_group(value: str) -> int | None:
+    """``--dq-head-groups`` value → ``allgather_pipeline``'s ``dq_hg``: "rule" None, "all" 0, else the int."""
+    return None if value == "rule" else 0 if value == "all" else int(value)
+
+
+def _dq_suffix(value: str) -> str:
+    return "" if value == "rule" else f"/dq{value}"
 
 
 def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dict]:
@@ -749,13 +778,20 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
                 build_pair_masks(doc, shards[r], [perm_dev], causal=True, window=None, block_size=bs)[0][0]
                 for r in range(N)
             ]
-            for spec in args.head_chunks:
-                T_f, T_b, extra = allgather_pipeline(
-                    spec, perm, shards, ag_masks, ks, vs, qs, douts, outs, lses, deltas, kb, gqa, hg,
-                    args.fwd_head_group, tm, link,
+            dq0 = args.dq_head_groups[0]
+
+            def backward_variant(bspec: str, dqg: str) -> tuple:
+                """(forward s, backward s, extras) of chunking ``bspec`` with dQ head group ``dqg``."""
+                return allgather_pipeline(
+                    bspec, perm, shards, ag_masks, ks, vs, qs, douts, outs, lses, deltas, kb, gqa, hg,
+                    args.fwd_head_group, tm, link, dq_hg=_dq_group(dqg),
                 )  # fmt: skip
+
+            for spec in args.head_chunks:
+                T_f, T_b, extra = backward_variant(spec, dq0)
                 name = "allgather" if spec == "1" else f"allgather/hc{spec}"
-                add_row(name, T_f, T_b, **extra)
+                add_row(name + _dq_suffix(dq0), T_f, T_b, **extra)
+                fname, T_fwd = name + _dq_suffix(dq0), T_f
                 if args.local_first:
                     from flexdist.cp.plan import drop_key_blocks
 
@@ -770,7 +806,23 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
                     )  # fmt: skip
                     # the backward is the same as without local_first (it runs the whole mask per chunk)
                     extra_lf["torch_copies"]["pred_bwd_s"] = extra["torch_copies"]["pred_bwd_s"]
-                    add_row(f"{name}+lf", T_lf, T_b, backward_of=name, **extra_lf)
+                    fname, T_fwd = f"{name}+lf", T_lf
+                    add_row(fname, T_lf, T_b, backward_of=name, **extra_lf)
+                # this forward (with local_first where asked) with the other backwards: each chunking of
+                # --bwd-head-chunks (plan(bwd_head_chunks=...)) and each further --dq-head-groups value
+                for bspec in [spec, *(b for b in args.bwd_head_chunks if b != spec)]:
+                    for dqg in args.dq_head_groups:
+                        if (bspec, dqg) == (spec, dq0):
+                            continue
+                        _, T_b2, extra2 = backward_variant(bspec, dqg)
+                        keep = {
+                            k: v for k, v in extra2.items() if k.startswith(("chunk_dkdv", "chunk_dq", "dq_"))
+                        }
+                        add_row(
+                            f"{fname}/b{bspec}{_dq_suffix(dqg)}", T_fwd, T_b2, forward_of=fname,
+                            bwd_head_chunks=extra2["head_chunks"], gather_ms=extra2["gather_ms"],
+                            reduce_scatter_ms=extra2["reduce_scatter_ms"], **keep,
+                        )  # fmt: skip
         for rr in rows[n_before:]:
             print(
                 f"  {balance:11} {rr['strategy']:15} fwd {rr['pred_fwd_s'] * 1e3:8.2f} ms {rr['tflops_fwd']:6.0f} TFLOP/s "
@@ -902,6 +954,20 @@ def main() -> None:
         default=["1"],
         help="allgather rows for these plan head_chunks: '1' (unpipelined), '2' (two chunks), '3,5' (K/V heads "
         "per chunk)",
+    )
+    ap.add_argument(
+        "--bwd-head-chunks",
+        nargs="*",
+        default=[],
+        help="allgather rows whose backward is pipelined over these chunks instead of the forward's "
+        "(plan(bwd_head_chunks=...)), e.g. '1,7': rows '<forward>/b1,7'",
+    )
+    ap.add_argument(
+        "--dq-head-groups",
+        nargs="+",
+        default=["rule"],
+        help="allgather rows: the dQ calls' head group: 'rule' (the backward's, default), 'all' (every head of "
+        "the call) or an int; more than one value: rows for each (suffix '/dq<value>')",
     )
     ap.add_argument(
         "--local-first",

@@ -243,6 +243,15 @@ def cases():
         dict(balance="auto", strategy="allgather", kind="pad", causal=False, window=None, gqa=True,
              head_chunks=2, prefix=3, local_first=True)
     )  # fmt: skip
+    # the backward pipelined over other chunks than the forward (a small first chunk: its gather is exposed)
+    out.append(
+        dict(balance="document", strategy="allgather", kind="long", causal=True, window=None, gqa=False,
+             head_chunks=2, bwd_head_chunks=(1, 3), batch=1, local_first=True)
+    )  # fmt: skip
+    out.append(
+        dict(balance="zigzag", strategy="allgather", kind="pad", causal=True, window=None, gqa=False,
+             head_chunks=(3, 1), bwd_head_chunks=4, sm="alibi")
+    )  # fmt: skip
     # the planner's other objective for each strategy (the defaults are "totals" for allgather, "ring" else)
     out.append(
         dict(balance="document", strategy="allgather", kind="long", causal=True, window=None, gqa=True,
@@ -325,6 +334,7 @@ def run_case(
         ring_group=c.get("ring_group", 1),
         head_chunks=c.get("head_chunks", 1),
         local_first=c.get("local_first", False),
+        bwd_head_chunks=c.get("bwd_head_chunks"),
         objective=c.get("objective"),
     )
     if c.get("local_first") and p.world_size > 1:  # the own-keys-first path runs (not the plain one)
@@ -782,6 +792,24 @@ def test_head_chunks_arguments_are_checked():
     kv = torch.randn(1, 2, S_TEST, 8)
     with pytest.raises(ValueError, match="head_chunks=3 is more chunks than the 2 key/value heads"):
         cp.attention(q, kv, kv, p)
+    # the backward's own chunks: checked as head_chunks, named as bwd_head_chunks
+    with pytest.raises(ValueError, match="bwd_head_chunks must be >= 1, got 0"):
+        cp.plan(doc, None, strategy="allgather", bwd_head_chunks=0)
+    with pytest.raises(
+        ValueError, match=r"bwd_head_chunks=\(1, 1\) needs strategy='allgather', got strategy='ring'"
+    ):
+        cp.plan(doc, None, strategy="ring", bwd_head_chunks=[1, 1])
+    assert cp.plan(doc, None, strategy="allgather", head_chunks=(1, 1)).bwd_head_chunks == (
+        1,
+        1,
+    )  # None: same
+    # the forward runs its two chunks; the backward reads its own spec (3 chunks of 2 heads: an error there)
+    p = cp.plan(doc, None, strategy="allgather", head_chunks=2, bwd_head_chunks=3, block_size=BS,
+                kernel_backend="reference")  # fmt: skip
+    ql, kl, vl = (torch.randn(1, h, S_TEST, 8, requires_grad=True) for h in (4, 2, 2))
+    o = cp.attention(ql, kl, vl, p)
+    with pytest.raises(ValueError, match="bwd_head_chunks=3 is more chunks than the 2 key/value heads"):
+        o.sum().backward()
 
 
 def test_local_first_arguments_are_checked():

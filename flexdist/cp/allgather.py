@@ -35,10 +35,11 @@ from .merge import _acc_dtype
 from .plan import chunk_sizes
 
 
-def _chunks(plan, k: torch.Tensor) -> list[tuple[int, int]]:
-    """(first, last + 1) K/V head of every chunk."""
+def _chunks(plan, k: torch.Tensor, backward: bool = False) -> list[tuple[int, int]]:
+    """(first, last + 1) K/V head of every chunk of the forward's (or the backward's) pipeline."""
+    spec, name = (plan.bwd_head_chunks, "bwd_head_chunks") if backward else (plan.head_chunks, "head_chunks")
     bounds, h = [], 0
-    for c in chunk_sizes(plan.head_chunks, k.shape[1]):
+    for c in chunk_sizes(spec, k.shape[1], name):
         bounds.append((h, h + c))
         h += c
     return bounds
@@ -146,7 +147,7 @@ def allgather_backward(q, k, v, out, dout, lse, delta, plan, full_mask, bwd: Cal
     B, Hq, L, _ = q.shape
     D, Dv, g = k.shape[-1], v.shape[-1], Hq // k.shape[1]
     acc = _acc_dtype(q.dtype)
-    chunks = _chunks(plan, k)
+    chunks = _chunks(plan, k, backward=True)
     q_idx, kv_idx = plan.index_on(dev, plan.rank), plan.perm_on(dev)
     dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
     dk = torch.empty(k.shape, dtype=k.dtype, device=dev)

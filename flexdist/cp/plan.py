@@ -130,6 +130,7 @@ class Plan:
     # their global key indices)
     group_masks: list = field(default_factory=list)
     head_chunks: int | tuple[int, ...] = 1  # strategy="allgather": K/V heads per pipelined chunk (see `plan`)
+    bwd_head_chunks: int | tuple[int, ...] = 1  # the backward's chunks (`plan`'s None resolved: head_chunks)
     local_first: bool = False  # strategy="allgather": chunk 0 attends to the own shard during its gather
     remote_mask: BlockMask | None = None  # local_first: full_mask without this rank's own key blocks
     timing: bool = False  # record CUDA events around the ring's waits (see comm_wait_seconds)
@@ -456,33 +457,34 @@ def _layout(
     raise ValueError(f"balance must be one of {(*bal.BALANCES, 'auto')}, got {balance!r}")
 
 
-def check_head_chunks(head_chunks: Any) -> int | tuple[int, ...]:
-    """``head_chunks`` as an int >= 1 or a tuple of positive ints (checked against the head count later)."""
+def check_head_chunks(head_chunks: Any, name: str = "head_chunks") -> int | tuple[int, ...]:
+    """``head_chunks`` as an int >= 1 or a tuple of positive ints (checked against the head count later);
+    ``name`` is the argument the error messages name."""
     if isinstance(head_chunks, bool) or not isinstance(head_chunks, (int, tuple, list)):
-        raise ValueError(f"head_chunks must be a positive int or a sequence of them, got {head_chunks!r}")
+        raise ValueError(f"{name} must be a positive int or a sequence of them, got {head_chunks!r}")
     if isinstance(head_chunks, int):
         if head_chunks < 1:
-            raise ValueError(f"head_chunks must be >= 1, got {head_chunks}")
+            raise ValueError(f"{name} must be >= 1, got {head_chunks}")
         return head_chunks
     sizes = tuple(head_chunks)
     if not sizes or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in sizes):
-        raise ValueError(f"head_chunks must list positive ints (K/V heads per chunk), got {head_chunks!r}")
+        raise ValueError(f"{name} must list positive ints (K/V heads per chunk), got {head_chunks!r}")
     return sizes if len(sizes) > 1 else 1
 
 
-def chunk_sizes(head_chunks: int | tuple[int, ...], num_kv_heads: int) -> list[int]:
+def chunk_sizes(
+    head_chunks: int | tuple[int, ...], num_kv_heads: int, name: str = "head_chunks"
+) -> list[int]:
     """K/V heads of each pipelined chunk: an int n splits ``num_kv_heads`` into n near-equal chunks with the
     larger ones last (the first chunk's gather is the exposed one); a tuple is taken as given."""
     if isinstance(head_chunks, int):
         if head_chunks > num_kv_heads:
-            raise ValueError(
-                f"head_chunks={head_chunks} is more chunks than the {num_kv_heads} key/value heads"
-            )
+            raise ValueError(f"{name}={head_chunks} is more chunks than the {num_kv_heads} key/value heads")
         base, extra = divmod(num_kv_heads, head_chunks)
         return [base + (i >= head_chunks - extra) for i in range(head_chunks)]
     if sum(head_chunks) != num_kv_heads:
         raise ValueError(
-            f"head_chunks={head_chunks} sums to {sum(head_chunks)}, not the {num_kv_heads} key/value heads"
+            f"{name}={head_chunks} sums to {sum(head_chunks)}, not the {num_kv_heads} key/value heads"
         )
     return list(head_chunks)
 
@@ -504,6 +506,7 @@ def plan(
     ring_group: int = 1,
     head_chunks: int | tuple[int, ...] | list[int] = 1,
     local_first: bool = False,
+    bwd_head_chunks: int | tuple[int, ...] | list[int] | None = None,
     check: bool | None = None,
     debug: bool | None = None,
     objective: str | None = None,
@@ -560,6 +563,10 @@ def plan(
             steps at cp = 4); at 8k tokens per GPU slower, since the gather it hides is small there (s12,
             host ahead: +6% forward on 2 GPUs, +3% on 4; the training config enables it from 48k remote
             tokens per rank, ``train.config.LOCAL_FIRST_MIN_REMOTE_TOKENS``).
+        bwd_head_chunks: with ``strategy="allgather"``, the backward's chunks, as ``head_chunks`` (None: the
+            same as ``head_chunks``). The forward and backward pipelines are separate (the backward gathers
+            K/V again), so each can take its own split: the backward's first gather is exposed (it has no
+            ``local_first``), and a small first chunk shortens it.
         check: all-reduce a hash of doc_ids to catch ranks passing different batches (default: on the
             first plan of each group, and always in debug mode).
         debug: check on every call (default: environment FLEXDIST_CP_DEBUG=1).
@@ -585,6 +592,13 @@ def plan(
     head_chunks = check_head_chunks(head_chunks)
     if head_chunks != 1 and strategy != "allgather":
         raise ValueError(f"head_chunks={head_chunks} needs strategy='allgather', got strategy={strategy!r}")
+    bwd_head_chunks = (
+        head_chunks if bwd_head_chunks is None else check_head_chunks(bwd_head_chunks, "bwd_head_chunks")
+    )
+    if bwd_head_chunks != 1 and strategy != "allgather":
+        raise ValueError(
+            f"bwd_head_chunks={bwd_head_chunks} needs strategy='allgather', got strategy={strategy!r}"
+        )
     if not isinstance(local_first, bool):
         raise ValueError(f"local_first must be a bool, got {local_first!r}")
     if local_first and strategy != "allgather":
@@ -625,6 +639,7 @@ def plan(
                 ring_group,
                 head_chunks,
                 local_first,
+                bwd_head_chunks,
                 # the planner's inputs: ranks that weigh the work differently compute different layouts
                 objective,
                 comm_weight,
@@ -785,6 +800,7 @@ def plan(
         ring_group=ring_group,
         group_masks=group_masks,
         head_chunks=head_chunks,
+        bwd_head_chunks=bwd_head_chunks,
         local_first=local_first and N > 1,
         remote_mask=remote_mask,
     )
