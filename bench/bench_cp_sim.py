@@ -778,14 +778,22 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
                 build_pair_masks(doc, shards[r], [perm_dev], causal=True, window=None, block_size=bs)[0][0]
                 for r in range(N)
             ]
-            dq0 = args.dq_head_groups[0]
+            dq0, lead0 = args.dq_head_groups[0], args.lead_fractions[0]
 
-            def backward_variant(bspec: str, dqg: str) -> tuple:
-                """(forward s, backward s, extras) of chunking ``bspec`` with dQ head group ``dqg``."""
-                return allgather_pipeline(
-                    bspec, perm, shards, ag_masks, ks, vs, qs, douts, outs, lses, deltas, kb, gqa, hg,
-                    args.fwd_head_group, tm, link, dq_hg=_dq_group(dqg),
-                )  # fmt: skip
+            def backward_variant(bspec: str, dqg: str, lead: float = lead0) -> tuple:
+                """(forward s, backward s, extras) of chunking ``bspec`` with dQ head group ``dqg``, the
+                backward kernels' lead blocks sized for ``lead`` of the SMs (`triton_fwd.launch_lead`)."""
+                from flexdist.kernels import triton_fwd
+
+                saved = triton_fwd.LEAD_SM_FRACTION
+                triton_fwd.LEAD_SM_FRACTION = lead
+                try:
+                    return allgather_pipeline(
+                        bspec, perm, shards, ag_masks, ks, vs, qs, douts, outs, lses, deltas, kb, gqa, hg,
+                        args.fwd_head_group, tm, link, dq_hg=_dq_group(dqg),
+                    )  # fmt: skip
+                finally:
+                    triton_fwd.LEAD_SM_FRACTION = saved
 
             for spec in args.head_chunks:
                 T_f, T_b, extra = backward_variant(spec, dq0)
@@ -810,19 +818,24 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
                     add_row(fname, T_lf, T_b, backward_of=name, **extra_lf)
                 # this forward (with local_first where asked) with the other backwards: each chunking of
                 # --bwd-head-chunks (plan(bwd_head_chunks=...)) and each further --dq-head-groups value
-                for bspec in [spec, *(b for b in args.bwd_head_chunks if b != spec)]:
-                    for dqg in args.dq_head_groups:
-                        if (bspec, dqg) == (spec, dq0):
-                            continue
-                        _, T_b2, extra2 = backward_variant(bspec, dqg)
-                        keep = {
-                            k: v for k, v in extra2.items() if k.startswith(("chunk_dkdv", "chunk_dq", "dq_"))
-                        }
-                        add_row(
-                            f"{fname}/b{bspec}{_dq_suffix(dqg)}", T_fwd, T_b2, forward_of=fname,
-                            bwd_head_chunks=extra2["head_chunks"], gather_ms=extra2["gather_ms"],
-                            reduce_scatter_ms=extra2["reduce_scatter_ms"], **keep,
-                        )  # fmt: skip
+                others = [
+                    (b, d, f)
+                    for b in [spec, *(b for b in args.bwd_head_chunks if b != spec)]
+                    for d in args.dq_head_groups
+                    for f in args.lead_fractions
+                    if (b, d, f) != (spec, dq0, lead0)
+                ]
+                for bspec, dqg, lead in others:
+                    _, T_b2, extra2 = backward_variant(bspec, dqg, lead)
+                    keep = {
+                        k: v for k, v in extra2.items() if k.startswith(("chunk_dkdv", "chunk_dq", "dq_"))
+                    }
+                    suffix = _dq_suffix(dqg) + ("" if lead == lead0 else f"/lead{lead:g}")
+                    add_row(
+                        f"{fname}/b{bspec}{suffix}", T_fwd, T_b2, forward_of=fname, lead_sm_fraction=lead,
+                        bwd_head_chunks=extra2["head_chunks"], gather_ms=extra2["gather_ms"],
+                        reduce_scatter_ms=extra2["reduce_scatter_ms"], **keep,
+                    )  # fmt: skip
         for rr in rows[n_before:]:
             print(
                 f"  {balance:11} {rr['strategy']:15} fwd {rr['pred_fwd_s'] * 1e3:8.2f} ms {rr['tflops_fwd']:6.0f} TFLOP/s "
@@ -968,6 +981,15 @@ def main() -> None:
         default=["rule"],
         help="allgather rows: the dQ calls' head group: 'rule' (the backward's, default), 'all' (every head of "
         "the call) or an int; more than one value: rows for each (suffix '/dq<value>')",
+    )
+    ap.add_argument(
+        "--lead-fractions",
+        type=float,
+        nargs="+",
+        default=[0.5],
+        help="allgather rows: the backward kernels' lead blocks sized for this share of the SMs "
+        "(kernels.triton_fwd.LEAD_SM_FRACTION; 0: none); the first value is the main rows', every further one "
+        "adds rows '/lead<value>' (the one-GPU baseline keeps the first)",
     )
     ap.add_argument(
         "--local-first",

@@ -5,7 +5,8 @@ backward; the dQ pass alone is counted as 3 of its 7 GEMMs, 4·H·D·pairs·3/2,
 in one process (``bench_gluon_fwd.interleaved``). Cases as ``bench_gluon_fwd.py``. Rows: the dQ pass and the
 dK/dV pass alone (Triton, Gluon), and the whole backward as ``flex_attention_backward`` runs it
 (``backend="triton"``: both passes Triton; ``"auto"``: both Gluon where they cover the call). dQ, dK and dV of
-the Gluon kernels are compared with Triton's (max |Δ|). (s14 calls 1–2 also timed the dK/dV schedules since
+the Gluon kernels are compared with Triton's (max |Δ|). Rows ``*_lead0``: the Gluon rows without the lead
+blocks launched ahead of the head groups (``triton_fwd.launch_lead``, s16). (s14 calls 1–2 also timed the dK/dV schedules since
 removed; the rows there name them.)
 
     python bench/bench_gluon_bwd.py --out /tmp/gluon_bwd.json
@@ -31,6 +32,16 @@ from flexdist.kernels import flex_attention_backward, flex_attention_forward
 from flexdist.kernels.gluon_bwd import gluon_dkdv, gluon_dq
 from flexdist.kernels.triton_bwd import triton_backward, triton_delta
 from flexdist.masks import document_block_mask
+
+
+def _without_lead(fn):
+    from flexdist.kernels import triton_fwd
+
+    saved, triton_fwd.LEAD_SM_FRACTION = triton_fwd.LEAD_SM_FRACTION, 0.0
+    try:
+        return fn()
+    finally:
+        triton_fwd.LEAD_SM_FRACTION = saved
 
 
 def main() -> None:
@@ -67,6 +78,9 @@ def main() -> None:
             "bwd_triton": lambda: flex_attention_backward(q, k, v, out, do, lse, bm, enable_gqa=gqa, backend="triton"),
             "bwd_auto": lambda: flex_attention_backward(q, k, v, out, do, lse, bm, enable_gqa=gqa),
         }  # fmt: skip
+        # the same Gluon calls without the lead blocks ahead of the head groups (triton_fwd.launch_lead)
+        for kn in ("dq_gluon", "dkdv_gluon", "bwd_auto"):
+            fns[f"{kn}_lead0"] = lambda fn=fns[kn]: _without_lead(fn)
         a = fns["dq_triton"]()[0]
         b = fns["dq_gluon"]()
         err = float((a.float() - b.float()).abs().max())

@@ -42,7 +42,7 @@ from .gluon_fwd import (
     WS_MAXNREG,
     _gl_block_lists,
     _gl_doc_visible,
-    _gl_launch_coords,
+    _gl_launch_coords_lead,
     _gl_mask_scores,
     _gl_pipeline_barriers,
     _gl_query_docs,
@@ -52,7 +52,16 @@ from .gluon_fwd import (
     compile_sm90,
     gluon_forward_unsupported,
 )
-from .triton_fwd import LOG2E, SCORE_NONE, _tma_scratch, doc_args, launch_head_group, meta_args, prepare
+from .triton_fwd import (
+    LOG2E,
+    SCORE_NONE,
+    _tma_scratch,
+    doc_args,
+    launch_head_group,
+    launch_lead,
+    meta_args,
+    prepare,
+)
 
 DQ_BLOCK_N = 64  # kv rows per step: S, dP (32 registers each), dQ (64) and dS fit a consumer's 240
 
@@ -193,7 +202,7 @@ def _gl_dq_ws_kernel(
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
     KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, snb, snh, sib, sih, siq, ORDER, sor_b, sor_h,
     QDOC, KVDOC, QPOS, KVPOS, KVPRE, sdq, sdk, window,
-    Hq, G, Sq, Skv, scale, qk_scale, NB, BH, HG,
+    Hq, G, Sq, Skv, scale, qk_scale, NB, BH, HG, LEAD,
     D: gl.constexpr, DV: gl.constexpr, QBS: gl.constexpr, KBS: gl.constexpr,
     MASK_KIND: gl.constexpr, CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr, HAS_PREFIX: gl.constexpr,
     HAS_FULL: gl.constexpr, EVEN_M: gl.constexpr, EVEN_N: gl.constexpr, ACCUM: gl.constexpr,
@@ -204,7 +213,7 @@ def _gl_dq_ws_kernel(
     SUBS: gl.constexpr = KBS // BLOCK_N
     HALF: gl.constexpr = BLOCK_M // 2
     dtype: gl.constexpr = Q.dtype.element_ty
-    slot, bh = _gl_launch_coords(NB, BH, HG, SUBS_M)
+    slot, bh = _gl_launch_coords_lead(NB, BH, HG, LEAD, SUBS_M)
     b = bh // Hq
     hq = bh % Hq
     hk = hq // G
@@ -448,7 +457,7 @@ def _gl_dkdv_ws_kernel(
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
     Q_NUM, Q_IDX, FULLQ_NUM, FULLQ_IDX, snb, snh, sib, sih, sik, ORDER, sor_b, sor_h,
     QDOC, KVDOC, QPOS, KVPOS, KVPRE, sdq, sdk, window,
-    Hq, Hkv, G, Sq, Skv, scale, qk_scale, NB, BH, HG,
+    Hq, Hkv, G, Sq, Skv, scale, qk_scale, NB, BH, HG, LEAD,
     D: gl.constexpr, DV: gl.constexpr, QBS: gl.constexpr, KBS: gl.constexpr,
     MASK_KIND: gl.constexpr, CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr, HAS_PREFIX: gl.constexpr,
     HAS_FULL: gl.constexpr, EVEN_M: gl.constexpr, EVEN_N: gl.constexpr, ACCUM: gl.constexpr,
@@ -459,7 +468,7 @@ def _gl_dkdv_ws_kernel(
     SUBS_N: gl.constexpr = KBS // BLOCK_N
     HALF: gl.constexpr = BLOCK_N // 2
     dtype: gl.constexpr = Q.dtype.element_ty
-    slot, bh = _gl_launch_coords(NB, BH, HG, SUBS_N)  # over (kv tile, batch·kv head)
+    slot, bh = _gl_launch_coords_lead(NB, BH, HG, LEAD, SUBS_N)  # over (kv tile, batch·kv head)
     b = bh // Hkv
     hk = bh % Hkv
     b64 = b.to(gl.int64)
@@ -603,6 +612,7 @@ def launch_dq(q, k, v, dout, lse, delta, dq, accum: bool, lp, head_group=None, b
         dq.stride(0), dq.stride(1), dq.stride(2),
         num, idx, fnum, fidx, snb, snh, sib, sih, siq, order, sor_b, sor_h,
         *docs, sh.Hq, sh.groups, sh.Sq, sh.Skv, lp.scale, lp.scale * LOG2E, n_qb, sh.B * sh.Hq, hg,
+        launch_lead(sh.B * sh.Hq, hg, n_qb, q.device),
         D=sh.D, DV=sh.Dv, QBS=km.QBS, KBS=km.KBS, MASK_KIND=km.mask_kind, CAUSAL=causal, HAS_WINDOW=has_w,
         HAS_PREFIX=has_pre, HAS_FULL=km.has_full, EVEN_M=lp.even_m, EVEN_N=lp.even_n, ACCUM=accum,
         CONSUMER_REGS=CONSUMER_REGS, num_warps=4, maxnreg=WS_MAXNREG, **dq_kernel_layouts(sh.D, block_n),
@@ -629,6 +639,7 @@ def launch_dkdv(q, k, v, dout, lse, delta, dk, dv, accum: bool, lp, head_group=N
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         num, idx, fnum, fidx, snb, snh, sib, sih, sik, order, sor_b, sor_h,
         *docs, sh.Hq, sh.Hkv, sh.groups, sh.Sq, sh.Skv, lp.scale, lp.scale * LOG2E, n_kb, sh.B * sh.Hkv, hg,
+        launch_lead(sh.B * sh.Hkv, hg, n_kb, q.device),
         D=sh.D, DV=sh.Dv, QBS=km.QBS, KBS=km.KBS, MASK_KIND=km.mask_kind, CAUSAL=causal, HAS_WINDOW=has_w,
         HAS_PREFIX=has_pre, HAS_FULL=km.has_full, EVEN_M=lp.even_m, EVEN_N=lp.even_n, ACCUM=accum,
         CONSUMER_REGS=CONSUMER_REGS, num_warps=4, maxnreg=WS_MAXNREG, **dkdv_kernel_layouts(sh.D),

@@ -71,6 +71,21 @@ def _gl_launch_coords(NB, BH, HG, SUBS: gl.constexpr):
 
 
 @gluon.jit
+def _gl_launch_coords_lead(NB, BH, HG, LEAD, SUBS: gl.constexpr):
+    """``triton_fwd._launch_coords_lead``: the LEAD most-work blocks of every head first, then head groups."""
+    pid = gl.program_id(0)
+    n_lead = LEAD * SUBS * BH
+    p = gl.maximum(pid - n_lead, 0)
+    rest = (NB - LEAD) * SUBS
+    per_group = gl.maximum(HG * rest, 1)
+    grp = p // per_group
+    r = p - grp * per_group
+    hg = gl.maximum(gl.minimum(HG, BH - grp * HG), 1)
+    lead = pid < n_lead
+    return gl.where(lead, pid // BH, LEAD * SUBS + r // hg), gl.where(lead, pid % BH, grp * HG + r % hg)
+
+
+@gluon.jit
 def _gl_block_lists(
     NUM, IDX, FULL_NUM, FULL_IDX, num_off, idx_off, SUBS: gl.constexpr, HAS_FULL: gl.constexpr
 ):

@@ -26,7 +26,7 @@ from .triton_fwd import (
     TUNE_KEY,
     _dot,
     _fp32_scalars,
-    _launch_coords,
+    _launch_coords_lead,
     _mask_scores,
     _score_mod,
     _tanh,
@@ -34,6 +34,7 @@ from .triton_fwd import (
     doc_args,
     kernels_are_compiled,
     launch_head_group,
+    launch_lead,
     meta_args,
     pick_tile,
     prepare,
@@ -217,7 +218,7 @@ def _dkdv_kernel(
     Q_NUM, Q_IDX, FULLQ_NUM, FULLQ_IDX, Q_PID, snb, snh, sib, sih, sik, ORDER, sor_b, sor_h,
     BITS, QDOC, KVDOC, QPOS, KVPOS, KVPRE, sdq, sdk, window,
     QIDX, KVIDX, SLOPES, TABLE, table_stride, L, softcap,
-    Hq, Hkv, G, Sq, Skv, scale, qk_scale, NB, BH, HG,
+    Hq, Hkv, G, Sq, Skv, scale, qk_scale, NB, BH, HG, LEAD,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     QBS: tl.constexpr, KBS: tl.constexpr, WORDS: tl.constexpr, MASK_KIND: tl.constexpr,
     SCORE_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr,
@@ -227,7 +228,7 @@ def _dkdv_kernel(
 ):  # fmt: skip
     softcap, scale, qk_scale = _fp32_scalars(softcap, scale, qk_scale)
     SUBS_N: tl.constexpr = KBS // BLOCK_N
-    slot, bh = _launch_coords(NB, BH, HG, SUBS_N)
+    slot, bh = _launch_coords_lead(NB, BH, HG, LEAD, SUBS_N)
     b = bh // Hkv
     hk = bh % Hkv
     b64 = b.to(tl.int64)
@@ -378,7 +379,7 @@ def _dq_kernel(
     KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, KV_PID, snb, snh, sib, sih, siq, ORDER, sor_b, sor_h,
     BITS, QDOC, KVDOC, QPOS, KVPOS, KVPRE, sdq, sdk, window,
     QIDX, KVIDX, SLOPES, TABLE, table_stride, L, softcap,
-    Hq, G, Sq, Skv, scale, qk_scale, NB, BH, HG,
+    Hq, G, Sq, Skv, scale, qk_scale, NB, BH, HG, LEAD,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     QBS: tl.constexpr, KBS: tl.constexpr, WORDS: tl.constexpr, MASK_KIND: tl.constexpr,
     SCORE_KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PREFIX: tl.constexpr,
@@ -388,7 +389,7 @@ def _dq_kernel(
 ):  # fmt: skip
     softcap, scale, qk_scale = _fp32_scalars(softcap, scale, qk_scale)
     SUBS_M: tl.constexpr = QBS // BLOCK_M
-    slot, bh = _launch_coords(NB, BH, HG, SUBS_M)
+    slot, bh = _launch_coords_lead(NB, BH, HG, LEAD, SUBS_M)
     b = bh // Hq
     hq = bh % Hq
     hk = hq // G
@@ -688,6 +689,7 @@ def _dkdv(
         dv = torch.empty(sh.B, sh.Hkv, sh.Skv, sh.Dv, dtype=v.dtype, device=dev)
     tuned = config is None and use_autotune(q, km, sh.Sq, sh.Skv)
     n_kb = triton.cdiv(sh.Skv, km.KBS)  # kv blocks in use
+    hg = head_group or launch_head_group(sh, q.element_size(), kv_programs=True)
     args = (
         q, k, v, dout, lse, delta, dk, dv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -695,7 +697,7 @@ def _dkdv(
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         *meta_args(km, True, dummy_i), bits, *docs, *mods,
         sh.Hq, sh.Hkv, sh.groups, sh.Sq, sh.Skv, lp.scale, lp.scale * LOG2E,
-        n_kb, sh.B * sh.Hkv, head_group or launch_head_group(sh, q.element_size(), kv_programs=True),
+        n_kb, sh.B * sh.Hkv, hg, launch_lead(sh.B * sh.Hkv, hg, n_kb, dev),
     )  # fmt: skip
     if tuned:
         grid = lambda meta: (n_kb * (km.KBS // meta["BLOCK_N"]) * sh.B * sh.Hkv,)
@@ -746,6 +748,7 @@ def _dq(
             )
         tg = torch.zeros(sh.B, sh.Hq, n_m, WP, dtype=torch.float32, device=dev)
     dq = dq_out if dq_out is not None else torch.empty_like(q, memory_format=torch.contiguous_format)
+    hg = head_group or launch_head_group(sh, k.element_size(), kv_programs=False)
     args = (
         q, k, v, dout, lse, delta, dq, tg,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -753,7 +756,7 @@ def _dq(
         dq.stride(0), dq.stride(1), dq.stride(2),
         *meta_args(km, False, dummy_i), bits, *docs, *mods,
         sh.Hq, sh.groups, sh.Sq, sh.Skv, lp.scale, lp.scale * LOG2E,
-        n_qb, sh.B * sh.Hq, head_group or launch_head_group(sh, k.element_size(), kv_programs=False),
+        n_qb, sh.B * sh.Hq, hg, launch_lead(sh.B * sh.Hq, hg, n_qb, dev),
     )  # fmt: skip
     if tuned and not table_grad:  # the table-gradient scratch is sized for the fixed tile
         grid = lambda meta: (n_qb * (km.QBS // meta["BLOCK_M"]) * sh.B * sh.Hq,)

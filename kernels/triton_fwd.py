@@ -11,6 +11,8 @@ GQA reads kv head ``hq // groups`` (K/V are never expanded). Query tiles are lau
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import astuple, dataclass
 
 import torch
@@ -68,6 +70,29 @@ def _launch_coords(NB, BH, HG, SUBS: tl.constexpr):
     r = pid - g * per_group
     hg = tl.minimum(HG, BH - g * HG)  # the last group may hold fewer heads
     return r // hg, g * HG + r % hg
+
+
+@triton.jit
+def _launch_coords_lead(NB, BH, HG, LEAD, SUBS: tl.constexpr):
+    """``_launch_coords`` with the ``LEAD`` most-work blocks of every head launched first, all heads together
+    (block-work order, then head), and the other blocks in head groups of ``HG`` as before (``LEAD = 0``: the
+    same coordinates as ``_launch_coords``).
+
+    With head groups, a group's longest rows start only when the group does: in a CP rank's call, whose rows
+    are as long as on one GPU but whose heads hold 1/N of the tiles, the last group's longest rows (e.g. a
+    tile ending a 16k-token document and straddling into the next, all 128 of its blocks partial) then end
+    after every other program (``launch_lead``).
+    """
+    pid = tl.program_id(0)
+    n_lead = LEAD * SUBS * BH
+    p = tl.maximum(pid - n_lead, 0)  # position among the grouped programs
+    rest = (NB - LEAD) * SUBS
+    per_group = tl.maximum(HG * rest, 1)
+    g = p // per_group
+    r = p - g * per_group
+    hg = tl.maximum(tl.minimum(HG, BH - g * HG), 1)  # the last group may hold fewer heads
+    lead = pid < n_lead
+    return tl.where(lead, pid // BH, LEAD * SUBS + r // hg), tl.where(lead, pid % BH, g * HG + r % hg)
 
 
 @triton.jit
@@ -695,6 +720,35 @@ def launch_head_group(sh: AttnShape, element_size: int, kv_programs: bool) -> in
     else:
         per_head, n_heads = sh.Skv * (sh.D + sh.Dv) * element_size // sh.groups, sh.B * sh.Hq
     return max(1, min(n_heads, HEAD_GROUP_L2_BYTES // max(1, per_head)))
+
+
+# The SMs the lead blocks of a backward launch are sized for, where there is no CUDA device (the interpreter).
+DEFAULT_SMS = 132
+# The share of the SMs the lead blocks fill (``launch_lead``; 0: no lead, the plain head groups).
+LEAD_SM_FRACTION = 0.5
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def launch_lead(n_heads: int, head_group: int, n_blocks: int, device: torch.device) -> int:
+    """Blocks of every head the dK/dV and dQ kernels launch ahead of their head groups
+    (``_launch_coords_lead``): 0 when one group holds every head (the order is then longest-first across
+    all heads already), else enough of each head's most-work blocks to fill half the SMs, so each head's
+    longest rows start in the first wave (``LEAD_SM_FRACTION``). Shape-only (no mask read, traceable).
+
+    Why: with the L2-sized groups (``launch_head_group``), a CP rank's backward calls ended with the last
+    group's longest rows running alone. A list-scheduling model of the 8-rank simulation's calls
+    (bench/results/2026-11-26-s16) gave the slowest rank's dQ 1.08x the mean and every rank's dK/dV 5-9%
+    over its work / SMs; leading with a few blocks per head brings both within 1% in that model. All heads
+    in one group instead (s15, ``--head-group all``) lost more to L2 misses than it won.
+    """
+    if head_group >= n_heads or LEAD_SM_FRACTION <= 0:
+        return 0
+    sms = _sm_count(device.index or 0) if device.type == "cuda" else DEFAULT_SMS
+    return min(n_blocks, math.ceil(sms * LEAD_SM_FRACTION / n_heads))
 
 
 def check_head_group(head_group: int | None) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from torch.nn.attention.flex_attention import flex_attention as torch_flex
 
@@ -26,6 +28,7 @@ from flexdist.kernels import (
     reference_forward,
 )
 from flexdist.kernels.block_sparse import MASK_BITS, MASK_DOC, kernel_mask
+from flexdist.kernels.triton_fwd import _launch_coords, _launch_coords_lead
 from flexdist.kernels.validation import check_qkv
 
 # the device the kernel runs on: CUDA where present, else the CPU under the Triton interpreter
@@ -269,9 +272,56 @@ def test_every_autotune_tile_is_correct():
             _close(a, b, 4e-4, f"{name} with tiles {cfg}")
 
 
-def test_head_groups_change_launch_order_not_results():
-    """Every launch grouping of heads (one head at a time, groups that do not divide B·H, all heads at once)
-    gives bit-identical out, lse and gradients, with GQA, ragged lengths and the RelativeBias table gradient
+@triton.jit
+def _coords_kernel(OUT, REF, NB, BH, HG, LEAD, SUBS: tl.constexpr):
+    """Each program writes its ``_launch_coords_lead`` and ``_launch_coords`` (slot, head)."""
+    slot, bh = _launch_coords_lead(NB, BH, HG, LEAD, SUBS)
+    slot0, bh0 = _launch_coords(NB, BH, HG, SUBS)
+    pid = tl.program_id(0)
+    tl.store(OUT + 2 * pid, slot)
+    tl.store(OUT + 2 * pid + 1, bh)
+    tl.store(REF + 2 * pid, slot0)
+    tl.store(REF + 2 * pid + 1, bh0)
+
+
+def test_launch_coords_lead_cover_every_program_once():
+    """``_launch_coords_lead`` maps the 1-D grid one-to-one onto (slot, head): the lead blocks of every head
+    first (slot-major across all heads), then head groups; ``LEAD = 0`` is ``_launch_coords``."""
+    for NB, BH, HG, LEAD, SUBS in [
+        (5, 6, 4, 2, 1), (5, 6, 4, 0, 2), (7, 3, 1, 3, 2), (4, 5, 2, 4, 1), (6, 8, 3, 1, 1), (3, 2, 5, 1, 2),
+    ]:  # fmt: skip
+        n = NB * SUBS * BH
+        out = torch.full((n, 2), -1, dtype=torch.int32, device=DEV)
+        ref = torch.full((n, 2), -1, dtype=torch.int32, device=DEV)
+        _coords_kernel[(n,)](out, ref, NB, BH, HG, LEAD, SUBS)
+        got = [tuple(x) for x in out.tolist()]
+        case = f"NB={NB} BH={BH} HG={HG} LEAD={LEAD} SUBS={SUBS}"
+        assert sorted(got) == [(s_, h) for s_ in range(NB * SUBS) for h in range(BH)], case
+        lead = LEAD * SUBS * BH
+        assert got[:lead] == [(p // BH, p % BH) for p in range(lead)], case  # slot-major over all heads
+        assert all(s_ >= LEAD * SUBS for s_, _ in got[lead:]), case
+        if LEAD == 0:
+            assert got == [tuple(x) for x in ref.tolist()], case
+
+
+def test_launch_lead_rule(monkeypatch):
+    """Lead blocks fill half the SMs across the heads, only when heads are grouped, at most every block."""
+    from flexdist.kernels import triton_fwd as TF
+
+    monkeypatch.setattr(TF, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    assert TF.launch_lead(32, 8, 64, cuda) == 3  # a CP rank's dQ: 32 query heads in groups of 8
+    assert TF.launch_lead(4, 1, 512, cuda) == 17  # its dK/dV: 4 K/V heads one at a time
+    assert TF.launch_lead(32, 32, 64, cuda) == 0  # one group: longest-first across every head already
+    assert TF.launch_lead(64, 8, 2, cuda) == 2  # never more blocks than there are
+    assert TF.launch_lead(4, 1, 512, torch.device("cpu")) == -(-TF.DEFAULT_SMS // 8)
+    monkeypatch.setattr(TF, "LEAD_SM_FRACTION", 0.0)  # off: the plain head groups
+    assert TF.launch_lead(32, 8, 64, cuda) == 0
+
+
+def test_head_groups_change_launch_order_not_results(monkeypatch):
+    """Every launch grouping of heads (one head at a time, groups that do not divide B·H, all heads at once),
+    with the backward's lead blocks (none, one, every block) gives bit-identical out, lse and gradients, with GQA, ragged lengths and the RelativeBias table gradient
     (whose per-program scratch rows are indexed by the launch coordinates)."""
     from flexdist.kernels import triton_bwd as TB
     from flexdist.kernels import triton_fwd as TF
@@ -283,7 +333,13 @@ def test_head_groups_change_launch_order_not_results():
     q, k, v = _inputs(B, Hq, Hkv, S, S, D, seed=22)
     mod = RelativeBias(torch.randn(Hq, 2 * 40 - 1, device=DEV, requires_grad=True))
     results = []
-    for hg in (1, 2, 4, 5, 12, 100):
+    # (head group, SMs the backward's lead blocks are sized for: 1 → one lead block per head, 48 → dQ 2 and
+    # dK/dV 4 of the 5 blocks, 10**4 → every block leads, no grouped programs left; groups of 12 or more
+    # hold every head: no lead)
+    variants = [(1, 1), (2, 48), (5, 1), (12, 48), (100, 1), (1, 10**4)]
+    for hg, sms in variants:
+        monkeypatch.setattr(TF, "_sm_count", lambda index, sms=sms: sms)
+        monkeypatch.setattr(TF, "DEFAULT_SMS", sms)
         out, lse = TF.triton_forward(q, k, v, bm, mod, enable_gqa=True, head_group=hg)
         dout = torch.linspace(-1, 1, out.numel(), device=DEV).reshape(out.shape)
         tg = [torch.zeros_like(mod.table)]
@@ -293,9 +349,9 @@ def test_head_groups_change_launch_order_not_results():
         results.append((out, lse, *grads, tg[0]))
     ro, _ = reference_forward(q, k, v, bm, mod, None, True)
     _close(results[0][0], ro, 2e-4, "out (head_group=1) vs reference")
-    for hg, res in zip((2, 4, 5, 12, 100), results[1:], strict=True):
+    for (hg, sms), res in zip(variants[1:], results[1:], strict=True):
         for name, a, b in zip(("out", "lse", "dq", "dk", "dv", "dtable"), res, results[0], strict=True):
-            assert torch.equal(a, b), f"{name} differs between head_group={hg} and head_group=1"
+            assert torch.equal(a, b), f"{name} differs between head_group={hg} ({sms} SMs) and head_group=1"
     with pytest.raises(ValueError, match="head_group must be a positive int"):
         TF.triton_forward(q, k, v, bm, enable_gqa=True, head_group=0)
     # the public entry points pass it through (and check it for the reference backend too)
