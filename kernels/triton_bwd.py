@@ -697,7 +697,7 @@ def _dkdv(
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         *meta_args(km, True, dummy_i), bits, *docs, *mods,
         sh.Hq, sh.Hkv, sh.groups, sh.Sq, sh.Skv, lp.scale, lp.scale * LOG2E,
-        n_kb, sh.B * sh.Hkv, hg, launch_lead(sh.B * sh.Hkv, hg, n_kb, dev),
+        n_kb, sh.B * sh.Hkv, hg, launch_lead(sh, hg, n_kb, True, dev),
     )  # fmt: skip
     if tuned:
         grid = lambda meta: (n_kb * (km.KBS // meta["BLOCK_N"]) * sh.B * sh.Hkv,)
@@ -756,7 +756,7 @@ def _dq(
         dq.stride(0), dq.stride(1), dq.stride(2),
         *meta_args(km, False, dummy_i), bits, *docs, *mods,
         sh.Hq, sh.groups, sh.Sq, sh.Skv, lp.scale, lp.scale * LOG2E,
-        n_qb, sh.B * sh.Hq, hg, launch_lead(sh.B * sh.Hq, hg, n_qb, dev),
+        n_qb, sh.B * sh.Hq, hg, launch_lead(sh, hg, n_qb, False, dev),
     )  # fmt: skip
     if tuned and not table_grad:  # the table-gradient scratch is sized for the fixed tile
         grid = lambda meta: (n_qb * (km.QBS // meta["BLOCK_M"]) * sh.B * sh.Hq,)

@@ -726,6 +726,8 @@ def launch_head_group(sh: AttnShape, element_size: int, kv_programs: bool) -> in
 DEFAULT_SMS = 132
 # The share of the SMs the lead blocks fill (``launch_lead``; 0: no lead, the plain head groups).
 LEAD_SM_FRACTION = 0.5
+# Lead blocks only for calls with at least this many keys per query (a CP rank's all-gather call: N).
+LEAD_MIN_KV_PER_Q = 2
 
 
 @functools.cache
@@ -733,19 +735,25 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def launch_lead(n_heads: int, head_group: int, n_blocks: int, device: torch.device) -> int:
-    """Blocks of every head the dK/dV and dQ kernels launch ahead of their head groups
-    (``_launch_coords_lead``): 0 when one group holds every head (the order is then longest-first across
-    all heads already), else enough of each head's most-work blocks to fill half the SMs, so each head's
-    longest rows start in the first wave (``LEAD_SM_FRACTION``). Shape-only (no mask read, traceable).
+def launch_lead(
+    sh: AttnShape, head_group: int, n_blocks: int, kv_programs: bool, device: torch.device
+) -> int:
+    """Blocks of every head the dQ (or, ``kv_programs``, dK/dV) kernel launches ahead of its head groups
+    (``_launch_coords_lead``): enough of each head's most-work blocks to fill ``LEAD_SM_FRACTION`` of the
+    SMs, so every head's longest rows start in the first wave; 0 when one group holds every head (the order
+    is then longest-first across all heads already) or the call has fewer than ``LEAD_MIN_KV_PER_Q`` keys
+    per query. Shape-only (no mask read, traceable).
 
-    Why: with the L2-sized groups (``launch_head_group``), a CP rank's backward calls ended with the last
-    group's longest rows running alone. A list-scheduling model of the 8-rank simulation's calls
-    (bench/results/2026-11-26-s16) gave the slowest rank's dQ 1.08x the mean and every rank's dK/dV 5-9%
-    over its work / SMs; leading with a few blocks per head brings both within 1% in that model. All heads
-    in one group instead (s15, ``--head-group all``) lost more to L2 misses than it won.
+    Why: a CP rank's all-gather call has 1/N of the query tiles with rows as long as on one GPU, so with the
+    L2-sized groups (``launch_head_group``) its last group's longest rows ran on after every other program.
+    In the 8-rank simulation (bench/results/2026-11-26-s16, call 3) the lead took the slowest rank's dQ from
+    1.08-1.10x the mean to 1.02-1.04x and the whole backward 0.7-2.0% faster. On one GPU (keys = queries)
+    it made dQ 4-8% slower (the lead rows of every head stream their K/V at once, against the groups' L2
+    reuse) and had no tail to remove, hence the key-per-query floor. All heads in one group instead (s15,
+    ``--head-group all``) lost more to L2 misses than it won.
     """
-    if head_group >= n_heads or LEAD_SM_FRACTION <= 0:
+    n_heads = sh.B * (sh.Hkv if kv_programs else sh.Hq)
+    if head_group >= n_heads or LEAD_SM_FRACTION <= 0 or sh.Skv < LEAD_MIN_KV_PER_Q * sh.Sq:
         return 0
     sms = _sm_count(device.index or 0) if device.type == "cuda" else DEFAULT_SMS
     return min(n_blocks, math.ceil(sms * LEAD_SM_FRACTION / n_heads))

@@ -305,18 +305,25 @@ def test_launch_coords_lead_cover_every_program_once():
 
 
 def test_launch_lead_rule(monkeypatch):
-    """Lead blocks fill half the SMs across the heads, only when heads are grouped, at most every block."""
+    """Lead blocks fill half the SMs across the heads, only when heads are grouped and the call has at least
+    two keys per query (a CP rank's all-gather call), at most every block."""
     from flexdist.kernels import triton_fwd as TF
+    from flexdist.kernels.validation import AttnShape
 
     monkeypatch.setattr(TF, "_sm_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
-    assert TF.launch_lead(32, 8, 64, cuda) == 3  # a CP rank's dQ: 32 query heads in groups of 8
-    assert TF.launch_lead(4, 1, 512, cuda) == 17  # its dK/dV: 4 K/V heads one at a time
-    assert TF.launch_lead(32, 32, 64, cuda) == 0  # one group: longest-first across every head already
-    assert TF.launch_lead(64, 8, 2, cuda) == 2  # never more blocks than there are
-    assert TF.launch_lead(4, 1, 512, torch.device("cpu")) == -(-TF.DEFAULT_SMS // 8)
+    rank = AttnShape(B=1, Hq=32, Hkv=4, Sq=8192, Skv=65536, D=128, Dv=128)  # one chunk of an 8-rank call
+    assert TF.launch_lead(rank, 8, 64, False, cuda) == 3  # dQ: 32 query heads in groups of 8
+    assert TF.launch_lead(rank, 1, 512, True, cuda) == 17  # dK/dV: 4 K/V heads one at a time
+    assert (
+        TF.launch_lead(rank, 32, 64, False, cuda) == 0
+    )  # one group: longest-first across every head already
+    assert TF.launch_lead(rank, 8, 2, False, cuda) == 2  # never more blocks than there are
+    assert TF.launch_lead(rank, 1, 512, True, torch.device("cpu")) == -(-TF.DEFAULT_SMS // 8)
+    one_gpu = AttnShape(B=1, Hq=64, Hkv=8, Sq=65536, Skv=65536, D=128, Dv=128)
+    assert TF.launch_lead(one_gpu, 8, 512, False, cuda) == 0  # keys = queries: no tail to remove
     monkeypatch.setattr(TF, "LEAD_SM_FRACTION", 0.0)  # off: the plain head groups
-    assert TF.launch_lead(32, 8, 64, cuda) == 0
+    assert TF.launch_lead(rank, 8, 64, False, cuda) == 0
 
 
 def test_head_groups_change_launch_order_not_results(monkeypatch):
@@ -337,6 +344,7 @@ def test_head_groups_change_launch_order_not_results(monkeypatch):
     # dK/dV 4 of the 5 blocks, 10**4 → every block leads, no grouped programs left; groups of 12 or more
     # hold every head: no lead)
     variants = [(1, 1), (2, 48), (5, 1), (12, 48), (100, 1), (1, 10**4)]
+    monkeypatch.setattr(TF, "LEAD_MIN_KV_PER_Q", 1)  # (the lead is for CP calls with more keys than queries)
     for hg, sms in variants:
         monkeypatch.setattr(TF, "_sm_count", lambda index, sms=sms: sms)
         monkeypatch.setattr(TF, "DEFAULT_SMS", sms)
