@@ -202,6 +202,8 @@ def _strategy_knobs(strategy: str) -> dict:
         elif part.startswith("hc"):
             kw["head_chunks"] = int(part[2:].removesuffix("+lf"))
             kw["local_first"] = part.endswith("+lf")
+        elif part == "lead0":  # (timed with LEAD_SM_FRACTION = 0, see --lead0-rows)
+            continue
         elif part.startswith("b"):
             sizes = tuple(int(x) for x in part[1:].split(","))
             kw["bwd_head_chunks"] = sizes[0] if len(sizes) == 1 else sizes
@@ -242,6 +244,12 @@ def main() -> None:
         default=[],
         help="also every allgather/hc row with its backward pipelined over these chunks of K/V heads, e.g. "
         "'1,7' (plan(bwd_head_chunks=(1, 7)); rows allgather/hc<c>[+lf]/b<spec>)",
+    )
+    ap.add_argument(
+        "--lead0-rows",
+        action="store_true",
+        help="also every allgather row with the backward kernels' lead blocks off (rows .../lead0; "
+        "kernels.triton_fwd.LEAD_SM_FRACTION = 0)",
     )
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument(
@@ -391,6 +399,9 @@ def config(args, res, base, mask_kind, S, N, rank, device, dtype, kb, tm, mesh, 
     )
     o1 = l1 = None  # free before the CP rows
     ref_out, ref_from = None, None
+    from flexdist.kernels import triton_fwd as lead_frac
+
+    lead_default = lead_frac.LEAD_SM_FRACTION
     for balance in args.balances:
         # "ring/g<g>": the ring with g steps per kernel call (plan(ring_group=g)); "allgather/hc<c>": the
         # all-gather pipelined over c chunks of K/V heads (plan(head_chunks=c))
@@ -399,7 +410,12 @@ def config(args, res, base, mask_kind, S, N, rank, device, dtype, kb, tm, mesh, 
         extra += [f"allgather/hc{c}+lf" for c in args.local_first]
         # "/b<spec>": the same forward, the backward pipelined over other chunks (plan(bwd_head_chunks=...))
         extra += [f"{x}/b{b}" for x in extra if x.startswith("allgather/hc") for b in args.bwd_head_chunks]
-        for strategy in args.strategies + extra:
+        rows = args.strategies + extra
+        if (
+            args.lead0_rows
+        ):  # "/lead0": the backward kernels without their lead blocks (triton_fwd.launch_lead)
+            rows = [y for x in rows for y in ([x, f"{x}/lead0"] if x.startswith("allgather") else [x])]
+        for strategy in rows:
             row = dict(base, impl="flexdist", balance=balance, strategy=strategy)
             peak, out = 0.0, None
             try:
@@ -428,6 +444,7 @@ def config(args, res, base, mask_kind, S, N, rank, device, dtype, kb, tm, mesh, 
                 ql, kl, vl, dl = (p.shard(t, 2) for t in (q, k, v, dout))
                 ql, kl, vl = (t.detach().clone().requires_grad_() for t in (ql, kl, vl))
                 b0 = peak_start(device)
+                lead_frac.LEAD_SM_FRACTION = 0.0 if strategy.endswith("/lead0") else lead_default
                 row["fwd_s"] = tm(lambda p=p, ql=ql, kl=kl, vl=vl: cp.attention(ql, kl, vl, p))
                 out_keep = cp.attention(ql, kl, vl, p)  # backward alone, re-run on a retained graph
 
@@ -448,6 +465,7 @@ def config(args, res, base, mask_kind, S, N, rank, device, dtype, kb, tm, mesh, 
                 row["plan_stats"] = {k_: v_ for k_, v_ in p.stats.items() if k_ != "planner"}
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}"[:600]
+            lead_frac.LEAD_SM_FRACTION = lead_default
             row["peak_gib_per_rank"] = peak_per_rank(peak, device)
             if ref_out is None and out is not None and args.torch_cp:
                 # the reference the torch CP rows are checked against: flexdist's CP output, unsharded
