@@ -83,6 +83,14 @@ def test_cp_knobs_follow_the_strategy(model: str) -> None:
             lf,
         ), extra
     assert LOCAL_FIRST_MIN_REMOTE_TOKENS == 48 * 1024
+    # the backward's own chunks: null follows the forward's, a list reaches the plan as a tuple
+    res = validate(make(f"model={model}", "parallel=cp", *long), world_size=4)
+    assert res.cp_bwd_head_chunks is None
+    nkv = make(f"model={model}").model.n_kv_heads
+    spec = [1, nkv - 1] if nkv > 1 else [1]
+    arg = f"parallel.cp_bwd_head_chunks=[{','.join(map(str, spec))}]"
+    res = validate(make(f"model={model}", "parallel=cp", arg, *long), world_size=4)
+    assert res.cp_bwd_head_chunks == tuple(spec)
     ring = make(f"model={model}", "parallel=cp_ring")
     res = validate(ring, world_size=2)
     assert (ring.parallel.cp_strategy.value, res.cp_head_chunks, res.cp_local_first) == ("ring", 1, False)
@@ -178,6 +186,18 @@ def test_unknown_key_in_a_yaml_option_is_an_error(tmp_path) -> None:
             2,
             r"parallel.cp_head_chunks=3 is more than model.n_kv_heads=2",
         ),
+        (
+            ["parallel=cp", "parallel.cp_bwd_head_chunks=[1,2]"],
+            2,
+            r"parallel.cp_bwd_head_chunks=\[1, 2\] sums to 3, not model.n_kv_heads=2",
+        ),
+        (
+            ["parallel=cp_ring", "parallel.cp_bwd_head_chunks=[1,1]"],
+            2,
+            r"parallel.cp_bwd_head_chunks=\[1, 1\] pipelines the all-gather's backward: it needs "
+            "parallel.cp_strategy=allgather, got ring",
+        ),
+        (["parallel=cp", "parallel.cp_bwd_head_chunks=[0,2]"], 2, r"each >= 1"),
         (
             ["parallel=cp_ring", "parallel.cp_local_first=true"],
             2,

@@ -330,6 +330,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                         ring_group=cfg.parallel.cp_ring_group,
                         head_chunks=res.cp_head_chunks,  # (null in the config: the strategy's default)
                         local_first=res.cp_local_first,
+                        bwd_head_chunks=res.cp_bwd_head_chunks,
                     )
                     if hasattr(plan, "comm_wait_seconds"):
                         # CUDA events around the ring's waits (exposed communication); off elsewhere

@@ -143,6 +143,7 @@ def make_cp_plan(
     ring_group: int = 1,
     head_chunks: int = 1,
     local_first: bool = False,
+    bwd_head_chunks: int | tuple[int, ...] | None = None,
 ) -> Any:
     """The batch's document-causal context-parallel plan over process ``group`` (``flexdist.cp.plan``).
 
@@ -164,6 +165,7 @@ def make_cp_plan(
         ring_group=ring_group,
         head_chunks=head_chunks,
         local_first=local_first,
+        bwd_head_chunks=bwd_head_chunks,
     )
     if op_supported(plan):
         register_plan(plan)
