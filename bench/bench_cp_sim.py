@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -79,8 +80,10 @@ class timer:
         rounds: int = 3,
         interleaved: bool = True,
         host_ahead: bool = True,
+        shuffled: bool = False,
     ):
         self.device, self.reps, self.rounds, self.interleaved = device, reps, rounds, interleaved
+        self._rng = random.Random(0) if shuffled else None
         self.host_ahead = host_ahead and device.type == "cuda"
         self._busy: tuple[torch.Tensor, int] | None = None
 
@@ -129,7 +132,10 @@ class timer:
             best = [float("inf")] * len(fns)
             for k in range(self.rounds):
                 # every other round in reverse, so no rank is always timed first or last within a round
+                # (shuffled: a fresh random order every round)
                 order = range(len(fns)) if k % 2 == 0 else range(len(fns) - 1, -1, -1)
+                if self._rng is not None:
+                    order = self._rng.sample(range(len(fns)), len(fns))
                 for i in order:
                     best[i] = min(best[i], self._round(fns[i]))
             return best
@@ -464,7 +470,14 @@ def simulate(args, N: int, device: torch.device, dtype: torch.dtype) -> list[dic
     v = torch.randn(1, Hkv, S, D, generator=g).to(device, dtype)
     dout = torch.randn(1, Hq, S, D, generator=g).to(device, dtype)
     kb = args.backend
-    tm = timer(device, args.reps, interleaved=args.timing == "interleaved", host_ahead=not args.host_gaps)
+    tm = timer(
+        device,
+        args.reps,
+        rounds=args.rounds,
+        interleaved=args.timing != "sequential",
+        host_ahead=not args.host_gaps,
+        shuffled=args.timing == "shuffled",
+    )
     gqa = Hq != Hkv
     kv_bytes = 2 * Hkv * L * D * torch.finfo(dtype).bits // 8
     dkv_bytes = 2 * Hkv * L * D * 4
@@ -1013,11 +1026,13 @@ def main() -> None:
     )
     ap.add_argument(
         "--timing",
-        choices=["interleaved", "sequential"],
+        choices=["interleaved", "shuffled", "sequential"],
         default="interleaved",
-        help="time the ranks' calls round by round across ranks (default) or each rank's rounds in a row "
-        "(how sessions up to s8 timed them); see `timer`",
+        help="time the ranks' calls round by round across ranks (default; every other round in reverse), the "
+        "same with a fresh random rank order every round (shuffled), or each rank's rounds in a row (how sessions "
+        "up to s8 timed them); see `timer`",
     )
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds per call (the fastest counts)")
     ap.add_argument(
         "--host-gaps",
         action="store_true",
