@@ -66,7 +66,10 @@ class timer:
     ``interleaved`` (the default, ``--timing interleaved``) round i of every call runs before round i + 1 of
     any, so a slow stretch of the GPU (clocks, a busy neighbour) falls on every rank alike instead of on the
     ranks timed during it; every other round runs the calls in reverse order (s15: in s13-s14 the ranks
-    timed last in each round often measured 3-6% slower in the forward). Timed one after another (``--timing sequential``, how sessions up to s8 timed), the
+    timed last in each round often measured 3-6% slower in the forward; in s16 they still did: the fastest
+    round counts, and of three rounds two run in the forward order). ``--timing shuffled`` draws a fresh
+    random rank order every round. Timed one after another (``--timing sequential``, how sessions up to s8
+    timed), the
     chunk-0 and chunk-1 calls of one rank, which have the same mask and shapes, differed by up to 8%
     (``bench/results/2026-11-26-s8/call4``), and the maximum over ranks picks up such noise.
     """
