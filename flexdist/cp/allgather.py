@@ -5,7 +5,8 @@ nothing overlapped. With c > 1 chunks of key/value heads (and their GQA query he
 
 - forward: chunk i+1's all-gather runs while chunk i's kernel does; only the first gather is exposed, and
   with ``local_first`` not even that: chunk 0's heads first attend to the rank's own keys during it;
-- backward: K/V are gathered again the same way; chunk i's dK/dV kernel writes fp32 gradients straight into
+- backward: K/V are gathered again the same way (over ``plan.bwd_head_chunks``, by default the forward's
+  chunks); chunk i's dK/dV kernel writes fp32 gradients straight into
   the reduce-scatter buffer, whose reduce-scatter then runs while chunk i's dQ kernel and the later chunks
   do; only the first gather and what is left of the last reduce-scatter are exposed.
 
