@@ -20,6 +20,8 @@ CASES = [(b, "ring", {}) for b in ("contiguous", "zigzag", "document", "auto")]
 CASES += [("auto", s, {}) for s in ("allgather", "direct", "ulysses")]
 # the pipelined all-gather with the first chunk's own keys first (the trainer's cp_head_chunks / cp_local_first)
 CASES += [("document", "allgather", {"head_chunks": 2, "local_first": True})]
+# the backward over its own chunks (cp_bwd_head_chunks; 2 K/V heads: one chunk against the forward's two)
+CASES += [("document", "allgather", {"head_chunks": 2, "bwd_head_chunks": 1})]
 
 
 def _worker(rank: int, world: int, init_method: str, results) -> None:
@@ -68,6 +70,8 @@ def _worker(rank: int, world: int, init_method: str, results) -> None:
                 backend="reference",
                 **extra,
             )
+            # make_cp_plan passes the all-gather's knobs through (None: the forward's chunks)
+            assert plan.bwd_head_chunks == extra.get("bwd_head_chunks", plan.head_chunks), (extra, plan)
             tokens, labels = plan.shard(batch["tokens"], 1), plan.shard(batch["labels"], 1)
             assert tokens.shape == (2, 512 // world)
             # the plan's positions are the packed positions-within-document of this rank's tokens
