@@ -109,9 +109,9 @@ def test_gpu_tuned_kernels_launch_directly_with_the_same_results() -> None:
     doc = (torch.arange(S, device="cuda") // 3000)[None]  # three documents, one cut short
     bm = document_block_mask(doc, block_size=128)
 
-    def run():
-        out, lse = flex_attention_forward(q, k, v, bm)
-        return (out, lse, *flex_attention_backward(q, k, v, out, do, lse, bm))
+    def run():  # (backend="triton": on a Hopper, "auto" runs this call's forward and backward in Gluon)
+        out, lse = flex_attention_forward(q, k, v, bm, backend="triton")
+        return (out, lse, *flex_attention_backward(q, k, v, out, do, lse, bm, backend="triton"))
 
     first = run()  # tunes (or finds the keys tuned by an earlier test)
     direct = []
