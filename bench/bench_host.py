@@ -30,8 +30,8 @@ import time
 
 import torch
 
-if "--quick" in sys.argv and not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton.jit runs
+if "--quick" in sys.argv and not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton.jit runs (see bench_kernel)
 
 from torch.nn.attention.flex_attention import flex_attention as torch_flex
 

@@ -24,8 +24,10 @@ import time
 
 import torch
 
-if "--quick" in sys.argv and not torch.cuda.is_available():
-    # CPU smoke test: the Triton kernel under the interpreter (must be set before triton.jit runs)
+if "--quick" in sys.argv and not torch.cuda.is_available() and "triton" not in sys.modules:
+    # CPU smoke test: the Triton kernel under the interpreter (must be set before triton.jit runs; once
+    # triton is imported, as when bench_cp_multi --quick imports this module for a helper, setting it would
+    # only send later calls to kernels that were compiled for a GPU)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import triton
