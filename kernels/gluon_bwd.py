@@ -487,7 +487,9 @@ def _gl_dkdv_ws_kernel(
     p_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HALF], SMEM)
     ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HALF], SMEM)
     kv_docs = gl.allocate_shared_memory(gl.int32, [6, HALF], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    bars = _gl_pipeline_barriers()  # (K and V, Q ready / empty, dO ready / empty)
+    # (K and V, Q ready / empty, dO ready; dO's empty barrier goes unused: the consumers release Q and dO
+    # together on Q's)
+    bars = _gl_pipeline_barriers()
 
     if MASK_KIND == 1:
         QDOC = QDOC + b64 * sdq
